@@ -1,0 +1,244 @@
+"""Static-shape ONNX export of a timm ViT under a merge schedule.
+
+The model runs the ``export`` implementation of :mod:`dsm_export.patch` (merges as Gather plus a
+one-hot assignment MatMul) and is exported with PyTorch's ``torch.export``-based ONNX exporter.
+Every shape is static except an optional dynamic batch axis; the graph is cleaned with onnxslim
+(constant folding, dead nodes), passes the full ``onnx.checker`` check and shape inference, and
+holds the schedule, source model, weights sha256 and tool version in ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import onnx
+import torch
+
+from .errors import DSMError
+from .fileio import atomic_path
+from .models import create_model, sha256_file
+from .onnx_graph import graph_problems, unknown_shapes
+from .patch import apply, input_size
+from .schedule import Schedule
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+DEFAULT_OPSET = 18
+META_PREFIX = "dsm."
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What :func:`read_metadata` finds in an exported file.
+
+    Attributes:
+        model: timm model name.
+        schedule: the merge schedule (explicit per-block form).
+        weights: weights path given at export ("" for random init).
+        weights_sha256: sha256 of the weights file ("" for random init).
+        version: dsm-export version that wrote the file.
+        input_size: ``(C, H, W)``.
+        batch: static batch size, or None if the batch axis is dynamic.
+        tokens: tokens leaving each block (prefix tokens included).
+    """
+
+    model: str
+    schedule: Schedule
+    weights: str
+    weights_sha256: str
+    version: str
+    input_size: tuple[int, int, int]
+    batch: int | None
+    tokens: tuple[int, ...]
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """Parse ``224`` or ``224x224`` to ``(height, width)``.
+
+    Raises:
+        DSMError: if malformed.
+    """
+    parts = text.lower().split("x")
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        raise DSMError(f"input size {text!r}: expected N or HxW, e.g. 224 or 224x224") from None
+    if len(hw) == 1:
+        hw = hw * 2
+    if len(hw) != 2 or min(hw) < 1:
+        raise DSMError(f"input size {text!r}: expected N or HxW, e.g. 224 or 224x224")
+    return hw
+
+
+def check_input_size(model: torch.nn.Module, name: str, hw: tuple[int, int] | None) -> None:
+    """Refuse an input size other than the model's (position embeddings are fixed).
+
+    Raises:
+        DSMError: naming both sizes.
+    """
+    _, h, w = input_size(model)
+    if hw is not None and tuple(hw) != (h, w):
+        raise DSMError(
+            f"input size {hw[0]}x{hw[1]} differs from {name}'s {h}x{w} (its position embeddings and "
+            "token counts are fixed at export)")
+
+
+def export_onnx(
+    model_name: str,
+    output: str,
+    schedule: Schedule | str = "none",
+    weights: str | None = None,
+    batch: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    image_size: tuple[int, int] | None = None,
+) -> ExportInfo:
+    """Export ``model_name`` under ``schedule`` to a static-shape ONNX file.
+
+    Args:
+        model_name: timm model name.
+        output: ``.onnx`` path; written atomically (no partial file on failure).
+        schedule: merge schedule or its text form; ``"none"`` exports the unmerged baseline.
+        weights: local state dict; None for random init (warns).
+        batch: fix the batch axis to this size; None keeps it dynamic (named ``batch``).
+        opset: ONNX opset, at least 17.
+        image_size: expected ``(H, W)``; must equal the model's.
+
+    Returns:
+        The :class:`ExportInfo` written into the file's metadata.
+
+    Raises:
+        DSMError: bad model name, weights, schedule, input size, opset or batch; or if the graph
+            fails the checker, shape inference or the op check (a bug, reported clearly).
+    """
+    from . import __version__
+
+    if opset < 17:
+        raise DSMError(f"opset {opset} is too old: dsm-export needs opset 17 or newer")
+    if batch is not None and batch < 1:
+        raise DSMError(f"batch must be at least 1, got {batch}")
+    if isinstance(schedule, str):
+        schedule = Schedule.parse(schedule)
+    model = create_model(model_name, weights)
+    check_input_size(model, model_name, image_size)
+    merged = apply(model, schedule, impl="export", name=model_name).eval()
+    c, h, w = input_size(model)
+    dummy = torch.randn(batch or 2, c, h, w)
+    dynamic_shapes = None if batch else ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},)
+
+    info = ExportInfo(
+        model=model_name,
+        schedule=Schedule.from_dict(schedule.to_dict(len(model.blocks))),
+        weights=os.path.abspath(weights) if weights else "",
+        weights_sha256=sha256_file(weights) if weights else "",
+        version=__version__,
+        input_size=(c, h, w),
+        batch=batch,
+        tokens=tuple(t.tokens_out for t in merged.tokens),
+    )
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            merged, (dummy,), dynamo=True, optimize=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+            dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    onnx_model = _finish(program.model, info, schedule, len(model.blocks))
+    with atomic_path(output) as tmp:
+        onnx.save(onnx_model, tmp)
+    return info
+
+
+def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int) -> onnx.ModelProto:
+    """Fold constants, clean up with onnxslim, name the batch axis, add metadata, check the graph.
+
+    Constant folding with shape propagation is the exporter's own (onnxscript's
+    ``fold_constants``); the clean-up (dead nodes, shape ops, duplicate initializers) is onnxslim's.
+    onnxscript's pattern rewriter is skipped: it adds nothing here and takes most of the time.
+    """
+    import onnx_ir
+    import onnxslim
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(ir_model)
+    onnxscript.optimizer.remove_unused_nodes(ir_model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        onnx_model = onnxslim.slim(onnx_ir.to_proto(ir_model))
+    _name_batch_axis(onnx_model)
+    onnx_model.producer_name = "dsm-export"
+    onnx_model.producer_version = info.version
+    meta = {
+        "model": info.model,
+        "schedule": schedule.spec(),
+        "schedule_json": json.dumps(schedule.to_dict(depth)),
+        "weights": info.weights,
+        "weights_sha256": info.weights_sha256,
+        "version": info.version,
+        "input_size": "x".join(str(v) for v in info.input_size),
+        "batch": str(info.batch) if info.batch else "dynamic",
+        "tokens": json.dumps(list(info.tokens)),
+    }
+    del onnx_model.metadata_props[:]
+    for key, value in meta.items():
+        onnx_model.metadata_props.add(key=META_PREFIX + key, value=value)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    problems = graph_problems(onnx_model)
+    unknown = unknown_shapes(onnx_model, BATCH_DIM if info.batch is None else None)
+    if problems or unknown:
+        raise DSMError("exported graph failed its checks (a bug): " + "; ".join((problems + unknown)[:5]))
+    return onnx_model
+
+
+def _name_batch_axis(onnx_model: onnx.ModelProto) -> None:
+    """Give the graph input's and output's first axis the name ``batch`` if it is symbolic."""
+    for v in list(onnx_model.graph.input) + list(onnx_model.graph.output):
+        dim = v.type.tensor_type.shape.dim[0]
+        if not dim.HasField("dim_value"):
+            dim.dim_param = BATCH_DIM
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    """Load and check an ONNX file.
+
+    Raises:
+        DSMError: if the file is missing or is not a valid ONNX model.
+    """
+    if not os.path.isfile(path):
+        raise DSMError(f"ONNX file {path!r} does not exist")
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - any parse/check failure is a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DSMError(f"{path!r} is not a valid ONNX model: {first}") from None
+    return model
+
+
+def read_metadata(model: onnx.ModelProto, path: str = "model") -> ExportInfo:
+    """Read what :func:`export_onnx` stored in ``metadata_props``.
+
+    Raises:
+        DSMError: if the file was not written by dsm-export (metadata missing).
+    """
+    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    need = ("model", "schedule_json", "input_size")
+    if not all(k in meta for k in need):
+        raise DSMError(f"{path!r} has no dsm-export metadata (was it exported by dsm-export?)")
+    try:
+        return ExportInfo(
+            model=meta["model"],
+            schedule=Schedule.from_dict(json.loads(meta["schedule_json"])),
+            weights=meta.get("weights", ""),
+            weights_sha256=meta.get("weights_sha256", ""),
+            version=meta.get("version", ""),
+            input_size=tuple(int(v) for v in meta["input_size"].split("x")),
+            batch=None if meta.get("batch", "dynamic") == "dynamic" else int(meta["batch"]),
+            tokens=tuple(json.loads(meta.get("tokens", "[]"))),
+        )
+    except (ValueError, KeyError) as exc:
+        raise DSMError(f"{path!r}: malformed dsm-export metadata ({exc})") from None

@@ -1,0 +1,88 @@
+"""Analytic FLOP counts of a ViT under a merge schedule.
+
+Counted in the fvcore convention used by ToMe and DSM: one multiply-add is one FLOP (so DeiT-Tiny
+at 224 px is about 1.26 GFLOPs). Counted per block, from the token counts of the schedule:
+
+* attention on the tokens entering the block: QKV and output projections, ``QK^T`` and
+  ``attn @ V``;
+* merge: key mean over heads, cosine similarity of sets A and B, the one-hot assignment MatMul;
+* MLP on the tokens leaving the block (every ``nn.Linear`` in ``blk.mlp``);
+
+plus the patch embedding and the classifier head(s). Norms, softmax, GELU and adds are left out,
+as fvcore leaves them out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .schedule import BlockTokens
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    """FLOPs (multiply-adds) of one block, split by part."""
+
+    index: int
+    tokens_in: int
+    tokens_out: int
+    attention: int
+    merge: int
+    mlp: int
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.merge + self.mlp
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _linear_macs(module: nn.Module, tokens: int) -> int:
+    return sum(tokens * lin.in_features * lin.out_features for lin in _linears(module))
+
+
+def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2)) -> tuple[int, list[BlockFlops]]:
+    """Count FLOPs of a timm ViT running the given per-block token counts.
+
+    Args:
+        model: timm ``VisionTransformer``.
+        tokens: from :func:`dsm_export.schedule.resolve`.
+        windows: window grid used by local blocks.
+
+    Returns:
+        ``(total, per_block)``: total FLOPs (multiply-adds) for one image, and per-block detail.
+    """
+    prefix = int(model.num_prefix_tokens)
+    n_windows = windows[0] * windows[1]
+    pe = model.patch_embed.proj
+    num_patches = int(math.prod(model.patch_embed.grid_size))
+    k = pe.kernel_size
+    total = num_patches * pe.in_channels * k[0] * k[1] * pe.out_channels
+    per_block = []
+    for blk, t in zip(model.blocks, tokens):
+        attn = blk.attn
+        n_in, n_out = t.tokens_in, t.tokens_out
+        a = _linear_macs(attn, n_in) + 2 * n_in * n_in * attn.attn_dim
+        merge = 0
+        if t.removed:
+            hd = attn.head_dim
+            n = n_in - prefix
+            merge += n * attn.num_heads * hd  # mean of keys over heads
+            groups = n_windows if t.per_window else 1
+            n_g = n // groups
+            na, nb = math.ceil(n_g / 2), n_g // 2
+            r_g = t.per_window if t.per_window else t.removed
+            c = blk.norm1.normalized_shape[0] if hasattr(blk.norm1, "normalized_shape") else attn.attn_dim
+            merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
+        mlp = _linear_macs(blk.mlp, n_out)
+        per_block.append(BlockFlops(t.index, n_in, n_out, a, merge, mlp))
+        total += a + merge + mlp
+    head_macs = _linear_macs(model.head, 1) if isinstance(model.head, nn.Linear) else 0
+    if isinstance(getattr(model, "head_dist", None), nn.Linear):
+        head_macs += _linear_macs(model.head_dist, 1)
+    return total + head_macs, per_block

@@ -1,0 +1,174 @@
+"""Token-merging maths: bipartite soft matching and size-weighted merges.
+
+Small pure functions in the manner of ToMe's ``tome/merge.py`` (Bolya et al., "Token Merging: Your
+ViT But Faster", ICLR 2023, Sec. 3), in two independent forms that must agree:
+
+* the *reference* form (:func:`merge_wavg_scatter`), ToMe's own: gather the unmerged tokens and
+  ``scatter_reduce`` the merged ones into their partners. Eager PyTorch only.
+* the *export* form (:func:`merge_wavg_onehot`): gather plus a one-hot assignment MatMul, built only
+  from ops TensorRT's ONNX parser supports natively (Gather(Elements), Equal, Cast, MatMul, Div,
+  Concat). It takes any number of leading batch dimensions, so local (windowed) merging runs all
+  windows at once as ``[B, W, n_w, C]``.
+
+Both take tokens with the prefix tokens (class, distillation, registers) already split off.
+
+Tie-breaking is deterministic and the same in PyTorch and ONNX: a B token with equal similarity to
+several A tokens goes to the lowest index (PyTorch ``max`` and ONNX ``ArgMax`` pick the first), and
+A tokens with equal scores are ranked by lower index first (a stable descending sort; ONNX ``TopK``
+breaks ties by lower index).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Matching(NamedTuple):
+    """Result of bipartite soft matching over tokens split alternately into sets A and B.
+
+    Attributes:
+        unm_idx: ``[..., na - r]`` int64 indices into A of the tokens left unmerged, best-scored first.
+        src_idx: ``[..., r]`` int64 indices into A of the tokens merged away.
+        dst_idx: ``[..., r]`` int64 indices into B of their partners.
+    """
+
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+
+
+def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split tokens alternately: ``x[..., 0::2, :]`` is set A, ``x[..., 1::2, :]`` set B.
+
+    Args:
+        x: ``[..., n, c]``.
+
+    Returns:
+        ``([..., ceil(n/2), c], [..., floor(n/2), c])``.
+    """
+    return x[..., 0::2, :], x[..., 1::2, :]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool = False) -> Matching:
+    """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3.1).
+
+    Scores every A token against every B token by cosine similarity of ``metric`` (the attention
+    keys averaged over heads), keeps each A token's best B partner and picks the ``r`` A tokens with
+    the highest best score.
+
+    Args:
+        metric: ``[..., n, d]`` keys of the mergeable tokens (any leading dims).
+        r: tokens to merge, ``0 <= r <= n // 2``.
+        use_topk: rank with ``torch.topk`` over all A tokens (exports to ONNX ``TopK``, whose ties
+            go to the lower index) instead of a stable descending ``torch.sort`` (the reference;
+            ``aten.sort.stable`` has no ONNX export). The two rank identically.
+
+    Returns:
+        A :class:`Matching` with static shapes ``[..., na - r]``, ``[..., r]``, ``[..., r]``.
+
+    Raises:
+        ValueError: if ``r`` is out of range.
+    """
+    n = metric.shape[-2]
+    if not 0 <= r <= n // 2:
+        raise ValueError(f"r={r} out of range for {n} tokens (0..{n // 2})")
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = split_ab(metric)
+    scores = a @ b.transpose(-1, -2)  # [..., na, nb]
+    node_max, node_idx = scores.max(dim=-1)  # first index on ties
+    if use_topk:
+        edge_idx = torch.topk(node_max, node_max.shape[-1], dim=-1, largest=True, sorted=True).indices
+    else:
+        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [..., na]
+    unm_idx = edge_idx[..., r:]
+    src_idx = edge_idx[..., :r]
+    dst_idx = torch.gather(node_idx, -1, src_idx)
+    return Matching(unm_idx, src_idx, dst_idx)
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[..., idx, :]`` per leading index: ``x`` ``[..., n, c]``, ``idx`` ``[..., k]`` -> ``[..., k, c]``."""
+    return torch.gather(x, -2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge, export form: Gather plus a one-hot assignment MatMul.
+
+    Each merged A token is averaged into its B partner weighted by token size, and sizes add
+    (ToMe's ``merge_wavg``). The scatter-add of ToMe becomes ``onehot(dst_idx)^T @ src``, an exact
+    sum in which every A token contributes once.
+
+    Args:
+        x: ``[..., n, c]`` tokens (no prefix tokens).
+        size: ``[..., n, 1]`` token sizes (how many patches each token stands for).
+        m: the :class:`Matching` of these tokens.
+
+    Returns:
+        ``(x, size)`` of shapes ``[..., n - r, c]`` and ``[..., n - r, 1]``: unmerged A tokens
+        first (in ``m.unm_idx`` order), then all B tokens.
+    """
+    c = x.shape[-1]
+    xs = torch.cat([x * size, size], dim=-1)  # merge features and sizes in one pass
+    a, b = split_ab(xs)
+    nb = b.shape[-2]
+    unm = _gather_tokens(a, m.unm_idx)
+    src = _gather_tokens(a, m.src_idx)
+    positions = torch.arange(nb, device=x.device, dtype=m.dst_idx.dtype)
+    assign = (m.dst_idx.unsqueeze(-1) == positions).to(x.dtype)  # [..., r, nb]
+    dst = b + assign.transpose(-1, -2) @ src
+    out = torch.cat([unm, dst], dim=-2)
+    new_size = out[..., c:]
+    return out[..., :c] / new_size, new_size
+
+
+def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge, reference form (ToMe's ``merge_wavg`` with ``scatter_reduce``).
+
+    Args:
+        x: ``[B, n, c]`` tokens (no prefix tokens).
+        size: ``[B, n, 1]`` token sizes.
+        m: the :class:`Matching` of these tokens (``[B, k]`` indices).
+
+    Returns:
+        ``(x, size)``, shapes ``[B, n - r, c]`` and ``[B, n - r, 1]``, in the same token order as
+        :func:`merge_wavg_onehot`.
+    """
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        a, b = split_ab(t)
+        unm = _gather_tokens(a, m.unm_idx)
+        src = _gather_tokens(a, m.src_idx)
+        idx = m.dst_idx.unsqueeze(-1).expand(*m.dst_idx.shape, t.shape[-1])
+        dst = b.scatter_reduce(-2, idx, src, reduce="sum")
+        return torch.cat([unm, dst], dim=-2)
+
+    merged = merge(x * size)
+    new_size = merge(size)
+    return merged / new_size, new_size
+
+
+def window_permutation(grid: tuple[int, int], windows: tuple[int, int]) -> torch.Tensor:
+    """Permutation that reorders raster-order patch tokens window by window.
+
+    DSM's spatial merging (Heo et al., Sec. 4) merges inside local windows of the patch grid. After
+    ``x[:, perm]`` the tokens of window ``w`` are ``x[:, w * n_w:(w + 1) * n_w]``, windows in raster
+    order and tokens raster order within each window, so ``x.view(B, W, n_w, C)`` puts windows on
+    their own axis.
+
+    Args:
+        grid: patch grid ``(rows, cols)``.
+        windows: window grid ``(rows, cols)``; must divide ``grid``.
+
+    Returns:
+        ``[rows * cols]`` int64 permutation.
+
+    Raises:
+        ValueError: if the windows do not divide the grid.
+    """
+    (gh, gw), (wh, ww) = grid, windows
+    if gh % wh or gw % ww:
+        raise ValueError(f"windows {wh}x{ww} do not divide the {gh}x{gw} grid")
+    idx = torch.arange(gh * gw).view(wh, gh // wh, ww, gw // ww)
+    return idx.permute(0, 2, 1, 3).reshape(-1)

@@ -1,0 +1,238 @@
+"""Applying a merge schedule to a timm Vision Transformer.
+
+:func:`apply` wraps a timm ``VisionTransformer`` (weights shared, the original left untouched) in a
+:class:`MergedViT` whose forward runs the model's own modules block by block and merges tokens
+between attention and MLP where the schedule says, as ToMe's ``ToMeBlock`` does (Bolya et al. 2023,
+Sec. 3): keys averaged over heads as the similarity metric, bipartite soft matching, size-weighted
+merge, size tracking and proportional attention (``log(size)`` added to the attention logits).
+Prefix tokens (class, distillation, registers) are never merged; average pooling is weighted by
+token size.
+
+Two implementations, chosen by ``impl``:
+
+* ``"reference"``: ToMe's scatter-based merge, one window at a time in a Python loop, attention
+  through ``torch.nn.functional.scaled_dot_product_attention``. The independent check.
+* ``"export"``: gather plus one-hot MatMul merges with windows as a tensor axis and explicit
+  softmax attention; every shape static; this is what is exported to ONNX.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .merge import (
+    bipartite_soft_matching,
+    merge_wavg_onehot,
+    merge_wavg_scatter,
+    window_permutation,
+)
+from .schedule import BlockTokens, Schedule, resolve
+
+IMPLS = ("reference", "export")
+
+
+def check_supported(model: nn.Module, name: str | None = None) -> None:
+    """Refuse models whose token mixing DSM cannot merge through.
+
+    Supported: timm ``VisionTransformer`` (and ``VisionTransformerDistilled``) with standard
+    ``Block``/``Attention`` layers, optional LayerScale, qk-norm, register tokens, class-token or
+    average pooling.
+
+    Raises:
+        UnsupportedModelError: naming the model and the reason (e.g. Swin, windowed or rotary
+            attention, relative position bias, parallel blocks, attention pooling).
+    """
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    label = name or type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"model {label!r} ({type(model).__name__}) is not supported: dsm-export merges tokens in "
+            "timm VisionTransformer models with global attention only")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: block {i} is {type(blk).__name__}, "
+                "not a standard timm ViT Block")
+        if type(blk.attn) is not Attention or getattr(blk.attn, "gate", None) is not None:
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: block {i} uses {type(blk.attn).__name__}"
+                f"{' (gated)' if getattr(blk.attn, 'gate', None) is not None else ''}, "
+                "not plain global multi-head attention")
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(f"model {label!r} is not supported: attention pooling ('map')")
+    if model.global_pool not in ("token", "avg"):
+        raise UnsupportedModelError(
+            f"model {label!r} is not supported: global_pool={model.global_pool!r} "
+            "(supported: 'token', 'avg')")
+    if model.global_pool == "avg" and getattr(model, "pool_include_prefix", False):
+        raise UnsupportedModelError(f"model {label!r} is not supported: pooling includes prefix tokens")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError(
+            f"model {label!r} is not supported: dynamic_img_size (token counts must be static)")
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """The patch grid ``(rows, cols)`` of a timm ViT."""
+    return tuple(int(g) for g in model.patch_embed.grid_size)
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The static input size ``(channels, height, width)`` of a timm ViT."""
+    h, w = (int(v) for v in model.patch_embed.img_size)
+    return int(model.patch_embed.proj.in_channels), h, w
+
+
+class MergedViT(nn.Module):
+    """A timm ViT running a fixed DSM/ToMe merge schedule.
+
+    Args:
+        model: a timm ``VisionTransformer`` in eval mode; its parameters are shared, not copied.
+        schedule: the merge schedule (see :mod:`dsm_export.schedule`).
+        impl: ``"reference"`` or ``"export"`` (see module docstring).
+        name: model name for error messages.
+
+    Input ``[B, 3, H, W]`` float32 pixels (normalised); output ``[B, num_classes]`` logits.
+
+    Raises:
+        UnsupportedModelError: for architectures DSM cannot handle.
+        ScheduleError: if the schedule does not fit the model.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, impl: str = "reference", name: str | None = None):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_supported(model, name)
+        self.model = model
+        self.schedule = schedule
+        self.impl = impl
+        self.grid = patch_grid(model)
+        self.num_prefix = int(model.num_prefix_tokens)
+        self.tokens: list[BlockTokens] = resolve(schedule, len(model.blocks), self.grid, self.num_prefix)
+        self.windows = schedule.windows
+        uses_local = any(t.per_window for t in self.tokens)
+        perm = window_permutation(self.grid, self.windows) if uses_local else torch.arange(0)
+        self.register_buffer("window_perm", perm, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(pixel_values)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        x = m.norm_pre(x)
+        size = None  # all ones until the first merge: no proportional-attention term needed
+        in_windows = False
+        for blk, t in zip(m.blocks, self.tokens):
+            if size is None and t.removed == 0 and self.impl == "reference":
+                x = blk(x)  # dense block: the model's own code
+                continue
+            if t.per_window and not in_windows:
+                p = self.num_prefix
+                x = torch.cat([x[:, :p], torch.index_select(x[:, p:], 1, self.window_perm)], dim=1)
+                in_windows = True
+            x, size = self._block(blk, x, size, t)
+        x = m.norm(x)
+        return self._head(x, size)
+
+    # ------------------------------------------------------------------ internals
+    def _block(self, blk, x, size, t: BlockTokens):
+        """ToMe block: attention with proportional attention, merge, MLP (on fewer tokens)."""
+        attn_out, keys = self._attention(blk.attn, blk.norm1(x), size)
+        x = x + blk.drop_path1(blk.ls1(attn_out))
+        if t.removed:
+            if size is None:
+                size = torch.ones_like(x[..., :1])
+            x, size = self._merge(x, size, keys, t)
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return x, size
+
+    def _attention(self, attn, x, size):
+        """timm ``Attention`` with ``log(size)`` added to the logits; returns output and mean keys."""
+        _, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(-1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
+        if self.impl == "reference":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            out = logits.softmax(dim=-1) @ v
+        out = out.transpose(1, 2).reshape(-1, n, attn.attn_dim)
+        out = attn.proj(attn.norm(out))
+        return attn.proj_drop(out), k.mean(dim=1)
+
+    def _merge(self, x, size, keys, t: BlockTokens):
+        """Merge the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says."""
+        p = self.num_prefix
+        xp, xt = x[:, :p], x[:, p:]
+        sp, st = size[:, :p], size[:, p:]
+        kt = keys[:, p:]
+        if t.per_window:
+            xt, st = self._merge_local(xt, st, kt, t.per_window)
+        elif self.impl == "reference":
+            xt, st = merge_wavg_scatter(xt, st, bipartite_soft_matching(kt, t.removed))
+        else:
+            xt, st = merge_wavg_onehot(xt, st, bipartite_soft_matching(kt, t.removed, use_topk=True))
+        return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
+
+    def _merge_local(self, x, size, keys, r_w: int):
+        """Merge ``r_w`` tokens inside each window; windows stay contiguous and equal-sized."""
+        n_windows = self.windows[0] * self.windows[1]
+        n, c = x.shape[1], x.shape[2]
+        n_w = n // n_windows
+        if self.impl == "reference":
+            xs, ss = [], []
+            for w in range(n_windows):
+                sl = slice(w * n_w, (w + 1) * n_w)
+                mw = bipartite_soft_matching(keys[:, sl], r_w)
+                xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw)
+                xs.append(xw)
+                ss.append(sw)
+            return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
+        d = keys.shape[-1]
+        mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w, use_topk=True)
+        xw, sw = merge_wavg_onehot(
+            x.reshape(-1, n_windows, n_w, c), size.reshape(-1, n_windows, n_w, 1), mw)
+        n_out = n_windows * (n_w - r_w)
+        return xw.reshape(-1, n_out, c), sw.reshape(-1, n_out, 1)
+
+    def _head(self, x, size):
+        m = self.model
+        if m.global_pool == "avg":
+            p = self.num_prefix
+            xt = x[:, p:]
+            if size is None:
+                pooled = xt.mean(dim=1)
+            else:
+                st = size[:, p:]
+                pooled = (xt * st).sum(dim=1) / st.sum(dim=1)
+            return m.head(m.head_drop(m.fc_norm(pooled)))
+        return m.forward_head(x)
+
+
+def apply(model: nn.Module, schedule: Schedule | str, impl: str = "reference", name: str | None = None) -> MergedViT:
+    """Apply a merge schedule to a timm ViT (DSM, Heo et al. arXiv 2303.02331; ToMe, Bolya et al. 2023).
+
+    Args:
+        model: timm ``VisionTransformer``; put it in eval mode first for inference.
+        schedule: a :class:`Schedule` or its text form (``"r=13,delay=2,local=4,windows=2x2"``).
+        impl: ``"reference"`` (eager PyTorch check) or ``"export"`` (ONNX-friendly ops).
+        name: model name, for error messages.
+
+    Returns:
+        A :class:`MergedViT` sharing ``model``'s parameters: ``[B, 3, H, W]`` -> ``[B, classes]``.
+
+    Raises:
+        UnsupportedModelError, ScheduleError: see :class:`MergedViT`.
+    """
+    if isinstance(schedule, str):
+        schedule = Schedule.parse(schedule)
+    return MergedViT(model, schedule, impl=impl, name=name).train(model.training)
