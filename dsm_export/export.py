@@ -116,16 +116,44 @@ def export_onnx(
         DSMError: bad model name, weights, schedule, input size, opset or batch; or if the graph
             fails the checker, shape inference or the op check (a bug, reported clearly).
     """
-    from . import __version__
-
+    if isinstance(schedule, str):
+        schedule = Schedule.parse(schedule)
     if opset < 17:
         raise DSMError(f"opset {opset} is too old: dsm-export needs opset 17 or newer")
     if batch is not None and batch < 1:
         raise DSMError(f"batch must be at least 1, got {batch}")
-    if isinstance(schedule, str):
-        schedule = Schedule.parse(schedule)
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise DSMError(f"output folder {folder!r} does not exist")
     model = create_model(model_name, weights)
     check_input_size(model, model_name, image_size)
+    return export_model(model, model_name, output, schedule, weights=weights, batch=batch, opset=opset)
+
+
+def export_model(
+    model: torch.nn.Module,
+    model_name: str,
+    output: str,
+    schedule: Schedule | str = "none",
+    weights: str | None = None,
+    batch: int | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> ExportInfo:
+    """Export an already built timm ViT (see :func:`export_onnx`, which builds it by name).
+
+    Args:
+        model: timm ``VisionTransformer`` in eval mode.
+        model_name: name recorded in the metadata (``validate`` rebuilds the model from it).
+        weights: path recorded in the metadata (and hashed), or None.
+        output, schedule, batch, opset: as for :func:`export_onnx`.
+
+    Raises:
+        DSMError: unsupported model, impossible schedule, or a graph that fails its checks.
+    """
+    from . import __version__
+
+    if isinstance(schedule, str):
+        schedule = Schedule.parse(schedule)
     merged = apply(model, schedule, impl="export", name=model_name).eval()
     c, h, w = input_size(model)
     dummy = torch.randn(batch or 2, c, h, w)
@@ -232,7 +260,7 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> ExportInfo:
     try:
         return ExportInfo(
             model=meta["model"],
-            schedule=Schedule.from_dict(json.loads(meta["schedule_json"])),
+            schedule=_stored_schedule(meta),
             weights=meta.get("weights", ""),
             weights_sha256=meta.get("weights_sha256", ""),
             version=meta.get("version", ""),
@@ -242,3 +270,16 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> ExportInfo:
         )
     except (ValueError, KeyError) as exc:
         raise DSMError(f"{path!r}: malformed dsm-export metadata ({exc})") from None
+
+
+def _stored_schedule(meta: dict) -> Schedule:
+    """The stored schedule: the compact spec if it expands to the stored per-block list."""
+    explicit = Schedule.from_dict(json.loads(meta["schedule_json"]))
+    depth = len(explicit.blocks)
+    try:
+        compact = Schedule.parse(meta.get("schedule", ""))
+        if compact.plan(depth) == explicit.plan(depth) and compact.windows == explicit.windows:
+            return compact
+    except DSMError:
+        pass
+    return explicit

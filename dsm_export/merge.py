@@ -51,7 +51,7 @@ def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 0::2, :], x[..., 1::2, :]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool = False) -> Matching:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None = None) -> Matching:
     """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3.1).
 
     Scores every A token against every B token by cosine similarity of ``metric`` (the attention
@@ -61,9 +61,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool = False
     Args:
         metric: ``[..., n, d]`` keys of the mergeable tokens (any leading dims).
         r: tokens to merge, ``0 <= r <= n // 2``.
-        use_topk: rank with ``torch.topk`` over all A tokens (exports to ONNX ``TopK``, whose ties
-            go to the lower index) instead of a stable descending ``torch.sort`` (the reference;
-            ``aten.sort.stable`` has no ONNX export). The two rank identically.
+        use_topk: rank with ``torch.topk`` over all A tokens, which exports to ONNX ``TopK``
+            (ties to the lower index, as the ONNX spec says), instead of a stable descending
+            ``torch.sort`` (``aten.sort.stable`` has no ONNX export). Eager ``torch.topk`` does not
+            break ties by index, so the default (None) uses ``topk`` only while
+            ``torch.compiler.is_exporting()``; exported graph and eager model then rank alike.
 
     Returns:
         A :class:`Matching` with static shapes ``[..., na - r]``, ``[..., r]``, ``[..., r]``.
@@ -78,6 +80,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool = False
     a, b = split_ab(metric)
     scores = a @ b.transpose(-1, -2)  # [..., na, nb]
     node_max, node_idx = scores.max(dim=-1)  # first index on ties
+    if use_topk is None:
+        use_topk = torch.compiler.is_exporting()
     if use_topk:
         edge_idx = torch.topk(node_max, node_max.shape[-1], dim=-1, largest=True, sorted=True).indices
     else:

@@ -180,7 +180,7 @@ class MergedViT(nn.Module):
         elif self.impl == "reference":
             xt, st = merge_wavg_scatter(xt, st, bipartite_soft_matching(kt, t.removed))
         else:
-            xt, st = merge_wavg_onehot(xt, st, bipartite_soft_matching(kt, t.removed, use_topk=True))
+            xt, st = merge_wavg_onehot(xt, st, bipartite_soft_matching(kt, t.removed))
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
 
     def _merge_local(self, x, size, keys, r_w: int):
@@ -198,7 +198,7 @@ class MergedViT(nn.Module):
                 ss.append(sw)
             return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
         d = keys.shape[-1]
-        mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w, use_topk=True)
+        mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
         xw, sw = merge_wavg_onehot(
             x.reshape(-1, n_windows, n_w, c), size.reshape(-1, n_windows, n_w, 1), mw)
         n_out = n_windows * (n_w - r_w)

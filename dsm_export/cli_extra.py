@@ -1,0 +1,3 @@
+"""Subcommands beyond export/validate/inspect (engines, serving, schedule tuning)."""
+
+COMMANDS: list = []

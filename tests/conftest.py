@@ -1,0 +1,49 @@
+"""Shared fixtures: the real DeiT-Tiny weights and ImageNet photos from ``$DSM_SHARED`` (../shared)."""
+
+import os
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("DSM_SHARED", os.path.join(ROOT, "..", "shared"))
+WEIGHTS = os.path.join(SHARED, "models", "deit_tiny_patch16_224.pth")
+IMAGES = os.path.join(SHARED, "data", "imagenet-sample")
+DEIT = "deit_tiny_patch16_224"
+
+# The schedule the README recommends for DeiT-Tiny at >= 1.7x fewer FLOPs.
+DSM_17 = "r=20,r_end=8,delay=3,local=3"
+
+warnings.filterwarnings("ignore", category=UserWarning, module=r"timm\..*")
+
+
+def _need(path):
+    if not os.path.exists(path):
+        pytest.skip(f"shared material not found at {path} (set DSM_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights():
+    return _need(WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def images_dir():
+    return _need(IMAGES)
+
+
+@pytest.fixture(scope="session")
+def deit(weights):
+    from dsm_export.models import create_model
+
+    return create_model(DEIT, weights)
+
+
+@pytest.fixture(scope="session")
+def pixels(deit, images_dir):
+    """The first 16 shared photos through DeiT-Tiny's eval transform: [16, 3, 224, 224]."""
+    from dsm_export.data import list_images
+    from dsm_export.evaluate import load_pixels
+
+    return load_pixels(list_images(images_dir, limit=16), deit)

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from dsm_export.errors import ScheduleError
+from dsm_export.schedule import BlockPlan, Schedule, resolve
+
+GRID = (14, 14)
+
+
+def test_tome_constant_schedule_counts():
+    plan = Schedule.parse("r=13").plan(12)
+    assert plan == tuple(BlockPlan("global", 13) for _ in range(12))
+    tokens = resolve(Schedule.parse("r=13"), 12, GRID, 1)
+    # 196 patch tokens lose 13 per block, the class token stays.
+    assert [t.tokens_out for t in tokens] == [197 - 13 * (i + 1) for i in range(12)]
+    assert all(t.tokens_in - t.tokens_out == 13 for t in tokens)
+
+
+def test_dsm_schedule_delay_local_global():
+    s = Schedule.parse("r=13,delay=2,local=4,windows=2x2")
+    plan = s.plan(12)
+    assert [b.mode for b in plan] == ["none"] * 2 + ["local"] * 4 + ["global"] * 6
+    tokens = resolve(s, 12, GRID, 1)
+    # local: ceil(13 / 4) = 4 per window, 16 in all; global: 13.
+    assert [t.removed for t in tokens] == [0, 0, 16, 16, 16, 16, 13, 13, 13, 13, 13, 13]
+    assert [t.per_window for t in tokens[2:6]] == [4, 4, 4, 4]
+    assert tokens[-1].tokens_out == 197 - 4 * 16 - 6 * 13
+
+
+def test_r_end_ramp_and_none():
+    plan = Schedule.parse("r=20,r_end=8,delay=3").plan(12)
+    assert [b.r for b in plan] == [0, 0, 0, 20, 18, 17, 16, 14, 12, 11, 10, 8]
+    assert Schedule.parse("none").is_none
+    assert Schedule.parse("none").spec() == "none"
+    assert all(t.removed == 0 for t in resolve(Schedule.parse("none"), 12, GRID, 2))
+
+
+def test_spec_round_trip():
+    for text in ["none", "r=13", "r=13,delay=2,local=4,windows=2x2", "r=20,r_end=8,delay=3"]:
+        s = Schedule.parse(text)
+        assert Schedule.parse(s.spec()).plan(12) == s.plan(12)
+
+
+def test_json_file_with_per_block_r(tmp_path):
+    blocks = ["none", "local 16", "local 12"] + [f"global {r}" for r in (10, 9, 8, 7, 6, 5, 4, 3, 2)]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"blocks": blocks, "windows": "2x2"}))
+    s = Schedule.parse(str(path))
+    assert [str(b) for b in s.plan(12)] == blocks
+    tokens = resolve(s, 12, GRID, 1)
+    assert [t.removed for t in tokens][:3] == [0, 16, 12]
+    assert Schedule.from_dict(s.to_dict(12)).plan(12) == s.plan(12)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("r=13,foo=2", "unknown key"),
+    ("r=-1", "non-negative"),
+    ("r=abc", "non-negative"),
+    ("delay=2", "r is required"),
+    ("r=13,windows=2by2", "ROWSxCOLS"),
+    ("r=13 delay=2", "non-negative integer"),
+    ("r=13,delay", "key=value"),
+])
+def test_bad_specs(text, message):
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.parse(text)
+
+
+def test_impossible_schedules_name_the_block():
+    with pytest.raises(ScheduleError, match=r"block 0: global r=99 .*at most 98"):
+        resolve(Schedule.parse("r=99"), 12, GRID, 1)
+    # r=16 constant runs out of tokens: the message names the first block that cannot give them.
+    with pytest.raises(ScheduleError, match=r"block 11: global r=16 .* 20 mergeable"):
+        resolve(Schedule.parse("r=16"), 12, GRID, 1)
+    with pytest.raises(ScheduleError, match=r"block 0: local r=100 needs 25 merges .* of 49 tokens"):
+        resolve(Schedule.parse("r=100,local=1"), 12, GRID, 1)
+    with pytest.raises(ScheduleError, match="windows 3x3 do not divide the 14x14"):
+        resolve(Schedule.parse("r=8,local=2,windows=3x3"), 12, GRID, 1)
+    with pytest.raises(ScheduleError, match="block 2: local merging after global"):
+        resolve(Schedule.from_dict(["global 4", "none", "local 4"] + ["none"] * 9), 12, GRID, 1)
+    with pytest.raises(ScheduleError, match="lists 3 blocks but the model has 12"):
+        resolve(Schedule.from_dict(["none"] * 3), 12, GRID, 1)
+    with pytest.raises(ScheduleError, match="does not exist"):
+        Schedule.parse("/nonexistent/schedule.json")
