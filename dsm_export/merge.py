@@ -29,7 +29,7 @@ class Matching(NamedTuple):
     """Result of bipartite soft matching over tokens split alternately into sets A and B.
 
     Attributes:
-        unm_idx: ``[..., na - r]`` int64 indices into A of the tokens left unmerged, best-scored first.
+        unm_idx: ``[..., na - r]`` int64 indices into A of the tokens left unmerged, ascending.
         src_idx: ``[..., r]`` int64 indices into A of the tokens merged away.
         dst_idx: ``[..., r]`` int64 indices into B of their partners.
     """
@@ -86,10 +86,21 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
         edge_idx = torch.topk(node_max, node_max.shape[-1], dim=-1, largest=True, sorted=True).indices
     else:
         edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [..., na]
-    unm_idx = edge_idx[..., r:]
+    # Unmerged A tokens keep their original order (ToMe keeps them in score order). The next
+    # block's alternating split then stays spatially even, and the token order no longer depends
+    # on the ranking of near-equal scores, which float noise between frameworks can swap: only the
+    # boundary between the r merged tokens and the rest does.
+    unm_idx = _ascending(edge_idx[..., r:], use_topk)
     src_idx = edge_idx[..., :r]
     dst_idx = torch.gather(node_idx, -1, src_idx)
     return Matching(unm_idx, src_idx, dst_idx)
+
+
+def _ascending(idx: torch.Tensor, use_topk: bool) -> torch.Tensor:
+    """Sort distinct int64 indices ascending (through float32 ``TopK`` when exporting; exact)."""
+    if use_topk:
+        return torch.topk(idx.to(torch.float32), idx.shape[-1], dim=-1, largest=False).values.to(torch.int64)
+    return torch.sort(idx, dim=-1).values
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ def brute_matching(metric: np.ndarray, r: int):
         best.append((max(scores), i, j))
     ranked = sorted(best, key=lambda t: (-t[0], t[1]))
     src = [(i, j) for _, i, j in ranked[:r]]
-    unm = [i for _, i, _ in ranked[r:]]
+    unm = sorted(i for _, i, _ in ranked[r:])  # unmerged A tokens keep their order
     return unm, src
 
 
@@ -92,6 +92,10 @@ def test_ties_go_to_the_lowest_index():
         assert m.src_idx.tolist() == [[0, 1]]
         assert m.dst_idx.tolist() == [[1, 1]]
         assert m.unm_idx.tolist() == [[2, 3]]
+    metric = torch.stack([v, w, w, v, w, w, w, w])[None]  # A = v, w, w, w; B = w, v, w, w
+    m = bipartite_soft_matching(metric, 1)
+    assert m.src_idx.tolist() == [[0]] and m.dst_idx.tolist() == [[1]]  # first of the tied A (score 1)
+    assert m.unm_idx.tolist() == [[1, 2, 3]]
 
 
 def test_onnx_runtime_breaks_ties_like_pytorch(tmp_path):

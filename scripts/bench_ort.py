@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""ONNX Runtime CPU throughput: a merged export against the unmerged (`none`) export.
+
+Runs the two graphs alternately on the same random batch, several repetitions each, and reports the
+median images/s of each and their ratio, with the machine, the CPU and the thread count.
+
+    python scripts/bench_ort.py deit_dsm.onnx deit_none.onnx --batch 32 --repeats 7
+
+If the second file is omitted, the `none` export of the same model is made in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_session(path: str, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def bench(paths: dict[str, str], batch: int, repeats: int, warmup: int, threads: int | None, iters: int) -> dict:
+    """Median images/s per graph; graphs alternate within each repetition."""
+    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    shape = [batch] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    rates = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                s.run(None, feeds[k])
+            rates[k].append(batch * iters / (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("merged", help="merged (DSM/ToMe) ONNX export")
+    parser.add_argument("baseline", nargs="?", help="unmerged export (default: exported on the fly)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7, help="repetitions; the median is reported (>= 5)")
+    parser.add_argument("--iters", type=int, default=2, help="runs per repetition")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+    import onnxruntime as ort
+
+    from dsm_export.errors import DSMError
+    from dsm_export.export import export_onnx, load_onnx, read_metadata
+
+    try:
+        info = read_metadata(load_onnx(args.merged), args.merged)
+        with tempfile.TemporaryDirectory() as tmp:
+            baseline = args.baseline
+            if baseline is None:
+                baseline = os.path.join(tmp, "none.onnx")
+                export_onnx(info.model, baseline, "none", info.weights or None, batch=info.batch)
+            rates = bench({"merged": args.merged, "none": baseline}, args.batch, args.repeats,
+                          args.warmup, args.threads, args.iters)
+    except DSMError as exc:
+        print(f"bench_ort: error: {exc}", file=sys.stderr)
+        return 2
+    threads = args.threads or os.cpu_count()
+    print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | "
+          f"onnxruntime {ort.__version__} CPUExecutionProvider | intra-op threads {threads}")
+    print(f"model {info.model}, schedule {info.schedule.spec()}, batch {args.batch}, "
+          f"median of {args.repeats} repetitions x {args.iters} runs, graphs alternating")
+    print(f"  none   : {rates['none']:8.1f} images/s")
+    print(f"  merged : {rates['merged']:8.1f} images/s")
+    print(f"  ratio  : {rates['merged'] / rates['none']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Static-shape ONNX export: graph checks, metadata, and ONNX Runtime parity with PyTorch eager."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsm_export.export import export_model, export_onnx, load_onnx, read_metadata
+from dsm_export.onnx_graph import graph_problems, unknown_shapes
+from dsm_export.patch import apply
+from dsm_export.schedule import Schedule
+
+from conftest import DEIT, DSM_17
+from families import FAMILIES, build
+
+SCATTER_OPS = {"ScatterElements", "ScatterND", "Scatter"}
+
+
+@pytest.fixture(scope="module")
+def dsm_onnx(tmp_path_factory, weights):
+    path = str(tmp_path_factory.mktemp("export") / "deit_dsm.onnx")
+    export_onnx(DEIT, path, DSM_17, weights)
+    return path
+
+
+def ort_logits(path, x):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": x.numpy()})[0]
+
+
+def assert_parity(onnx_out, torch_out):
+    torch_out = torch_out.numpy()
+    assert np.abs(onnx_out - torch_out).max() <= 1e-4
+    assert np.array_equal(onnx_out.argmax(-1), torch_out.argmax(-1))
+
+
+def test_graph_is_clean_and_static(dsm_onnx):
+    model = onnx.load(dsm_onnx)
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in model.graph.input] == ["pixel_values"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 224, 224]
+    # Walk the graph: no scatter of any kind, TopK only with small constant K.
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    topk = 0
+    for node in model.graph.node:
+        assert node.op_type not in SCATTER_OPS, node.name
+        assert node.domain in ("", "ai.onnx")
+        if node.op_type == "TopK":
+            topk += 1
+            assert int(inits[node.input[1]].reshape(-1)[0]) < 3840
+    merging = sum(1 for b in Schedule.parse(DSM_17).plan(12) if b.r > 0)
+    assert topk == merging  # one per merging block; the windows of a local block share it
+    assert graph_problems(model) == []
+    assert unknown_shapes(model, "batch") == []
+
+
+def test_graph_checks_can_fail():
+    """The op walk flags a scatter-add, the way scatter_reduce/index_add export."""
+    node = onnx.helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], reduction="add", axis=0)
+    graph = onnx.helper.make_graph(
+        [node], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4]),
+         onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, [2]),
+         onnx.helper.make_tensor_value_info("u", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    problems = graph_problems(onnx.helper.make_model(graph))
+    assert len(problems) == 1 and "reduction=add" in problems[0]
+
+
+def test_metadata(dsm_onnx, weights):
+    info = read_metadata(load_onnx(dsm_onnx))
+    assert info.model == DEIT
+    assert info.schedule.plan(12) == Schedule.parse(DSM_17).plan(12)
+    with open(weights, "rb") as fh:
+        assert info.weights_sha256 == hashlib.sha256(fh.read()).hexdigest()
+    assert info.batch is None and info.input_size == (3, 224, 224)
+    meta = {p.key: p.value for p in onnx.load(dsm_onnx).metadata_props}
+    assert meta["dsm.version"] and Schedule.parse(meta["dsm.schedule"]) == Schedule.parse(DSM_17)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_ort_matches_pytorch_reference_on_real_images(dsm_onnx, deit, pixels, batch):
+    x = pixels[:batch]
+    with torch.inference_mode():
+        ref = apply(deit, DSM_17, "reference")(x)
+    assert_parity(ort_logits(dsm_onnx, x), ref)
+
+
+def test_static_batch_and_none_baseline(tmp_path, deit, pixels, weights):
+    path = str(tmp_path / "none_b4.onnx")
+    export_onnx(DEIT, path, "none", weights, batch=4)
+    model = onnx.load(path)
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 3, 224, 224]
+    assert unknown_shapes(model, None) == []
+    with torch.inference_mode():
+        assert_parity(ort_logits(path, pixels[:4]), deit(pixels[:4]))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ort_parity_per_family(tmp_path, family, pixels):
+    model = build(family)
+    name, _, spec = FAMILIES[family]
+    size = tuple(int(v) for v in model.patch_embed.img_size)
+    x = F.interpolate(pixels[:4], size=size, mode="bilinear") if pixels.shape[-2:] != size else pixels[:4]
+    path = str(tmp_path / f"{family}.onnx")
+    export_model(model, name, path, spec)
+    onnx_model = onnx.load(path)
+    assert graph_problems(onnx_model) == []
+    assert unknown_shapes(onnx_model, "batch") == []
+    with torch.inference_mode():
+        ref = apply(model, spec, "reference")(x)
+    assert_parity(ort_logits(path, x), ref)
