@@ -1,3 +1,77 @@
-"""Subcommands beyond export/validate/inspect (engines, serving, schedule tuning)."""
+"""Subcommands beyond export/validate/inspect: schedule tuning."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import DSMError
+
+
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="search the schedule with the least KL at a FLOP target")
+    p.add_argument("model", help="timm model name")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--images", required=True, help="image folder; calibration and held-apart images")
+    p.add_argument("--target-flops-ratio", type=float, required=True, help="e.g. 1.7 for 1.7x fewer FLOPs")
+    p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
+    p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
+    p.add_argument("--max-grid", type=int, default=48)
+    p.add_argument("--refine-steps", type=int, default=24)
+    p.add_argument("--output", "-o", help="write the chosen schedule as JSON here")
+    p.add_argument("--report", help="write the full report (Pareto front, held-apart metrics) as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    import numpy as np
+
+    from .data import list_images
+    from .evaluate import load_pixels, model_logits, schedule_metrics
+    from .fileio import write_json
+    from .models import create_model
+    from .tune import tune
+
+    if not 1.0 < args.target_flops_ratio < 10:
+        raise DSMError(f"--target-flops-ratio must be above 1, got {args.target_flops_ratio}")
+    if not 1 <= args.calibration <= 128:
+        raise DSMError("--calibration must be between 1 and 128 images")
+    model = create_model(args.model, args.weights)
+    images = list_images(args.images)
+    if len(images) < args.calibration + 1:
+        raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
+    order = np.random.default_rng(0).permutation(len(images))
+    calib = images.subset(order[:args.calibration])
+    rest = order[args.calibration:]
+    held = images.subset(rest[:args.holdout] if args.holdout else rest)
+    result = tune(model, load_pixels(calib, model), args.target_flops_ratio, max_grid=args.max_grid,
+                  refine_steps=args.refine_steps, windows=(2, 2), progress=not args.no_progress)
+    held_pixels = load_pixels(held, model)
+    base = model_logits(model, held_pixels)
+    held_metrics = schedule_metrics(model, result.best, held_pixels, base, held.labels)
+    depth = len(model.blocks)
+    print(f"chosen schedule: {result.best.spec()}")
+    print(json.dumps(result.best.to_dict(depth)))
+    print(f"calibration ({len(calib)} images): KL {result.best_metrics['kl']:.4f}, "
+          f"agreement {100 * result.best_metrics['top1_agreement']:.1f} %, "
+          f"{result.best_metrics['flops_ratio']:.2f}x fewer FLOPs")
+    acc = held_metrics.get("top1_accuracy")
+    print(f"held apart ({len(held)} images): KL {held_metrics['kl']:.4f}, "
+          f"agreement {100 * held_metrics['top1_agreement']:.1f} %"
+          + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
+             if acc is not None else ""))
+    print("Pareto front (calibration): FLOPs reduction, KL, agreement, schedule")
+    for row in result.pareto:
+        print(f"  {row['flops_ratio']:.3f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  {row['spec']}")
+    if args.output:
+        write_json(args.output, {**result.best.to_dict(depth), "spec": result.best.spec()})
+    if args.report:
+        write_json(args.report, {
+            "schedule": result.best.spec(), "calibration": result.best_metrics, "held_apart": held_metrics,
+            "pareto": result.pareto, "evaluated": result.evaluated,
+            "calibration_files": list(calib.files), "held_apart_images": len(held)})
+    return 0
+
+
+COMMANDS: list = [_add_tune]

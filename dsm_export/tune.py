@@ -1,0 +1,148 @@
+"""Automatic schedule search: the schedule with the least KL to the unmerged model at a FLOP target.
+
+Search (on calibration images, PyTorch reference implementation):
+
+1. a grid over DSM's parameters -- delay, local blocks, r at the first merging block and r at the
+   last (r falls or rises linearly) -- and ToMe's constant r, keeping every schedule whose analytic
+   FLOP reduction is at least the target and at most ``slack`` above it;
+2. per-block refinement of the best grid schedule: move merges between pairs of blocks (coordinate
+   descent) while the FLOP target still holds, keeping a move only if KL falls.
+
+Candidates are ranked by mean KL to the unmerged model, ties broken by top-1 agreement. Held-apart
+images (not used for the search) then judge the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DSMError, ScheduleError
+from .evaluate import flops_ratio, model_logits, schedule_metrics
+from .schedule import BlockPlan, Schedule, resolve
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`tune`.
+
+    Attributes:
+        best: the chosen schedule.
+        best_metrics: its calibration metrics (``kl``, ``top1_agreement``, ``flops_ratio``).
+        evaluated: every evaluated candidate's metrics (calibration), in evaluation order.
+        pareto: the non-dominated candidates (higher FLOP reduction, lower KL), by FLOP reduction.
+    """
+
+    best: Schedule
+    best_metrics: dict
+    evaluated: list[dict] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)
+
+
+def grid_candidates(model: nn.Module, target: float, slack: float = 0.05, windows=(2, 2)) -> list[Schedule]:
+    """DSM-parameter and constant-r schedules whose FLOP reduction lies in ``[target, target + slack]``."""
+    depth = len(model.blocks)
+    out = []
+    seen = set()
+    for r in range(1, 64):
+        specs = [Schedule(r=r, windows=windows)]
+        for delay, local in itertools.product(range(0, min(5, depth)), range(0, 3)):
+            for r_end in range(0, 33, 4):
+                specs.append(Schedule(r=r, r_end=r_end, delay=delay, local=local, windows=windows))
+        for s in specs:
+            try:
+                fr = flops_ratio(model, s)
+            except ScheduleError:
+                continue
+            key = s.plan(depth)
+            if target <= fr <= target + slack and key not in seen:
+                seen.add(key)
+                out.append(s)
+    return out
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (higher ``flops_ratio``, lower ``kl``), sorted by ``flops_ratio``."""
+    front = [r for r in rows if not any(
+        o["flops_ratio"] >= r["flops_ratio"] and o["kl"] <= r["kl"]
+        and (o["flops_ratio"] > r["flops_ratio"] or o["kl"] < r["kl"]) for o in rows)]
+    return sorted(front, key=lambda r: r["flops_ratio"])
+
+
+def _better(a: dict, b: dict | None) -> bool:
+    return b is None or (a["kl"], -a["top1_agreement"]) < (b["kl"], -b["top1_agreement"])
+
+
+def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
+         slack: float = 0.05, windows=(2, 2), progress: bool = True) -> TuneResult:
+    """Search for the schedule with the least KL at ``target``-fold fewer FLOPs (see module doc).
+
+    Args:
+        model: unmerged timm ViT (eval mode).
+        pixels: ``[N, 3, H, W]`` calibration images (preprocessed).
+        target: FLOP reduction to reach (e.g. 1.7).
+        max_grid: grid candidates evaluated at most (spread evenly over the grid).
+        refine_steps: per-block moves tried.
+        slack: grid candidates may exceed the target by this much.
+
+    Returns:
+        A :class:`TuneResult`.
+
+    Raises:
+        DSMError: if no schedule reaches the target.
+    """
+    from tqdm import tqdm
+
+    depth = len(model.blocks)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    prefix = int(model.num_prefix_tokens)
+    base = model_logits(model, pixels)
+    cands = grid_candidates(model, target, slack, windows)
+    if not cands:
+        raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
+    if len(cands) > max_grid:
+        cands = [cands[int(i)] for i in np.linspace(0, len(cands) - 1, max_grid)]
+    evaluated: list[dict] = []
+    best, best_m = None, None
+    bar = tqdm(total=len(cands) + refine_steps, desc="tune", unit="schedule", disable=not progress, leave=False)
+    for s in cands:
+        m = schedule_metrics(model, s, pixels, base)
+        m["spec"] = s.spec()
+        evaluated.append(m)
+        if _better(m, best_m):
+            best, best_m = s, m
+        bar.update()
+
+    # Per-block refinement: move `step` merged tokens from block i to block j.
+    plan = list(best.plan(depth))
+    rng = np.random.default_rng(0)
+    merging = [i for i, b in enumerate(plan) if b.mode != "none"]
+    for _ in range(refine_steps):
+        bar.update()
+        if len(merging) < 2:
+            break
+        i, j = rng.choice(merging, size=2, replace=False)
+        step = int(rng.integers(1, 5))
+        if plan[i].r < step:
+            continue
+        trial = list(plan)
+        trial[i] = BlockPlan(plan[i].mode, plan[i].r - step)
+        trial[j] = BlockPlan(plan[j].mode, plan[j].r + step)
+        s = Schedule(windows=windows, blocks=tuple(trial))
+        try:
+            resolve(s, depth, grid, prefix)
+            if flops_ratio(model, s) < target:
+                continue
+        except ScheduleError:
+            continue
+        m = schedule_metrics(model, s, pixels, base)
+        m["spec"] = s.spec()
+        evaluated.append(m)
+        if _better(m, best_m):
+            best, best_m, plan = s, m, trial
+    bar.close()
+    return TuneResult(best, best_m, evaluated, pareto_front(evaluated))
