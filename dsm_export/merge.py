@@ -164,6 +164,23 @@ def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tupl
     return merged / new_size, new_size
 
 
+def merge_sum_scatter(x: torch.Tensor, m: Matching) -> torch.Tensor:
+    """Plain sum merge (no size weighting), e.g. of one-hot source rows, to track which patches
+    each token stands for (ToMe's ``merge_source``).
+
+    Args:
+        x: ``[B, n, c]``.
+        m: the :class:`Matching`.
+
+    Returns:
+        ``[B, n - r, c]`` in the token order of :func:`merge_wavg_scatter`.
+    """
+    a, b = split_ab(x)
+    idx = m.dst_idx.unsqueeze(-1).expand(*m.dst_idx.shape, x.shape[-1])
+    dst = b.scatter_reduce(-2, idx, _gather_tokens(a, m.src_idx), reduce="sum")
+    return torch.cat([_gather_tokens(a, m.unm_idx), dst], dim=-2)
+
+
 def window_permutation(grid: tuple[int, int], windows: tuple[int, int]) -> torch.Tensor:
     """Permutation that reorders raster-order patch tokens window by window.
 

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import UnsupportedModelError
 from .merge import (
     bipartite_soft_matching,
+    merge_sum_scatter,
     merge_wavg_onehot,
     merge_wavg_scatter,
     window_permutation,
@@ -118,6 +119,8 @@ class MergedViT(nn.Module):
         uses_local = any(t.per_window for t in self.tokens)
         perm = window_permutation(self.grid, self.windows) if uses_local else torch.arange(0)
         self.register_buffer("window_perm", perm, persistent=False)
+        self.track_source = False  # reference only: record which patches each token stands for
+        self.sources: list[torch.Tensor] = []
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -127,15 +130,25 @@ class MergedViT(nn.Module):
         x = m.norm_pre(x)
         size = None  # all ones until the first merge: no proportional-attention term needed
         in_windows = False
+        if self.track_source:
+            n = x.shape[1] - self.num_prefix
+            self._source = torch.eye(n, dtype=x.dtype).expand(x.shape[0], n, n)
+            self.sources = []
         for blk, t in zip(m.blocks, self.tokens):
             if size is None and t.removed == 0 and self.impl == "reference":
                 x = blk(x)  # dense block: the model's own code
+                if self.track_source:
+                    self.sources.append(self._source)
                 continue
             if t.per_window and not in_windows:
                 p = self.num_prefix
                 x = torch.cat([x[:, :p], torch.index_select(x[:, p:], 1, self.window_perm)], dim=1)
+                if self.track_source:
+                    self._source = torch.index_select(self._source, 1, self.window_perm)
                 in_windows = True
             x, size = self._block(blk, x, size, t)
+            if self.track_source:
+                self.sources.append(self._source)
         x = m.norm(x)
         return self._head(x, size)
 
@@ -178,7 +191,10 @@ class MergedViT(nn.Module):
         if t.per_window:
             xt, st = self._merge_local(xt, st, kt, t.per_window)
         elif self.impl == "reference":
-            xt, st = merge_wavg_scatter(xt, st, bipartite_soft_matching(kt, t.removed))
+            m = bipartite_soft_matching(kt, t.removed)
+            if self.track_source:
+                self._source = merge_sum_scatter(self._source, m)
+            xt, st = merge_wavg_scatter(xt, st, m)
         else:
             xt, st = merge_wavg_onehot(xt, st, bipartite_soft_matching(kt, t.removed))
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
@@ -189,13 +205,17 @@ class MergedViT(nn.Module):
         n, c = x.shape[1], x.shape[2]
         n_w = n // n_windows
         if self.impl == "reference":
-            xs, ss = [], []
+            xs, ss, srcs = [], [], []
             for w in range(n_windows):
                 sl = slice(w * n_w, (w + 1) * n_w)
                 mw = bipartite_soft_matching(keys[:, sl], r_w)
                 xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw)
                 xs.append(xw)
                 ss.append(sw)
+                if self.track_source:
+                    srcs.append(merge_sum_scatter(self._source[:, sl], mw))
+            if self.track_source:
+                self._source = torch.cat(srcs, dim=1)
             return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
         d = keys.shape[-1]
         mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
