@@ -13,7 +13,11 @@ def _add_tune(sub):
     p.add_argument("model", help="timm model name")
     p.add_argument("--weights", required=True)
     p.add_argument("--images", required=True, help="image folder; calibration and held-apart images")
-    p.add_argument("--target-flops-ratio", type=float, required=True, help="e.g. 1.7 for 1.7x fewer FLOPs")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
+    target.add_argument("--target-speedup", type=float,
+                        help="measured ONNX Runtime speed-up over the unmerged export on this machine")
+    p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
     p.add_argument("--max-grid", type=int, default=48)
@@ -25,34 +29,42 @@ def _add_tune(sub):
 
 
 def _cmd_tune(args) -> int:
-    import numpy as np
-
-    from .data import list_images
+    from .data import list_images, split_calibration
     from .evaluate import load_pixels, model_logits, schedule_metrics
     from .fileio import write_json
     from .models import create_model
-    from .tune import tune
+    from .tune import tune, tune_for_speedup
 
-    if not 1.0 < args.target_flops_ratio < 10:
-        raise DSMError(f"--target-flops-ratio must be above 1, got {args.target_flops_ratio}")
+    target = args.target_flops_ratio or args.target_speedup
+    if not 1.0 < target < 10:
+        raise DSMError(f"the target must be above 1, got {target}")
+    if args.backend != "onnxruntime":
+        raise DSMError(f"--backend {args.backend}: only onnxruntime can be measured here")
     if not 1 <= args.calibration <= 128:
         raise DSMError("--calibration must be between 1 and 128 images")
     model = create_model(args.model, args.weights)
     images = list_images(args.images)
     if len(images) < args.calibration + 1:
         raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
-    order = np.random.default_rng(0).permutation(len(images))
-    calib = images.subset(order[:args.calibration])
-    rest = order[args.calibration:]
-    held = images.subset(rest[:args.holdout] if args.holdout else rest)
-    result = tune(model, load_pixels(calib, model), args.target_flops_ratio, max_grid=args.max_grid,
-                  refine_steps=args.refine_steps, windows=(2, 2), progress=not args.no_progress)
+    calib, held = split_calibration(images, args.calibration)
+    if args.holdout:
+        held = held.subset(range(min(args.holdout, len(held))))
+    calib_pixels = load_pixels(calib, model)
+    if args.target_speedup:
+        result = tune_for_speedup(model, args.model, args.weights, calib_pixels, args.target_speedup,
+                                  max_grid=args.max_grid, refine_steps=args.refine_steps,
+                                  progress=not args.no_progress)
+    else:
+        result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid,
+                      refine_steps=args.refine_steps, windows=(2, 2), progress=not args.no_progress)
     held_pixels = load_pixels(held, model)
     base = model_logits(model, held_pixels)
     held_metrics = schedule_metrics(model, result.best, held_pixels, base, held.labels)
     depth = len(model.blocks)
     print(f"chosen schedule: {result.best.spec()}")
     print(json.dumps(result.best.to_dict(depth)))
+    if "ort_speedup" in result.best_metrics:
+        print(f"measured ONNX Runtime speed-up: {result.best_metrics['ort_speedup']:.2f}x (batch 32)")
     print(f"calibration ({len(calib)} images): KL {result.best_metrics['kl']:.4f}, "
           f"agreement {100 * result.best_metrics['top1_agreement']:.1f} %, "
           f"{result.best_metrics['flops_ratio']:.2f}x fewer FLOPs")

@@ -116,3 +116,15 @@ def iter_batches(images: ImageSet, transform, batch_size: int):
     for start in range(0, len(images), batch_size):
         idx = list(range(start, min(start + batch_size, len(images))))
         yield idx, load_batch(images, idx, transform)
+
+
+def split_calibration(images: ImageSet, calibration: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Split images into a calibration set and the held-apart rest, by a fixed shuffle.
+
+    Returns:
+        ``(calibration_set, held_apart_set)``; the same ``seed`` gives the same split everywhere.
+    """
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(images))
+    return images.subset(order[:calibration]), images.subset(order[calibration:])

@@ -146,3 +146,64 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
             best, best_m, plan = s, m, trial
     bar.close()
     return TuneResult(best, best_m, evaluated, pareto_front(evaluated))
+
+
+def measure_speedup(model_name: str, weights: str, schedule: Schedule, none_path: str, folder: str,
+                    batch: int = 32, repeats: int = 5) -> float:
+    """Export ``schedule`` and time it against ``none_path`` with ONNX Runtime on this machine.
+
+    Returns:
+        Median images/s of the merged graph over that of the unmerged one (graphs alternating).
+    """
+    import os
+    import statistics
+    import time
+
+    import onnxruntime as ort
+
+    from .export import export_onnx
+
+    path = os.path.join(folder, "candidate.onnx")
+    export_onnx(model_name, path, schedule, weights)
+    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in (path, none_path)]
+    x = np.random.default_rng(0).standard_normal((batch, *sessions[0].get_inputs()[0].shape[1:]), dtype=np.float32)
+    for s in sessions:
+        s.run(None, {"pixel_values": x})
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for k, s in enumerate(sessions):
+            start = time.perf_counter()
+            s.run(None, {"pixel_values": x})
+            times[k].append(time.perf_counter() - start)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def tune_for_speedup(model: nn.Module, model_name: str, weights: str, pixels: torch.Tensor, target: float,
+                     max_grid: int = 48, refine_steps: int = 24, rounds: int = 4, step: float = 0.1,
+                     progress: bool = True) -> TuneResult:
+    """Search at a FLOP target, measure the result with ONNX Runtime, and raise the FLOP target until
+    the measured speed-up reaches ``target`` (at most ``rounds`` rounds).
+
+    Raises:
+        DSMError: if no round reaches the speed-up.
+    """
+    import os
+    import tempfile
+
+    from .export import export_onnx
+
+    flop_target = target
+    measured = []
+    with tempfile.TemporaryDirectory() as tmp:
+        none_path = os.path.join(tmp, "none.onnx")
+        export_onnx(model_name, none_path, "none", weights)
+        for _ in range(rounds):
+            result = tune(model, pixels, flop_target, max_grid=max_grid, refine_steps=refine_steps,
+                          progress=progress)
+            speedup = measure_speedup(model_name, weights, result.best, none_path, tmp)
+            measured.append(f"{result.best_metrics['flops_ratio']:.2f}x FLOPs -> {speedup:.2f}x")
+            if speedup >= target:
+                result.best_metrics["ort_speedup"] = speedup
+                return result
+            flop_target = max(flop_target + step, result.best_metrics["flops_ratio"] + step)
+    raise DSMError(f"no schedule reached a {target:.2f}x ONNX Runtime speed-up ({'; '.join(measured)})")

@@ -34,11 +34,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-bench", action="store_true", help="skip the ONNX Runtime timing")
     parser.add_argument("--json", dest="json_path", help="also write the rows as JSON")
+    parser.add_argument("--exclude-calibration", type=int, metavar="N",
+                        help="evaluate only on the images held apart from `dsm-export tune --calibration N`")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
 
-    from dsm_export.data import list_images
+    from dsm_export.data import list_images, split_calibration
     from dsm_export.errors import DSMError
     from dsm_export.evaluate import load_pixels, model_logits, schedule_metrics
     from dsm_export.export import export_onnx
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     try:
         model = create_model(args.model, args.weights)
         images = list_images(args.images)
+        if args.exclude_calibration:
+            images = split_calibration(images, args.exclude_calibration)[1]
         pixels = load_pixels(images, model, progress=True)
         base = model_logits(model, pixels)
         rows = []
