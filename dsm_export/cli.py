@@ -42,7 +42,8 @@ def _cmd_export(args) -> int:
 
 def _add_validate(sub):
     p = sub.add_parser("validate", help="check an exported graph against PyTorch on images")
-    p.add_argument("onnx", help="ONNX file written by dsm-export export")
+    p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build)")
+    p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead")
     p.add_argument("--images", required=True, help="image folder (labels.csv optional)")
     p.add_argument("--weights", help="weights (default: the path stored at export)")
     p.add_argument("--model", help="timm model name (default: from the file's metadata)")
@@ -58,11 +59,16 @@ def _add_validate(sub):
 
 def _cmd_validate(args) -> int:
     from .fileio import write_json
-    from .validate import validate
+    from .validate import validate, validate_engine
 
-    report = validate(args.onnx, args.images, threads=args.threads, weights=args.weights,
-                      model_name=args.model, schedule=args.schedule, atol=args.atol,
-                      batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+    if bool(args.onnx) == bool(args.engine):
+        raise DSMError("give either an ONNX file or --engine PLAN")
+    common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
+                  batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+    if args.engine:
+        report = validate_engine(args.engine, args.images, **common)
+    else:
+        report = validate(args.onnx, args.images, threads=args.threads, **common)
     print(format_report(report))
     if args.json_path:
         write_json(args.json_path, report)
@@ -83,6 +89,7 @@ def format_report(report: dict) -> str:
         f"  top-1 accuracy:           {pct(report['top1_accuracy'])} (unmerged {pct(report['baseline_top1_accuracy'])})",
         f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "
         f"{report['flops_ratio']:.2f}x fewer)",
+        f"  criterion:                {report['criterion']} (median {report['median_abs_diff']:.2e})",
         "PASS" if report["passed"] else "FAIL: outside tolerance",
     ]
     return "\n".join(lines)

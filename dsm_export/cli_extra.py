@@ -153,4 +153,72 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS: list = [_add_analyze, _add_tune, _add_visualize]
+def _add_build(sub):
+    p = sub.add_parser("build", help="build an engine (TensorRT plan, or ONNX Runtime optimized/fp16 model)")
+    p.add_argument("onnx", help="ONNX file written by dsm-export export")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), required=True)
+    p.add_argument("--output", "-o", required=True, help=".plan (tensorrt) or .onnx (onnxruntime)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
+    p.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> int:
+    from .engines import TensorRTOptions, build_onnxruntime, build_tensorrt
+
+    if args.backend == "tensorrt":
+        info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
+            precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
+            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch))
+        print(f"wrote {args.output} and {args.output}.json: TensorRT {info['tensorrt_version']}, "
+              f"{info['gpu']}, {info['precision']}")
+    else:
+        info = build_onnxruntime(args.onnx, args.output, fp16=args.precision == "fp16")
+        print(f"wrote {args.output}: ONNX Runtime optimized graph, {info['precision']}"
+              + (f" ({info['fp32_nodes']} nodes kept in fp32: matching and sizes)" if info["fp32_nodes"] else ""))
+    return 0
+
+
+def _add_triton_repo(sub):
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
+    p.add_argument("files", nargs="+", help=".onnx or .plan files written by dsm-export")
+    p.add_argument("--output", "-o", required=True, help="model repository folder")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--instances", type=int, default=1)
+    p.set_defaults(func=_cmd_triton_repo)
+
+
+def _cmd_triton_repo(args) -> int:
+    from .triton_repo import write_repository
+
+    names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances)
+    print(f"wrote {args.output}: " + ", ".join(names))
+    return 0
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve an ONNX file with a real Triton server (PyTriton) on loopback")
+    p.add_argument("onnx", nargs="+", help="ONNX files (e.g. the DSM export and the none baseline)")
+    p.add_argument("--name", action="append", help="model name per file (default: from the file name)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args.onnx, names=args.name, http_port=args.http_port, grpc_port=args.grpc_port,
+                 metrics_port=args.metrics_port, max_batch=args.max_batch, top_k=args.top_k,
+                 threads=args.threads)
+
+
+COMMANDS: list = [_add_analyze, _add_build, _add_serve, _add_triton_repo, _add_tune, _add_visualize]

@@ -24,6 +24,8 @@ from .patch import apply, input_size
 from .schedule import Schedule, resolve
 
 DEFAULT_ATOL = 1e-4  # fp32 logits
+FP16_MEDIAN_ATOL = 0.1  # fp16 engines: median over images of the max |logit difference|
+FP16_MIN_TOP1_MATCH = 0.98  # fp16 engines: top-1 equal to PyTorch-with-schedule on this fraction
 
 
 @dataclass
@@ -150,6 +152,7 @@ def validate_runner(
     batch_size: int = 32,
     limit: int | None = None,
     progress: bool = True,
+    fp16: bool = False,
 ) -> dict:
     """Compare any graph runner with PyTorch over an image folder (see module docstring).
 
@@ -162,6 +165,7 @@ def validate_runner(
         batch_size: images per batch.
         limit: validate on the first ``limit`` images only.
         progress: show a progress bar.
+        fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`).
 
     Returns:
         The report: ``max_abs_diff``, ``top1_match_pytorch`` (fraction), ``top1_mismatches``,
@@ -185,7 +189,8 @@ def validate_runner(
     merged = apply(model, schedule, impl="reference", name=name).eval()
     logits = collect_logits(runner, model, merged, images, eval_transform(model), batch_size, progress)
 
-    diff = float(np.abs(logits.graph - logits.merged).max())
+    per_image = np.abs(logits.graph - logits.merged).max(-1)
+    diff = float(per_image.max())
     match = logits.graph.argmax(-1) == logits.merged.argmax(-1)
     flops, _ = count_flops(model, merged.tokens, schedule.windows)
     base_flops, _ = count_flops(model, resolve(Schedule(), len(model.blocks), merged.grid, merged.num_prefix))
@@ -196,6 +201,7 @@ def validate_runner(
         "max_abs_diff": diff,
         "top1_match_pytorch": float(match.mean()),
         "top1_mismatches": int((~match).sum()),
+        "median_abs_diff": float(np.median(per_image)),
         **agreement_metrics(logits.graph, logits.unmerged, images.labels),
         "gflops": flops / 1e9,
         "baseline_gflops": base_flops / 1e9,
@@ -205,7 +211,16 @@ def validate_runner(
     if images.labels is None:
         report["top1_accuracy"] = None
         report["baseline_top1_accuracy"] = None
-    report["passed"] = bool(diff <= atol and match.all())
+    if fp16:
+        # fp16 engines: a near-tie in the matching may merge other tokens than fp32 does on a few
+        # images, so the criterion is on the typical image and on top-1, not on the worst logit.
+        report["criterion"] = (f"fp16: median per-image max |dlogit| <= {FP16_MEDIAN_ATOL}, "
+                               f"top-1 match >= {FP16_MIN_TOP1_MATCH:.0%}")
+        report["passed"] = bool(report["median_abs_diff"] <= FP16_MEDIAN_ATOL
+                                and report["top1_match_pytorch"] >= FP16_MIN_TOP1_MATCH)
+    else:
+        report["criterion"] = f"fp32: max |dlogit| <= {atol:g} and top-1 equal on every image"
+        report["passed"] = bool(diff <= atol and match.all())
     return report
 
 
@@ -215,5 +230,18 @@ def validate(onnx_path: str, images_dir: str, threads: int | None = None, **kwar
     Raises:
         DSMError: corrupt or foreign ONNX file, and everything :func:`validate_runner` raises.
     """
-    info = read_metadata(load_onnx(onnx_path), onnx_path)
+    model = load_onnx(onnx_path)
+    info = read_metadata(model, onnx_path)
+    precision = {p.key: p.value for p in model.metadata_props}.get("dsm.precision", "fp32")
+    kwargs.setdefault("fp16", precision == "fp16")
     return validate_runner(onnx_runner(onnx_path, threads), info, images_dir, **kwargs)
+
+
+def validate_engine(plan_path: str, images_dir: str, **kwargs) -> dict:
+    """Validate a TensorRT engine built by ``dsm-export build`` (needs tensorrt and a GPU)."""
+    from .engines import TensorRTRunner, engine_info
+
+    info, sidecar = engine_info(plan_path)
+    runner = TensorRTRunner(plan_path)
+    kwargs.setdefault("fp16", sidecar.get("precision") == "fp16")
+    return validate_runner(runner, info, images_dir, **kwargs)
