@@ -7,7 +7,6 @@ Exit status: 0 success (validation within tolerance), 1 validation outside toler
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from .data import ImageSet, eval_transform, load_batch
-from .flops import count_flops
+from .flops import schedule_flops
 from .patch import apply
-from .schedule import Schedule, resolve
+from .schedule import Schedule
 from .validate import agreement_metrics
 
 
@@ -40,10 +40,7 @@ def flops_ratio(model: nn.Module, schedule: Schedule) -> float:
     Raises:
         ScheduleError: if the schedule does not fit the model.
     """
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
-    merged, _ = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows)
-    base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
+    merged, base, _ = schedule_flops(model, schedule)
     return base / merged
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .schedule import BlockTokens
+from .schedule import BlockTokens, Schedule, resolve
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,19 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
     if isinstance(getattr(model, "head_dist", None), nn.Linear):
         head_macs += _linear_macs(model.head_dist, 1)
     return total + head_macs, per_block
+
+
+def schedule_flops(model: nn.Module, schedule: Schedule) -> tuple[int, int, list[BlockFlops]]:
+    """FLOPs of ``model`` under ``schedule`` and unmerged.
+
+    Returns:
+        ``(merged_total, unmerged_total, merged_per_block)``, multiply-adds for one image.
+
+    Raises:
+        ScheduleError: if the schedule does not fit the model.
+    """
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
+    merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows)
+    base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
+    return merged, base, per_block

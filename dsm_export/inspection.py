@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .flops import count_flops
+from .flops import schedule_flops
 from .models import create_model
 from .patch import apply
-from .schedule import Schedule, resolve
+from .schedule import Schedule
 
 
 def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
@@ -23,8 +23,7 @@ def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
         schedule = Schedule.parse(schedule)
     model = create_model(model_name, warn_random=False)
     merged = apply(model, schedule, name=model_name)
-    total, blocks = count_flops(model, merged.tokens, schedule.windows)
-    base, _ = count_flops(model, resolve(Schedule(), len(model.blocks), merged.grid, merged.num_prefix))
+    total, base, blocks = schedule_flops(model, schedule)
     rows = []
     for t, f in zip(merged.tokens, blocks):
         rows.append({

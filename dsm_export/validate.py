@@ -18,10 +18,10 @@ import torch
 from .data import eval_transform, iter_batches, list_images
 from .errors import DSMError
 from .export import ExportInfo, load_onnx, read_metadata
-from .flops import count_flops
+from .flops import schedule_flops
 from .models import create_model, sha256_file
 from .patch import apply, input_size
-from .schedule import Schedule, resolve
+from .schedule import Schedule
 
 DEFAULT_ATOL = 1e-4  # fp32 logits
 FP16_MEDIAN_ATOL = 0.1  # fp16 engines: median over images of the max |logit difference|
@@ -192,8 +192,7 @@ def validate_runner(
     per_image = np.abs(logits.graph - logits.merged).max(-1)
     diff = float(per_image.max())
     match = logits.graph.argmax(-1) == logits.merged.argmax(-1)
-    flops, _ = count_flops(model, merged.tokens, schedule.windows)
-    base_flops, _ = count_flops(model, resolve(Schedule(), len(model.blocks), merged.grid, merged.num_prefix))
+    flops, base_flops, _ = schedule_flops(model, schedule)
     report = {
         "model": name,
         "schedule": schedule.spec(),
