@@ -81,7 +81,42 @@ def main(argv=None) -> int:
                             rates.append(timed(fn, x, args.repeats, args.iters, sync))
                     print(f"| {model_name} | {batch} | {str(dtype).replace('torch.', '')} | {mode} | "
                           f"{rates[0]:.0f} | {rates[1]:.0f} | {rates[1] / rates[0]:.2f}x |", flush=True)
+        if cuda:
+            ort_cuda(model_name, args)
     return 0
+
+
+def ort_cuda(model_name: str, args) -> None:
+    """Rows for ONNX Runtime's CUDA execution provider (fp32 exports), where it is installed."""
+    import tempfile
+
+    import numpy as np
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(f"| {model_name} | - | fp32 | onnxruntime-cuda | not installed | - | - |")
+        return
+    from dsm_export.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for spec in ("none", args.schedule):
+            path = f"{tmp}/{len(paths)}.onnx"
+            export_onnx(model_name, path, spec)
+            paths.append(path)
+        sessions = [ort.InferenceSession(p, providers=["CUDAExecutionProvider"]) for p in paths]
+        for batch in (int(b) for b in args.batch.split(",")):
+            x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+            rates = []
+            for s in sessions:
+                s.run(None, {"pixel_values": x})
+                rates.append(timed(lambda v: s.run(None, {"pixel_values": v}), x, args.repeats, args.iters,
+                                   lambda: None))
+            print(f"| {model_name} | {batch} | float32 | onnxruntime-cuda | {rates[0]:.0f} | {rates[1]:.0f} | "
+                  f"{rates[1] / rates[0]:.2f}x |", flush=True)
 
 
 def runner(module, mode: str, example: torch.Tensor):
