@@ -60,6 +60,8 @@ def list_images(root: str, limit: int | None = None) -> ImageSet:
     """
     if not os.path.isdir(root):
         raise DSMError(f"image folder {root!r} does not exist")
+    if limit is not None and limit < 1:
+        raise DSMError(f"the image limit must be at least 1, got {limit}")
     files = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)
                    and os.path.isfile(os.path.join(root, f)))
     if not files:

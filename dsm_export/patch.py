@@ -131,8 +131,10 @@ class MergedViT(nn.Module):
         size = None  # all ones until the first merge: no proportional-attention term needed
         in_windows = False
         if self.track_source:
+            if self.impl != "reference":
+                raise ValueError("track_source needs impl='reference'")
             n = x.shape[1] - self.num_prefix
-            self._source = torch.eye(n, dtype=x.dtype).expand(x.shape[0], n, n)
+            self._source = torch.eye(n, dtype=x.dtype, device=x.device).expand(x.shape[0], n, n)
             self.sources = []
         for blk, t in zip(m.blocks, self.tokens):
             if size is None and t.removed == 0 and self.impl == "reference":

@@ -176,6 +176,10 @@ def validate_runner(
     Raises:
         DSMError: bad folder, weights, model name or schedule; an input size other than the model's.
     """
+    if batch_size < 1:
+        raise DSMError(f"batch size must be at least 1, got {batch_size}")
+    if atol <= 0:
+        raise DSMError(f"atol must be positive, got {atol}")
     name = model_name or info.model
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)

@@ -110,7 +110,7 @@ def test_onnx_runtime_breaks_ties_like_pytorch(tmp_path):
     g = torch.Generator().manual_seed(3)
     metric = torch.randint(0, 2, (4, 24, 3), generator=g).float() + 0.5  # few distinct keys: many ties
     path = str(tmp_path / "match.onnx")
-    torch.onnx.export(Match(), (metric,), path, dynamo=True, verbose=False, opset_version=18)
+    torch.onnx.export(Match().eval(), (metric,), path, dynamo=True, verbose=False, opset_version=18)
     got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {
         ort.InferenceSession(path).get_inputs()[0].name: metric.numpy()})
     ref = bipartite_soft_matching(metric, 6, use_topk=False)
