@@ -56,7 +56,7 @@ def _cmd_tune(args) -> int:
                                   progress=not args.no_progress)
     else:
         result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid,
-                      refine_steps=args.refine_steps, windows=(2, 2), progress=not args.no_progress)
+                      refine_steps=args.refine_steps, progress=not args.no_progress)
     held_pixels = load_pixels(held, model)
     base = model_logits(model, held_pixels)
     held_metrics = schedule_metrics(model, result.best, held_pixels, base, held.labels)

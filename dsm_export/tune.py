@@ -2,8 +2,8 @@
 
 Search (on calibration images, PyTorch reference implementation):
 
-1. a grid over DSM's parameters -- delay, local blocks, r at the first merging block and r at the
-   last (r falls or rises linearly) -- and ToMe's constant r, keeping every schedule whose analytic
+1. a grid over DSM's parameters -- delay, local blocks, window grid, r at the first merging block
+   and r at the last (r falls or rises linearly) -- and ToMe's constant r, keeping every schedule whose analytic
    FLOP reduction is at least the target and at most ``slack`` above it;
 2. per-block refinement of the best grid schedule: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
@@ -43,22 +43,30 @@ class TuneResult:
     pareto: list[dict] = field(default_factory=list)
 
 
-def grid_candidates(model: nn.Module, target: float, slack: float = 0.05, windows=(2, 2)) -> list[Schedule]:
-    """DSM-parameter and constant-r schedules whose FLOP reduction lies in ``[target, target + slack]``."""
+WINDOW_OPTIONS = ((2, 2), (1, 2), (2, 1))
+
+
+def grid_candidates(model: nn.Module, target: float, slack: float = 0.05,
+                    windows_options=WINDOW_OPTIONS) -> list[Schedule]:
+    """DSM-parameter and constant-r schedules whose FLOP reduction lies in ``[target, target + slack]``.
+
+    The grid: r, r at the last merging block (``r_end``), delay 0-4, local blocks 0-2 and, for
+    local blocks, each window grid of ``windows_options`` that divides the patch grid.
+    """
     depth = len(model.blocks)
     out = []
     seen = set()
     for r in range(1, 64):
-        specs = [Schedule(r=r, windows=windows)]
+        specs = [Schedule(r=r)]
         for delay, local in itertools.product(range(0, min(5, depth)), range(0, 3)):
-            for r_end in range(0, 33, 4):
+            for r_end, windows in itertools.product(range(0, 33, 4), windows_options if local else ((2, 2),)):
                 specs.append(Schedule(r=r, r_end=r_end, delay=delay, local=local, windows=windows))
         for s in specs:
             try:
                 fr = flops_ratio(model, s)
             except ScheduleError:
                 continue
-            key = s.plan(depth)
+            key = (s.plan(depth), s.windows if s.local else None)
             if target <= fr <= target + slack and key not in seen:
                 seen.add(key)
                 out.append(s)
@@ -78,7 +86,7 @@ def _better(a: dict, b: dict | None) -> bool:
 
 
 def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
-         slack: float = 0.05, windows=(2, 2), progress: bool = True) -> TuneResult:
+         slack: float = 0.05, progress: bool = True) -> TuneResult:
     """Search for the schedule with the least KL at ``target``-fold fewer FLOPs (see module doc).
 
     Args:
@@ -88,6 +96,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         max_grid: grid candidates evaluated at most (spread evenly over the grid).
         refine_steps: per-block moves tried.
         slack: grid candidates may exceed the target by this much.
+        progress: show a progress bar.
 
     Returns:
         A :class:`TuneResult`.
@@ -101,7 +110,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     prefix = int(model.num_prefix_tokens)
     base = model_logits(model, pixels)
-    cands = grid_candidates(model, target, slack, windows)
+    cands = grid_candidates(model, target, slack)
     if not cands:
         raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
     if len(cands) > max_grid:
@@ -132,7 +141,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         trial = list(plan)
         trial[i] = BlockPlan(plan[i].mode, plan[i].r - step)
         trial[j] = BlockPlan(plan[j].mode, plan[j].r + step)
-        s = Schedule(windows=windows, blocks=tuple(trial))
+        s = Schedule(windows=best.windows, blocks=tuple(trial))
         try:
             resolve(s, depth, grid, prefix)
             if flops_ratio(model, s) < target:
