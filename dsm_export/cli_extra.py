@@ -42,6 +42,9 @@ def _cmd_tune(args) -> int:
         raise DSMError(f"--backend {args.backend}: only onnxruntime can be measured here")
     if not 1 <= args.calibration <= 128:
         raise DSMError("--calibration must be between 1 and 128 images")
+    for path in (args.output, args.report):  # fail before minutes of search, not after
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise DSMError(f"output folder of {path!r} does not exist")
     model = create_model(args.model, args.weights)
     images = list_images(args.images)
     if len(images) < args.calibration + 1:
