@@ -212,7 +212,7 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
         DSMError: tensorrt missing, bad input, parser errors, or a failed build.
     """
     trt = import_tensorrt()
-    model = load_onnx(onnx_path)
+    model = original = load_onnx(onnx_path)
     info = read_metadata(model, onnx_path)
     if options.precision not in ("fp32", "fp16"):
         raise DSMError(f"precision must be fp32 or fp16, got {options.precision!r}")
@@ -269,8 +269,8 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
         "batch": info.batch,
         "workspace_mib": options.workspace_mib,
         "source_onnx": os.path.abspath(onnx_path),
-        "num_classes": int(load_onnx(onnx_path).graph.output[0].type.tensor_type.shape.dim[-1].dim_value),
-        "onnx_metadata": {p.key: p.value for p in load_onnx(onnx_path).metadata_props},
+        "num_classes": int(original.graph.output[0].type.tensor_type.shape.dim[-1].dim_value),
+        "onnx_metadata": {p.key: p.value for p in original.metadata_props},
     }
     write_json(output + ".json", sidecar)
     return sidecar

@@ -165,26 +165,14 @@ def measure_speedup(model_name: str, weights: str, schedule: Schedule, none_path
         Median images/s of the merged graph over that of the unmerged one (graphs alternating).
     """
     import os
-    import statistics
-    import time
 
-    import onnxruntime as ort
-
+    from .benchmark import ort_throughput
     from .export import export_onnx
 
     path = os.path.join(folder, "candidate.onnx")
     export_onnx(model_name, path, schedule, weights)
-    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in (path, none_path)]
-    x = np.random.default_rng(0).standard_normal((batch, *sessions[0].get_inputs()[0].shape[1:]), dtype=np.float32)
-    for s in sessions:
-        s.run(None, {"pixel_values": x})
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for k, s in enumerate(sessions):
-            start = time.perf_counter()
-            s.run(None, {"pixel_values": x})
-            times[k].append(time.perf_counter() - start)
-    return statistics.median(times[1]) / statistics.median(times[0])
+    rates = ort_throughput({"merged": path, "none": none_path}, batch, repeats)
+    return rates["merged"] / rates["none"]
 
 
 def tune_for_speedup(model: nn.Module, model_name: str, weights: str, pixels: torch.Tensor, target: float,

@@ -13,7 +13,6 @@ machine without a GPU it runs on the CPU in fp32 with a small batch, so a test k
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -57,8 +56,7 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if cuda else [torch.float32]
     modes = args.modes.split(",") if cuda else ["eager"]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_ort import cpu_name
+    from dsm_export.benchmark import cpu_name
 
     name = torch.cuda.get_device_name() if cuda else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__} | schedule {args.schedule} | median of {args.repeats}")

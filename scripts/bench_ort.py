@@ -14,52 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
-
-import numpy as np
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def make_session(path: str, threads: int | None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def bench(paths: dict[str, str], batch: int, repeats: int, warmup: int, threads: int | None, iters: int) -> dict:
-    """Median images/s per graph; graphs alternate within each repetition."""
-    sessions = {k: make_session(p, threads) for k, p in paths.items()}
-    shape = [batch] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    rates = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                s.run(None, feeds[k])
-            rates[k].append(batch * iters / (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def main(argv=None) -> int:
@@ -76,6 +32,7 @@ def main(argv=None) -> int:
         parser.error("--repeats must be at least 5")
     import onnxruntime as ort
 
+    from dsm_export.benchmark import cpu_name, ort_throughput
     from dsm_export.errors import DSMError
     from dsm_export.export import export_onnx, load_onnx, read_metadata
 
@@ -86,8 +43,8 @@ def main(argv=None) -> int:
             if baseline is None:
                 baseline = os.path.join(tmp, "none.onnx")
                 export_onnx(info.model, baseline, "none", info.weights or None, batch=info.batch)
-            rates = bench({"merged": args.merged, "none": baseline}, args.batch, args.repeats,
-                          args.warmup, args.threads, args.iters)
+            rates = ort_throughput({"merged": args.merged, "none": baseline}, args.batch, args.repeats,
+                                   args.warmup, args.threads, args.iters)
     except DSMError as exc:
         print(f"bench_ort: error: {exc}", file=sys.stderr)
         return 2

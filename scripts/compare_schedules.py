@@ -19,10 +19,6 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_ort import bench, cpu_name  # noqa: E402
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,6 +36,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
+    from dsm_export.benchmark import cpu_name, ort_throughput
     from dsm_export.data import list_images, split_calibration
     from dsm_export.errors import DSMError
     from dsm_export.evaluate import load_pixels, model_logits, schedule_metrics
@@ -66,7 +63,7 @@ def main(argv=None) -> int:
                 if not args.no_bench:
                     path = os.path.join(tmp, f"s{i}.onnx")
                     export_onnx(args.model, path, schedule, args.weights)
-                    rates = bench({"merged": path, "none": none_path}, args.batch, args.repeats, 1, None, 1)
+                    rates = ort_throughput({"merged": path, "none": none_path}, args.batch, args.repeats)
                     row["ort_ratio"] = rates["merged"] / rates["none"]
                     os.unlink(path)
                 rows.append(row)

@@ -1,0 +1,64 @@
+"""ONNX Runtime CPU throughput measurement, shared by the benchmark scripts and ``tune``."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform's best guess)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_session(path: str, threads: int | None = None):
+    """A CPU ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
+                   threads: int | None = None, iters: int = 1) -> dict[str, float]:
+    """Median images/s of each graph on the same random batch; graphs alternate in each repetition.
+
+    Args:
+        paths: label -> ONNX file (same input shape apart from the batch axis).
+        batch: images per run.
+        repeats: repetitions; the median is reported.
+        warmup: untimed runs per graph first.
+        threads: ONNX Runtime intra-op threads (default: all cores).
+        iters: timed runs per repetition.
+
+    Returns:
+        label -> images per second.
+    """
+    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    shape = [batch] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    rates: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                s.run(None, feeds[k])
+            rates[k].append(batch * iters / (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in rates.items()}
