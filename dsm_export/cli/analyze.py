@@ -1,0 +1,44 @@
+"""Subcommand ``analyze``: per-block statistics that guide the schedule."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import DSMError
+
+
+def add(sub):
+    p = sub.add_parser("analyze", help="per-block attention, key-similarity, outlier and merge-cost statistics")
+    p.add_argument("model", help="timm model name")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--images", required=True, help="calibration image folder")
+    p.add_argument("--limit", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--r", type=int, default=16, help="tokens merged by one block for the merge cost")
+    p.add_argument("--output", "-o", default="analysis", help="folder for the PNG plots and analysis.json")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..analyze import analyze, plot_analysis
+    from ..data import list_images
+    from ..evaluate import load_pixels
+    from ..fileio import write_json
+    from ..models import create_model
+
+    model = create_model(args.model, args.weights)
+    images = list_images(args.images, args.limit)
+    grid = model.patch_embed.grid_size
+    if not 1 <= args.r <= grid[0] * grid[1] // 2:
+        raise DSMError(f"--r must be between 1 and {grid[0] * grid[1] // 2}")
+    report = analyze(model, load_pixels(images, model), r=args.r)
+    os.makedirs(args.output, exist_ok=True)
+    plot_analysis(report, args.output, args.model)
+    write_json(os.path.join(args.output, "analysis.json"), {"model": args.model, **report})
+    print(f"{'block':>5} {'entropy':>8} {'key sim':>8} {'outliers':>9} {'merge KL':>9} {'agree':>6}")
+    for i in range(len(report["merge_kl"])):
+        print(f"{i:>5} {report['attention_entropy'][i]:>8.3f} {report['key_match_similarity'][i]:>8.3f} "
+              f"{report['outlier_ratio'][i]:>9.1f} {report['merge_kl'][i]:>9.4f} "
+              f"{100 * report['merge_agreement'][i]:>5.1f}%")
+    print(f"recommended delay: {report['recommended_delay']} ({report['reason']})")
+    print(f"wrote {args.output}/analysis.json and 4 PNG plots")
+    return 0

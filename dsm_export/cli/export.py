@@ -1,0 +1,28 @@
+"""Subcommand ``export``: a timm ViT with a merge schedule to static-shape ONNX."""
+
+from __future__ import annotations
+
+
+def add(sub):
+    p = sub.add_parser("export", help="export a timm ViT with a merge schedule to static-shape ONNX")
+    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("--weights", help="local state dict (bare or under 'model'); without it: random init")
+    p.add_argument("--schedule", default="none",
+                   help="schedule spec (r=13,delay=2,local=4,windows=2x2), 'none', or a JSON file")
+    p.add_argument("--output", "-o", required=True, help="output .onnx file")
+    p.add_argument("--batch", type=int, help="fix the batch axis (default: dynamic)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    p.add_argument("--input-size", help="expected input size, N or HxW; must be the model's")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..export import export_onnx, parse_input_size
+
+    hw = parse_input_size(args.input_size) if args.input_size else None
+    info = export_onnx(args.model, args.output, args.schedule, args.weights, batch=args.batch,
+                       opset=args.opset, image_size=hw)
+    tokens = " ".join(str(t) for t in info.tokens)
+    print(f"wrote {args.output}: {info.model}, schedule {args.schedule}, "
+          f"batch {info.batch or 'dynamic'}, tokens per block {tokens}")
+    return 0

@@ -1,0 +1,20 @@
+"""Subcommand ``triton-repo``: a Triton Inference Server model repository."""
+
+from __future__ import annotations
+
+
+def add(sub):
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
+    p.add_argument("files", nargs="+", help=".onnx or .plan files written by dsm-export")
+    p.add_argument("--output", "-o", required=True, help="model repository folder")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--instances", type=int, default=1)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..triton_repo import write_repository
+
+    names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances)
+    print(f"wrote {args.output}: " + ", ".join(names))
+    return 0

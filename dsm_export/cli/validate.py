@@ -1,0 +1,60 @@
+"""Subcommand ``validate``: an exported graph (or engine) against PyTorch on images."""
+
+from __future__ import annotations
+
+from ..errors import DSMError
+
+
+def add(sub):
+    p = sub.add_parser("validate", help="check an exported graph against PyTorch on images")
+    p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build)")
+    p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead")
+    p.add_argument("--images", required=True, help="image folder (labels.csv optional)")
+    p.add_argument("--weights", help="weights (default: the path stored at export)")
+    p.add_argument("--model", help="timm model name (default: from the file's metadata)")
+    p.add_argument("--schedule", help="schedule (default: from the file's metadata)")
+    p.add_argument("--json", dest="json_path", help="write the report as JSON here")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="validate on the first N images only")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..fileio import write_json
+    from ..validate import validate, validate_engine
+
+    if bool(args.onnx) == bool(args.engine):
+        raise DSMError("give either an ONNX file or --engine PLAN")
+    common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
+                  batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+    if args.engine:
+        report = validate_engine(args.engine, args.images, **common)
+    else:
+        report = validate(args.onnx, args.images, threads=args.threads, **common)
+    print(format_report(report))
+    if args.json_path:
+        write_json(args.json_path, report)
+    return 0 if report["passed"] else 1
+
+
+def format_report(report: dict) -> str:
+    """Human-readable validation report."""
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    lines = [
+        f"model {report['model']}, schedule {report['schedule']}, {report['images']} images",
+        f"  vs PyTorch with schedule: max |dlogit| {report['max_abs_diff']:.2e} (atol {report['atol']:.0e}), "
+        f"top-1 match {pct(report['top1_match_pytorch'])} ({report['top1_mismatches']} mismatches)",
+        f"  vs unmerged PyTorch:      top-1 agreement {pct(report['top1_agreement'])}, KL {report['kl']:.4f}",
+        f"  top-1 accuracy:           {pct(report['top1_accuracy'])} (unmerged {pct(report['baseline_top1_accuracy'])})",
+        f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "
+        f"{report['flops_ratio']:.2f}x fewer)",
+        f"  criterion:                {report['criterion']} (median {report['median_abs_diff']:.2e})",
+        "PASS" if report["passed"] else "FAIL: outside tolerance",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Subcommand ``visualize``: merged-token groups over an image."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import DSMError
+
+
+def add(sub):
+    p = sub.add_parser("visualize", help="draw the merged-token groups at chosen blocks over an image")
+    p.add_argument("model", help="timm model name")
+    p.add_argument("--weights", help="local state dict (without it: random init)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--schedule", required=True)
+    p.add_argument("--blocks", required=True, help="comma-separated block indices, e.g. 3,6,11")
+    p.add_argument("--output", "-o", required=True, help="PNG file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..models import create_model
+    from ..schedule import Schedule
+    from ..visualize import visualize
+
+    try:
+        blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
+    except ValueError:
+        raise DSMError(f"--blocks {args.blocks!r}: expected comma-separated integers") from None
+    if not blocks:
+        raise DSMError("--blocks names no block")
+    if not os.path.isfile(args.image):
+        raise DSMError(f"image {args.image!r} does not exist")
+    model = create_model(args.model, args.weights)
+    counts = visualize(model, Schedule.parse(args.schedule), args.image, blocks, args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"block {b}: {n} tokens" for b, n in counts.items()))
+    return 0

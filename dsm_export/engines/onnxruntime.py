@@ -1,0 +1,154 @@
+"""ONNX Runtime engines from a validated DSM ONNX file.
+
+* optimized: the graph with ORT's graph optimizations applied and saved
+  (``SessionOptions.optimized_model_filepath``);
+* fp16: made with onnxconverter-common, in which the matching scores (keys -> cosine similarity ->
+  ArgMax/TopK) and everything carrying token sizes stay in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from ..errors import DSMError
+from ..export import META_PREFIX, load_onnx, read_metadata
+from ..fileio import atomic_path
+
+
+def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, extra: dict | None = None) -> None:
+    del dst.metadata_props[:]
+    for p in src.metadata_props:
+        dst.metadata_props.add(key=p.key, value=p.value)
+    for key, value in (extra or {}).items():
+        dst.metadata_props.add(key=META_PREFIX + key, value=str(value))
+
+
+def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
+    """Write an ONNX Runtime engine file: graph optimizations applied (ORT_ENABLE_EXTENDED, portable
+    across CPUs) and saved; with ``fp16`` the graph is first converted to fp16 (fp32 islands for
+    matching and sizes, fp32 inputs and outputs).
+
+    Returns:
+        ``{"backend", "precision", "output", "fp32_nodes"}``.
+
+    Raises:
+        DSMError: bad input file or output folder.
+    """
+    import onnxruntime as ort
+
+    model = load_onnx(onnx_path)
+    read_metadata(model, onnx_path)
+    kept = 0
+    src = onnx_path
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise DSMError(f"output folder {folder!r} does not exist")
+    with atomic_path(output) as tmp:
+        if fp16:
+            half, kept = convert_fp16(model)
+            onnx.save(half, tmp)
+            src = tmp
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        optimized = tmp + ".opt"
+        opts.optimized_model_filepath = optimized
+        try:
+            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            result = onnx.load(optimized)
+        finally:
+            if os.path.exists(optimized):
+                os.unlink(optimized)
+        _copy_metadata(model, result, {"engine": "onnxruntime", "precision": "fp16" if fp16 else "fp32"})
+        onnx.save(result, tmp)
+    return {"backend": "onnxruntime", "precision": "fp16" if fp16 else "fp32", "output": output, "fp32_nodes": kept}
+
+
+def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of nodes to keep in fp32 in an fp16 conversion of a DSM graph.
+
+    * Sizes: every node with a float input or output whose last dimension is 1 (token sizes,
+      ``log(size)``) or the embedding width + 1 (features and sizes merged together), found by
+      shape inference: the size-weighted merge and the proportional-attention term.
+    * Matching: ``TopK``/``ArgMax`` and, as for the above, every node whose outputs feed only
+      (transitively) into fp32 nodes -- the key mean over heads, normalisation, similarity MatMul,
+      ReduceMax, the one-hot assignment.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = v.type.tensor_type
+        if t.elem_type == onnx.TensorProto.FLOAT and t.HasField("shape") and t.shape.dim:
+            shapes[v.name] = t.shape.dim[-1].dim_value
+    for init in inferred.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and init.dims:
+            shapes[init.name] = init.dims[-1]
+    width = shapes.get(next(n.input[0] for n in inferred.graph.node if n.op_type == "LayerNormalization"), 0)
+    size_dims = {1, width + 1}
+
+    consumers: dict[str, list] = {}
+    for node in inferred.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    keep = {n.name for n in inferred.graph.node if n.op_type in ("TopK", "ArgMax")}
+    for node in inferred.graph.node:
+        tensors = [t for t in list(node.input) + list(node.output) if t in shapes]
+        if any(shapes[t] in size_dims for t in tensors) and node.op_type not in ("Constant", "Shape"):
+            keep.add(node.name)
+    changed = True
+    while changed:  # backward closure: nodes that only feed fp32 nodes are fp32 too
+        changed = False
+        for node in inferred.graph.node:
+            if node.name in keep or node.op_type == "Constant":
+                continue
+            users = [c for o in node.output for c in consumers.get(o, [])]
+            if users and all(u.name in keep for u in users):
+                keep.add(node.name)
+                changed = True
+    return sorted(keep)
+
+
+def convert_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """fp16 conversion with onnxconverter-common, keeping :func:`fp32_island_nodes` in fp32.
+
+    Returns:
+        ``(model, number of nodes kept in fp32)``.
+
+    Raises:
+        DSMError: if onnxconverter-common is not installed.
+    """
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise DSMError("fp16 needs onnxconverter-common: pip install 'dsm-export[engines]'") from None
+    for i, node in enumerate(model.graph.node):  # the converter's block list works by node name
+        if not node.name:
+            node.name = f"node_{i}"
+    keep = fp32_island_nodes(model)
+    _unshare_initializers(model, set(keep))
+    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                            disable_shape_infer=False)
+    return half, len(keep)
+
+
+def _unshare_initializers(model: onnx.ModelProto, keep: set[str]) -> None:
+    """Give fp32 nodes their own copy of initializers they share with fp16 nodes (the converter
+    would otherwise leave a shared initializer fp32 and feed fp16 nodes a mismatched type)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, set[bool]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                users.setdefault(name, set()).add(node.name in keep)
+    shared = {name for name, kinds in users.items() if kinds == {True, False}}
+    for name in shared:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = name + "__fp32"
+        model.graph.initializer.append(copy)
+    for node in model.graph.node:
+        if node.name in keep:
+            for k, name in enumerate(node.input):
+                if name in shared:
+                    node.input[k] = name + "__fp32"
