@@ -2,32 +2,109 @@
 
 from __future__ import annotations
 
+import os
+
+from ..errors import DSMError
+
 
 def add(sub):
-    p = sub.add_parser("build", help="build an engine (TensorRT plan, or ONNX Runtime optimized/fp16 model)")
-    p.add_argument("onnx", help="ONNX file written by dsm-export export")
+    p = sub.add_parser("build", help="build an engine (TensorRT plan, or ONNX Runtime optimized/fp16/INT8 model)")
+    p.add_argument("onnx", help="ONNX file written by dsm-export export (for TensorRT INT8: by build --precision int8)")
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), required=True)
     p.add_argument("--output", "-o", required=True, help=".plan (tensorrt) or .onnx (onnxruntime)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
-    p.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    q = p.add_argument_group("INT8 (onnxruntime backend: post-training quantization with onnxruntime.quantization)")
+    q.add_argument("--quantization", choices=("static", "dynamic"), default="static",
+                   help="static: QDQ, calibrated, TensorRT-compatible (default); dynamic: activations "
+                        "quantized per batch at run time, no calibration, ONNX Runtime only")
+    q.add_argument("--calibration", metavar="DIR", help="calibration image folder (static INT8)")
+    q.add_argument("--calibration-count", type=int, default=64,
+                   help="calibration images: the first N of the folder by name (default 64)")
+    q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="percentile",
+                   help="activation-range calibration (default percentile 99.999)")
+    q.add_argument("--activations", choices=("int8", "uint8"), default="int8",
+                   help="int8: symmetric, zero point 0, TensorRT-compatible (default); uint8: asymmetric "
+                        "(U8S8), ONNX Runtime only")
+    q.add_argument("--keep-fp32", default="",
+                   help="comma-separated layers left in fp32, by timm-style label: fc2, blocks.0, head, ...")
+    t = p.add_argument_group("TensorRT")
+    t.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
+    t.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
+    t.add_argument("--min-batch", type=int, default=1)
+    t.add_argument("--opt-batch", type=int, default=32)
+    t.add_argument("--max-batch", type=int, default=64)
     p.set_defaults(func=run)
+
+
+def _check_int8_args(args) -> None:
+    """Refuse INT8 mistakes before any work (one line, exit 2)."""
+    from ..export import META_PREFIX, load_onnx, read_metadata
+    from ..quantize import is_quantized
+
+    model = load_onnx(args.onnx)
+    read_metadata(model, args.onnx)
+    precision = {p.key: p.value for p in model.metadata_props}.get(META_PREFIX + "precision", "fp32")
+    if args.backend == "tensorrt":
+        return
+    if is_quantized(model) or precision != "fp32":
+        raise DSMError(f"{args.onnx!r} is already {precision if precision != 'fp32' else 'quantized'}: "
+                       "--precision int8 takes the fp32 file written by 'dsm-export export'")
+    if args.quantization == "static":
+        if not args.calibration:
+            raise DSMError("static INT8 needs calibration images: --calibration DIR "
+                           "(or --quantization dynamic)")
+        if not os.path.isdir(args.calibration):
+            raise DSMError(f"calibration folder {args.calibration!r} does not exist")
+    elif args.calibration:
+        raise DSMError("--quantization dynamic takes no --calibration")
 
 
 def run(args) -> int:
     from ..engines import TensorRTOptions, build_onnxruntime, build_tensorrt
 
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise DSMError(f"output folder {folder!r} does not exist")
+    if os.path.abspath(args.output) == os.path.abspath(args.onnx):
+        raise DSMError("--output must differ from the input file")
+    if args.precision == "int8":
+        _check_int8_args(args)
     if args.backend == "tensorrt":
         info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
             precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
             min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch))
         print(f"wrote {args.output} and {args.output}.json: TensorRT {info['tensorrt_version']}, "
               f"{info['gpu']}, {info['precision']}")
+    elif args.precision == "int8":
+        _build_int8(args)
     else:
         info = build_onnxruntime(args.onnx, args.output, fp16=args.precision == "fp16")
         print(f"wrote {args.output}: ONNX Runtime optimized graph, {info['precision']}"
               + (f" ({info['fp32_nodes']} nodes kept in fp32: matching and sizes)" if info["fp32_nodes"] else ""))
     return 0
+
+
+def _build_int8(args) -> None:
+    from ..export import load_onnx, read_metadata
+    from ..quantize import QuantizeOptions, calibration_pixels, quantize_int8
+
+    keep = tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip())
+    options = QuantizeOptions(mode=args.quantization, calibration_method=args.calibration_method,
+                              calibration_count=args.calibration_count, activations=args.activations,
+                              keep_fp32=keep)
+    options.check()
+    pixels, files = None, None
+    if args.quantization == "static":
+        info = read_metadata(load_onnx(args.onnx), args.onnx)
+        pixels, files = calibration_pixels(info.model, args.calibration, args.calibration_count)
+    rec = quantize_int8(args.onnx, args.output, pixels, options, files)
+    quantized = ", ".join(f"{v} {k}" for k, v in rec["quantized"].items())
+    how = (f"static QDQ, {rec['activations']} activations, {rec['calibration_method']} calibration on "
+           f"{rec['calibration_count']} images" if rec["mode"] == "static" else
+           "dynamic (activations quantized per batch at run time; ONNX Runtime only)")
+    print(f"wrote {args.output}: INT8 {how}; quantized {quantized}; "
+          f"{rec['fp32_matching_nodes']} matching and size nodes kept fp32 (which tokens merge is "
+          f"decided in fp32)" + (f"; {rec['fp32_other_candidates']} more layers kept fp32 "
+                                 "(attention q@k and attn@v"
+                                 + (", --keep-fp32" if keep else "") + ")"
+                                 if rec["fp32_other_candidates"] else ""))

@@ -47,9 +47,11 @@ def format_report(report: dict) -> str:
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
     lines = [
-        f"model {report['model']}, schedule {report['schedule']}, {report['images']} images",
+        f"model {report['model']}, schedule {report['schedule']}, {report.get('precision', 'fp32')}, "
+        f"{report['images']} images",
         f"  vs PyTorch with schedule: max |dlogit| {report['max_abs_diff']:.2e} (atol {report['atol']:.0e}), "
-        f"top-1 match {pct(report['top1_match_pytorch'])} ({report['top1_mismatches']} mismatches)",
+        f"top-1 match {pct(report['top1_match_pytorch'])} ({report['top1_mismatches']} mismatches)"
+        + (f", KL {report['kl_to_pytorch']:.4f}" if report.get("precision", "fp32") != "fp32" else ""),
         f"  vs unmerged PyTorch:      top-1 agreement {pct(report['top1_agreement'])}, KL {report['kl']:.4f}",
         f"  top-1 accuracy:           {pct(report['top1_accuracy'])} (unmerged {pct(report['baseline_top1_accuracy'])})",
         f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "

@@ -1,0 +1,431 @@
+"""INT8 post-training static quantization of a DSM ONNX file, in QDQ format.
+
+The quantizer is ONNX Runtime's (``onnxruntime.quantization.quantize_static``); this module chooses
+what it quantizes and feeds it calibration images:
+
+* **What is quantized**: the weight MatMuls/Gemms and the patch-embedding Conv (``qkv``, ``proj``,
+  ``fc1``, ``fc2``, head), weights per output channel, activations per tensor. Activation-by-
+  activation MatMuls (attention ``q @ k^T`` and ``attn @ v``) stay fp32 by default
+  (:data:`DEFAULT_OP_TYPES`, ``MatMulConstBOnly``): they carry the proportional-attention term and
+  their quantization costs accuracy for no measurable speed on the CPU (see the README's INT8
+  section for the measurement).
+* **What stays fp32**: the matching path -- key mean over heads, normalisation, the similarity
+  MatMul, ReduceMax/ArgMax/TopK, the one-hot assignment MatMul, token sizes and ``log(size)`` --
+  the same islands :func:`dsm_export.engines.onnxruntime.fp32_island_nodes` keeps for fp16. Which
+  tokens merge is decided in fp32, on keys computed from INT8 MatMuls.
+* **Format**: standard ``QuantizeLinear``/``DequantizeLinear`` of the default ONNX domain (no
+  contrib ops), so TensorRT builds it with explicit quantization. Default activations are signed
+  INT8 with zero point 0 (symmetric, S8S8), the form TensorRT requires; ``uint8`` activations (U8S8,
+  asymmetric) are offered for ONNX-Runtime-only files.
+
+Calibration images go through the model's timm eval transform (``resolve_data_config`` +
+``create_transform``), so calibration sees exactly what serving sees.
+
+Source: ONNX Runtime quantization docs ("Quantize ONNX models": static quantization, QDQ format,
+per-channel, calibration methods); NVIDIA TensorRT developer guide, "Working with Quantized Types"
+(explicit quantization: symmetric INT8 Q/DQ, zero point 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import DSMError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv")
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv",
+                           "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat",
+                           "QGemm", "DynamicQuantizeMatMul"})
+
+
+@dataclass
+class QuantizeOptions:
+    """What :func:`quantize_int8` quantizes and how it calibrates.
+
+    Attributes:
+        mode: ``static`` (QDQ, calibrated; TensorRT-compatible) or ``dynamic`` (ONNX Runtime's
+            dynamic quantization; no calibration).
+        calibration_method: ``minmax``, ``entropy`` or ``percentile`` (ORT ``CalibrationMethod``).
+        calibration_count: calibration images used (the first N of the folder, sorted by name,
+            unless the caller passes its own selection).
+        percentile: the percentile for ``percentile`` calibration (ORT default 99.999).
+        activations: ``int8`` (symmetric, zero point 0: TensorRT-compatible) or ``uint8``
+            (asymmetric U8S8, ONNX Runtime only).
+        per_channel: per-output-channel weight scales.
+        op_types: op types quantized.
+        quantize_attention: also quantize the activation-by-activation MatMuls (``q @ k^T``,
+            ``attn @ v``).
+        keep_fp32: layers left in fp32 by their timm-style label (:func:`layer_labels`): ``fc2``
+            (every block's), ``blocks.0``, ``blocks.11.fc2``, ``head``, ``patch_embed``.
+        batch_size: calibration batch size.
+    """
+
+    mode: str = "static"
+    calibration_method: str = "percentile"
+    calibration_count: int = 64
+    percentile: float = 99.999
+    activations: str = "int8"
+    per_channel: bool = True
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    quantize_attention: bool = False
+    keep_fp32: tuple[str, ...] = field(default_factory=tuple)
+    quantize_outputs: bool = False
+    batch_size: int = 16
+
+    def check(self) -> None:
+        """Raises DSMError on an unknown method, activation type or a count below 1."""
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise DSMError(f"calibration method {self.calibration_method!r}: choose one of "
+                           f"{', '.join(CALIBRATION_METHODS)}")
+        if self.mode not in ("static", "dynamic"):
+            raise DSMError(f"quantization mode {self.mode!r}: choose static or dynamic")
+        if self.activations not in ("int8", "uint8"):
+            raise DSMError(f"activations {self.activations!r}: choose int8 or uint8")
+        if self.calibration_count < 1:
+            raise DSMError(f"--calibration-count must be at least 1, got {self.calibration_count}")
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """True if the graph already holds quantization ops (QDQ, QOperator or dynamic-quantized)."""
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+
+
+def images_sha256(paths: list[str]) -> str:
+    """sha256 over the calibration images' names and bytes, in order (recorded in the metadata)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.basename(p).encode() + b"\0")
+        with open(p, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+def matching_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of the matching and size path (kept fp32): see
+    :func:`dsm_export.engines.onnxruntime.fp32_island_nodes`. Unnamed nodes are named first."""
+    from .engines.onnxruntime import fp32_island_nodes
+
+    _name_nodes(model)
+    return fp32_island_nodes(model)
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"node_{i}"
+
+
+def _weight_inputs(model: onnx.ModelProto) -> set[str]:
+    """Initializer names (also those produced by Constant nodes) usable as MatMul/Gemm weights."""
+    names = {i.name for i in model.graph.initializer}
+    names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return names
+
+
+def layer_labels(model: onnx.ModelProto) -> dict[str, str]:
+    """Name the weight layers of a ViT graph the way timm names its modules.
+
+    Labels, in graph order: ``patch_embed`` (the Conv), ``blocks.{i}.qkv`` (weight ``[D, 3D]``),
+    ``blocks.{i}.proj`` (``[D, D]``), ``blocks.{i}.fc1`` (``[D, hidden]``), ``blocks.{i}.fc2``
+    (``[hidden, D]``) and ``head`` (the last weight layer with another output width). The block
+    index counts qkv layers. Used to keep chosen layers fp32 (``keep_fp32``).
+
+    Returns:
+        node name -> label, for Conv/Gemm/MatMul nodes with a constant weight.
+    """
+    _name_nodes(model)
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    inits[n.output[0]] = tuple(a.t.dims)
+    width = next((inits.get(n.input[1], (0,))[0] for n in model.graph.node
+                  if n.op_type == "LayerNormalization"), 0)
+    labels: dict[str, str] = {}
+    block = -1
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            labels[node.name] = "patch_embed"
+            continue
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        shape = inits[node.input[1]]
+        if len(shape) != 2:
+            continue
+        k, n = shape
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            k, n = n, k
+        if k == width and n == 3 * width:
+            block += 1
+            labels[node.name] = f"blocks.{block}.qkv"
+        elif k == width and n == width:
+            labels[node.name] = f"blocks.{block}.proj"
+        elif k == width and n > width and block >= 0 and n != 3 * width:
+            labels[node.name] = f"blocks.{block}.fc1" if n % width == 0 else "head"
+        elif n == width and k > width:
+            labels[node.name] = f"blocks.{block}.fc2"
+        else:
+            labels[node.name] = "head"
+    return labels
+
+
+def _label_matches(label: str, patterns) -> bool:
+    """``blocks.3.fc2`` matches ``fc2``, ``blocks.3``, ``blocks.3.fc2``, ``head`` only ``head``."""
+    parts = label.split(".")
+    for p in patterns:
+        q = p.split(".")
+        if any(parts[i:i + len(q)] == q for i in range(len(parts) - len(q) + 1)):
+            return True
+    return False
+
+
+def plan_quantization(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[list[str], dict]:
+    """Choose the nodes to quantize.
+
+    Args:
+        model: the fp32 DSM graph (nodes get names if they have none).
+        options: :class:`QuantizeOptions`.
+
+    Returns:
+        ``(nodes_to_quantize, summary)``; ``summary`` counts quantized nodes per op type, the
+        matching/size nodes kept fp32 and other candidates kept fp32 (attention MatMuls,
+        ``keep_fp32``).
+    """
+    fp32 = set(matching_nodes(model))
+    labels = layer_labels(model)
+    weights = _weight_inputs(model)
+    chosen, kept_matching, kept_other = [], 0, 0
+    per_type: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in options.op_types:
+            continue
+        if node.name in fp32:
+            kept_matching += 1
+            continue
+        if options.keep_fp32 and _label_matches(labels.get(node.name, node.name), options.keep_fp32):
+            kept_other += 1
+            continue
+        if node.op_type == "MatMul" and not options.quantize_attention and node.input[1] not in weights:
+            kept_other += 1
+            continue
+        chosen.append(node.name)
+        per_type[node.op_type] = per_type.get(node.op_type, 0) + 1
+    summary = {"quantized": per_type, "fp32_matching_nodes": len(fp32),
+               "fp32_matching_candidates": kept_matching, "fp32_other_candidates": kept_other}
+    return chosen, summary
+
+
+class _PixelReader:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over preprocessed pixels."""
+
+    def __init__(self, input_name: str, pixels: np.ndarray, batch_size: int):
+        self.input_name = input_name
+        self.pixels = pixels
+        self.batch_size = batch_size
+        self.start = 0
+
+    def get_next(self):
+        if self.start >= len(self.pixels):
+            return None
+        chunk = self.pixels[self.start:self.start + self.batch_size]
+        self.start += self.batch_size
+        return {self.input_name: np.ascontiguousarray(chunk, dtype=np.float32)}
+
+    def rewind(self):
+        self.start = 0
+
+
+def calibration_pixels(model_name: str, images_dir: str, count: int) -> tuple[np.ndarray, list[str]]:
+    """Calibration images through ``model_name``'s timm eval transform.
+
+    Takes the first ``count`` images of the folder (sorted by name); every file is read up front,
+    so an unreadable image fails before any quantization work.
+
+    Returns:
+        ``([N, 3, H, W] float32, image paths)``.
+
+    Raises:
+        DSMError: missing folder, no images, an unreadable image, or ``count`` < 1.
+    """
+    import torch
+
+    from .data import eval_transform, list_images, load_batch
+    from .models import create_model
+
+    if count < 1:
+        raise DSMError(f"--calibration-count must be at least 1, got {count}")
+    images = list_images(images_dir, count)
+    model = create_model(model_name, None, warn_random=False)  # for its data config only
+    transform = eval_transform(model)
+    with torch.inference_mode():
+        pixels = load_batch(images, range(len(images)), transform).numpy()
+    return pixels, [images.path(i) for i in range(len(images))]
+
+
+def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
+                  options: QuantizeOptions | None = None, calibration_files: list[str] | None = None) -> dict:
+    """Write an INT8 copy of a dsm-export ONNX file (see module docstring).
+
+    ``options.mode == "static"`` (default): QDQ format, calibrated on ``pixels``;
+    ``"dynamic"``: ONNX Runtime dynamic quantization (``quantize_dynamic``: weights INT8 per
+    channel, activations quantized per batch at run time with the standard
+    ``DynamicQuantizeLinear``/``MatMulInteger`` ops; no calibration, ONNX Runtime only -- TensorRT
+    does not import these ops -- and an image's logits depend slightly on the other images of its
+    batch).
+
+    Args:
+        onnx_path: fp32 file written by ``dsm-export export``.
+        output: ``.onnx`` path; written atomically.
+        pixels: ``[N, 3, H, W]`` float32 calibration images after the model's eval transform
+            (:func:`calibration_pixels`); required for static quantization.
+        options: :class:`QuantizeOptions` (default: static, percentile, per-channel, symmetric).
+        calibration_files: the image paths behind ``pixels`` (hashed into the metadata).
+
+    Returns:
+        The quantization record stored in the metadata (``precision``, ``format``,
+        ``calibration_method``, ``calibration_count``, ``activations``, ``quantized`` per op type,
+        ``fp32_matching_nodes``, ...) plus ``output``, ``nodes`` and ``qdq_nodes``.
+
+    Raises:
+        DSMError: a file that is not a dsm-export file, is already quantized, is fp16, or static
+            quantization without calibration images.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    from .export import META_PREFIX, load_onnx, read_metadata
+    from .fileio import atomic_path
+
+    options = options or QuantizeOptions()
+    options.check()
+    model = load_onnx(onnx_path)
+    read_metadata(model, onnx_path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if is_quantized(model) or meta.get(META_PREFIX + "precision", "fp32") != "fp32":
+        raise DSMError(f"{onnx_path!r} is already {meta.get(META_PREFIX + 'precision', 'quantized')}: "
+                       "quantize the fp32 file written by 'dsm-export export'")
+    static = options.mode == "static"
+    if static and (pixels is None or len(pixels) == 0):
+        raise DSMError("static INT8 quantization needs calibration images (--calibration DIR)")
+    _name_nodes(model)
+    nodes, summary = plan_quantization(model, options)
+    symmetric = options.activations == "int8"
+    with tempfile.TemporaryDirectory(prefix="dsm-int8-") as work, atomic_path(output) as tmp:
+        src = os.path.join(work, "named.onnx")
+        onnx.save(model, src)  # node names assigned by plan_quantization
+        if static:
+            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                      "percentile": CalibrationMethod.Percentile}[options.calibration_method]
+            extra = {
+                "ActivationSymmetric": symmetric,
+                "WeightSymmetric": True,
+                "MatMulConstBOnly": not options.quantize_attention,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                # Outputs stay fp32: ORT runs DQ -> MatMul as MatMulIntegerToFloat (faster on x86
+                # than QLinearMatMul plus re-quantization, and one rounding fewer per layer).
+                "OpTypesToExcludeOutputQuantization": [] if options.quantize_outputs else list(options.op_types),
+            }
+            if options.calibration_method == "percentile":
+                extra["CalibPercentile"] = options.percentile
+            if options.calibration_method != "minmax":
+                extra["CalibTensorRangeSymmetric"] = symmetric
+            reader = _PixelReader(model.graph.input[0].name, np.asarray(pixels, dtype=np.float32),
+                                  options.batch_size)
+            with _quiet():
+                quantize_static(
+                    src, tmp, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(options.op_types),
+                    per_channel=options.per_channel, reduce_range=False,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
+                    extra_options=extra, calibration_providers=["CPUExecutionProvider"])
+        else:
+            ops = {n.name: n.op_type for n in model.graph.node}
+            nodes = [n for n in nodes if ops[n] != "Conv"]
+            with _quiet():
+                quantize_dynamic(src, tmp, per_channel=options.per_channel, reduce_range=False,
+                                 weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                                 nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True})
+        quant = onnx.load(tmp)
+        onnx.checker.check_model(quant, full_check=True)
+        foreign = sorted({n.domain for n in quant.graph.node if n.domain not in ("", "ai.onnx")})
+        if foreign:
+            raise DSMError(f"quantized graph holds non-standard op domains {foreign} (a bug)")
+        qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quant.graph.node)
+        if static:
+            record = {
+                "precision": "int8", "mode": "static", "format": "QDQ",
+                "calibration_method": options.calibration_method,
+                "calibration_count": int(len(pixels)),
+                "activations": "int8 symmetric (zero point 0)" if symmetric else "uint8 asymmetric",
+            }
+            if options.calibration_method == "percentile":
+                record["percentile"] = options.percentile
+            if calibration_files:
+                record["calibration_images_sha256"] = images_sha256(calibration_files)
+        else:
+            record = {"precision": "int8", "mode": "dynamic", "format": "DynamicQuantizeLinear/MatMulInteger",
+                      "activations": "uint8 asymmetric, per batch at run time"}
+        record.update({
+            "weights": "int8 symmetric, " + ("per channel" if options.per_channel else "per tensor"),
+            "op_types": list(options.op_types) if static else ["MatMul", "Gemm"],
+            "quantize_attention": options.quantize_attention,
+            "keep_fp32": list(options.keep_fp32),
+            **summary,
+        })
+        if not static:
+            record["quantized"] = {k: v for k, v in record["quantized"].items() if k != "Conv"}
+        meta[META_PREFIX + "precision"] = "int8"
+        meta[META_PREFIX + "quantization"] = json.dumps(record)
+        meta[META_PREFIX + "source_onnx_sha256"] = _sha256_bytes(model.SerializeToString())
+        del quant.metadata_props[:]
+        for key, value in meta.items():
+            quant.metadata_props.add(key=key, value=value)
+        quant.producer_name = model.producer_name
+        quant.producer_version = model.producer_version
+        onnx.save(quant, tmp)
+    return {"output": output, "nodes": len(quant.graph.node), "qdq_nodes": qdq, **record}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence onnxruntime.quantization's progress prints and its advice to pre-process (the DSM
+    export is already shape-inferred and constant-folded)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def quantization_record(model: onnx.ModelProto) -> dict | None:
+    """The quantization record :func:`quantize_int8` stored in the metadata, or None."""
+    from .export import META_PREFIX
+
+    for p in model.metadata_props:
+        if p.key == META_PREFIX + "quantization":
+            return json.loads(p.value)
+    return None
