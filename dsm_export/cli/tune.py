@@ -1,40 +1,43 @@
-"""Subcommand ``tune``: the schedule with the least KL at a FLOP or speed-up target."""
+"""Subcommand ``tune``: the schedule (and precision) with the least KL at a FLOP or speed-up target."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from ..errors import DSMError
 
 
 def add(sub):
-    p = sub.add_parser("tune", help="search the schedule with the least KL at a FLOP target")
+    p = sub.add_parser("tune", help="search the schedule (x precision) with the least KL at a FLOP or speed-up target")
     p.add_argument("model", help="timm model name")
     p.add_argument("--weights", required=True)
     p.add_argument("--images", required=True, help="image folder; calibration and held-apart images")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
     target.add_argument("--target-speedup", type=float,
-                        help="measured ONNX Runtime speed-up over the unmerged export on this machine")
+                        help="ONNX Runtime speed-up over the fp32 unmerged export, measured on this machine")
+    p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
+                   help="engine precision: fp32, int8 (static QDQ), or auto (search both; --target-speedup only)")
+    p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
-    p.add_argument("--max-grid", type=int, default=48)
-    p.add_argument("--refine-steps", type=int, default=24)
+    p.add_argument("--max-grid", type=int, default=None,
+                   help="schedules per search (default 48; 16 per rung with --target-speedup)")
+    p.add_argument("--refine-steps", type=int, default=None, help="per-block moves (default 24; 8 per rung)")
+    p.add_argument("--rungs", type=int, default=5, help="FLOP-ratio rungs measured (--target-speedup)")
+    p.add_argument("--repeats", type=int, default=5, help="timing repetitions, median taken (at least 5)")
     p.add_argument("--output", "-o", help="write the chosen schedule as JSON here")
     p.add_argument("--report", help="write the full report (Pareto front, held-apart metrics) as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..data import list_images, split_calibration
-    from ..evaluate import load_pixels, model_logits, schedule_metrics
-    from ..fileio import write_json
-    from ..models import create_model
-    from ..tune import tune, tune_for_speedup
-
+def _check(args) -> None:
+    """Every user mistake, before minutes of search."""
     target = args.target_flops_ratio or args.target_speedup
     if not 1.0 < target < 10:
         raise DSMError(f"the target must be above 1, got {target}")
@@ -42,9 +45,24 @@ def run(args) -> int:
         raise DSMError(f"--backend {args.backend}: only onnxruntime can be measured here")
     if not 1 <= args.calibration <= 128:
         raise DSMError("--calibration must be between 1 and 128 images")
-    for path in (args.output, args.report):  # fail before minutes of search, not after
+    if args.precision == "auto" and not args.target_speedup:
+        raise DSMError("--precision auto needs --target-speedup (FLOPs do not change with precision)")
+    if args.repeats < 5:
+        raise DSMError("--repeats must be at least 5 (the median of 5 or more runs)")
+    if args.rungs < 1:
+        raise DSMError("--rungs must be at least 1")
+    for path in (args.output, args.report, args.export):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise DSMError(f"output folder of {path!r} does not exist")
+
+
+def run(args) -> int:
+    from ..data import list_images, split_calibration
+    from ..evaluate import load_pixels, model_logits, schedule_metrics
+    from ..fileio import write_json
+    from ..models import create_model
+
+    _check(args)
     model = create_model(args.model, args.weights)
     images = list_images(args.images)
     if len(images) < args.calibration + 1:
@@ -53,37 +71,105 @@ def run(args) -> int:
     if args.holdout:
         held = held.subset(range(min(args.holdout, len(held))))
     calib_pixels = load_pixels(calib, model)
-    if args.target_speedup:
-        result = tune_for_speedup(model, args.model, args.weights, calib_pixels, args.target_speedup,
-                                  max_grid=args.max_grid, refine_steps=args.refine_steps,
-                                  progress=not args.no_progress)
-    else:
-        result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid,
-                      refine_steps=args.refine_steps, progress=not args.no_progress)
     held_pixels = load_pixels(held, model)
     base = model_logits(model, held_pixels)
-    held_metrics = schedule_metrics(model, result.best, held_pixels, base, held.labels)
     depth = len(model.blocks)
-    print(f"chosen schedule: {result.best.spec()}")
-    print(json.dumps(result.best.to_dict(depth)))
-    if "ort_speedup" in result.best_metrics:
-        print(f"measured ONNX Runtime speed-up: {result.best_metrics['ort_speedup']:.2f}x (batch 32)")
-    print(f"calibration ({len(calib)} images): KL {result.best_metrics['kl']:.4f}, "
-          f"agreement {100 * result.best_metrics['top1_agreement']:.1f} %, "
-          f"{result.best_metrics['flops_ratio']:.2f}x fewer FLOPs")
-    acc = held_metrics.get("top1_accuracy")
-    print(f"held apart ({len(held)} images): KL {held_metrics['kl']:.4f}, "
-          f"agreement {100 * held_metrics['top1_agreement']:.1f} %"
-          + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
-             if acc is not None else ""))
-    print("Pareto front (calibration): FLOPs reduction, KL, agreement, schedule")
-    for row in result.pareto:
-        print(f"  {row['flops_ratio']:.3f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  {row['spec']}")
+    with tempfile.TemporaryDirectory(prefix="dsm-tune-") as work:
+        if args.target_speedup:
+            report, chosen_path = _search_engines(args, model, calib_pixels, work)
+        else:
+            report, chosen_path = _search_flops(args, model, calib_pixels, work)
+        schedule = report["schedule_obj"]
+        if chosen_path:  # the engine as it will be served, on photos the search never saw
+            from ..engine_search import ort_logits
+            from ..validate import agreement_metrics
+
+            held_metrics = agreement_metrics(ort_logits(chosen_path, held_pixels.numpy()), base, held.labels)
+            held_metrics["flops_ratio"] = report["calibration"]["flops_ratio"]
+        else:
+            held_metrics = schedule_metrics(model, schedule, held_pixels, base, held.labels)
+        print(f"chosen: {schedule.spec()}, {report['precision']}")
+        print(json.dumps(schedule.to_dict(depth)))
+        cal = report["calibration"]
+        if "speedup" in cal:
+            print(f"measured ONNX Runtime speed-up: {cal['speedup']:.2f}x over the fp32 unmerged export "
+                  f"(batch 32, median of {args.repeats}, {report['machine']['cpu']}, "
+                  f"{report['machine']['threads']} threads)")
+        print(f"calibration ({len(calib)} images): KL {cal['kl']:.4f}, agreement {100 * cal['top1_agreement']:.1f} %, "
+              f"{cal['flops_ratio']:.2f}x fewer FLOPs")
+        acc = held_metrics.get("top1_accuracy")
+        print(f"held apart ({len(held)} images): KL {held_metrics['kl']:.4f}, "
+              f"agreement {100 * held_metrics['top1_agreement']:.1f} %"
+              + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
+                 if acc is not None else ""))
+        if "speedup" in cal:
+            print("Pareto front (calibration KL against measured speed-up): speed-up, KL, agreement, precision, schedule")
+            for row in report["pareto"]:
+                print(f"  {row['speedup']:.2f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  "
+                      f"{row['precision']}  {row['spec']}")
+        else:
+            print("Pareto front (calibration): FLOPs reduction, KL, agreement, schedule")
+            for row in report["pareto"]:
+                print(f"  {row['flops_ratio']:.3f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  {row['spec']}")
+        if args.export:
+            from ..fileio import atomic_path
+
+            with atomic_path(args.export) as tmp:
+                shutil.copyfile(chosen_path, tmp)
+            print(f"wrote {args.export}: {report['precision']}, {schedule.spec()}")
     if args.output:
-        write_json(args.output, {**result.best.to_dict(depth), "spec": result.best.spec()})
+        write_json(args.output, {**schedule.to_dict(depth), "spec": schedule.spec(), "precision": report["precision"]})
     if args.report:
         write_json(args.report, {
-            "schedule": result.best.spec(), "calibration": result.best_metrics, "held_apart": held_metrics,
-            "pareto": result.pareto, "evaluated": result.evaluated,
-            "calibration_files": list(calib.files), "held_apart_images": len(held)})
+            "schedule": schedule.spec(), "precision": report["precision"], "calibration": report["calibration"],
+            "held_apart": held_metrics, "pareto": report["pareto"], "evaluated": report["evaluated"],
+            "machine": report.get("machine"), "calibration_files": list(calib.files),
+            "held_apart_images": len(held)})
     return 0
+
+
+def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | None]:
+    """``--target-flops-ratio``: the PyTorch schedule search; the result exported (and quantized)
+    only if ``--export`` asks for it."""
+    from ..export import export_model
+    from ..tune import tune
+
+    result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid or 48,
+                  refine_steps=args.refine_steps if args.refine_steps is not None else 24,
+                  progress=not args.no_progress)
+    path = None
+    if args.export:
+        path = os.path.join(work, "fp32.onnx")
+        export_model(model, args.model, path, result.best, weights=args.weights)
+        if args.precision == "int8":
+            from ..quantize import quantize_int8
+
+            quantize_int8(path, os.path.join(work, "int8.onnx"), calib_pixels.numpy()[:64])
+            path = os.path.join(work, "int8.onnx")
+    return {"schedule_obj": result.best, "precision": args.precision, "calibration": result.best_metrics,
+            "pareto": result.pareto, "evaluated": result.evaluated}, path
+
+
+def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
+    """``--target-speedup``: schedule x precision measured with ONNX Runtime (:mod:`..engine_search`)."""
+    from ..engine_search import search_engines
+    from ..schedule import Schedule
+
+    precisions = ("fp32", "int8") if args.precision == "auto" else (args.precision,)
+    result = search_engines(model, args.model, args.weights, calib_pixels, args.target_speedup, work,
+                            precisions=precisions, rungs=args.rungs, max_grid=args.max_grid or 16,
+                            refine_steps=args.refine_steps if args.refine_steps is not None else 8,
+                            repeats=args.repeats, progress=not args.no_progress)
+    if result.best is None:
+        measured = ", ".join(f"{r['speedup']:.2f}x ({r['precision']}, {r['spec']})"
+                             for r in sorted(result.candidates, key=lambda r: -r["speedup"])[:3])
+        raise DSMError(f"no engine reached a {args.target_speedup:.2f}x measured speed-up; fastest: {measured}")
+    best = result.best
+    strip = [{k: v for k, v in r.items() if k != "path"} for r in result.candidates]
+    pareto = [{k: v for k, v in r.items() if k != "path"} for r in result.pareto]
+    schedule = Schedule.parse("none") if best["spec"] == "none" else Schedule.from_dict(best["schedule_json"])
+    if not best["spec"].startswith("{"):
+        schedule = Schedule.parse(best["spec"])
+    return {"schedule_obj": schedule, "precision": best["precision"],
+            "calibration": {k: v for k, v in best.items() if k != "path"}, "pareto": pareto,
+            "evaluated": strip, "machine": result.machine}, best["path"]

@@ -3,7 +3,10 @@
 ONNX parser, builder config with a workspace memory-pool limit, a timing cache file reused across
 builds, an optimization profile for a dynamic batch axis, fp32 or fp16 (the FP16 builder flag before
 TensorRT 10.12; a strongly typed network from the fp16 ONNX graph from 10.12 on, where weak typing
-is deprecated). A JSON sidecar records TensorRT version, GPU, precision, profile and schedule.
+is deprecated), or INT8 by explicit quantization from the QDQ file of ``build --precision int8``
+(a strongly typed network: the Q/DQ nodes fix every precision and no precision flag is set, as
+TensorRT's "Explicit Quantization" guide says; the INT8 builder flag only before TensorRT 10).
+A JSON sidecar records TensorRT version, GPU, precision, profile and schedule.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class TensorRTOptions:
     """Options of :func:`build_tensorrt`.
 
     Attributes:
-        precision: ``fp32`` or ``fp16``.
+        precision: ``fp32``, ``fp16`` or ``int8`` (the input must then be a static, symmetric QDQ
+            file written by ``build --backend onnxruntime --precision int8``).
         workspace_mib: workspace memory-pool limit (MiB).
         timing_cache: timing-cache file, read if present and written back after the build.
         min_batch, opt_batch, max_batch: optimization profile when the batch axis is dynamic.
@@ -72,18 +76,21 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     trt = import_tensorrt()
     model = original = load_onnx(onnx_path)
     info = read_metadata(model, onnx_path)
-    if options.precision not in ("fp32", "fp16"):
-        raise DSMError(f"precision must be fp32 or fp16, got {options.precision!r}")
+    if options.precision not in ("fp32", "fp16", "int8"):
+        raise DSMError(f"precision must be fp32, fp16 or int8, got {options.precision!r}")
+    check_tensorrt_int8_input(model, onnx_path, options.precision)
     if not options.min_batch <= options.opt_batch <= options.max_batch:
         raise DSMError("need --min-batch <= --opt-batch <= --max-batch")
     version = _version_tuple(trt.__version__)
-    strongly_typed = options.precision == "fp16" and version >= (10, 12)
+    strongly_typed = ((options.precision == "fp16" and version >= (10, 12))
+                      or (options.precision == "int8" and version >= (10, 0)))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
     if strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        model, _ = convert_fp16(model)
+        if options.precision == "fp16":
+            model, _ = convert_fp16(model)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString()):
@@ -93,6 +100,8 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if options.precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if options.precision == "int8" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization before TensorRT 10
     cache_bytes = b""
     if options.timing_cache and os.path.isfile(options.timing_cache):
         with open(options.timing_cache, "rb") as fh:
@@ -132,6 +141,32 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     }
     write_json(output + ".json", sidecar)
     return sidecar
+
+
+def check_tensorrt_int8_input(model: onnx.ModelProto, path: str, precision: str) -> None:
+    """Check that the file fits the precision asked of TensorRT (no TensorRT needed).
+
+    ``int8`` needs the static QDQ file of ``build --precision int8`` with symmetric INT8 activations
+    (TensorRT's explicit quantization is symmetric, zero point 0); ``fp32``/``fp16`` need an
+    unquantized file.
+
+    Raises:
+        DSMError: naming what the file is and what to do.
+    """
+    from ..quantize import is_quantized, quantization_record
+
+    record = quantization_record(model)
+    if precision != "int8":
+        if record or is_quantized(model):
+            raise DSMError(f"{path!r} is quantized: build it with --precision int8")
+        return
+    if record is None:
+        raise DSMError(f"{path!r} is not quantized: TensorRT INT8 takes the QDQ file of "
+                       "'dsm-export build --backend onnxruntime --precision int8'")
+    if record.get("mode") != "static" or not str(record.get("activations", "")).startswith("int8"):
+        raise DSMError(f"{path!r} is {record.get('mode')} INT8 with {record.get('activations')} activations: "
+                       "TensorRT needs static QDQ with symmetric int8 activations (--quantization static "
+                       "--activations int8)")
 
 
 def gpu_info() -> dict:

@@ -1,0 +1,169 @@
+"""Search schedule x precision by *measured* speed-up: the engine with the least KL at a speed target.
+
+A FLOP ratio says little about INT8: quantization speeds the same schedule up by a factor that
+depends on the CPU, the kernels and the token counts. So this search measures every candidate
+engine with ONNX Runtime on this machine, against the fp32 unmerged export, in one alternating run:
+
+1. a ladder of FLOP-ratio rungs (geometric, from ``target / 1.45`` -- where INT8 alone might
+   already reach the target -- to ``1.1 x target``, and 1.0, the unmerged model) ;
+2. at each rung the least-KL schedule of :func:`dsm_export.tune.tune` (PyTorch, calibration
+   images), exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
+3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
+   median of ``repeats``), and scored by KL to the unmerged model on the calibration images (INT8
+   through ONNX Runtime, since quantization moves the logits; fp32 by the PyTorch reference,
+   which the export matches to 1e-4);
+4. the Pareto front (higher measured speed-up, lower KL) and the least-KL engine whose measured
+   speed-up reaches the target, ties broken by top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DSMError
+from .schedule import Schedule
+
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass
+class EngineSearchResult:
+    """Outcome of :func:`search_engines`.
+
+    Attributes:
+        best: the chosen candidate (a dict: ``spec``, ``precision``, ``flops_ratio``, ``speedup``,
+            ``kl``, ``top1_agreement``, ``path``), or None when no candidate reached the target.
+        candidates: every measured candidate.
+        pareto: candidates not dominated in (higher ``speedup``, lower ``kl``), by speed-up.
+        machine: CPU, ONNX Runtime version and threads of the measurement.
+    """
+
+    best: dict | None
+    candidates: list[dict] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+
+
+def ladder(target: float, rungs: int) -> list[float]:
+    """FLOP-ratio rungs for a speed-up target: ``rungs`` geometric steps from ``max(1.1, target/1.45)``
+    to ``1.1 * target``."""
+    lo, hi = max(1.1, target / 1.45), max(1.15, 1.1 * target)
+    if rungs <= 1:
+        return [round(hi, 3)]
+    return [round(float(v), 3) for v in np.geomspace(lo, hi, rungs)]
+
+
+def speed_pareto(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (higher ``speedup``, lower ``kl``), sorted by ``speedup``."""
+    front = [r for r in rows if not any(
+        o["speedup"] >= r["speedup"] and o["kl"] <= r["kl"]
+        and (o["speedup"] > r["speedup"] or o["kl"] < r["kl"]) for o in rows)]
+    return sorted(front, key=lambda r: r["speedup"])
+
+
+def choose(rows: list[dict], target: float) -> dict | None:
+    """The least-KL row whose measured ``speedup`` reaches ``target`` (ties: higher agreement)."""
+    ok = [r for r in rows if r["speedup"] >= target]
+    return min(ok, key=lambda r: (r["kl"], -r["top1_agreement"])) if ok else None
+
+
+def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Logits ``[N, classes]`` of an ONNX file over ``pixels`` ``[N, 3, H, W]`` (ONNX Runtime CPU)."""
+    from .validate import onnx_runner
+
+    run = onnx_runner(path)
+    return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+
+
+def search_engines(model: nn.Module, model_name: str, weights: str | None, pixels: torch.Tensor, target: float,
+                   workdir: str, precisions=PRECISIONS, rungs: int = 5, max_grid: int = 16,
+                   refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
+                   repeats: int = 5, threads: int | None = None, progress: bool = True) -> EngineSearchResult:
+    """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
+
+    Args:
+        model: unmerged timm ViT (eval mode), its weights loaded.
+        model_name: timm name (recorded in the exports).
+        weights: weights path recorded in the exports (None for random init).
+        pixels: ``[N, 3, H, W]`` calibration images (preprocessed); the first ``quant_count`` also
+            calibrate INT8.
+        target: measured ONNX Runtime speed-up over the fp32 unmerged export to reach (e.g. 2.5).
+        workdir: folder for the candidate files (``<precision>_<rung>.onnx``).
+        precisions: subset of ``("fp32", "int8")``.
+        rungs: FLOP-ratio rungs (see :func:`ladder`).
+        max_grid, refine_steps: budget of each rung's schedule search (:func:`dsm_export.tune.tune`).
+        quant_options: :class:`dsm_export.quantize.QuantizeOptions` (default static QDQ).
+        batch, repeats, threads: the timing (:func:`dsm_export.benchmark.ort_throughput`).
+
+    Returns:
+        An :class:`EngineSearchResult`; ``best`` is None if nothing reached ``target``.
+
+    Raises:
+        DSMError: an unknown precision or a target of 1 or less.
+    """
+    from tqdm import tqdm
+
+    from .benchmark import cpu_name, ort_throughput
+    from .evaluate import model_logits
+    from .export import export_model
+    from .quantize import quantize_int8
+    from .tune import tune
+    from .validate import agreement_metrics
+
+    precisions = tuple(precisions)
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise DSMError(f"precisions must be among {PRECISIONS}, got {precisions}")
+    if target <= 1.0:
+        raise DSMError(f"the speed-up target must be above 1, got {target}")
+    base = model_logits(model, pixels)
+    np_pixels = pixels.numpy()
+    calib = np_pixels[:quant_count]
+    plan = [1.0] + ladder(target, rungs)
+    bar = tqdm(total=len(plan), desc="tune engines", unit="rung", disable=not progress, leave=False)
+    none_path = os.path.join(workdir, "fp32_none.onnx")
+    rows: list[dict] = []
+    import onnxruntime as ort
+
+    for rung in plan:
+        if rung == 1.0:
+            schedule, metrics = Schedule.parse("none"), {"kl": 0.0, "top1_agreement": 1.0, "flops_ratio": 1.0}
+        else:
+            try:
+                found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False)
+            except DSMError:  # no schedule reaches this FLOP ratio on this model
+                bar.update()
+                continue
+            schedule, metrics = found.best, found.best_metrics
+        tag = "none" if rung == 1.0 else f"{rung:.2f}x"
+        fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
+        export_model(model, model_name, fp32_path, schedule, weights=weights)
+        files = {"fp32": fp32_path}
+        if "int8" in precisions:
+            files["int8"] = os.path.join(workdir, f"int8_{tag}.onnx")
+            quantize_int8(fp32_path, files["int8"], calib, quant_options)
+        # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
+        timed = {k: v for k, v in files.items() if k in precisions and not (rung == 1.0 and k == "fp32")}
+        rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads)
+        if rung == 1.0 and "fp32" in precisions:
+            timed = {"fp32": none_path, **timed}
+            rates["fp32"] = rates["baseline"]
+        for precision, path in timed.items():
+            if precision == "fp32":
+                quality = {"kl": metrics["kl"], "top1_agreement": metrics["top1_agreement"]}
+            else:
+                quality = agreement_metrics(ort_logits(path, np_pixels), base)
+            rows.append({"spec": schedule.spec(), "schedule_json": schedule.to_dict(len(model.blocks)),
+                         "precision": precision, "flops_ratio": metrics["flops_ratio"],
+                         "speedup": rates[precision] / rates["baseline"], "images_per_s": rates[precision],
+                         "kl": quality["kl"], "top1_agreement": quality["top1_agreement"], "path": path,
+                         "rung": rung})
+        bar.update()
+    bar.close()
+    machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
+               "batch": batch, "repeats": repeats}
+    return EngineSearchResult(choose(rows, target), rows, speed_pareto(rows), machine)

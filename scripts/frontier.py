@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""The speed/accuracy frontier: INT8 alone, merging in fp32, merging stacked on INT8, tuned engines.
+
+One run, on one machine: every engine is exported (and quantized), scored on the photos that
+neither INT8 calibration nor tuning saw (the held-apart split of `dsm-export tune --calibration
+128`), and timed with ONNX Runtime against the fp32 unmerged export in a single alternating run
+(batch 32, median of --repeats). Writes a Markdown table, a JSON file and a PNG plot (KL against
+measured speed-up, one line per family), and with --readme rewrites the README block between
+`<!-- figures:frontier -->` and `<!-- /figures:frontier -->`.
+
+    python scripts/frontier.py deit_tiny_patch16_224 \\
+        --weights ../shared/models/deit_tiny_patch16_224.pth \\
+        --images ../shared/data/imagenet-sample --tuned 2.0 2.5 \\
+        --output docs/frontier --readme README.md
+
+Never time while another CPU job runs: the figures are ratios from one run, but a busy machine
+still bends them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+
+# Schedules of each family (DeiT-Tiny): ToMe's constant r and the DSM schedules of the README's
+# table (delay + falling r, and one with window-local merging), from ~1.3x to ~2x fewer FLOPs.
+TOME = ("r=6", "r=8", "r=11", "r=13", "r=15")
+DSM = ("r=16,r_end=8,delay=3", "r=24,r_end=8,delay=3", "r=34,r_end=0,delay=3,local=1",
+       "r=34,r_end=4,delay=2", "r=24,r_end=8,delay=1,local=2")
+BEGIN, END = "<!-- figures:frontier -->", "<!-- /figures:frontier -->"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--tome", nargs="*", default=list(TOME), help="ToMe constant-r schedules")
+    parser.add_argument("--dsm", nargs="*", default=list(DSM), help="DSM schedules")
+    parser.add_argument("--tuned", nargs="*", type=float, default=[],
+                        help="speed-up targets for `tune --precision auto` engines, e.g. 2.0 2.5")
+    parser.add_argument("--calibration", type=int, default=128, help="images held out of the evaluation")
+    parser.add_argument("--quant-count", type=int, default=64, help="INT8 calibration images (of those)")
+    parser.add_argument("--holdout", type=int, help="evaluate on the first N held-apart images only")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rungs", type=int, default=5, help="rungs of each tuned search")
+    parser.add_argument("--output", default="frontier", help="folder for frontier.md/.json/.png")
+    parser.add_argument("--readme", help="README to rewrite between the frontier markers")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+    if args.readme and not os.path.isfile(args.readme):
+        parser.error(f"{args.readme} does not exist")
+    os.makedirs(args.output, exist_ok=True)
+
+    import numpy as np
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    from dsm_export.benchmark import cpu_name, ort_throughput
+    from dsm_export.data import list_images, split_calibration
+    from dsm_export.engine_search import ort_logits, search_engines
+    from dsm_export.evaluate import flops_ratio, load_pixels, model_logits
+    from dsm_export.export import export_model
+    from dsm_export.models import create_model
+    from dsm_export.quantize import QuantizeOptions, quantize_int8
+    from dsm_export.schedule import Schedule
+    from dsm_export.validate import agreement_metrics
+
+    model = create_model(args.model, args.weights)
+    calib, held = split_calibration(list_images(args.images), args.calibration)
+    if args.holdout:
+        held = held.subset(range(min(args.holdout, len(held))))
+    calib_pixels = load_pixels(calib, model)
+    held_pixels = load_pixels(held, model)
+    quant_pixels = calib_pixels.numpy()[:args.quant_count]
+    base = model_logits(model, held_pixels)
+
+    with tempfile.TemporaryDirectory(prefix="dsm-frontier-") as work:
+        engines: list[dict] = []  # family, label, spec, precision, path, flops_ratio
+
+        def add(family, label, schedule, precision, path):
+            engines.append({"family": family, "label": label, "spec": schedule.spec(), "precision": precision,
+                            "path": path, "flops_ratio": flops_ratio(model, schedule)})
+
+        none_path = os.path.join(work, "none.onnx")
+        export_model(model, args.model, none_path, "none", weights=args.weights)
+        add("fp32 unmerged", "fp32 unmerged", Schedule.parse("none"), "fp32", none_path)
+        for mode, activations in (("static", "int8"), ("static", "uint8"), ("dynamic", "uint8")):
+            path = os.path.join(work, f"none_int8_{mode}_{activations}.onnx")
+            quantize_int8(none_path, path, quant_pixels, QuantizeOptions(mode=mode, activations=activations))
+            label = ("INT8 static QDQ, symmetric (TensorRT-compatible)" if activations == "int8" and mode == "static"
+                     else "INT8 static QDQ, U8S8 (ONNX Runtime only)" if mode == "static"
+                     else "INT8 dynamic (ONNX Runtime only)")
+            add("INT8 alone", label, Schedule.parse("none"), f"int8 {mode}" + ("" if activations == "int8"
+                                                                                 or mode == "dynamic" else " u8"), path)
+        specs = [("ToMe", s) for s in args.tome] + [("DSM", s) for s in args.dsm]
+        for kind, spec in tqdm(specs, desc="export + quantize", leave=False):
+            schedule = Schedule.parse(spec)
+            fp32 = os.path.join(work, f"{len(engines)}_fp32.onnx")
+            export_model(model, args.model, fp32, schedule, weights=args.weights)
+            add("merge fp32", f"{kind} {spec}", schedule, "fp32", fp32)
+            int8 = os.path.join(work, f"{len(engines)}_int8.onnx")
+            quantize_int8(fp32, int8, quant_pixels)
+            add("merge + INT8", f"{kind} {spec} + INT8", schedule, "int8 static", int8)
+        tuned_reports = []
+        for target in args.tuned:
+            folder = os.path.join(work, f"tuned_{target}")
+            os.makedirs(folder)
+            result = search_engines(model, args.model, args.weights, calib_pixels, target, folder,
+                                    precisions=("fp32", "int8"), rungs=args.rungs, repeats=5)
+            tuned_reports.append({"target": target, "best": _strip(result.best), "pareto": [_strip(r) for r in result.pareto]})
+            if result.best is None:
+                print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
+                continue
+            b = result.best
+            schedule = Schedule.parse("none") if b["spec"] == "none" else Schedule.from_dict(b["schedule_json"])
+            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", schedule,
+                "int8 static" if b["precision"] == "int8" else "fp32", b["path"])
+
+        for e in tqdm(engines, desc="held-apart photos", leave=False):
+            logits = base if e["path"] == none_path else ort_logits(e["path"], held_pixels.numpy())
+            e.update(agreement_metrics(logits, base, held.labels))
+        rates = ort_throughput({str(i): e["path"] for i, e in enumerate(engines)}, batch=32, repeats=args.repeats)
+        for i, e in enumerate(engines):
+            e["images_per_s"] = rates[str(i)]
+            e["speedup"] = rates[str(i)] / rates["0"]
+            del e["path"]
+
+    machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, onnxruntime {ort.__version__} "
+               f"CPUExecutionProvider, {os.cpu_count()} intra-op threads, batch 32, median of {args.repeats}, "
+               f"engines alternating; {len(held)} held-apart photos; {platform.node()}, "
+               f"{datetime.date.today().isoformat()}")
+    table = _table(engines, machine, args)
+    with open(os.path.join(args.output, "frontier.md"), "w", encoding="utf-8") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(args.output, "frontier.json"), "w", encoding="utf-8") as fh:
+        json.dump({"machine": machine, "engines": engines, "tuned": tuned_reports}, fh, indent=2)
+    if not args.no_plot:
+        _plot(engines, os.path.join(args.output, "frontier.png"), machine)
+    if args.readme:
+        _rewrite_readme(args.readme, table)
+    print(table)
+    return 0
+
+
+def _strip(row):
+    return None if row is None else {k: v for k, v in row.items() if k != "path"}
+
+
+def _table(engines, machine, args) -> str:
+    cmd = (f"python scripts/frontier.py {args.model} --weights {args.weights} --images {args.images}"
+           + (f" --tuned {' '.join(f'{t:g}' for t in args.tuned)}" if args.tuned else "")
+           + f" --output {args.output}" + (f" --readme {args.readme}" if args.readme else ""))
+    lines = [
+        f"Generated by `{cmd}`",
+        f"({machine}).",
+        "",
+        "| family | engine | FLOPs reduction | measured speed-up | top-1 | agreement | KL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in sorted(engines, key=lambda e: (_FAMILIES.index(e["family"]), e["speedup"])):
+        acc = "n/a" if e.get("top1_accuracy") is None else f"{100 * e['top1_accuracy']:.1f} %"
+        lines.append(f"| {e['family']} | {e['label']} | {e['flops_ratio']:.2f}x | {e['speedup']:.2f}x | {acc} | "
+                     f"{100 * e['top1_agreement']:.1f} % | {e['kl']:.4f} |")
+    return "\n".join(lines)
+
+
+_FAMILIES = ["fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8", "tuned"]
+
+
+def _plot(engines, path, machine) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
+              "merge + INT8": ("tab:green", "^"), "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D")}
+    for family in _FAMILIES:
+        rows = sorted((e for e in engines if e["family"] == family), key=lambda e: e["speedup"])
+        if family == "INT8 alone":
+            rows = [e for e in engines if e["family"] == "fp32 unmerged"] + rows
+        if not rows:
+            continue
+        color, marker = styles[family]
+        xs, ys = [e["speedup"] for e in rows], [max(e["kl"], 1e-4) for e in rows]
+        line = "-" if family in ("merge fp32", "merge + INT8") else ":" if family == "INT8 alone" else ""
+        ax.plot(xs, ys, line, color=color, marker=marker, label=family, markersize=9 if marker == "*" else 6)
+    ax.set_xlabel("measured ONNX Runtime speed-up over fp32 unmerged (batch 32)")
+    ax.set_ylabel("KL to the fp32 unmerged model (nats, held-apart photos)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("DeiT-Tiny: merging stacked on INT8", fontsize=11)
+    fig.text(0.01, 0.01, machine[:140], fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _rewrite_readme(path: str, table: str) -> None:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"frontier: {path} has no {BEGIN} ... {END} block")
+    text = pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
