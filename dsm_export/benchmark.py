@@ -1,4 +1,4 @@
-"""ONNX Runtime CPU throughput measurement, shared by the benchmark scripts and ``tune``."""
+"""ONNX Runtime CPU throughput and batch-1 latency, shared by the benchmark scripts and ``tune``."""
 
 from __future__ import annotations
 
@@ -62,3 +62,33 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
                 s.run(None, feeds[k])
             rates[k].append(batch * iters / (time.perf_counter() - start))
     return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def ort_latency(paths: dict[str, str], runs: int = 50, warmup: int = 5, threads: int | None = None,
+                percentiles=(50, 90)) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of each graph: single images, graphs alternating run by run.
+
+    Args:
+        paths: label -> ONNX file.
+        runs: timed single-image runs per graph (at least 50 for a stable p90).
+        warmup: untimed runs per graph first.
+        threads: ONNX Runtime intra-op threads (default: all cores).
+        percentiles: which percentiles to report.
+
+    Returns:
+        label -> ``{"p50": ms, "p90": ms, ...}`` (milliseconds).
+    """
+    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    shape = [1] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(1000 * (time.perf_counter() - start))
+    return {k: {f"p{q}": float(np.percentile(v, q)) for q in percentiles} for k, v in times.items()}

@@ -18,6 +18,8 @@ TENSORRT_OPS = frozenset({
     "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax",
     "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "TopK", "Transpose", "Unsqueeze", "Where",
     "SimplifiedLayerNormalization", "Tile", "Min", "Abs", "Clip", "HardSigmoid", "Sign",
+    # explicit quantization (build --precision int8): TensorRT imports these as Q/DQ layers
+    "QuantizeLinear", "DequantizeLinear",
 })
 FORBIDDEN_OPS = frozenset({"ScatterElements", "ScatterND", "Scatter"})
 TOPK_LIMIT = 3840

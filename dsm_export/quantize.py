@@ -336,6 +336,8 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
             extra = {
                 "ActivationSymmetric": symmetric,
                 "WeightSymmetric": True,
+                # Biases stay fp32: TensorRT's explicit quantization has no INT32 bias DQ.
+                "QuantizeBias": False,
                 "MatMulConstBOnly": not options.quantize_attention,
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                 # Outputs stay fp32: ORT runs DQ -> MatMul as MatMulIntegerToFloat (faster on x86
@@ -357,10 +359,10 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
                     extra_options=extra, calibration_providers=["CPUExecutionProvider"])
         else:
             ops = {n.name: n.op_type for n in model.graph.node}
-            nodes = [n for n in nodes if ops[n] != "Conv"]
+            nodes = [n for n in nodes if ops[n] == "MatMul"]  # ORT's dynamic mode quantizes MatMul only
             with _quiet():
                 quantize_dynamic(src, tmp, per_channel=options.per_channel, reduce_range=False,
-                                 weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                                 weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                                  nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True})
         quant = onnx.load(tmp)
         onnx.checker.check_model(quant, full_check=True)
@@ -384,13 +386,13 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
                       "activations": "uint8 asymmetric, per batch at run time"}
         record.update({
             "weights": "int8 symmetric, " + ("per channel" if options.per_channel else "per tensor"),
-            "op_types": list(options.op_types) if static else ["MatMul", "Gemm"],
+            "op_types": list(options.op_types) if static else ["MatMul"],
             "quantize_attention": options.quantize_attention,
             "keep_fp32": list(options.keep_fp32),
             **summary,
         })
         if not static:
-            record["quantized"] = {k: v for k, v in record["quantized"].items() if k != "Conv"}
+            record["quantized"] = {"MatMul": sum(n.op_type == "MatMulInteger" for n in quant.graph.node)}
         meta[META_PREFIX + "precision"] = "int8"
         meta[META_PREFIX + "quantization"] = json.dumps(record)
         meta[META_PREFIX + "source_onnx_sha256"] = _sha256_bytes(model.SerializeToString())

@@ -1,0 +1,194 @@
+"""INT8: static QDQ quantization of a DSM export, its validation, TensorRT input checks, and the
+search by measured speed-up, on the real DeiT-Tiny and photos."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from dsm_export.cli import main
+from dsm_export.errors import DSMError
+
+from conftest import DEIT, DSM_17
+
+
+@pytest.fixture(scope="module")
+def fp32_file(tmp_path_factory, weights):
+    path = str(tmp_path_factory.mktemp("int8") / "dsm.onnx")
+    assert main(["export", DEIT, "--weights", weights, "--schedule", DSM_17, "--output", path]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_file(fp32_file, images_dir):
+    path = fp32_file.replace(".onnx", "_int8.onnx")
+    assert main(["build", fp32_file, "--backend", "onnxruntime", "--precision", "int8",
+                 "--calibration", images_dir, "--calibration-count", "16", "--output", path]) == 0
+    return path
+
+
+def test_int8_file_is_standard_static_symmetric_qdq(int8_file, fp32_file):
+    from dsm_export.onnx_graph import graph_problems, unknown_shapes
+    from dsm_export.quantize import matching_nodes
+
+    model = onnx.load(int8_file)
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # no contrib ops
+    assert graph_problems(model) == [] and unknown_shapes(model) == []
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(qs) >= 49 and len(dqs) >= 2 * 49  # activations of 50 layers, and their weights
+    for node in qs + dqs:  # symmetric INT8, zero point 0: TensorRT's explicit quantization
+        zp = inits[node.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["dsm.precision"] == "int8" and meta["dsm.schedule"].startswith("r=34")
+    record = json.loads(meta["dsm.quantization"])
+    assert record["mode"] == "static" and record["calibration_method"] == "percentile"
+    assert record["calibration_count"] == 16 and len(record["calibration_images_sha256"]) == 64
+    assert record["quantized"] == {"Conv": 1, "MatMul": 48, "Gemm": 1}
+    # The matching path stays fp32: none of its nodes reads a dequantized tensor.
+    fp32_nodes = set(matching_nodes(onnx.load(fp32_file)))
+    dq_out = {o for n in dqs for o in n.output}
+    matching = [n for n in model.graph.node if n.name in fp32_nodes]
+    assert len(matching) == len(fp32_nodes) > 0
+    assert not [n.name for n in matching if set(n.input) & dq_out]
+    assert any(n.op_type == "TopK" for n in matching) and any(n.op_type == "ArgMax" for n in matching)
+
+
+def test_validate_int8_uses_the_int8_tolerance(int8_file, images_dir, tmp_path, capsys):
+    report_path = str(tmp_path / "r.json")
+    code = main(["validate", int8_file, "--images", images_dir, "--limit", "48", "--json", report_path,
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    report = json.load(open(report_path))
+    assert code == 0 and "PASS" in out and ", int8, 48 images" in out
+    assert report["precision"] == "int8" and report["criterion"].startswith("int8:")
+    assert report["top1_match_pytorch"] >= 0.9 and report["kl_to_pytorch"] <= 0.05
+    assert report["max_abs_diff"] > 1e-3  # INT8 moves logits: the fp32 1e-4 criterion would fail
+
+
+def test_int8_bad_inputs_exit_2_without_output(fp32_file, int8_file, tmp_path, capsys):
+    out = str(tmp_path / "q.onnx")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.jpg").write_text("not an image")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([fp32_file, "--precision", "int8"], "needs calibration images"),
+        ([fp32_file, "--precision", "int8", "--calibration", str(empty)], "holds no images"),
+        ([fp32_file, "--precision", "int8", "--calibration", str(unreadable)], "not a readable image"),
+        ([fp32_file, "--precision", "int8", "--calibration", str(tmp_path / "nope")], "does not exist"),
+        ([int8_file, "--precision", "int8", "--quantization", "dynamic"], "already int8"),
+    ]
+    for extra, message in cases:
+        code = main(["build", "--backend", "onnxruntime", "--output", out, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not os.path.exists(out)
+        assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_dynamic_int8_keeps_matching_fp32(fp32_file, tmp_path):
+    from dsm_export.quantize import QuantizeOptions, quantize_int8
+
+    out = str(tmp_path / "dyn.onnx")
+    rec = quantize_int8(fp32_file, out, None, QuantizeOptions(mode="dynamic"))
+    model = onnx.load(out)
+    assert rec["mode"] == "dynamic" and rec["quantized"] == {"MatMul": 48}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 48
+
+
+def test_tensorrt_int8_input_checks(fp32_file, int8_file, tmp_path):
+    from dsm_export.engines.tensorrt import check_tensorrt_int8_input
+    from dsm_export.quantize import QuantizeOptions, quantize_int8
+
+    check_tensorrt_int8_input(onnx.load(int8_file), int8_file, "int8")
+    check_tensorrt_int8_input(onnx.load(fp32_file), fp32_file, "fp16")
+    with pytest.raises(DSMError, match="is not quantized"):
+        check_tensorrt_int8_input(onnx.load(fp32_file), fp32_file, "int8")
+    with pytest.raises(DSMError, match="build it with --precision int8"):
+        check_tensorrt_int8_input(onnx.load(int8_file), int8_file, "fp32")
+    dyn = str(tmp_path / "dyn.onnx")
+    quantize_int8(fp32_file, dyn, None, QuantizeOptions(mode="dynamic"))
+    with pytest.raises(DSMError, match="TensorRT needs static QDQ"):
+        check_tensorrt_int8_input(onnx.load(dyn), dyn, "int8")
+
+
+def test_tensorrt_int8_build(int8_file, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (NVIDIA's index)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs an NVIDIA GPU")
+    plan = str(tmp_path / "int8.plan")
+    assert main(["build", int8_file, "--backend", "tensorrt", "--precision", "int8", "--output", plan]) == 0
+    assert json.load(open(plan + ".json"))["precision"] == "int8"
+
+
+def test_layer_labels_follow_timm(fp32_file):
+    from dsm_export.quantize import layer_labels, plan_quantization, QuantizeOptions
+
+    model = onnx.load(fp32_file)
+    labels = list(layer_labels(model).values())
+    assert labels[0] == "patch_embed" and labels[-1] == "head" and len(labels) == 50
+    assert labels[1:5] == ["blocks.0.qkv", "blocks.0.proj", "blocks.0.fc1", "blocks.0.fc2"]
+    assert labels[-2] == "blocks.11.fc2"
+    _, summary = plan_quantization(model, QuantizeOptions(keep_fp32=("fc2", "head")))
+    assert summary["quantized"] == {"Conv": 1, "MatMul": 36}
+
+
+def test_speed_pareto_and_choice():
+    from dsm_export.engine_search import choose, ladder, speed_pareto
+
+    rows = [{"speedup": 1.3, "kl": 0.008, "top1_agreement": 0.96}, {"speedup": 2.1, "kl": 0.06, "top1_agreement": 0.92},
+            {"speedup": 2.0, "kl": 0.03, "top1_agreement": 0.95}, {"speedup": 1.6, "kl": 0.05, "top1_agreement": 0.93}]
+    assert speed_pareto(rows) == [rows[0], rows[2], rows[1]]
+    assert choose(rows, 1.9) is rows[2] and choose(rows, 2.05) is rows[1] and choose(rows, 3.0) is None
+    steps = ladder(2.5, 5)
+    assert len(steps) == 5 and steps[0] >= 1.7 and abs(steps[-1] - 2.75) < 1e-6
+    assert steps == sorted(steps)
+
+
+def test_search_engines_measures_both_precisions(deit, weights, pixels, tmp_path):
+    from dsm_export.engine_search import search_engines
+
+    result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
+                            refine_steps=0, quant_count=8, repeats=5, progress=False)
+    kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
+    assert kinds == {("fp32", True), ("int8", True), ("fp32", False), ("int8", False)}
+    none_fp32 = next(r for r in result.candidates if r["precision"] == "fp32" and r["spec"] == "none")
+    assert none_fp32["speedup"] == 1.0 and none_fp32["kl"] == 0.0
+    assert all(r["speedup"] > 0 and r["kl"] >= 0 for r in result.candidates)
+    assert result.pareto and result.machine["batch"] == 32
+    assert result.best is None or result.best["speedup"] >= 1.2
+
+
+def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys):
+    out = str(tmp_path / "tuned.onnx")
+    code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
+                 "--calibration", "16", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
+                 "--precision", "int8", "--export", out, "--no-progress"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert meta["dsm.precision"] == "int8"
+    from dsm_export.evaluate import flops_ratio
+    from dsm_export.export import read_metadata
+    from dsm_export.models import create_model
+
+    info = read_metadata(onnx.load(out))
+    assert flops_ratio(create_model(DEIT, weights), info.schedule) >= 1.5
+
+
+def test_tune_refuses_bad_precision_target(weights, images_dir, tmp_path, capsys):
+    code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
+                 "--precision", "auto"])
+    assert code == 2 and "--precision auto needs --target-speedup" in capsys.readouterr().err
+    code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
+                 "--export", str(tmp_path / "no" / "f.onnx")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
