@@ -6,12 +6,13 @@ import json
 import os
 
 from ..errors import DSMError
+from ._common import add_weights_args, model_from_args
 
 
 def add(sub):
     p = sub.add_parser("tune", help="search the schedule with the least KL at a FLOP target")
     p.add_argument("model", help="timm model name")
-    p.add_argument("--weights", required=True)
+    add_weights_args(p)
     p.add_argument("--images", required=True, help="image folder; calibration and held-apart images")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
@@ -32,7 +33,6 @@ def run(args) -> int:
     from ..data import list_images, split_calibration
     from ..evaluate import load_pixels, model_logits, schedule_metrics
     from ..fileio import write_json
-    from ..models import create_model
     from ..tune import tune, tune_for_speedup
 
     target = args.target_flops_ratio or args.target_speedup
@@ -45,7 +45,7 @@ def run(args) -> int:
     for path in (args.output, args.report):  # fail before minutes of search, not after
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise DSMError(f"output folder of {path!r} does not exist")
-    model = create_model(args.model, args.weights)
+    model = model_from_args(args, args.model, require_weights=True)
     images = list_images(args.images)
     if len(images) < args.calibration + 1:
         raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
