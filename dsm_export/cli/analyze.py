@@ -34,10 +34,11 @@ def run(args) -> int:
     os.makedirs(args.output, exist_ok=True)
     plot_analysis(report, args.output, args.model)
     write_json(os.path.join(args.output, "analysis.json"), {"model": args.model, **report})
-    print(f"{'block':>5} {'entropy':>8} {'key sim':>8} {'outliers':>9} {'merge KL':>9} {'agree':>6}")
-    for i in range(len(report["merge_kl"])):
+    cost = "merge " + ("KL" if report["merge_cost_metric"] == "KL" else "1-cos")
+    print(f"{'block':>5} {'entropy':>8} {'key sim':>8} {'outliers':>9} {cost:>10} {'agree':>6}")
+    for i in range(len(report["merge_cost"])):
         print(f"{i:>5} {report['attention_entropy'][i]:>8.3f} {report['key_match_similarity'][i]:>8.3f} "
-              f"{report['outlier_ratio'][i]:>9.1f} {report['merge_kl'][i]:>9.4f} "
+              f"{report['outlier_ratio'][i]:>9.1f} {report['merge_cost'][i]:>10.4f} "
               f"{100 * report['merge_agreement'][i]:>5.1f}%")
     print(f"recommended delay: {report['recommended_delay']} ({report['reason']})")
     print(f"wrote {args.output}/analysis.json and 4 PNG plots")

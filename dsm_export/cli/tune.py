@@ -1,4 +1,5 @@
-"""Subcommand ``tune``: the schedule with the least KL at a FLOP or speed-up target."""
+"""Subcommand ``tune``: the schedule with the least KL (1 - cosine for embedding models) at a FLOP or
+speed-up target."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def add(sub):
     target.add_argument("--target-speedup", type=float,
                         help="measured ONNX Runtime speed-up over the unmerged export on this machine")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
+    p.add_argument("--provider", default="cpu",
+                   help="ONNX Runtime execution provider for --target-speedup: cpu, cuda, tensorrt, openvino "
+                        "or a full name (default cpu)")
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
     p.add_argument("--max-grid", type=int, default=48)
@@ -31,7 +35,7 @@ def add(sub):
 
 def run(args) -> int:
     from ..data import list_images, split_calibration
-    from ..evaluate import load_pixels, model_logits, schedule_metrics
+    from ..evaluate import divergence_name, load_pixels, model_logits, schedule_metrics
     from ..fileio import write_json
     from ..tune import tune, tune_for_speedup
 
@@ -46,6 +50,10 @@ def run(args) -> int:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise DSMError(f"output folder of {path!r} does not exist")
     model = model_from_args(args, args.model, require_weights=True)
+    if args.target_speedup:
+        from ..providers import resolve_providers
+
+        resolve_providers(args.provider)  # fail before minutes of search, not after
     images = list_images(args.images)
     if len(images) < args.calibration + 1:
         raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
@@ -56,7 +64,8 @@ def run(args) -> int:
     if args.target_speedup:
         result = tune_for_speedup(model, args.model, args.weights, calib_pixels, args.target_speedup,
                                   max_grid=args.max_grid, refine_steps=args.refine_steps,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, provider=args.provider,
+                                  pretrained=args.pretrained, num_classes=args.num_classes)
     else:
         result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid,
                       refine_steps=args.refine_steps, progress=not args.no_progress)
@@ -68,22 +77,24 @@ def run(args) -> int:
     print(json.dumps(result.best.to_dict(depth)))
     if "ort_speedup" in result.best_metrics:
         print(f"measured ONNX Runtime speed-up: {result.best_metrics['ort_speedup']:.2f}x (batch 32)")
-    print(f"calibration ({len(calib)} images): KL {result.best_metrics['kl']:.4f}, "
-          f"agreement {100 * result.best_metrics['top1_agreement']:.1f} %, "
+    div = divergence_name(model)
+    agree = "agreement" if div == "KL" else f"retrieval overlap@{result.best_metrics.get('knn_k', 5)}"
+    print(f"calibration ({len(calib)} images): {div} {result.best_metrics['divergence']:.4f}, "
+          f"{agree} {100 * result.best_metrics['agreement']:.1f} %, "
           f"{result.best_metrics['flops_ratio']:.2f}x fewer FLOPs")
     acc = held_metrics.get("top1_accuracy")
-    print(f"held apart ({len(held)} images): KL {held_metrics['kl']:.4f}, "
-          f"agreement {100 * held_metrics['top1_agreement']:.1f} %"
+    print(f"held apart ({len(held)} images): {div} {held_metrics['divergence']:.4f}, "
+          f"{agree} {100 * held_metrics['agreement']:.1f} %"
           + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
              if acc is not None else ""))
-    print("Pareto front (calibration): FLOPs reduction, KL, agreement, schedule")
+    print(f"Pareto front (calibration): FLOPs reduction, {div}, {agree}, schedule")
     for row in result.pareto:
-        print(f"  {row['flops_ratio']:.3f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  {row['spec']}")
+        print(f"  {row['flops_ratio']:.3f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  {row['spec']}")
     if args.output:
         write_json(args.output, {**result.best.to_dict(depth), "spec": result.best.spec()})
     if args.report:
         write_json(args.report, {
-            "schedule": result.best.spec(), "calibration": result.best_metrics, "held_apart": held_metrics,
+            "schedule": result.best.spec(), "divergence": div, "calibration": result.best_metrics, "held_apart": held_metrics,
             "pareto": result.pareto, "evaluated": result.evaluated,
             "calibration_files": list(calib.files), "held_apart_images": len(held)})
     return 0
