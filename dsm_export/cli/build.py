@@ -11,6 +11,8 @@ def add(sub):
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
     p.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
+    p.add_argument("--tf32", action="store_true",
+                   help="TensorRT: allow TF32 for fp32 math (off by default: exact fp32 parity)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64)
@@ -23,7 +25,7 @@ def run(args) -> int:
     if args.backend == "tensorrt":
         info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
             precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
-            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch))
+            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, tf32=args.tf32))
         print(f"wrote {args.output} and {args.output}.json: TensorRT {info['tensorrt_version']}, "
               f"{info['gpu']}, {info['precision']}")
     else:
