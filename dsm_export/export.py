@@ -48,6 +48,9 @@ class ExportInfo:
         input_size: ``(C, H, W)``.
         batch: static batch size, or None if the batch axis is dynamic.
         tokens: tokens leaving each block (prefix tokens included).
+        pretrained: the weights were timm's pretrained weights of ``model`` (``--pretrained``).
+        num_classes: the ``num_classes`` the model was created with (None: timm's default).
+        output: the graph output, ``logits`` or ``embeddings`` (identity head).
     """
 
     model: str

@@ -17,6 +17,7 @@ schedule with the *reference* merge implementation (ToMe's scatter merges, SDPA 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -177,8 +178,9 @@ def resolve_weights(info: ExportInfo, weights: str | None = None, pretrained: bo
         ``(weights file or None, pretrained)`` for :func:`dsm_export.models.create_model`.
 
     Raises:
-        DSMError: if none is available, the file is missing, or its sha256 differs from the
-            exported one.
+        DSMError: if none is available, the file is missing, or its sha256 differs from the file
+            the graph was exported from (for a graph exported from timm's pretrained weights a local
+            file only warns: its format may differ; the parity check judges the values).
     """
     if weights:
         path = weights
@@ -193,22 +195,37 @@ def resolve_weights(info: ExportInfo, weights: str | None = None, pretrained: bo
     if not os.path.isfile(path):
         raise DSMError(f"weights file {path!r} does not exist (pass --weights or --pretrained)")
     if info.weights_sha256 and sha256_file(path) != info.weights_sha256:
-        raise DSMError(
-            f"weights {path!r} are not the ones the graph was exported from "
-            f"(sha256 {info.weights_sha256[:12]}...)")
+        if info.pretrained:
+            # Exported from timm's cached file, validated against a local file: the bytes (format)
+            # may differ for the same weights; the parity check judges the values.
+            warnings.warn(f"weights {path!r} are another file than the timm pretrained weights the graph "
+                          f"was exported from (sha256 {info.weights_sha256[:12]}...)", stacklevel=2)
+        else:
+            raise DSMError(
+                f"weights {path!r} are not the ones the graph was exported from "
+                f"(sha256 {info.weights_sha256[:12]}...)")
     return path, False
 
 
 def check_weights(info: ExportInfo, model: torch.nn.Module, pretrained: bool) -> None:
     """Check that timm's pretrained file behind ``model`` is the one the graph was exported from.
 
+    A graph exported from a local file and validated with ``--pretrained`` only warns on a
+    mismatch (another file may hold the same weights; the parity check judges them).
+
     Raises:
-        DSMError: on a sha256 mismatch.
+        DSMError: on a sha256 mismatch with the cached file a ``--pretrained`` export recorded.
     """
     if not pretrained or not info.weights_sha256:
         return
     path = pretrained_file(model)
     if path and sha256_file(path) != info.weights_sha256:
+        if not info.pretrained:
+            # Exported from a local file, validated against timm's: another file for possibly the
+            # same weights; the parity check judges the values.
+            warnings.warn(f"timm's pretrained weights for {info.model} are another file than the weights "
+                          f"the graph was exported from (sha256 {info.weights_sha256[:12]}...)", stacklevel=2)
+            return
         raise DSMError(f"timm's pretrained weights for {info.model} ({path}) are not the ones the graph "
                        f"was exported from (sha256 {info.weights_sha256[:12]}...)")
 

@@ -62,7 +62,7 @@ def hf_home(tmp_path_factory, weights):
 
 
 def cli(hf_home, *args):
-    env = dict(os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     return subprocess.run([sys.executable, "-m", "dsm_export", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -90,6 +90,24 @@ def test_pretrained_export_validates_offline_like_weights(hf_home, weights, imag
     assert ra["images"] == rb["images"] == 100
     assert ra["top1_accuracy"] == rb["top1_accuracy"] and ra["top1_agreement"] == rb["top1_agreement"]
     assert abs(ra["kl"] - rb["kl"]) < 1e-6
+    # Crossing sources: the same weights in another file validate, with a warning about the file.
+    done = cli(home, "validate", b, "--pretrained", "--images", images_dir, "--limit", "8", "--no-progress")
+    assert done.returncode == 0 and "another file" in done.stderr, done.stdout + done.stderr
+    assert main(["validate", a, "--weights", weights, "--images", images_dir, "--limit", "8",
+                 "--no-progress"]) == 0
+
+
+def test_pretrained_analyze_and_visualize(hf_home, images_dir, tmp_path):
+    home, _ = hf_home
+    image = os.path.join(images_dir, sorted(f for f in os.listdir(images_dir) if f.endswith(".JPEG"))[0])
+    png = str(tmp_path / "groups.png")
+    done = cli(home, "visualize", "deit_tiny_patch16_224.fb_in1k", "--pretrained", "--image", image,
+               "--schedule", "r=13", "--blocks", "3,11", "-o", png)
+    assert done.returncode == 0 and os.path.getsize(png) > 0, done.stderr
+    done = cli(home, "analyze", "deit_tiny_patch16_224.fb_in1k", "--pretrained", "--images", images_dir,
+               "--limit", "4", "-o", str(tmp_path / "an"))
+    assert done.returncode == 0, done.stderr
+    assert json.load(open(tmp_path / "an" / "analysis.json"))["merge_cost_metric"] == "KL"
 
 
 def test_uncached_name_fails_in_one_line(hf_home, tmp_path):
