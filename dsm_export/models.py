@@ -88,7 +88,8 @@ def check_model_name(name: str) -> None:
 
 @contextlib.contextmanager
 def _capture_timm_load_log():
-    """Collect timm's 'Missing keys' / 'Unexpected keys' messages of a non-strict load."""
+    """Collect timm's 'Missing keys' / 'Unexpected keys' messages of a non-strict load, and keep
+    huggingface_hub's per-retry warnings off stderr."""
     logger = logging.getLogger("timm.models._builder")
     records: list[str] = []
 
@@ -103,12 +104,17 @@ def _capture_timm_load_log():
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # huggingface_hub logs each retry of an unreachable hub; the failure itself becomes one DSMError.
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         yield records
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
+        hub_logger.setLevel(hub_level)
 
 
 def _hub_errors() -> tuple[type, ...]:
@@ -182,7 +188,8 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
             raise DSMError(f"weights file {weights!r} could not be read: {_first_line(exc)}") from None
         from huggingface_hub import constants
 
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        offline = (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
+                   else " (HF_HUB_OFFLINE=1 skips the download attempts)")
         raise DSMError(
             f"{source or name} not found in the Hugging Face cache {constants.HF_HUB_CACHE} and not "
             f"downloadable{offline}: {type(exc).__name__}") from None
