@@ -6,11 +6,13 @@ On calibration images and the unmerged model, for each block:
 * ``key_match_similarity``: mean cosine similarity of the best bipartite matches of the keys
   (the score ToMe merges by; sets A and B as in the merge);
 * ``outlier_ratio``: max |activation| over the median |activation| of the block's output;
-* ``merge_kl`` / ``merge_agreement``: KL to, and top-1 agreement with, the unmerged model when this
-  block alone merges ``r`` tokens (globally).
+* ``merge_cost`` / ``merge_agreement``: KL to, and top-1 agreement with, the unmerged model when this
+  block alone merges ``r`` tokens (globally); for embedding models (timm ``num_classes=0``) mean
+  1 - cosine similarity to, and retrieval overlap@k with, the unmerged model's embeddings
+  (``merge_cost_metric`` says which). Classifier reports also carry the cost as ``merge_kl``.
 
-The recommended delay is the number of leading blocks whose merge-alone KL exceeds a fraction (10 %)
-of the largest merge-alone KL: merging there costs the most.
+The recommended delay is the number of leading blocks whose merge-alone cost exceeds a fraction
+(10 %) of the largest merge-alone cost: merging there costs the most.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import model_logits
+from .evaluate import divergence_name, model_logits
 from .merge import split_ab
 from .patch import apply
 from .schedule import BlockPlan, Schedule
-from .validate import agreement_metrics
+from .models import is_embedding_model
+from .validate import output_metrics
 
 
 @torch.inference_mode()
@@ -70,21 +73,23 @@ def block_statistics(model: nn.Module, pixels: torch.Tensor, batch_size: int = 1
 
 
 def merge_cost(model: nn.Module, pixels: torch.Tensor, r: int, base_logits: np.ndarray | None = None) -> dict[str, list[float]]:
-    """KL and agreement when each block alone merges ``r`` tokens globally."""
+    """Divergence (KL, or 1 - cosine for embedding models) and agreement when each block alone merges
+    ``r`` tokens globally: ``{"merge_cost": [depth], "merge_agreement": [depth]}``."""
     depth = len(model.blocks)
     base = model_logits(model, pixels) if base_logits is None else base_logits
     kls, agree = [], []
     for i in range(depth):
         plan = [BlockPlan("global", r) if j == i else BlockPlan() for j in range(depth)]
         logits = model_logits(apply(model, Schedule(blocks=tuple(plan))).eval(), pixels)
-        m = agreement_metrics(logits, base)
-        kls.append(m["kl"])
-        agree.append(m["top1_agreement"])
-    return {"merge_kl": kls, "merge_agreement": agree}
+        m = output_metrics(logits, base, embeddings=is_embedding_model(model))
+        kls.append(m["divergence"])
+        agree.append(m["agreement"])
+    return {"merge_cost": kls, "merge_agreement": agree}
 
 
-def recommend_delay(merge_kl: list[float], fraction: float = 0.1) -> tuple[int, str]:
-    """Leading blocks whose merge-alone KL exceeds ``fraction`` of the largest merge-alone KL.
+def recommend_delay(merge_kl: list[float], fraction: float = 0.1, metric: str = "KL") -> tuple[int, str]:
+    """Leading blocks whose merge-alone cost (``metric``: KL, or 1 - cosine) exceeds ``fraction`` of
+    the largest merge-alone cost.
 
     Merge cost falls with depth in any ViT (later blocks leave fewer blocks to spread an error), so
     the rule looks for where it stops being of the same order as the worst block.
@@ -98,11 +103,11 @@ def recommend_delay(merge_kl: list[float], fraction: float = 0.1) -> tuple[int, 
     while delay < len(merge_kl) and merge_kl[delay] > limit:
         delay += 1
     if delay == 0:
-        return 0, (f"block 0 merged alone costs KL {merge_kl[0]:.4f}, not above {fraction:.0%} of the "
+        return 0, (f"block 0 merged alone costs {metric} {merge_kl[0]:.4f}, not above {fraction:.0%} of the "
                    f"largest merge cost ({worst:.4f}): no delay needed")
     costs = ", ".join(f"{v:.4f}" for v in merge_kl[:delay])
     after = f"; block {delay} costs {merge_kl[delay]:.4f}" if delay < len(merge_kl) else ""
-    return delay, (f"blocks 0-{delay - 1} merged alone cost KL {costs}, each above {fraction:.0%} of the "
+    return delay, (f"blocks 0-{delay - 1} merged alone cost {metric} {costs}, each above {fraction:.0%} of the "
                    f"largest merge cost ({worst:.4f}){after}")
 
 
@@ -110,15 +115,19 @@ def analyze(model: nn.Module, pixels: torch.Tensor, r: int = 16, fraction: float
     """All statistics, per block, with the recommended delay (see module docstring)."""
     stats = block_statistics(model, pixels)
     cost = merge_cost(model, pixels, r)
-    delay, reason = recommend_delay(cost["merge_kl"], fraction)
-    return {"images": len(pixels), "r": r, **stats, **cost, "recommended_delay": delay, "reason": reason}
+    metric = divergence_name(model)
+    delay, reason = recommend_delay(cost["merge_cost"], fraction, metric)
+    if metric == "KL":
+        cost["merge_kl"] = cost["merge_cost"]
+    return {"images": len(pixels), "r": r, **stats, **cost, "merge_cost_metric": metric,
+            "recommended_delay": delay, "reason": reason}
 
 
 PLOTS = {
     "attention_entropy": "attention entropy (nats)",
     "key_match_similarity": "mean best-match key cosine similarity",
     "outlier_ratio": "activation outlier ratio (max / median |x|)",
-    "merge_kl": "KL to unmerged, this block alone merging r",
+    "merge_cost": "{metric} to unmerged, this block alone merging r",
 }
 
 
@@ -136,6 +145,7 @@ def plot_analysis(report: dict, folder: str, model_name: str) -> list[str]:
     paths = []
     for key, label in PLOTS.items():
         values = report[key]
+        label = label.format(metric=report.get("merge_cost_metric", "KL"))
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.bar(range(len(values)), values, color=["tab:red" if i < report["recommended_delay"] else "tab:blue"
                                                   for i in range(len(values))])

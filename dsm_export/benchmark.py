@@ -1,4 +1,5 @@
-"""ONNX Runtime CPU throughput and batch-1 latency, shared by the benchmark scripts and ``tune``."""
+"""ONNX Runtime throughput and batch-1 latency (any execution provider), shared by the benchmark
+scripts and ``tune``."""
 
 from __future__ import annotations
 
@@ -21,19 +22,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def make_session(path: str, threads: int | None = None):
-    """A CPU ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads."""
-    import onnxruntime as ort
+def make_session(path: str, threads: int | None = None, provider: str | None = "cpu"):
+    """An ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads on
+    ``provider`` (see :func:`dsm_export.providers.resolve_providers`).
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    Raises:
+        DSMError: an unavailable provider or an unloadable file.
+    """
+    from .providers import create_session
+
+    return create_session(path, provider, threads, optimization="all")
 
 
 def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
-                   threads: int | None = None, iters: int = 1) -> dict[str, float]:
+                   threads: int | None = None, iters: int = 1, provider: str | None = "cpu") -> dict[str, float]:
     """Median images/s of each graph on the same random batch; graphs alternate in each repetition.
 
     Args:
@@ -43,11 +45,13 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
         warmup: untimed runs per graph first.
         threads: ONNX Runtime intra-op threads (default: all cores).
         iters: timed runs per repetition.
+        provider: ONNX Runtime execution provider (``cpu``, ``cuda``, ``tensorrt``, ``openvino`` or a
+            full name). On a GPU provider the input is copied from the host on every run.
 
     Returns:
         label -> images per second.
     """
-    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    sessions = {k: make_session(p, threads, provider) for k, p in paths.items()}
     shape = [batch] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
@@ -65,7 +69,7 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
 
 
 def ort_latency(paths: dict[str, str], runs: int = 50, warmup: int = 5, threads: int | None = None,
-                percentiles=(50, 90)) -> dict[str, dict[str, float]]:
+                percentiles=(50, 90), provider: str | None = "cpu") -> dict[str, dict[str, float]]:
     """Batch-1 latency of each graph: single images, graphs alternating run by run.
 
     Args:
@@ -74,11 +78,12 @@ def ort_latency(paths: dict[str, str], runs: int = 50, warmup: int = 5, threads:
         warmup: untimed runs per graph first.
         threads: ONNX Runtime intra-op threads (default: all cores).
         percentiles: which percentiles to report.
+        provider: ONNX Runtime execution provider (as for :func:`ort_throughput`).
 
     Returns:
         label -> ``{"p50": ms, "p90": ms, ...}`` (milliseconds).
     """
-    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    sessions = {k: make_session(p, threads, provider) for k, p in paths.items()}
     shape = [1] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}

@@ -59,21 +59,23 @@ def ladder(target: float, rungs: int) -> list[float]:
 
 
 def speed_pareto(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (higher ``speedup``, lower ``kl``), sorted by ``speedup``."""
+    """Rows not dominated in (higher ``speedup``, lower ``divergence``), sorted by ``speedup``."""
     front = [r for r in rows if not any(
-        o["speedup"] >= r["speedup"] and o["kl"] <= r["kl"]
-        and (o["speedup"] > r["speedup"] or o["kl"] < r["kl"]) for o in rows)]
+        o["speedup"] >= r["speedup"] and o["divergence"] <= r["divergence"]
+        and (o["speedup"] > r["speedup"] or o["divergence"] < r["divergence"]) for o in rows)]
     return sorted(front, key=lambda r: r["speedup"])
 
 
 def choose(rows: list[dict], target: float) -> dict | None:
-    """The least-KL row whose measured ``speedup`` reaches ``target`` (ties: higher agreement)."""
+    """The least-``divergence`` row whose measured ``speedup`` reaches ``target`` (ties: higher
+    ``agreement``)."""
     ok = [r for r in rows if r["speedup"] >= target]
-    return min(ok, key=lambda r: (r["kl"], -r["top1_agreement"])) if ok else None
+    return min(ok, key=lambda r: (r["divergence"], -r["agreement"])) if ok else None
 
 
 def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Logits ``[N, classes]`` of an ONNX file over ``pixels`` ``[N, 3, H, W]`` (ONNX Runtime CPU)."""
+    """Outputs ``[N, classes]`` (or ``[N, dim]``) of an ONNX file over ``pixels`` ``[N, 3, H, W]``
+    (ONNX Runtime CPU)."""
     from .validate import onnx_runner
 
     run = onnx_runner(path)
@@ -83,7 +85,9 @@ def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
 def search_engines(model: nn.Module, model_name: str, weights: str | None, pixels: torch.Tensor, target: float,
                    workdir: str, precisions=PRECISIONS, rungs: int = 5, max_grid: int = 16,
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
-                   repeats: int = 5, threads: int | None = None, progress: bool = True) -> EngineSearchResult:
+                   repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
+                   pretrained: bool = False, num_classes: int | None = None,
+                   progress: bool = True) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -98,7 +102,11 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         rungs: FLOP-ratio rungs (see :func:`ladder`).
         max_grid, refine_steps: budget of each rung's schedule search (:func:`dsm_export.tune.tune`).
         quant_options: :class:`dsm_export.quantize.QuantizeOptions` (default static QDQ).
-        batch, repeats, threads: the timing (:func:`dsm_export.benchmark.ort_throughput`).
+        batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
+        pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.export.export_model`.
+
+    Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
+    ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).
 
     Returns:
         An :class:`EngineSearchResult`; ``best`` is None if nothing reached ``target``.
@@ -113,13 +121,15 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     from .export import export_model
     from .quantize import quantize_int8
     from .tune import tune
-    from .validate import agreement_metrics
+    from .models import is_embedding_model
+    from .validate import output_metrics
 
     precisions = tuple(precisions)
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise DSMError(f"precisions must be among {PRECISIONS}, got {precisions}")
     if target <= 1.0:
         raise DSMError(f"the speed-up target must be above 1, got {target}")
+    embeddings = is_embedding_model(model)
     base = model_logits(model, pixels)
     np_pixels = pixels.numpy()
     calib = np_pixels[:quant_count]
@@ -131,7 +141,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
 
     for rung in plan:
         if rung == 1.0:
-            schedule, metrics = Schedule.parse("none"), {"kl": 0.0, "top1_agreement": 1.0, "flops_ratio": 1.0}
+            schedule, metrics = Schedule.parse("none"), {"divergence": 0.0, "agreement": 1.0, "flops_ratio": 1.0}
         else:
             try:
                 found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False)
@@ -141,27 +151,31 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             schedule, metrics = found.best, found.best_metrics
         tag = "none" if rung == 1.0 else f"{rung:.2f}x"
         fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
-        export_model(model, model_name, fp32_path, schedule, weights=weights)
+        export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
+                     num_classes=num_classes)
         files = {"fp32": fp32_path}
         if "int8" in precisions:
             files["int8"] = os.path.join(workdir, f"int8_{tag}.onnx")
             quantize_int8(fp32_path, files["int8"], calib, quant_options)
         # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
         timed = {k: v for k, v in files.items() if k in precisions and not (rung == 1.0 and k == "fp32")}
-        rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads)
+        rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads,
+                               provider=provider)
         if rung == 1.0 and "fp32" in precisions:
             timed = {"fp32": none_path, **timed}
             rates["fp32"] = rates["baseline"]
         for precision, path in timed.items():
             if precision == "fp32":
-                quality = {"kl": metrics["kl"], "top1_agreement": metrics["top1_agreement"]}
+                quality = {"divergence": metrics["divergence"], "agreement": metrics["agreement"]}
             else:
-                quality = agreement_metrics(ort_logits(path, np_pixels), base)
+                quality = output_metrics(ort_logits(path, np_pixels), base, embeddings=embeddings)
             rows.append({"spec": schedule.spec(), "schedule_json": schedule.to_dict(len(model.blocks)),
                          "precision": precision, "flops_ratio": metrics["flops_ratio"],
                          "speedup": rates[precision] / rates["baseline"], "images_per_s": rates[precision],
-                         "kl": quality["kl"], "top1_agreement": quality["top1_agreement"], "path": path,
+                         "divergence": quality["divergence"], "agreement": quality["agreement"], "path": path,
                          "rung": rung})
+            if not embeddings:
+                rows[-1].update(kl=quality["divergence"], top1_agreement=quality["agreement"])
         bar.update()
     bar.close()
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),

@@ -1,4 +1,6 @@
-"""Accuracy of merge schedules in PyTorch: KL to and top-1 agreement with the unmerged model.
+"""Accuracy of merge schedules in PyTorch: KL to and top-1 agreement with the unmerged model
+(classifiers), or mean 1 - cosine similarity to and retrieval overlap@k with it (embedding models,
+timm ``num_classes=0``). Both carry the generic keys ``divergence`` and ``agreement``.
 
 Used to compare and tune schedules. Images are preprocessed once (timm's eval transform) and the
 unmerged logits computed once; each schedule then costs one forward pass over the images.
@@ -14,7 +16,8 @@ from .data import ImageSet, eval_transform, load_batch
 from .flops import schedule_flops
 from .patch import apply
 from .schedule import Schedule
-from .validate import agreement_metrics
+from .models import is_embedding_model
+from .validate import output_metrics
 
 
 def load_pixels(images: ImageSet, model: nn.Module, progress: bool = False) -> torch.Tensor:
@@ -29,7 +32,8 @@ def load_pixels(images: ImageSet, model: nn.Module, progress: bool = False) -> t
 
 @torch.inference_mode()
 def model_logits(module: nn.Module, pixels: torch.Tensor, batch_size: int = 50) -> np.ndarray:
-    """Logits ``[N, classes]`` float32 of ``module`` over ``pixels`` ``[N, 3, H, W]``."""
+    """Outputs ``[N, classes]`` (or ``[N, dim]`` embeddings) float32 of ``module`` over ``pixels``
+    ``[N, 3, H, W]``."""
     return np.concatenate([module(pixels[i:i + batch_size]).float().numpy()
                            for i in range(0, len(pixels), batch_size)])
 
@@ -52,13 +56,20 @@ def schedule_metrics(model: nn.Module, schedule: Schedule, pixels: torch.Tensor,
         model: the unmerged timm ViT (eval mode).
         schedule: the schedule.
         pixels: ``[N, 3, H, W]`` preprocessed images.
-        base_logits: ``[N, classes]`` logits of the unmerged model on ``pixels``.
-        labels: ``[N]`` class indices, or None.
+        base_logits: ``[N, classes]`` logits (or ``[N, dim]`` embeddings) of the unmerged model.
+        labels: ``[N]`` class indices, or None (ignored for embedding models).
 
     Returns:
-        ``{"schedule", "flops_ratio", "kl", "top1_agreement"[, "top1_accuracy",
-        "baseline_top1_accuracy"]}``.
+        ``{"schedule", "flops_ratio", "divergence", "agreement", ...}``; classifiers add ``kl``,
+        ``top1_agreement`` (and ``top1_accuracy``, ``baseline_top1_accuracy`` with labels), embedding
+        models ``cosine_distance``, ``min_cosine``, ``mean_cosine``, ``knn_overlap``, ``knn_k``
+        (see :func:`dsm_export.validate.output_metrics`).
     """
     logits = model_logits(apply(model, schedule).eval(), pixels, batch_size)
     return {"schedule": schedule.spec(), "flops_ratio": flops_ratio(model, schedule),
-            **agreement_metrics(logits, base_logits, labels)}
+            **output_metrics(logits, base_logits, labels, embeddings=is_embedding_model(model))}
+
+
+def divergence_name(model: nn.Module) -> str:
+    """What ``divergence`` measures for this model: ``KL`` or ``1 - cosine``."""
+    return "1 - cosine" if is_embedding_model(model) else "KL"

@@ -21,13 +21,14 @@ import torch
 
 from .errors import DSMError
 from .fileio import atomic_path
-from .models import create_model, sha256_file
+from .models import create_model, is_embedding_model, pretrained_file, pretrained_name, sha256_file
 from .onnx_graph import graph_problems, unknown_shapes
 from .patch import apply, input_size
 from .schedule import Schedule
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
+EMBEDDINGS_NAME = "embeddings"  # output of models with an identity head (timm num_classes=0)
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
 META_PREFIX = "dsm."
@@ -38,14 +39,18 @@ class ExportInfo:
     """What :func:`read_metadata` finds in an exported file.
 
     Attributes:
-        model: timm model name.
+        model: timm model name, with the pretrained tag timm resolved when ``pretrained``.
         schedule: the merge schedule (explicit per-block form).
-        weights: weights path given at export ("" for random init).
-        weights_sha256: sha256 of the weights file ("" for random init).
+        weights: weights path given at export, relative to the ONNX file's folder ("" for random
+            init or timm pretrained weights; absolute in files written before 0.2).
+        weights_sha256: sha256 of the weights file ("" for random init or an unknown file).
         version: dsm-export version that wrote the file.
         input_size: ``(C, H, W)``.
         batch: static batch size, or None if the batch axis is dynamic.
         tokens: tokens leaving each block (prefix tokens included).
+        pretrained: the weights were timm's pretrained weights of ``model`` (``--pretrained``).
+        num_classes: the ``num_classes`` the model was created with (None: timm's default).
+        output: the graph output, ``logits`` or ``embeddings`` (identity head).
     """
 
     model: str
@@ -56,6 +61,14 @@ class ExportInfo:
     input_size: tuple[int, int, int]
     batch: int | None
     tokens: tuple[int, ...]
+    pretrained: bool = False
+    num_classes: int | None = None
+    output: str = OUTPUT_NAME
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether the graph outputs pooled features (``embeddings``) rather than logits."""
+        return self.output == EMBEDDINGS_NAME
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -97,17 +110,22 @@ def export_onnx(
     batch: int | None = None,
     opset: int = DEFAULT_OPSET,
     image_size: tuple[int, int] | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
 ) -> ExportInfo:
     """Export ``model_name`` under ``schedule`` to a static-shape ONNX file.
 
     Args:
-        model_name: timm model name.
+        model_name: timm model name, optionally with a pretrained tag or as ``hf-hub:ORG/REPO``.
         output: ``.onnx`` path; written atomically (no partial file on failure).
         schedule: merge schedule or its text form; ``"none"`` exports the unmerged baseline.
-        weights: local state dict; None for random init (warns).
+        weights: local checkpoint (loaded by timm); None for timm's pretrained weights
+            (``pretrained``) or random init (warns).
         batch: fix the batch axis to this size; None keeps it dynamic (named ``batch``).
         opset: ONNX opset, at least 17.
         image_size: expected ``(H, W)``; must equal the model's.
+        pretrained: load timm's pretrained weights of ``model_name`` (Hugging Face hub cache).
+        num_classes: timm's ``num_classes``; 0 exports pooled features as output ``embeddings``.
 
     Returns:
         The :class:`ExportInfo` written into the file's metadata.
@@ -125,9 +143,10 @@ def export_onnx(
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise DSMError(f"output folder {folder!r} does not exist")
-    model = create_model(model_name, weights)
+    model = create_model(model_name, weights, pretrained=pretrained, num_classes=num_classes)
     check_input_size(model, model_name, image_size)
-    return export_model(model, model_name, output, schedule, weights=weights, batch=batch, opset=opset)
+    return export_model(model, model_name, output, schedule, weights=weights, batch=batch, opset=opset,
+                        pretrained=pretrained and not weights, num_classes=num_classes)
 
 
 def export_model(
@@ -138,13 +157,21 @@ def export_model(
     weights: str | None = None,
     batch: int | None = None,
     opset: int = DEFAULT_OPSET,
+    pretrained: bool = False,
+    num_classes: int | None = None,
 ) -> ExportInfo:
     """Export an already built timm ViT (see :func:`export_onnx`, which builds it by name).
+
+    A model with an identity head (timm ``num_classes=0``) gets the output ``embeddings``
+    (``[batch, dim]``), any other ``logits`` (``[batch, classes]``).
 
     Args:
         model: timm ``VisionTransformer`` in eval mode.
         model_name: name recorded in the metadata (``validate`` rebuilds the model from it).
-        weights: path recorded in the metadata (and hashed), or None.
+        weights: checkpoint file: hashed, and recorded relative to the output's folder; or None.
+        pretrained: the weights are timm's pretrained weights of ``model_name``: the name is recorded
+            with its resolved tag and the cached file's sha256.
+        num_classes: the ``num_classes`` the model was created with (recorded; None: timm's default).
         output, schedule, batch, opset: as for :func:`export_onnx`.
 
     Raises:
@@ -159,27 +186,49 @@ def export_model(
     dummy = torch.randn(batch or 2, c, h, w)
     dynamic_shapes = None if batch else ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},)
 
+    source_file = weights or (pretrained_file(model) if pretrained else None)
+    output_name = EMBEDDINGS_NAME if is_embedding_model(model) else OUTPUT_NAME
     info = ExportInfo(
-        model=model_name,
+        model=pretrained_name(model_name, model) if pretrained else model_name,
         schedule=Schedule.from_dict(schedule.to_dict(len(model.blocks))),
-        weights=os.path.abspath(weights) if weights else "",
-        weights_sha256=sha256_file(weights) if weights else "",
+        weights=_relative(weights, output) if weights else "",
+        weights_sha256=sha256_file(source_file) if source_file else "",
         version=__version__,
         input_size=(c, h, w),
         batch=batch,
         tokens=tuple(t.tokens_out for t in merged.tokens),
+        pretrained=pretrained,
+        num_classes=num_classes,
+        output=output_name,
     )
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             merged, (dummy,), dynamo=True, optimize=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[output_name], opset_version=opset,
             dynamic_shapes=dynamic_shapes, verbose=False,
         )
     onnx_model = _finish(program.model, info, schedule, len(model.blocks))
     with atomic_path(output) as tmp:
         onnx.save(onnx_model, tmp)
     return info
+
+
+def _relative(path: str, output: str) -> str:
+    """``path`` relative to ``output``'s folder (portable when both move together), or "" where no
+    relative path exists (another drive)."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(output)))
+    except ValueError:
+        return ""
+
+
+def weights_path(info: ExportInfo, onnx_path: str) -> str:
+    """The recorded weights file as a path usable from here: relative paths are taken from
+    ``onnx_path``'s folder; "" when none was recorded."""
+    if not info.weights:
+        return ""
+    return os.path.join(os.path.dirname(os.path.abspath(onnx_path)), info.weights)
 
 
 def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int) -> onnx.ModelProto:
@@ -210,6 +259,9 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int) -> onnx.
         "input_size": "x".join(str(v) for v in info.input_size),
         "batch": str(info.batch) if info.batch else "dynamic",
         "tokens": json.dumps(list(info.tokens)),
+        "pretrained": "timm" if info.pretrained else "",
+        "num_classes": "" if info.num_classes is None else str(info.num_classes),
+        "output": info.output,
     }
     del onnx_model.metadata_props[:]
     for key, value in meta.items():
@@ -267,9 +319,17 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> ExportInfo:
             input_size=tuple(int(v) for v in meta["input_size"].split("x")),
             batch=None if meta.get("batch", "dynamic") == "dynamic" else int(meta["batch"]),
             tokens=tuple(json.loads(meta.get("tokens", "[]"))),
+            pretrained=meta.get("pretrained", "") == "timm",
+            num_classes=int(meta["num_classes"]) if meta.get("num_classes") else None,
+            output=meta.get("output") or _output_name(model),
         )
     except (ValueError, KeyError) as exc:
         raise DSMError(f"{path!r}: malformed dsm-export metadata ({exc})") from None
+
+
+def _output_name(model: onnx.ModelProto) -> str:
+    outs = [o.name for o in model.graph.output]
+    return outs[0] if outs else OUTPUT_NAME
 
 
 def _stored_schedule(meta: dict) -> Schedule:

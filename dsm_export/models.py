@@ -1,8 +1,14 @@
-"""Creating timm models from local weights, with clear errors for user mistakes."""
+"""Creating timm models the timm way: by name (with a pretrained tag or an ``hf-hub:`` id), with
+weights from timm's pretrained sources (Hugging Face hub cache, torch hub cache) or from a local file,
+through timm's own loading (checkpoint filter functions, position-embedding resampling, classifier
+reset for another ``num_classes``), with one-line errors for user mistakes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import warnings
 
@@ -11,6 +17,9 @@ from torch import nn
 
 from .errors import DSMError
 from .patch import check_supported
+
+HF_SAFE_WEIGHTS = "model.safetensors"
+HF_WEIGHTS = "pytorch_model.bin"
 
 
 def sha256_file(path: str) -> str:
@@ -23,74 +32,240 @@ def sha256_file(path: str) -> str:
 
 
 def load_state_dict(path: str) -> dict:
-    """Load a state dict saved bare or under ``model`` / ``state_dict`` (``torch.load``, weights only).
+    """Load a state dict saved bare or under ``model`` / ``state_dict`` / ``model_ema`` (timm's
+    ``load_state_dict``: safetensors or ``torch.load`` with ``weights_only``).
 
     Raises:
         DSMError: if the file is missing or is not a PyTorch state dict.
     """
+    from timm.models import load_state_dict as timm_load_state_dict
+
     if not os.path.isfile(path):
         raise DSMError(f"weights file {path!r} does not exist")
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = timm_load_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad file
-        raise DSMError(f"weights file {path!r} could not be read: {type(exc).__name__}: {exc}") from None
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
+        raise DSMError(f"weights file {path!r} could not be read: {_first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DSMError(f"weights file {path!r} holds no state dict of tensors")
     return state
 
 
-def create_model(name: str, weights: str | None = None, warn_random: bool = True) -> nn.Module:
-    """Create a timm model by name, load local weights strictly, and put it in eval mode.
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
-    Nothing is downloaded: without ``weights`` the model is randomly initialised (with a warning).
 
-    Args:
-        name: a timm model name, e.g. ``deit_tiny_patch16_224``.
-        weights: path to a state dict (bare or under ``model``), or None.
-        warn_random: warn when no weights are given.
-
-    Returns:
-        The model in eval mode, float32, on the CPU.
+def check_model_name(name: str) -> None:
+    """Check that ``name`` is a timm model, optionally with a pretrained tag (``arch.tag``) or an
+    ``hf-hub:`` id (``timm.models.parse_model_name`` / ``split_model_name_tag``).
 
     Raises:
-        DSMError: unknown model name, missing or unreadable weights, or weights of another model
-            (missing/unexpected keys or shape mismatches).
+        DSMError: unknown architecture or unknown pretrained tag.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg, parse_model_name, split_model_name_tag
+
+    source, rest = parse_model_name(name)
+    if source == "hf-hub":
+        if not rest or "/" not in rest:
+            raise DSMError(f"{name!r}: expected hf-hub:ORGANISATION/REPOSITORY")
+        return
+    arch, tag = split_model_name_tag(rest)
+    if not timm.is_model(arch):
+        raise DSMError(f"unknown timm model {arch!r} (see timm.list_models())")
+    if tag:
+        try:
+            known = get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False) is not None
+        except RuntimeError:
+            known = False
+        if not known:
+            tags = timm.list_pretrained(f"{arch}.*")
+            raise DSMError(f"unknown pretrained tag {tag!r} for {arch} (known: {', '.join(tags) or 'none'})")
+
+
+@contextlib.contextmanager
+def _capture_timm_load_log():
+    """Collect timm's 'Missing keys' / 'Unexpected keys' messages of a non-strict load, and keep
+    huggingface_hub's per-retry warnings off stderr."""
+    logger = logging.getLogger("timm.models._builder")
+    records: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith(("Missing keys", "Unexpected keys")):
+                records.append(msg)
+
+    handler = _Handler(logging.INFO)
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    # huggingface_hub logs each retry of an unreachable hub; the failure itself becomes one DSMError.
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+        hub_logger.setLevel(hub_level)
+
+
+def _hub_errors() -> tuple[type, ...]:
+    errors: list[type] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub import errors as hf_errors
+
+        errors += [hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def create_model(name: str, weights: str | None = None, warn_random: bool = True, pretrained: bool = False,
+                 num_classes: int | None = None) -> nn.Module:
+    """Create a timm model by name with timm's own weight loading, and put it in eval mode.
+
+    Weights come from, in this order: ``weights`` (a local file, loaded by timm through
+    ``pretrained_cfg_overlay=dict(file=...)``, so original-format checkpoints that timm's checkpoint
+    filter converts load too; ``.npz`` files through the model's ``load_pretrained``), timm's
+    pretrained source of ``name`` when ``pretrained`` (the Hugging Face hub cache, honouring
+    ``HF_HOME`` and ``HF_HUB_OFFLINE``), else random initialisation (with a warning).
+
+    Args:
+        name: a timm model name, optionally with a pretrained tag (``deit_tiny_patch16_224.fb_in1k``)
+            or an ``hf-hub:`` id.
+        weights: path to a checkpoint file, or None.
+        warn_random: warn when the model is randomly initialised.
+        pretrained: load timm's pretrained weights for ``name``.
+        num_classes: timm's ``num_classes``: None keeps the model's, 0 gives pooled features
+            (identity head); another value resets the classifier.
+
+    Returns:
+        The model in eval mode, float32, on the CPU. ``model.pretrained_cfg`` tells where the
+        weights came from.
+
+    Raises:
+        DSMError: unknown model name or tag, missing or unreadable weights, weights of another model
+            (missing/unexpected keys or shape mismatches), pretrained weights neither cached nor
+            reachable, ``num_classes`` below 0.
         UnsupportedModelError: if DSM cannot be applied to this architecture.
     """
     import timm
 
-    if not timm.is_model(name):
-        raise DSMError(f"unknown timm model {name!r} (see timm.list_models())")
-    state = load_state_dict(weights) if weights else None
-    model = timm.create_model(name, pretrained=False)
+    check_model_name(name)
+    if num_classes is not None and num_classes < 0:
+        raise DSMError(f"num_classes must be 0 (pooled features) or more, got {num_classes}")
+    kwargs: dict = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    source = None
+    if weights:
+        if not os.path.isfile(weights):
+            raise DSMError(f"weights file {weights!r} does not exist")
+        overlay = dict(file=os.path.abspath(weights))
+        if weights.endswith(".npz"):
+            overlay["custom_load"] = True  # original JAX checkpoints: the model's own npz loader
+        kwargs["pretrained_cfg_overlay"] = overlay
+        source = f"weights {weights!r}"
+    elif pretrained:
+        source = f"the pretrained weights of {name}"
+    load = bool(weights or pretrained)
+    try:
+        with _capture_timm_load_log() as load_log, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, pretrained=load, **kwargs)
+    except DSMError:
+        raise
+    except _hub_errors() as exc:
+        if weights and isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise DSMError(f"weights file {weights!r} could not be read: {_first_line(exc)}") from None
+        from huggingface_hub import constants
+
+        offline = (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
+                   else " (HF_HUB_OFFLINE=1 skips the download attempts)")
+        raise DSMError(
+            f"{source or name} not found in the Hugging Face cache {constants.HF_HUB_CACHE} and not "
+            f"downloadable{offline}: {type(exc).__name__}") from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "Error(s) in loading state_dict" in text:
+            detail = _first_line(text.split("\n", 1)[1]) if "\n" in text else _first_line(exc)
+            raise DSMError(f"{source} do not fit {name}: {detail}") from None
+        if source:
+            raise DSMError(f"{source} could not be loaded into {name}: {_first_line(exc)}") from None
+        raise DSMError(f"{name}: {_first_line(exc)}") from None
+    except (KeyError, ValueError, AssertionError, EOFError, TypeError) as exc:
+        what = source or repr(name)
+        raise DSMError(f"{what} could not be loaded into {name}: {type(exc).__name__}: {_first_line(exc)}") \
+            from None
     check_supported(model, name)
-    if state is None:
-        if warn_random:
-            warnings.warn(f"no weights given: {name} is randomly initialised", stacklevel=2)
-    else:
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            detail = []
-            if missing:
-                detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
-            if unexpected:
-                detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-            if wrong:
-                k = wrong[0]
-                detail.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
-                              f"vs {tuple(own[k].shape)})")
-            raise DSMError(f"weights {weights!r} do not fit {name}: " + ", ".join(detail))
-        model.load_state_dict(state, strict=True)
+    if load_log:
+        # A non-strict load (another num_classes): only the classifier may be missing.
+        classifier = model.pretrained_cfg.get("classifier") or "head"
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        missing = [k for msg in load_log if msg.startswith("Missing")
+                   for k in msg.split("(", 1)[1].split(")", 1)[0].split(", ")]
+        foreign = [k for k in missing if not k.startswith(heads)]
+        unexpected = [msg for msg in load_log if msg.startswith("Unexpected")]
+        if foreign or unexpected:
+            example = foreign[0] if foreign else unexpected[0].split("(", 1)[1].split(",")[0].rstrip(")")
+            raise DSMError(f"{source} do not fit {name}: {'missing' if foreign else 'unexpected'} key {example}")
+    if not load and warn_random:
+        warnings.warn(f"no weights given: {name} is randomly initialised", stacklevel=2)
     return model.float().eval()
+
+
+def pretrained_file(model: nn.Module) -> str | None:
+    """The local file timm loaded ``model``'s pretrained weights from, or None if unknown.
+
+    Looks where timm's loader looks (``model.pretrained_cfg``): a ``file`` override, else the
+    Hugging Face hub cache (``huggingface_hub.try_to_load_from_cache``: ``model.safetensors`` before
+    ``pytorch_model.bin``, or the config's ``hf_hub_filename``), else torch hub's checkpoint folder
+    for a ``url``.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return cfg["file"]
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
+        names += [HF_SAFE_WEIGHTS, HF_WEIGHTS, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for filename in names:
+            path = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(path, str) and os.path.isfile(path):
+                return path
+    url = cfg.get("url")
+    if url:
+        from urllib.parse import urlparse
+
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def pretrained_name(name: str, model: nn.Module) -> str:
+    """``name`` with the pretrained tag timm resolved (``deit_tiny_patch16_224`` ->
+    ``deit_tiny_patch16_224.fb_in1k``); ``hf-hub:`` names and tagged names unchanged."""
+    from timm.models import parse_model_name, split_model_name_tag
+
+    source, rest = parse_model_name(name)
+    if source == "hf-hub" or split_model_name_tag(rest)[1]:
+        return name
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    return f"{rest}.{tag}" if tag else name
+
+
+def is_embedding_model(model: nn.Module) -> bool:
+    """Whether the model outputs pooled features (identity head, timm ``num_classes=0``)."""
+    return int(getattr(model, "num_classes", 1)) == 0

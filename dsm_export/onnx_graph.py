@@ -1,9 +1,12 @@
 """Checks on exported ONNX graphs: forbidden ops, TensorRT-parser op coverage, static shapes.
 
 The op list follows TensorRT 10's ONNX parser support matrix (onnx-tensorrt ``docs/operators.md``);
-only the ops a ViT export with DSM merges can produce are listed, all supported natively (no
-plugin). Scatter ops with a reduction (how ``scatter_reduce`` / ``index_add`` export) are forbidden
-outright, as is ``TopK`` with K >= 3840 (TensorRT's limit).
+only the ops a ViT export with DSM merges can produce are listed, all standard-domain ops supported
+natively (no plugin; ONNX Runtime's contrib ops such as ``SimplifiedLayerNormalization`` are not).
+Scatter ops with a reduction (how ``scatter_reduce`` / ``index_add`` export) are forbidden
+outright, as is ``TopK`` with K >= 3840 (TensorRT's limit), a non-constant K, or ``sorted=0`` (the
+merge reads TopK's order). Inputs the parser needs as constants (``axes`` of Squeeze, Unsqueeze,
+Slice and the Reduce ops) must be initializers or ``Constant`` outputs.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ TENSORRT_OPS = frozenset({
     "LayerNormalization", "Log", "MatMul", "Max", "Mul", "Neg", "Pow", "Range", "ReduceL2",
     "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax",
     "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "TopK", "Transpose", "Unsqueeze", "Where",
-    "SimplifiedLayerNormalization", "Tile", "Min", "Abs", "Clip", "HardSigmoid", "Sign",
+    "Tile", "Min", "Abs", "Clip", "HardSigmoid", "Sign",
     # explicit quantization (build --precision int8): TensorRT imports these as Q/DQ layers
     "QuantizeLinear", "DequantizeLinear",
 })
+# op -> index of an input that TensorRT's ONNX parser needs as a constant (when present).
+CONSTANT_INPUTS = {
+    "TopK": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 3, "ReduceL2": 1, "ReduceMax": 1,
+    "ReduceMean": 1, "ReduceSum": 1,
+}
 FORBIDDEN_OPS = frozenset({"ScatterElements", "ScatterND", "Scatter"})
 TOPK_LIMIT = 3840
 
@@ -33,7 +41,8 @@ def graph_problems(model: onnx.ModelProto) -> list[str]:
 
     Returns:
         Human-readable problems (empty if the graph is clean): scatter ops with a reduction, any
-        scatter op, ``TopK`` with a constant K >= 3840, ops outside :data:`TENSORRT_OPS`, ops from
+        scatter op, ``TopK`` with K >= 3840 or ``sorted=0``, non-constant inputs of
+        :data:`CONSTANT_INPUTS` (K, ``axes``), ops outside :data:`TENSORRT_OPS`, ops from
         non-default domains.
     """
     problems = []
@@ -52,12 +61,17 @@ def graph_problems(model: onnx.ModelProto) -> list[str]:
             problems.append(f"{where}: scatter op (reduction={reduction})")
         elif node.op_type not in TENSORRT_OPS:
             problems.append(f"{where}: not in the TensorRT-native op list")
+        index = CONSTANT_INPUTS.get(node.op_type)
+        if index is not None and len(node.input) > index and node.input[index]:
+            if node.input[index] not in consts:
+                what = "K" if node.op_type == "TopK" else "axes"
+                problems.append(f"{where}: {what} is not a constant")
         if node.op_type == "TopK":
             k = consts.get(node.input[1])
-            if k is None:
-                problems.append(f"{where}: K is not a constant")
-            elif int(k.reshape(-1)[0]) >= TOPK_LIMIT:
+            if k is not None and int(k.reshape(-1)[0]) >= TOPK_LIMIT:
                 problems.append(f"{where}: K={int(k.reshape(-1)[0])} >= {TOPK_LIMIT}")
+            if next((a.i for a in node.attribute if a.name == "sorted"), 1) != 1:
+                problems.append(f"{where}: sorted=0 (the merge needs TopK's order)")
     return problems
 
 

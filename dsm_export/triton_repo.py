@@ -4,8 +4,14 @@ Writes ``<repo>/<name>/config.pbtxt`` and ``<repo>/<name>/1/model.onnx`` (platfo
 ``onnxruntime_onnx``) or ``<repo>/<name>/1/model.plan`` (``tensorrt_plan``). The config is built as
 Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``) and printed with
 ``google.protobuf.text_format``: ``max_batch_size`` with dims that leave out the batch axis, dynamic
-batching with preferred batch sizes, and an instance group; a fixed-batch export gets
-``max_batch_size: 0`` and full dims.
+batching with preferred batch sizes, and an instance group (``KIND_CPU`` or ``KIND_GPU``; plans
+are GPU-only); a fixed-batch export gets ``max_batch_size: 0`` and full dims. An ONNX model on GPU
+instances can have ONNX Runtime's TensorRT execution accelerator
+(``optimization.execution_accelerators.gpu_execution_accelerator``, Triton's onnxruntime backend).
+
+Refused rather than written wrong: a plan whose optimization profile starts above batch 1 under
+dynamic batching (Triton forms batches of any size from 1), and tensor element types with no Triton
+equivalent.
 """
 
 from __future__ import annotations
@@ -19,7 +25,31 @@ from .errors import DSMError
 from .export import load_onnx, read_metadata
 from .fileio import atomic_path
 
-_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16"}
+# ONNX element type -> Triton data type (model_config.proto DataType).
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
+    onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT16: "TYPE_INT16",
+    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.UINT16: "TYPE_UINT16",
+    onnx.TensorProto.UINT32: "TYPE_UINT32", onnx.TensorProto.UINT64: "TYPE_UINT64",
+    onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.STRING: "TYPE_STRING",
+}
+INSTANCE_KINDS = ("cpu", "gpu")
+ORT_TENSORRT_PRECISIONS = ("fp32", "fp16")
+
+
+def triton_dtype(elem_type: int, where: str) -> str:
+    """The Triton data type of an ONNX element type.
+
+    Raises:
+        DSMError: for an element type Triton has no type for (e.g. complex, float8).
+    """
+    if elem_type not in _DTYPES:
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() \
+            else str(elem_type)
+        raise DSMError(f"{where}: element type {name} has no Triton data type")
+    return _DTYPES[elem_type]
 
 
 def _pb2():
@@ -45,7 +75,7 @@ def _io_from_onnx(path: str):
         for v in vals:
             t = v.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-            out.append((v.name, _DTYPES.get(t.elem_type, "TYPE_FP32"), dims))
+            out.append((v.name, triton_dtype(t.elem_type, f"{path!r} tensor {v.name!r}"), dims))
     return inputs, outputs
 
 
@@ -56,31 +86,77 @@ def _io_from_plan(path: str):
     c, h, w = info.input_size
     batch = info.batch or -1
     classes = int(sidecar.get("num_classes", 1000))
-    return [("pixel_values", "TYPE_FP32", [batch, c, h, w])], [("logits", "TYPE_FP32", [batch, classes])], sidecar
+    output = sidecar.get("output") or info.output
+    return [("pixel_values", "TYPE_FP32", [batch, c, h, w])], [(output, "TYPE_FP32", [batch, classes])], sidecar
+
+
+def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str) -> None:
+    """Refuse a plan whose optimization profile cannot take every batch Triton's dynamic batcher
+    may form (1 up to ``max_batch_size``): one with a minimum batch above 1.
+
+    Args:
+        profile: the sidecar's profile (``{"min": [b, c, h, w], "opt": ..., "max": ...}``) or None.
+        dynamic_batching: whether the config turns dynamic batching on.
+
+    Raises:
+        DSMError: naming the profile's minimum.
+    """
+    if profile and dynamic_batching and int(profile["min"][0]) > 1:
+        raise DSMError(f"{path!r}: its optimization profile starts at batch {profile['min'][0]}, but "
+                       "Triton's dynamic batcher sends batches from 1 (rebuild with --min-batch 1)")
 
 
 def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32), instances: int = 1,
-                 queue_delay_us: int = 2000):
+                 queue_delay_us: int = 2000, instance_kind: str | None = None,
+                 ort_tensorrt: str | None = None, workspace_mib: int = 1024):
     """The ``ModelConfig`` protobuf for an ``.onnx`` or ``.plan`` file.
 
+    Args:
+        path: the file.
+        name: the model name.
+        max_batch: ``max_batch_size`` (capped at a plan's profile maximum).
+        preferred: preferred batch sizes of the dynamic batcher.
+        instances: instances in the instance group.
+        queue_delay_us: the dynamic batcher's maximum queue delay (µs).
+        instance_kind: ``cpu`` or ``gpu``; None: ``gpu`` for plans, ``cpu`` for ONNX.
+        ort_tensorrt: ONNX only: ``fp32`` or ``fp16`` turns on ONNX Runtime's TensorRT execution
+            accelerator with that ``precision_mode`` (needs ``gpu`` instances); None leaves it off.
+        workspace_mib: the accelerator's ``max_workspace_size_bytes``, in MiB.
+
     Raises:
-        DSMError: unknown file type, or a file dsm-export did not write.
+        DSMError: unknown file type, a file dsm-export did not write, a plan on CPU instances, the
+            TensorRT accelerator without GPU instances or for a plan, a plan whose profile does not
+            start at batch 1 under dynamic batching, or an element type Triton cannot express.
     """
     pb2, _ = _pb2()
+    if instance_kind is not None and instance_kind not in INSTANCE_KINDS:
+        raise DSMError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
+    if ort_tensorrt is not None and ort_tensorrt not in ORT_TENSORRT_PRECISIONS:
+        raise DSMError(f"ONNX Runtime TensorRT precision must be fp32 or fp16, got {ort_tensorrt!r}")
     cfg = pb2.ModelConfig(name=name)
+    sidecar = None
     if path.endswith(".plan"):
         inputs, outputs, sidecar = _io_from_plan(path)
         cfg.platform = "tensorrt_plan"
-        kind = pb2.ModelInstanceGroup.KIND_GPU
+        if instance_kind == "cpu":
+            raise DSMError(f"{path!r}: a TensorRT plan runs on GPU instances only (--instance-kind gpu)")
+        if ort_tensorrt:
+            raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models, not plans")
+        instance_kind = "gpu"
         if sidecar.get("profile"):
             max_batch = min(max_batch, sidecar["profile"]["max"][0])
     elif path.endswith(".onnx"):
         inputs, outputs = _io_from_onnx(path)
         cfg.platform = "onnxruntime_onnx"
-        kind = pb2.ModelInstanceGroup.KIND_CPU
+        instance_kind = instance_kind or "cpu"
+        if ort_tensorrt and instance_kind != "gpu":
+            raise DSMError("the ONNX Runtime TensorRT accelerator needs --instance-kind gpu")
     else:
         raise DSMError(f"{path!r}: expected an .onnx or .plan file")
+    kind = pb2.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb2.ModelInstanceGroup.KIND_CPU
     dynamic = inputs[0][2][0] == -1
+    if sidecar is not None:
+        check_plan_batching(sidecar.get("profile"), dynamic, path)
     cfg.max_batch_size = max_batch if dynamic else 0
     for spec, target in ((inputs, cfg.input), (outputs, cfg.output)):
         for tname, dtype, dims in spec:
@@ -90,14 +166,23 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         cfg.dynamic_batching.preferred_batch_size.extend([b for b in preferred if b <= max_batch])
         cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     cfg.instance_group.add(count=instances, kind=kind)
+    if ort_tensorrt:
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        acc.parameters["precision_mode"] = ort_tensorrt.upper()
+        acc.parameters["max_workspace_size_bytes"] = str(workspace_mib << 20)
     return cfg
 
 
-def write_repository(files: list[str], repo: str, max_batch: int = 64, instances: int = 1) -> list[str]:
+def write_repository(files: list[str], repo: str, max_batch: int = 64, instances: int = 1,
+                     instance_kind: str | None = None, ort_tensorrt: str | None = None) -> list[str]:
     """Write a model repository holding ``files``; returns the model names.
 
+    ``instance_kind`` and ``ort_tensorrt`` as for :func:`model_config`. Every config is made before
+    anything is written.
+
     Raises:
-        DSMError: missing files, duplicate model names, or files dsm-export did not write.
+        DSMError: missing files, duplicate model names, files dsm-export did not write, and what
+            :func:`model_config` refuses.
     """
     from .engines import copy_file
 
@@ -108,7 +193,8 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
     for f in files:
         if not os.path.isfile(f):
             raise DSMError(f"{f!r} does not exist")
-    configs = [model_config(f, n, max_batch=max_batch, instances=instances) for f, n in zip(files, names)]
+    configs = [model_config(f, n, max_batch=max_batch, instances=instances, instance_kind=instance_kind,
+                            ort_tensorrt=ort_tensorrt) for f, n in zip(files, names)]
     for f, name, cfg in zip(files, names, configs):
         os.makedirs(os.path.join(repo, name, "1"), exist_ok=True)
         ext = "plan" if f.endswith(".plan") else "onnx"

@@ -1,4 +1,5 @@
-"""Automatic schedule search: the schedule with the least KL to the unmerged model at a FLOP target.
+"""Automatic schedule search: the schedule with the least KL to the unmerged model at a FLOP target
+(for embedding models, timm ``num_classes=0``: the least mean 1 - cosine similarity).
 
 Search (on calibration images, PyTorch reference implementation):
 
@@ -8,8 +9,9 @@ Search (on calibration images, PyTorch reference implementation):
 2. per-block refinement of the best grid schedule: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
 
-Candidates are ranked by mean KL to the unmerged model, ties broken by top-1 agreement. Held-apart
-images (not used for the search) then judge the result.
+Candidates are ranked by their ``divergence`` from the unmerged model (mean KL, or mean 1 - cosine for
+embedding models), ties broken by ``agreement`` (top-1 agreement, or retrieval overlap@k).
+Held-apart images (not used for the search) then judge the result.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ class TuneResult:
 
     Attributes:
         best: the chosen schedule.
-        best_metrics: its calibration metrics (``kl``, ``top1_agreement``, ``flops_ratio``).
+        best_metrics: its calibration metrics (``divergence``, ``agreement``, ``flops_ratio``; ``kl``
+            and ``top1_agreement`` for classifiers, ``cosine_distance`` and ``knn_overlap`` for
+            embedding models).
         evaluated: every evaluated candidate's metrics (calibration), in evaluation order.
-        pareto: the non-dominated candidates (higher FLOP reduction, lower KL), by FLOP reduction.
+        pareto: the non-dominated candidates (higher FLOP reduction, lower divergence), by FLOP
+            reduction.
     """
 
     best: Schedule
@@ -73,21 +78,31 @@ def grid_candidates(model: nn.Module, target: float, slack: float = 0.05,
     return out
 
 
+def _div(row: dict) -> float:
+    return row["divergence"] if "divergence" in row else row["kl"]
+
+
+def _agree(row: dict) -> float:
+    return row["agreement"] if "agreement" in row else row["top1_agreement"]
+
+
 def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (higher ``flops_ratio``, lower ``kl``), sorted by ``flops_ratio``."""
+    """Rows not dominated in (higher ``flops_ratio``, lower ``divergence``, or ``kl`` where a row has
+    no ``divergence``), sorted by ``flops_ratio``."""
     front = [r for r in rows if not any(
-        o["flops_ratio"] >= r["flops_ratio"] and o["kl"] <= r["kl"]
-        and (o["flops_ratio"] > r["flops_ratio"] or o["kl"] < r["kl"]) for o in rows)]
+        o["flops_ratio"] >= r["flops_ratio"] and _div(o) <= _div(r)
+        and (o["flops_ratio"] > r["flops_ratio"] or _div(o) < _div(r)) for o in rows)]
     return sorted(front, key=lambda r: r["flops_ratio"])
 
 
 def _better(a: dict, b: dict | None) -> bool:
-    return b is None or (a["kl"], -a["top1_agreement"]) < (b["kl"], -b["top1_agreement"])
+    return b is None or (_div(a), -_agree(a)) < (_div(b), -_agree(b))
 
 
 def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
          slack: float = 0.05, progress: bool = True) -> TuneResult:
-    """Search for the schedule with the least KL at ``target``-fold fewer FLOPs (see module doc).
+    """Search for the schedule with the least divergence (KL, or 1 - cosine for embedding models) at
+    ``target``-fold fewer FLOPs (see module doc).
 
     Args:
         model: unmerged timm ViT (eval mode).

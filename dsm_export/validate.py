@@ -1,14 +1,23 @@
 """Parity and accuracy report of an exported graph against PyTorch.
 
-For every image the graph's logits are compared with (a) the PyTorch model running the same
+For every image the graph's output is compared with (a) the PyTorch model running the same
 schedule with the *reference* merge implementation (ToMe's scatter merges, SDPA attention), and
-(b) the unmerged PyTorch model. The graph passes when its logits are within ``atol`` of (a) and its
-top-1 class equals (a)'s on every image.
+(b) the unmerged PyTorch model.
+
+* Classifiers (output ``logits``): the graph passes when its logits are within ``atol`` of (a) and
+  its top-1 class equals (a)'s on every image; KL and top-1 agreement to (b) are reported.
+* Embedding models (output ``embeddings``, timm ``num_classes=0``): cosine similarity to (a) and (b)
+  per image (min and mean), and k-nearest-neighbour retrieval agreement over the image set
+  (overlap@k: the fraction of each image's k nearest neighbours by cosine that are the same as
+  with the reference's embeddings). The graph passes when every image's cosine similarity to (a) is
+  at least ``1 - COSINE_ATOL`` and retrieval overlap@k with (a) is at least
+  :data:`MIN_KNN_OVERLAP` (fp16: the mean cosine distance criterion of :data:`FP16_COSINE_ATOL`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,15 +26,20 @@ import torch
 
 from .data import eval_transform, iter_batches, list_images
 from .errors import DSMError
-from .export import ExportInfo, load_onnx, read_metadata
+from .export import ExportInfo, load_onnx, read_metadata, weights_path
 from .flops import schedule_flops
-from .models import create_model, sha256_file
+from .models import create_model, is_embedding_model, pretrained_file, sha256_file
 from .patch import apply, input_size
 from .schedule import Schedule
 
 DEFAULT_ATOL = 1e-4  # fp32 logits
 FP16_MEDIAN_ATOL = 0.1  # fp16 engines: median over images of the max |logit difference|
 FP16_MIN_TOP1_MATCH = 0.98  # fp16 engines: top-1 equal to PyTorch-with-schedule on this fraction
+COSINE_ATOL = 1e-5  # fp32 embeddings: 1 - cosine similarity to PyTorch-with-schedule, every image
+FP16_COSINE_ATOL = 1e-3  # fp16 embeddings: median over images of 1 - cosine similarity
+MIN_KNN_OVERLAP = 0.98  # embeddings: retrieval overlap@k with PyTorch-with-schedule (fp16: 0.9)
+FP16_MIN_KNN_OVERLAP = 0.9
+KNN_K = 5  # neighbours in the retrieval overlap
 # INT8 engines, against the fp32 model with the same schedule. Measured on the shared DeiT-Tiny (500
 # photos, static QDQ, symmetric, percentile calibration on 64): unmerged 96 % top-1 match, KL 0.008;
 # r=34,r_end=0,delay=3,local=1 93.8 %, KL 0.033 (INT8 noise in the keys also flips some merges).
@@ -70,23 +84,70 @@ def agreement_metrics(logits: np.ndarray, unmerged: np.ndarray, labels=None) -> 
     return out
 
 
-def onnx_runner(path: str, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """An ONNX Runtime CPU runner for ``path``: ``[B, 3, H, W]`` float32 -> ``[B, classes]``.
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of ``[N, D]`` arrays, in float64: ``[N]``."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-300)
+
+
+def knn_indices(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` nearest other rows by cosine similarity: ``[N, k]`` indices (ties broken by
+    index, stable sort)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=-1, kind="stable")[:, :k]
+
+
+def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = KNN_K) -> float:
+    """Retrieval overlap@k: mean over images of |kNN_a ∩ kNN_b| / k, the neighbours found among the
+    other images of the set by cosine similarity of embeddings ``a`` and of ``b`` (``[N, D]`` each).
+    1.0 for fewer than two images."""
+    k = min(k, len(a) - 1)
+    if k < 1:
+        return 1.0
+    na, nb = knn_indices(a, k), knn_indices(b, k)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na.tolist(), nb.tolist())]))
+
+
+def embedding_metrics(embeddings: np.ndarray, unmerged: np.ndarray, k: int = KNN_K) -> dict:
+    """Agreement of embeddings ``[N, D]`` with the unmerged model's: ``cosine_distance`` (mean of
+    1 - cosine), ``min_cosine``, ``mean_cosine``, ``knn_overlap`` (overlap@k, see :func:`knn_overlap`),
+    plus the generic ``divergence`` (= ``cosine_distance``) and ``agreement`` (= ``knn_overlap``)
+    that ``tune`` ranks by."""
+    cos = cosine_similarity(embeddings, unmerged)
+    overlap = knn_overlap(embeddings, unmerged, k)
+    dist = float((1 - cos).mean())
+    return {"cosine_distance": dist, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "knn_overlap": overlap, "knn_k": min(k, max(len(cos) - 1, 0)),
+            "divergence": dist, "agreement": overlap}
+
+
+def output_metrics(outputs: np.ndarray, unmerged: np.ndarray, labels=None, embeddings: bool = False) -> dict:
+    """:func:`agreement_metrics` for logits, :func:`embedding_metrics` for embeddings; both carry
+    ``divergence`` (KL, or mean 1 - cosine) and ``agreement`` (top-1 agreement, or overlap@k)."""
+    if embeddings:
+        return embedding_metrics(outputs, unmerged)
+    m = agreement_metrics(outputs, unmerged, labels)
+    return {**m, "divergence": m["kl"], "agreement": m["top1_agreement"]}
+
+
+def onnx_runner(path: str, threads: int | None = None, provider: str | None = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime runner for ``path``: ``[B, 3, H, W]`` float32 -> ``[B, classes]`` (or
+    ``[B, dim]`` embeddings), on ``provider`` (see :func:`dsm_export.providers.resolve_providers`).
 
     A graph with a static batch axis is fed in chunks of that size, the last one padded.
 
     Raises:
-        DSMError: if ONNX Runtime cannot load the file.
+        DSMError: if ONNX Runtime cannot load the file, or the provider is not available.
     """
-    import onnxruntime as ort
+    from .providers import create_session
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad files
-        raise DSMError(f"ONNX Runtime cannot load {path!r}: {str(exc).splitlines()[0]}") from None
+    session = create_session(path, provider, threads, optimization="default")
     inp = session.get_inputs()[0]
     static = inp.shape[0] if isinstance(inp.shape[0], int) else None
     return batched_runner(lambda x: session.run(None, {inp.name: x})[0], static)
@@ -110,24 +171,68 @@ def batched_runner(run: Callable[[np.ndarray], np.ndarray], static_batch: int | 
     return runner
 
 
-def resolve_weights(info: ExportInfo, weights: str | None) -> str:
-    """Pick the weights for the PyTorch side: ``weights`` if given, else the path stored at export.
+def resolve_weights(info: ExportInfo, weights: str | None = None, pretrained: bool = False,
+                    onnx_path: str | None = None) -> tuple[str | None, bool]:
+    """Pick the weights for the PyTorch side.
+
+    In order: ``weights`` if given; timm's pretrained weights if ``pretrained`` or if the graph was
+    exported from them; else the file recorded at export (relative to ``onnx_path``'s folder).
+    The pretrained file's sha256 is checked after loading (:func:`check_weights`).
+
+    Returns:
+        ``(weights file or None, pretrained)`` for :func:`dsm_export.models.create_model`.
 
     Raises:
-        DSMError: if none is available, or if the file's sha256 differs from the exported one.
+        DSMError: if none is available, the file is missing, or its sha256 differs from the file
+            the graph was exported from (for a graph exported from timm's pretrained weights a local
+            file only warns: its format may differ; the parity check judges the values).
     """
-    path = weights or info.weights
-    if not path:
-        raise DSMError(
-            "the graph was exported from randomly initialised weights; PyTorch cannot rebuild them "
-            "(export with --weights to validate)")
+    if weights:
+        path = weights
+    elif pretrained or info.pretrained:
+        return None, True
+    else:
+        path = weights_path(info, onnx_path or ".") if info.weights else ""
+        if not path:
+            raise DSMError(
+                "the graph was exported from randomly initialised weights; PyTorch cannot rebuild them "
+                "(export with --weights or --pretrained to validate)")
     if not os.path.isfile(path):
-        raise DSMError(f"weights file {path!r} does not exist (pass --weights)")
+        raise DSMError(f"weights file {path!r} does not exist (pass --weights or --pretrained)")
     if info.weights_sha256 and sha256_file(path) != info.weights_sha256:
-        raise DSMError(
-            f"weights {path!r} are not the ones the graph was exported from "
-            f"(sha256 {info.weights_sha256[:12]}...)")
-    return path
+        if info.pretrained:
+            # Exported from timm's cached file, validated against a local file: the bytes (format)
+            # may differ for the same weights; the parity check judges the values.
+            warnings.warn(f"weights {path!r} are another file than the timm pretrained weights the graph "
+                          f"was exported from (sha256 {info.weights_sha256[:12]}...)", stacklevel=2)
+        else:
+            raise DSMError(
+                f"weights {path!r} are not the ones the graph was exported from "
+                f"(sha256 {info.weights_sha256[:12]}...)")
+    return path, False
+
+
+def check_weights(info: ExportInfo, model: torch.nn.Module, pretrained: bool) -> None:
+    """Check that timm's pretrained file behind ``model`` is the one the graph was exported from.
+
+    A graph exported from a local file and validated with ``--pretrained`` only warns on a
+    mismatch (another file may hold the same weights; the parity check judges them).
+
+    Raises:
+        DSMError: on a sha256 mismatch with the cached file a ``--pretrained`` export recorded.
+    """
+    if not pretrained or not info.weights_sha256:
+        return
+    path = pretrained_file(model)
+    if path and sha256_file(path) != info.weights_sha256:
+        if not info.pretrained:
+            # Exported from a local file, validated against timm's: another file for possibly the
+            # same weights; the parity check judges the values.
+            warnings.warn(f"timm's pretrained weights for {info.model} are another file than the weights "
+                          f"the graph was exported from (sha256 {info.weights_sha256[:12]}...)", stacklevel=2)
+            return
+        raise DSMError(f"timm's pretrained weights for {info.model} ({path}) are not the ones the graph "
+                       f"was exported from (sha256 {info.weights_sha256[:12]}...)")
 
 
 def collect_logits(runner, model, merged, images, transform, batch_size: int, progress: bool) -> Logits:
@@ -159,27 +264,37 @@ def validate_runner(
     progress: bool = True,
     fp16: bool = False,
     int8: bool = False,
+    pretrained: bool = False,
+    source_path: str | None = None,
 ) -> dict:
     """Compare any graph runner with PyTorch over an image folder (see module docstring).
 
     Args:
-        runner: ``[B, 3, H, W]`` float32 numpy -> ``[B, classes]`` logits.
-        info: the graph's dsm-export metadata (model, schedule, weights, input size).
+        runner: ``[B, 3, H, W]`` float32 numpy -> ``[B, classes]`` logits (or ``[B, dim]`` embeddings).
+        info: the graph's dsm-export metadata (model, schedule, weights, input size, output kind).
         images_dir: folder of images, optionally with ``labels.csv``.
         weights, model_name, schedule: override what the metadata says.
-        atol: tolerance on the max absolute logit difference against PyTorch-with-schedule.
+        atol: tolerance on the max absolute logit difference against PyTorch-with-schedule
+            (classifiers only).
         batch_size: images per batch.
         limit: validate on the first ``limit`` images only.
         progress: show a progress bar.
-        fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`).
-        int8: judge by the INT8 criterion (:data:`INT8_MIN_TOP1_MATCH`, :data:`INT8_MAX_KL`).
+        fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`;
+            :data:`FP16_COSINE_ATOL`, :data:`FP16_MIN_KNN_OVERLAP` for embeddings).
+        int8: judge a classifier by the INT8 criterion (:data:`INT8_MIN_TOP1_MATCH`, :data:`INT8_MAX_KL`).
+        pretrained: rebuild the PyTorch model from timm's pretrained weights of the model name.
+        source_path: the graph's file; a relative weights path in the metadata is taken from its folder.
 
     Returns:
-        The report: ``max_abs_diff``, ``top1_match_pytorch`` (fraction), ``top1_mismatches``,
-        ``top1_agreement``, ``kl`` (mean, nats), ``top1_accuracy`` and ``baseline_top1_accuracy``
-        (labelled folders only), ``gflops``, ``baseline_gflops``, ``flops_ratio``, ``images``,
-        ``atol``, ``passed``, ``model``, ``schedule``, ``kl_to_pytorch`` (mean KL from
-        PyTorch-with-schedule to the graph, nats), ``precision``, ``criterion``.
+        The report. Always: ``model``, ``schedule``, ``images``, ``output`` (``logits`` or
+        ``embeddings``), ``gflops``, ``baseline_gflops``, ``flops_ratio``, ``criterion``, ``passed``.
+        Classifiers: ``max_abs_diff``, ``median_abs_diff``, ``top1_match_pytorch`` (fraction),
+        ``top1_mismatches``, ``top1_agreement``, ``kl`` (mean, nats), ``top1_accuracy`` and
+        ``baseline_top1_accuracy`` (None for unlabelled folders), ``atol``. Embeddings:
+        ``cosine`` = ``{"pytorch": {"min", "mean"}, "unmerged": {"min", "mean"}, "knn_k",
+        "knn_overlap_pytorch", "knn_overlap_unmerged", "tolerance"}`` and ``max_abs_diff``.
+        Also ``precision`` (``fp32``, ``fp16`` or ``int8``) and, for classifiers, ``kl_to_pytorch``
+        (mean KL from PyTorch-with-schedule to the graph, nats).
 
     Raises:
         DSMError: bad folder, weights, model name or schedule; an input size other than the model's.
@@ -193,34 +308,49 @@ def validate_runner(
         schedule = Schedule.parse(schedule)
     schedule = schedule or info.schedule
     images = list_images(images_dir, limit)
-    model = create_model(name, resolve_weights(info, weights))
+    path, use_pretrained = resolve_weights(info, weights, pretrained, source_path)
+    model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
+    check_weights(info, model, use_pretrained and not model_name)
     if tuple(input_size(model)) != tuple(info.input_size):
         c, h, w = info.input_size
         _, mh, mw = input_size(model)
         raise DSMError(f"the graph takes {h}x{w} inputs but {name} takes {mh}x{mw}")
+    if is_embedding_model(model) != info.embeddings:
+        raise DSMError(f"the graph outputs {info.output} but {name} (num_classes "
+                       f"{model.num_classes}) does not: pass the export's --num-classes")
     merged = apply(model, schedule, impl="reference", name=name).eval()
     logits = collect_logits(runner, model, merged, images, eval_transform(model), batch_size, progress)
+    if logits.graph.shape != logits.merged.shape:
+        raise DSMError(f"the graph outputs {logits.graph.shape[1:]} per image but {name} gives "
+                       f"{logits.merged.shape[1:]}")
 
-    per_image = np.abs(logits.graph - logits.merged).max(-1)
-    diff = float(per_image.max())
-    match = logits.graph.argmax(-1) == logits.merged.argmax(-1)
     flops, base_flops, _ = schedule_flops(model, schedule)
+    per_image = np.abs(logits.graph - logits.merged).max(-1)
     report = {
         "model": name,
         "schedule": schedule.spec(),
         "images": len(images),
-        "max_abs_diff": diff,
-        "top1_match_pytorch": float(match.mean()),
-        "top1_mismatches": int((~match).sum()),
+        "output": info.output,
+        "max_abs_diff": float(per_image.max()),
         "median_abs_diff": float(np.median(per_image)),
-        "kl_to_pytorch": float(kl_divergence(logits.merged, logits.graph).mean()),
         "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
-        **agreement_metrics(logits.graph, logits.unmerged, images.labels),
         "gflops": flops / 1e9,
         "baseline_gflops": base_flops / 1e9,
         "flops_ratio": base_flops / flops,
-        "atol": atol,
     }
+    if info.embeddings:
+        report.update(_embedding_report(logits, fp16))
+        return report
+
+    diff = report["max_abs_diff"]
+    match = logits.graph.argmax(-1) == logits.merged.argmax(-1)
+    report.update({
+        "top1_match_pytorch": float(match.mean()),
+        "top1_mismatches": int((~match).sum()),
+        "kl_to_pytorch": float(kl_divergence(logits.merged, logits.graph).mean()),
+        **agreement_metrics(logits.graph, logits.unmerged, images.labels),
+        "atol": atol,
+    })
     if images.labels is None:
         report["top1_accuracy"] = None
         report["baseline_top1_accuracy"] = None
@@ -244,18 +374,50 @@ def validate_runner(
     return report
 
 
-def validate(onnx_path: str, images_dir: str, threads: int | None = None, **kwargs) -> dict:
-    """Validate an exported ONNX file with ONNX Runtime (CPU); see :func:`validate_runner`.
+def _embedding_report(logits: Logits, fp16: bool) -> dict:
+    """The cosine / retrieval part of an embedding model's report (see :func:`validate_runner`)."""
+    to_ref = cosine_similarity(logits.graph, logits.merged)
+    to_base = cosine_similarity(logits.graph, logits.unmerged)
+    k = min(KNN_K, len(to_ref) - 1)
+    overlap_ref = knn_overlap(logits.graph, logits.merged, KNN_K)
+    overlap_base = knn_overlap(logits.graph, logits.unmerged, KNN_K)
+    if fp16:
+        criterion = (f"fp16: median 1 - cosine to PyTorch with schedule <= {FP16_COSINE_ATOL:g}, "
+                     f"retrieval overlap@{k} >= {FP16_MIN_KNN_OVERLAP:.0%}")
+        passed = float(np.median(1 - to_ref)) <= FP16_COSINE_ATOL and overlap_ref >= FP16_MIN_KNN_OVERLAP
+    else:
+        criterion = (f"fp32: 1 - cosine to PyTorch with schedule <= {COSINE_ATOL:g} on every image, "
+                     f"retrieval overlap@{k} >= {MIN_KNN_OVERLAP:.0%}")
+        passed = float((1 - to_ref).max()) <= COSINE_ATOL and overlap_ref >= MIN_KNN_OVERLAP
+    return {
+        "cosine": {
+            "pytorch": {"min": float(to_ref.min()), "mean": float(to_ref.mean())},
+            "unmerged": {"min": float(to_base.min()), "mean": float(to_base.mean())},
+            "knn_k": k,
+            "knn_overlap_pytorch": overlap_ref,
+            "knn_overlap_unmerged": overlap_base,
+            "tolerance": COSINE_ATOL if not fp16 else FP16_COSINE_ATOL,
+        },
+        "criterion": criterion,
+        "passed": bool(passed),
+    }
+
+
+def validate(onnx_path: str, images_dir: str, threads: int | None = None, provider: str | None = "cpu",
+             **kwargs) -> dict:
+    """Validate an exported ONNX file with ONNX Runtime on ``provider``; see :func:`validate_runner`.
 
     Raises:
-        DSMError: corrupt or foreign ONNX file, and everything :func:`validate_runner` raises.
+        DSMError: corrupt or foreign ONNX file, an unavailable provider, and everything
+            :func:`validate_runner` raises.
     """
     model = load_onnx(onnx_path)
     info = read_metadata(model, onnx_path)
     precision = {p.key: p.value for p in model.metadata_props}.get("dsm.precision", "fp32")
     kwargs.setdefault("fp16", precision == "fp16")
     kwargs.setdefault("int8", precision == "int8")
-    return validate_runner(onnx_runner(onnx_path, threads), info, images_dir, **kwargs)
+    kwargs.setdefault("source_path", onnx_path)
+    return validate_runner(onnx_runner(onnx_path, threads, provider), info, images_dir, **kwargs)
 
 
 def validate_engine(plan_path: str, images_dir: str, **kwargs) -> dict:
@@ -266,4 +428,8 @@ def validate_engine(plan_path: str, images_dir: str, **kwargs) -> dict:
     runner = TensorRTRunner(plan_path)
     kwargs.setdefault("fp16", sidecar.get("precision") == "fp16")
     kwargs.setdefault("int8", sidecar.get("precision") == "int8")
+    source = sidecar.get("source_onnx")
+    if source and not os.path.isabs(source):
+        source = os.path.join(os.path.dirname(os.path.abspath(plan_path)), source)
+    kwargs.setdefault("source_path", source or plan_path)
     return validate_runner(runner, info, images_dir, **kwargs)

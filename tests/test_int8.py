@@ -146,8 +146,10 @@ def test_layer_labels_follow_timm(fp32_file):
 def test_speed_pareto_and_choice():
     from dsm_export.engine_search import choose, ladder, speed_pareto
 
-    rows = [{"speedup": 1.3, "kl": 0.008, "top1_agreement": 0.96}, {"speedup": 2.1, "kl": 0.06, "top1_agreement": 0.92},
-            {"speedup": 2.0, "kl": 0.03, "top1_agreement": 0.95}, {"speedup": 1.6, "kl": 0.05, "top1_agreement": 0.93}]
+    rows = [{"speedup": 1.3, "divergence": 0.008, "agreement": 0.96},
+            {"speedup": 2.1, "divergence": 0.06, "agreement": 0.92},
+            {"speedup": 2.0, "divergence": 0.03, "agreement": 0.95},
+            {"speedup": 1.6, "divergence": 0.05, "agreement": 0.93}]
     assert speed_pareto(rows) == [rows[0], rows[2], rows[1]]
     assert choose(rows, 1.9) is rows[2] and choose(rows, 2.05) is rows[1] and choose(rows, 3.0) is None
     steps = ladder(2.5, 5)

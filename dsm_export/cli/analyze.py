@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 from ..errors import DSMError
+from ._common import add_weights_args, model_from_args
 
 
 def add(sub):
     p = sub.add_parser("analyze", help="per-block attention, key-similarity, outlier and merge-cost statistics")
     p.add_argument("model", help="timm model name")
-    p.add_argument("--weights", required=True)
+    add_weights_args(p)
     p.add_argument("--images", required=True, help="calibration image folder")
     p.add_argument("--limit", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--r", type=int, default=16, help="tokens merged by one block for the merge cost")
@@ -23,9 +24,8 @@ def run(args) -> int:
     from ..data import list_images
     from ..evaluate import load_pixels
     from ..fileio import write_json
-    from ..models import create_model
 
-    model = create_model(args.model, args.weights)
+    model = model_from_args(args, args.model, require_weights=True)
     images = list_images(args.images, args.limit)
     grid = model.patch_embed.grid_size
     if not 1 <= args.r <= grid[0] * grid[1] // 2:
@@ -34,10 +34,11 @@ def run(args) -> int:
     os.makedirs(args.output, exist_ok=True)
     plot_analysis(report, args.output, args.model)
     write_json(os.path.join(args.output, "analysis.json"), {"model": args.model, **report})
-    print(f"{'block':>5} {'entropy':>8} {'key sim':>8} {'outliers':>9} {'merge KL':>9} {'agree':>6}")
-    for i in range(len(report["merge_kl"])):
+    cost = "merge " + ("KL" if report["merge_cost_metric"] == "KL" else "1-cos")
+    print(f"{'block':>5} {'entropy':>8} {'key sim':>8} {'outliers':>9} {cost:>10} {'agree':>6}")
+    for i in range(len(report["merge_cost"])):
         print(f"{i:>5} {report['attention_entropy'][i]:>8.3f} {report['key_match_similarity'][i]:>8.3f} "
-              f"{report['outlier_ratio'][i]:>9.1f} {report['merge_kl'][i]:>9.4f} "
+              f"{report['outlier_ratio'][i]:>9.1f} {report['merge_cost'][i]:>10.4f} "
               f"{100 * report['merge_agreement'][i]:>5.1f}%")
     print(f"recommended delay: {report['recommended_delay']} ({report['reason']})")
     print(f"wrote {args.output}/analysis.json and 4 PNG plots")

@@ -30,6 +30,8 @@ def add(sub):
     t = p.add_argument_group("TensorRT")
     t.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
     t.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
+    t.add_argument("--tf32", action="store_true",
+                   help="TensorRT: allow TF32 for fp32 math (off by default: exact fp32 parity)")
     t.add_argument("--min-batch", type=int, default=1)
     t.add_argument("--opt-batch", type=int, default=32)
     t.add_argument("--max-batch", type=int, default=64)
@@ -72,7 +74,7 @@ def run(args) -> int:
     if args.backend == "tensorrt":
         info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
             precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
-            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch))
+            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, tf32=args.tf32))
         print(f"wrote {args.output} and {args.output}.json: TensorRT {info['tensorrt_version']}, "
               f"{info['gpu']}, {info['precision']}")
     elif args.precision == "int8":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from ._common import add_weights_args, check_weights_args
+
 
 def add(sub):
     p = sub.add_parser("export", help="export a timm ViT with a merge schedule to static-shape ONNX")
-    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
-    p.add_argument("--weights", help="local state dict (bare or under 'model'); without it: random init")
+    p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224, deit_tiny_patch16_224.fb_in1k "
+                                 "or hf-hub:timm/deit_tiny_patch16_224.fb_in1k")
+    add_weights_args(p)
     p.add_argument("--schedule", default="none",
                    help="schedule spec (r=13,delay=2,local=4,windows=2x2), 'none', or a JSON file")
     p.add_argument("--output", "-o", required=True, help="output .onnx file")
@@ -19,10 +22,12 @@ def add(sub):
 def run(args) -> int:
     from ..export import export_onnx, parse_input_size
 
+    check_weights_args(args)
     hw = parse_input_size(args.input_size) if args.input_size else None
     info = export_onnx(args.model, args.output, args.schedule, args.weights, batch=args.batch,
-                       opset=args.opset, image_size=hw)
+                       opset=args.opset, image_size=hw, pretrained=args.pretrained,
+                       num_classes=args.num_classes)
     tokens = " ".join(str(t) for t in info.tokens)
-    print(f"wrote {args.output}: {info.model}, schedule {args.schedule}, "
+    print(f"wrote {args.output}: {info.model}, schedule {args.schedule}, output {info.output}, "
           f"batch {info.batch or 'dynamic'}, tokens per block {tokens}")
     return 0

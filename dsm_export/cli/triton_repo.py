@@ -9,12 +9,18 @@ def add(sub):
     p.add_argument("--output", "-o", required=True, help="model repository folder")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--instance-kind", choices=("cpu", "gpu"),
+                   help="instance group kind (default: gpu for .plan files, cpu for .onnx files)")
+    p.add_argument("--ort-tensorrt", choices=("fp32", "fp16"),
+                   help="ONNX models on GPU instances: ONNX Runtime's TensorRT execution accelerator with "
+                        "this precision_mode (fp16 lets TensorRT run the token matching in fp16 too)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..triton_repo import write_repository
 
-    names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances)
+    names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances,
+                             instance_kind=args.instance_kind, ort_tensorrt=args.ort_tensorrt)
     print(f"wrote {args.output}: " + ", ".join(names))
     return 0

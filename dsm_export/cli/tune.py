@@ -1,4 +1,5 @@
-"""Subcommand ``tune``: the schedule (and precision) with the least KL at a FLOP or speed-up target."""
+"""Subcommand ``tune``: the schedule (and precision) with the least KL (1 - cosine for embedding
+models) at a FLOP or speed-up target."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import shutil
 import tempfile
 
 from ..errors import DSMError
+from ._common import add_weights_args, model_from_args
 
 
 def add(sub):
     p = sub.add_parser("tune", help="search the schedule (x precision) with the least KL at a FLOP or speed-up target")
     p.add_argument("model", help="timm model name")
-    p.add_argument("--weights", required=True)
+    add_weights_args(p)
     p.add_argument("--images", required=True, help="image folder; calibration and held-apart images")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
@@ -23,6 +25,9 @@ def add(sub):
                    help="engine precision: fp32, int8 (static QDQ), or auto (search both; --target-speedup only)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
+    p.add_argument("--provider", default="cpu",
+                   help="ONNX Runtime execution provider for --target-speedup: cpu, cuda, tensorrt, openvino "
+                        "or a full name (default cpu)")
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
     p.add_argument("--max-grid", type=int, default=None,
@@ -58,12 +63,14 @@ def _check(args) -> None:
 
 def run(args) -> int:
     from ..data import list_images, split_calibration
-    from ..evaluate import load_pixels, model_logits, schedule_metrics
+    from ..evaluate import divergence_name, load_pixels, model_logits, schedule_metrics
     from ..fileio import write_json
-    from ..models import create_model
-
     _check(args)
-    model = create_model(args.model, args.weights)
+    model = model_from_args(args, args.model, require_weights=True)
+    if args.target_speedup:
+        from ..providers import resolve_providers
+
+        resolve_providers(args.provider)  # fail before minutes of search, not after
     images = list_images(args.images)
     if len(images) < args.calibration + 1:
         raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
@@ -82,12 +89,16 @@ def run(args) -> int:
         schedule = report["schedule_obj"]
         if chosen_path:  # the engine as it will be served, on photos the search never saw
             from ..engine_search import ort_logits
-            from ..validate import agreement_metrics
+            from ..models import is_embedding_model
+            from ..validate import output_metrics
 
-            held_metrics = agreement_metrics(ort_logits(chosen_path, held_pixels.numpy()), base, held.labels)
+            held_metrics = output_metrics(ort_logits(chosen_path, held_pixels.numpy()), base, held.labels,
+                                          embeddings=is_embedding_model(model))
             held_metrics["flops_ratio"] = report["calibration"]["flops_ratio"]
         else:
             held_metrics = schedule_metrics(model, schedule, held_pixels, base, held.labels)
+        div = divergence_name(model)
+        agree = "agreement" if div == "KL" else f"retrieval overlap@{held_metrics.get('knn_k', 5)}"
         print(f"chosen: {schedule.spec()}, {report['precision']}")
         print(json.dumps(schedule.to_dict(depth)))
         cal = report["calibration"]
@@ -95,22 +106,24 @@ def run(args) -> int:
             print(f"measured ONNX Runtime speed-up: {cal['speedup']:.2f}x over the fp32 unmerged export "
                   f"(batch 32, median of {args.repeats}, {report['machine']['cpu']}, "
                   f"{report['machine']['threads']} threads)")
-        print(f"calibration ({len(calib)} images): KL {cal['kl']:.4f}, agreement {100 * cal['top1_agreement']:.1f} %, "
-              f"{cal['flops_ratio']:.2f}x fewer FLOPs")
+        print(f"calibration ({len(calib)} images): {div} {cal['divergence']:.4f}, "
+              f"{agree} {100 * cal['agreement']:.1f} %, {cal['flops_ratio']:.2f}x fewer FLOPs")
         acc = held_metrics.get("top1_accuracy")
-        print(f"held apart ({len(held)} images): KL {held_metrics['kl']:.4f}, "
-              f"agreement {100 * held_metrics['top1_agreement']:.1f} %"
+        print(f"held apart ({len(held)} images): {div} {held_metrics['divergence']:.4f}, "
+              f"{agree} {100 * held_metrics['agreement']:.1f} %"
               + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
                  if acc is not None else ""))
         if "speedup" in cal:
-            print("Pareto front (calibration KL against measured speed-up): speed-up, KL, agreement, precision, schedule")
+            print(f"Pareto front (calibration {div} against measured speed-up): speed-up, {div}, {agree}, "
+                  "precision, schedule")
             for row in report["pareto"]:
-                print(f"  {row['speedup']:.2f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  "
+                print(f"  {row['speedup']:.2f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
                       f"{row['precision']}  {row['spec']}")
         else:
-            print("Pareto front (calibration): FLOPs reduction, KL, agreement, schedule")
+            print(f"Pareto front (calibration): FLOPs reduction, {div}, {agree}, schedule")
             for row in report["pareto"]:
-                print(f"  {row['flops_ratio']:.3f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  {row['spec']}")
+                print(f"  {row['flops_ratio']:.3f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
+                      f"{row['spec']}")
         if args.export:
             from ..fileio import atomic_path
 
@@ -121,7 +134,8 @@ def run(args) -> int:
         write_json(args.output, {**schedule.to_dict(depth), "spec": schedule.spec(), "precision": report["precision"]})
     if args.report:
         write_json(args.report, {
-            "schedule": schedule.spec(), "precision": report["precision"], "calibration": report["calibration"],
+            "schedule": schedule.spec(), "precision": report["precision"], "divergence": div,
+            "calibration": report["calibration"],
             "held_apart": held_metrics, "pareto": report["pareto"], "evaluated": report["evaluated"],
             "machine": report.get("machine"), "calibration_files": list(calib.files),
             "held_apart_images": len(held)})
@@ -140,7 +154,8 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
     path = None
     if args.export:
         path = os.path.join(work, "fp32.onnx")
-        export_model(model, args.model, path, result.best, weights=args.weights)
+        export_model(model, args.model, path, result.best, weights=args.weights, pretrained=args.pretrained,
+                     num_classes=args.num_classes)
         if args.precision == "int8":
             from ..quantize import quantize_int8
 
@@ -159,7 +174,8 @@ def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
     result = search_engines(model, args.model, args.weights, calib_pixels, args.target_speedup, work,
                             precisions=precisions, rungs=args.rungs, max_grid=args.max_grid or 16,
                             refine_steps=args.refine_steps if args.refine_steps is not None else 8,
-                            repeats=args.repeats, progress=not args.no_progress)
+                            repeats=args.repeats, provider=args.provider, pretrained=args.pretrained,
+                            num_classes=args.num_classes, progress=not args.no_progress)
     if result.best is None:
         measured = ", ".join(f"{r['speedup']:.2f}x ({r['precision']}, {r['spec']})"
                              for r in sorted(result.candidates, key=lambda r: -r["speedup"])[:3])

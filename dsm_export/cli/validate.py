@@ -10,7 +10,11 @@ def add(sub):
     p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build)")
     p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead")
     p.add_argument("--images", required=True, help="image folder (labels.csv optional)")
-    p.add_argument("--weights", help="weights (default: the path stored at export)")
+    p.add_argument("--weights", help="weights file (default: the one recorded at export, relative to the "
+                                     "ONNX file)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="PyTorch side from timm's pretrained weights of the model name (Hugging Face cache); "
+                        "the default for files exported with --pretrained")
     p.add_argument("--model", help="timm model name (default: from the file's metadata)")
     p.add_argument("--schedule", help="schedule (default: from the file's metadata)")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
@@ -18,6 +22,9 @@ def add(sub):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="validate on the first N images only")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--provider", default="cpu",
+                   help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name "
+                        "(default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -28,12 +35,15 @@ def run(args) -> int:
 
     if bool(args.onnx) == bool(args.engine):
         raise DSMError("give either an ONNX file or --engine PLAN")
+    if args.weights and args.pretrained:
+        raise DSMError("give either --weights FILE or --pretrained, not both")
     common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
-                  batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+                  batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
+                  pretrained=args.pretrained)
     if args.engine:
         report = validate_engine(args.engine, args.images, **common)
     else:
-        report = validate(args.onnx, args.images, threads=args.threads, **common)
+        report = validate(args.onnx, args.images, threads=args.threads, provider=args.provider, **common)
     print(format_report(report))
     if args.json_path:
         write_json(args.json_path, report)
@@ -46,6 +56,21 @@ def format_report(report: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
+    if report.get("output") == "embeddings":
+        cos = report["cosine"]
+        k = cos["knn_k"]
+        lines = [
+            f"model {report['model']}, schedule {report['schedule']}, {report['images']} images, output embeddings",
+            f"  vs PyTorch with schedule: cosine min {cos['pytorch']['min']:.6f} mean {cos['pytorch']['mean']:.6f}, "
+            f"retrieval overlap@{k} {pct(cos['knn_overlap_pytorch'])}, max |d| {report['max_abs_diff']:.2e}",
+            f"  vs unmerged PyTorch:      cosine min {cos['unmerged']['min']:.4f} mean {cos['unmerged']['mean']:.4f}, "
+            f"retrieval overlap@{k} {pct(cos['knn_overlap_unmerged'])}",
+            f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "
+            f"{report['flops_ratio']:.2f}x fewer)",
+            f"  criterion:                {report['criterion']}",
+            "PASS" if report["passed"] else "FAIL: outside tolerance",
+        ]
+        return "\n".join(lines)
     lines = [
         f"model {report['model']}, schedule {report['schedule']}, {report.get('precision', 'fp32')}, "
         f"{report['images']} images",

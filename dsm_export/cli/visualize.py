@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 from ..errors import DSMError
+from ._common import add_weights_args, model_from_args
 
 
 def add(sub):
     p = sub.add_parser("visualize", help="draw the merged-token groups at chosen blocks over an image")
     p.add_argument("model", help="timm model name")
-    p.add_argument("--weights", help="local state dict (without it: random init)")
+    add_weights_args(p, num_classes=False)
     p.add_argument("--image", required=True)
     p.add_argument("--schedule", required=True)
     p.add_argument("--blocks", required=True, help="comma-separated block indices, e.g. 3,6,11")
@@ -19,7 +20,6 @@ def add(sub):
 
 
 def run(args) -> int:
-    from ..models import create_model
     from ..schedule import Schedule
     from ..visualize import visualize
 
@@ -31,7 +31,7 @@ def run(args) -> int:
         raise DSMError("--blocks names no block")
     if not os.path.isfile(args.image):
         raise DSMError(f"image {args.image!r} does not exist")
-    model = create_model(args.model, args.weights)
+    model = model_from_args(args, args.model)
     counts = visualize(model, Schedule.parse(args.schedule), args.image, blocks, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"block {b}: {n} tokens" for b, n in counts.items()))
     return 0

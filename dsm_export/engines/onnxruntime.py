@@ -70,7 +70,9 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
 
     * Sizes: every node with a float input or output whose last dimension is 1 (token sizes,
       ``log(size)``) or the embedding width + 1 (features and sizes merged together), found by
-      shape inference: the size-weighted merge and the proportional-attention term.
+      shape inference: the size-weighted merge and the proportional-attention term. The width is
+      that of the first LayerNormalization's input; a graph without one keeps only the
+      last-dimension-1 rule.
     * Matching: ``TopK``/``ArgMax`` and, as for the above, every node whose outputs feed only
       (transitively) into fp32 nodes -- the key mean over heads, normalisation, similarity MatMul,
       ReduceMax, the one-hot assignment.
@@ -84,8 +86,9 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
     for init in inferred.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and init.dims:
             shapes[init.name] = init.dims[-1]
-    width = shapes.get(next(n.input[0] for n in inferred.graph.node if n.op_type == "LayerNormalization"), 0)
-    size_dims = {1, width + 1}
+    norm = next((n for n in inferred.graph.node if n.op_type == "LayerNormalization"), None)
+    width = shapes.get(norm.input[0], 0) if norm is not None else 0
+    size_dims = {1, width + 1} if width else {1}  # no LayerNormalization: the width is unknown
 
     consumers: dict[str, list] = {}
     for node in inferred.graph.node:

@@ -1,0 +1,43 @@
+"""Options shared by several subcommands: where weights come from, and the model's head."""
+
+from __future__ import annotations
+
+from ..errors import DSMError
+
+PRETRAINED_HELP = ("timm's pretrained weights for the model name (a tag such as .fb_in1k or an hf-hub: "
+                   "name picks them), from the Hugging Face cache ($HF_HOME; HF_HUB_OFFLINE=1 works)")
+WEIGHTS_HELP = ("local checkpoint loaded by timm (state dict bare or under 'model'/'state_dict', "
+                "safetensors, original-format files timm converts, .npz)")
+
+
+def add_weights_args(p, num_classes: bool = True) -> None:
+    """``--weights FILE``, ``--pretrained`` and (optionally) ``--num-classes N``."""
+    p.add_argument("--weights", help=WEIGHTS_HELP)
+    p.add_argument("--pretrained", action="store_true", help=PRETRAINED_HELP)
+    if num_classes:
+        p.add_argument("--num-classes", type=int, default=None,
+                       help="timm's num_classes: 0 gives pooled features (output 'embeddings'); "
+                            "default: the model's")
+
+
+def model_from_args(args, name: str, require_weights: bool = False):
+    """The timm model for ``name`` with the weights the options name (see
+    :func:`dsm_export.models.create_model`).
+
+    Raises:
+        DSMError: both or (with ``require_weights``) neither of --weights and --pretrained, and
+            everything ``create_model`` raises.
+    """
+    from ..models import create_model
+
+    check_weights_args(args, require_weights)
+    return create_model(name, args.weights, pretrained=args.pretrained,
+                        num_classes=getattr(args, "num_classes", None))
+
+
+def check_weights_args(args, require_weights: bool = False) -> None:
+    """Refuse --weights together with --pretrained, and (``require_weights``) neither."""
+    if args.weights and args.pretrained:
+        raise DSMError("give either --weights FILE or --pretrained, not both")
+    if require_weights and not (args.weights or args.pretrained):
+        raise DSMError("give --weights FILE or --pretrained (the search needs trained weights)")
