@@ -58,7 +58,8 @@ def main(argv=None) -> int:
             rates = ort_throughput({"merged": args.merged, "none": baseline}, args.batch, args.repeats,
                                    args.warmup, args.threads, args.iters, provider=args.provider)
             latency = (ort_latency({"merged": args.merged, "none": baseline}, args.latency_runs,
-                                   threads=args.threads, provider=args.provider) if args.latency_runs else None)
+                                   threads=args.threads, provider=args.provider)
+                       if args.latency_runs and info.batch in (None, 1) else None)
     except DSMError as exc:
         print(f"bench_ort: error: {exc}", file=sys.stderr)
         return 2
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     print(f"  none   : {rates['none']:8.1f} images/s")
     print(f"  merged : {rates['merged']:8.1f} images/s")
     print(f"  ratio  : {rates['merged'] / rates['none']:.2f}x")
+    if args.latency_runs and info.batch not in (None, 1):
+        print(f"batch-1 latency: skipped (the graph's batch is fixed at {info.batch})")
     if latency:
         print(f"batch-1 latency, {args.latency_runs} runs per graph, graphs alternating:")
         for k in ("none", "merged"):

@@ -35,11 +35,3 @@ def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
     schedule = Schedule.parse(str(out))
     assert flops_ratio(deit, schedule) >= 1.5
     assert json.loads(out.read_text())["blocks"]
-
-
-def test_tune_for_measured_speedup(deit, weights, pixels):
-    from dsm_export.tune import tune_for_speedup
-
-    result = tune_for_speedup(deit, DEIT, weights, pixels[:8], 1.15, max_grid=3, refine_steps=0, progress=False)
-    assert result.best_metrics["ort_speedup"] >= 1.15
-    assert flops_ratio(deit, result.best) >= 1.15
