@@ -246,6 +246,7 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int) -> onnx.
     onnxscript.optimizer.remove_unused_nodes(ir_model)
     with contextlib.redirect_stdout(io.StringIO()):
         onnx_model = onnxslim.slim(onnx_ir.to_proto(ir_model))
+    gelu_in_fusable_order(onnx_model)
     _name_batch_axis(onnx_model)
     onnx_model.producer_name = "dsm-export"
     onnx_model.producer_version = info.version
@@ -272,6 +273,59 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int) -> onnx.
     if problems or unknown:
         raise DSMError("exported graph failed its checks (a bug): " + "; ".join((problems + unknown)[:5]))
     return onnx_model
+
+
+def gelu_in_fusable_order(model: onnx.ModelProto) -> int:
+    """Reorder each exact GELU's final products so that ONNX Runtime recognises it (in place).
+
+    The exporter writes ``gelu(x)`` as ``x * (0.5 * (1 + erf(x / sqrt(2))))``; ONNX Runtime's
+    ``GeluFusion`` looks for ``(x * (1 + erf(x / sqrt(2)))) * 0.5`` and then folds the preceding
+    bias ``Add`` in too (``BiasGelu``). Same ops (Div, Erf, Add, Mul: nothing TensorRT lacks), same
+    value up to float rounding (~1e-7 relative); measured on DeiT-Tiny with ONNX Runtime 1.31 on the
+    CPU: fp32 1.09x faster, INT8 static QDQ 1.14x (see the README's INT8 section).
+
+    Returns:
+        The number of GELUs reordered.
+    """
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def only_user(name, op):
+        u = users.get(name, [])
+        return u[0] if len(u) == 1 and u[0].op_type == op else None
+
+    def scalar(name, value):
+        t = consts.get(name)
+        if t is None:
+            return False
+        a = numpy_helper.to_array(t)
+        return a.size == 1 and abs(float(a.reshape(-1)[0]) - value) < 1e-6 * max(1.0, abs(value))
+
+    count = 0
+    for erf in [n for n in model.graph.node if n.op_type == "Erf"]:
+        div = producer.get(erf.input[0])
+        add = only_user(erf.output[0], "Add")
+        half = only_user(add.output[0], "Mul") if add is not None else None
+        last = only_user(half.output[0], "Mul") if half is not None else None
+        if div is None or div.op_type != "Div" or last is None or not scalar(div.input[1], 2 ** 0.5):
+            continue
+        x = div.input[0]
+        c = [i for i in half.input if i != add.output[0]]
+        if len(c) != 1 or not scalar(c[0], 0.5) or x not in last.input:
+            continue
+        half.input[:] = [x, add.output[0]]  # x * (1 + erf(x / sqrt 2))
+        last.input[:] = [half.output[0], c[0]]  # ... * 0.5
+        count += 1
+    return count
 
 
 def _name_batch_axis(onnx_model: onnx.ModelProto) -> None:
