@@ -17,9 +17,10 @@ import os
 import sys
 import tempfile
 
-VARIANTS = (
-    ("static", "minmax", "int8"), ("static", "entropy", "int8"), ("static", "percentile", "int8"),
-    ("static", "minmax", "uint8"), ("static", "percentile", "uint8"), ("dynamic", "-", "uint8"),
+VARIANTS = (  # mode, calibration, activations, layers kept fp32
+    ("static", "minmax", "int8", ()), ("static", "entropy", "int8", ()), ("static", "percentile", "int8", ()),
+    ("static", "percentile", "int8", ("fc2",)), ("static", "minmax", "uint8", ()),
+    ("static", "percentile", "uint8", ()), ("dynamic", "-", "uint8", ()),
 )
 
 
@@ -49,19 +50,19 @@ def main(argv=None) -> int:
     quant, score = pixels.numpy()[:args.quant_count], pixels[args.quant_count:]
     base = model_logits(model, score)
     print(f"calibration on {len(quant)} images, scored on {len(score)} other images of the calibration split")
-    print("| schedule | mode | calibration | activations | KL | agreement |")
-    print("|---|---|---|---|---|---|")
+    print("| schedule | mode | calibration | activations | kept fp32 | KL | agreement |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for spec in args.schedules:
             fp32 = os.path.join(work, "fp32.onnx")
             export_model(model, args.model, fp32, spec, weights=args.weights)
-            for mode, method, activations in VARIANTS:
+            for mode, method, activations, keep in VARIANTS:
                 out = os.path.join(work, "int8.onnx")
-                opts = QuantizeOptions(mode=mode, activations=activations,
+                opts = QuantizeOptions(mode=mode, activations=activations, keep_fp32=keep,
                                        calibration_method=method if mode == "static" else "minmax")
                 quantize_int8(fp32, out, quant if mode == "static" else None, opts)
                 m = agreement_metrics(ort_logits(out, score.numpy()), base)
-                print(f"| `{spec}` | {mode} | {method} | {activations} | {m['kl']:.4f} | "
+                print(f"| `{spec}` | {mode} | {method} | {activations} | {', '.join(keep) or '-'} | {m['kl']:.4f} | "
                       f"{100 * m['top1_agreement']:.1f} % |", flush=True)
     return 0
 
