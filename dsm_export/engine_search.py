@@ -83,7 +83,7 @@ def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def search_engines(model: nn.Module, model_name: str, weights: str | None, pixels: torch.Tensor, target: float,
-                   workdir: str, precisions=PRECISIONS, rungs: int = 5, max_grid: int = 16,
+                   workdir: str, precisions=PRECISIONS, rungs: int = 6, max_grid: int = 16,
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,

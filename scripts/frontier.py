@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quant-count", type=int, default=64, help="INT8 calibration images (of those)")
     parser.add_argument("--holdout", type=int, help="evaluate on the first N held-apart images only")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rungs", type=int, default=5, help="rungs of each tuned search")
+    parser.add_argument("--rungs", type=int, default=6, help="rungs of each tuned search")
     parser.add_argument("--output", default="frontier", help="folder for frontier.md/.json/.png")
     parser.add_argument("--readme", help="README to rewrite between the frontier markers")
     parser.add_argument("--no-plot", action="store_true")

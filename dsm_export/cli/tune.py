@@ -33,7 +33,7 @@ def add(sub):
     p.add_argument("--max-grid", type=int, default=None,
                    help="schedules per search (default 48; 16 per rung with --target-speedup)")
     p.add_argument("--refine-steps", type=int, default=None, help="per-block moves (default 24; 8 per rung)")
-    p.add_argument("--rungs", type=int, default=5, help="FLOP-ratio rungs measured (--target-speedup)")
+    p.add_argument("--rungs", type=int, default=6, help="FLOP-ratio rungs measured (--target-speedup)")
     p.add_argument("--repeats", type=int, default=5, help="timing repetitions, median taken (at least 5)")
     p.add_argument("--output", "-o", help="write the chosen schedule as JSON here")
     p.add_argument("--report", help="write the full report (Pareto front, held-apart metrics) as JSON")
