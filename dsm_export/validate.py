@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import eval_transform, iter_batches, list_images
+from .data import ImageSet, eval_transform, iter_batches, list_images
 from .errors import DSMError
 from .export import ExportInfo, load_onnx, read_metadata
 from .flops import schedule_flops
@@ -144,7 +144,7 @@ def collect_logits(runner, model, merged, images, transform, batch_size: int, pr
 def validate_runner(
     runner: Callable[[np.ndarray], np.ndarray],
     info: ExportInfo,
-    images_dir: str,
+    images_dir: str | ImageSet,
     weights: str | None = None,
     model_name: str | None = None,
     schedule: Schedule | str | None = None,
@@ -159,11 +159,12 @@ def validate_runner(
     Args:
         runner: ``[B, 3, H, W]`` float32 numpy -> ``[B, classes]`` logits.
         info: the graph's dsm-export metadata (model, schedule, weights, input size).
-        images_dir: folder of images, optionally with ``labels.csv``.
+        images_dir: folder of images, optionally with ``labels.csv``; or an already listed (and
+            checked, see :func:`dsm_export.checks.readable_images`) :class:`~dsm_export.data.ImageSet`.
         weights, model_name, schedule: override what the metadata says.
         atol: tolerance on the max absolute logit difference against PyTorch-with-schedule.
         batch_size: images per batch.
-        limit: validate on the first ``limit`` images only.
+        limit: validate on the first ``limit`` images only (a folder given by name).
         progress: show a progress bar.
         fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`).
 
@@ -184,7 +185,7 @@ def validate_runner(
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
     schedule = schedule or info.schedule
-    images = list_images(images_dir, limit)
+    images = images_dir if isinstance(images_dir, ImageSet) else list_images(images_dir, limit)
     model = create_model(name, resolve_weights(info, weights))
     if tuple(input_size(model)) != tuple(info.input_size):
         c, h, w = info.input_size
@@ -227,7 +228,7 @@ def validate_runner(
     return report
 
 
-def validate(onnx_path: str, images_dir: str, threads: int | None = None, **kwargs) -> dict:
+def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = None, **kwargs) -> dict:
     """Validate an exported ONNX file with ONNX Runtime (CPU); see :func:`validate_runner`.
 
     Raises:
@@ -240,7 +241,7 @@ def validate(onnx_path: str, images_dir: str, threads: int | None = None, **kwar
     return validate_runner(onnx_runner(onnx_path, threads), info, images_dir, **kwargs)
 
 
-def validate_engine(plan_path: str, images_dir: str, **kwargs) -> dict:
+def validate_engine(plan_path: str, images_dir: str | ImageSet, **kwargs) -> dict:
     """Validate a TensorRT engine built by ``dsm-export build`` (needs tensorrt and a GPU)."""
     from .engines import TensorRTRunner, engine_info
 

@@ -57,7 +57,7 @@ def test_inspect_model_and_file(exported, capsys):
     assert "1.70x fewer FLOPs" in out and "global 13" in out
     assert main(["inspect", exported]) == 0
     out = capsys.readouterr().out
-    assert "local 34 (9/window)" in out
+    assert "local 36 (9/window x 4, r=34)" in out  # the tokens it really removes: 4 windows x 9
 
 
 def _bad(args, capsys, match, output=None):

@@ -18,8 +18,15 @@ def add(sub):
 
 
 def run(args) -> int:
-    from ..engines import TensorRTOptions, build_onnxruntime, build_tensorrt
+    from .. import checks
+    from ..engines import TensorRTOptions, build_onnxruntime, build_tensorrt, import_tensorrt
 
+    checks.input_file(args.onnx, "ONNX file")
+    checks.output_file(args.output, "--output")
+    if args.backend == "tensorrt":
+        checks.output_file(args.output + ".json", "--output sidecar")
+        checks.output_file(args.timing_cache, "--timing-cache")
+        import_tensorrt()  # the backend is available, before the ONNX file is read
     if args.backend == "tensorrt":
         info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
             precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,

@@ -9,12 +9,19 @@ def add(sub):
     p.add_argument("--output", "-o", required=True, help="model repository folder")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="package files exported without --weights (refused by default)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from .. import checks
     from ..triton_repo import write_repository
 
-    names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances)
+    for f in args.files:
+        checks.input_file(f, "model file")
+    checks.output_folder(args.output, "--output")
+    names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances,
+                             allow_random_init=args.allow_random_init)
     print(f"wrote {args.output}: " + ", ".join(names))
     return 0

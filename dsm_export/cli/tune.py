@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from ..errors import DSMError
 
@@ -25,6 +24,8 @@ def add(sub):
     p.add_argument("--output", "-o", help="write the chosen schedule as JSON here")
     p.add_argument("--report", help="write the full report (Pareto front, held-apart metrics) as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out images that cannot be decoded (counted in the report) instead of stopping")
     p.set_defaults(func=run)
 
 
@@ -42,11 +43,13 @@ def run(args) -> int:
         raise DSMError(f"--backend {args.backend}: only onnxruntime can be measured here")
     if not 1 <= args.calibration <= 128:
         raise DSMError("--calibration must be between 1 and 128 images")
-    for path in (args.output, args.report):  # fail before minutes of search, not after
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise DSMError(f"output folder of {path!r} does not exist")
+    from .. import checks
+
+    checks.output_file(args.output, "--output")  # fail before minutes of search, not after
+    checks.output_file(args.report, "--report")
+    checks.input_file(args.weights, "weights file")
+    images, skipped = checks.readable_images(list_images(args.images), args.skip_unreadable)
     model = create_model(args.model, args.weights)
-    images = list_images(args.images)
     if len(images) < args.calibration + 1:
         raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
     calib, held = split_calibration(images, args.calibration)
@@ -77,6 +80,8 @@ def run(args) -> int:
           + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
              if acc is not None else ""))
     print("Pareto front (calibration): FLOPs reduction, KL, agreement, schedule")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
     for row in result.pareto:
         print(f"  {row['flops_ratio']:.3f}x  KL {row['kl']:.4f}  {100 * row['top1_agreement']:.1f} %  {row['spec']}")
     if args.output:
@@ -85,5 +90,6 @@ def run(args) -> int:
         write_json(args.report, {
             "schedule": result.best.spec(), "calibration": result.best_metrics, "held_apart": held_metrics,
             "pareto": result.pareto, "evaluated": result.evaluated,
-            "calibration_files": list(calib.files), "held_apart_images": len(held)})
+            "calibration_files": list(calib.files), "held_apart_images": len(held),
+            "skipped_unreadable": skipped})
     return 0
