@@ -51,14 +51,6 @@ MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
 EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests when stopping
 
 
-class _Stop(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM before serving starts (unwinds the start-up)."""
-
-
-class _StartFailed(BaseException):
-    """Raised in the main thread when the Triton process exits while starting."""
-
-
 def _prepend_libdir() -> None:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     current = os.environ.get("LD_LIBRARY_PATH", "")
@@ -314,22 +306,13 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     Raises:
         DSMError: everything :func:`check_serve_args` raises, or Triton failing to start.
     """
-    state = {"phase": "checking", "stop": False}
-    main_thread = threading.get_ident()
+    stop = threading.Event()
 
     def on_signal(signum, frame):
-        state["stop"] = True
-        if state["phase"] in ("checking", "starting"):
-            state["phase"] = "stopping"
-            raise _Stop()
+        stop.set()
 
-    def on_start_failed(signum, frame):
-        if state["phase"] == "starting":
-            state["phase"] = "stopping"
-            raise _StartFailed()
-
+    # Handlers first: a signal at any later point is seen at the next step, nothing is half done.
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_start_failed)
     workspace = None
     triton = None
     batchers: list[MicroBatcher] = []
@@ -341,7 +324,6 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
         from pytriton.triton import Triton, TritonConfig
 
         _prepend_libdir()
-        state["phase"] = "starting"
         # Our own workspace path, so that it is removed whatever phase a signal interrupts.
         os.makedirs(PYTRITON_HOME, exist_ok=True)
         workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
@@ -349,36 +331,32 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
                               metrics_address=host, metrics_port=metrics_port, log_verbose=0,
                               exit_timeout_secs=EXIT_TIMEOUT_S)
         triton = Triton(config=config, workspace=workspace)
-        served = [_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers)
-                  for p, n in zip(onnx_paths, names)]
-        watchdog = threading.Thread(target=_watch_start, args=(triton, state, main_thread), daemon=True)
-        watchdog.start()
-        try:
-            triton.run()
-        except (_Stop, _StartFailed):
-            raise
-        except Exception as exc:  # noqa: BLE001 - PyTriton raises several types when Triton fails
-            raise DSMError(f"Triton failed to start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                           ) from None
-        if state["phase"] != "starting":
-            raise _StartFailed()
-        state["phase"] = "serving"
-        print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
-              f"and grpc {host}:{grpc_port}: ready", flush=True)
-        while not state["stop"]:
-            if not triton.is_alive():
-                raise DSMError("Triton stopped on its own (see its log above)")
-            time.sleep(0.2)
-        print("shutting down", flush=True)
-    except _StartFailed:
-        raise DSMError(f"Triton exited while starting (see its log above; are ports {http_port}, {grpc_port}, "
-                       f"{metrics_port} on {host} free?)") from None
-    except _Stop:
-        print("interrupted while starting: shutting down", flush=True)
+        served = []
+        for p, n in zip(onnx_paths, names):
+            if stop.is_set():
+                break
+            served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
+        if not stop.is_set():
+            _start(triton, stop, (http_port, grpc_port, metrics_port), host)
+        if stop.is_set():
+            print("interrupted while starting: shutting down", flush=True)
+        else:
+            print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
+                  f"and grpc {host}:{grpc_port}: ready", flush=True)
+            while not stop.wait(0.2):
+                if not triton.is_alive():
+                    raise DSMError("Triton stopped on its own (see its log above)")
+            print("shutting down", flush=True)
     finally:
-        state["phase"] = "stopping"
         folders = _stub_folders(descendants(os.getpid()))
         if triton is not None:
+            try:
+                if triton.is_connected():
+                    # Unload the models while Triton runs (their stubs finish cleanly), then stop
+                    # it: stopping Triton with PyTriton models loaded runs into its exit timeout.
+                    triton._model_manager.clean()  # noqa: SLF001
+            except Exception:  # noqa: BLE001 - stop() below still stops everything
+                pass
             try:
                 triton.stop()
             except Exception:  # noqa: BLE001 - stopping what may be half started
@@ -396,6 +374,41 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     print("stopped", flush=True)
     sys.stdout.flush()
     return 0
+
+
+def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str) -> None:
+    """Start Triton, then wait for it and load the models in a thread, so that the main thread
+    sees a signal at once and a Triton process that exits while starting (e.g. a port taken
+    between the bind test and the start) is reported at once, not after PyTriton's 120 s wait.
+
+    Raises:
+        DSMError: Triton exited or failed while starting.
+    """
+    failure: list[BaseException] = []
+    # The Triton process is started from the main thread: PyTriton gives it PR_SET_PDEATHSIG, which
+    # fires when the *thread* that started it ends.
+    triton._run_server()  # noqa: SLF001 - Triton.run() is _run_server() then connect()
+
+    def run():
+        try:
+            triton.connect()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="dsm-triton-start", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop.is_set():
+            return  # the caller stops Triton, which ends the thread's waits
+        server = getattr(triton, "_triton_server", None)
+        if server is not None and getattr(server, "_tritonserver_running_cmd", None) is not None \
+                and not server.is_alive():
+            break
+    if failure or not triton.is_alive():
+        why = f": {str(failure[0]).splitlines()[0]}" if failure and str(failure[0]) else ""
+        raise DSMError(f"Triton exited while starting{why} (see its log above; are ports "
+                       f"{', '.join(map(str, ports))} on {host} free?)")
 
 
 def descendants(pid: int) -> list[int]:
@@ -448,15 +461,3 @@ def _remove_leftovers(folders: set[str]) -> None:
                     os.unlink(os.path.join(shm, entry))
                 except OSError:
                     pass
-
-
-def _watch_start(triton, state: dict, main_thread: int) -> None:
-    """While Triton starts, interrupt the main thread if the tritonserver process exits (e.g. a port
-    taken between the bind test and the start), instead of PyTriton's 120 s wait."""
-    while state["phase"] == "starting":
-        server = getattr(triton, "_triton_server", None)
-        started = server is not None and getattr(server, "_tritonserver_running_cmd", None) is not None
-        if started and not server.is_alive():
-            signal.pthread_kill(main_thread, signal.SIGUSR1)
-            return
-        time.sleep(0.2)
