@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import io
+import logging
 import os
 import queue
 import secrets
@@ -191,6 +192,17 @@ def _set_parameters(triton, model_name: str, parameters: dict[str, str]) -> None
             model._get_triton_model_config().backend_parameters.update(parameters)  # noqa: SLF001
 
 
+class _BadRequestLogFilter(logging.Filter):
+    """Shorten PyTriton's log of a request refused for bad input (a client's mistake, not a server
+    fault) from a traceback to one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None and "PyTritonBadParameterError" in str(record.msg) + str(record.args):
+            text = record.getMessage()
+            record.msg, record.args = "bad request refused: %s", (text.strip().splitlines()[-1],)
+        return True
+
+
 def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads: int | None,
           image_instances: int, batchers: list) -> str:
     """Bind ``<name>`` and ``<name>_image`` for one ONNX file; returns a one-line description."""
@@ -324,6 +336,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
         from pytriton.triton import Triton, TritonConfig
 
         _prepend_libdir()
+        logging.getLogger("pytriton.proxy.inference").addFilter(_BadRequestLogFilter())
         # Our own workspace path, so that it is removed whatever phase a signal interrupts.
         os.makedirs(PYTRITON_HOME, exist_ok=True)
         workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
@@ -348,15 +361,9 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
                     raise DSMError("Triton stopped on its own (see its log above)")
             print("shutting down", flush=True)
     finally:
-        folders = _stub_folders(descendants(os.getpid()))
+        children = descendants(os.getpid())
+        folders = _stub_folders(children)
         if triton is not None:
-            try:
-                if triton.is_connected():
-                    # Unload the models while Triton runs (their stubs finish cleanly), then stop
-                    # it: stopping Triton with PyTriton models loaded runs into its exit timeout.
-                    triton._model_manager.clean()  # noqa: SLF001
-            except Exception:  # noqa: BLE001 - stop() below still stops everything
-                pass
             try:
                 triton.stop()
             except Exception:  # noqa: BLE001 - stopping what may be half started
@@ -365,6 +372,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
             b.close()
         if workspace:
             shutil.rmtree(workspace, ignore_errors=True)
+        _end_processes(children)
         _remove_leftovers(folders)
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -428,6 +436,33 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
+    """End what is left of this server's child processes after Triton stopped: a Python-backend
+    stub busy with a request when Triton hit its exit timeout outlives Triton. SIGTERM, then SIGKILL
+    after ``grace_s``."""
+    left = [p for p in pids if _running(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [p for p in left if _running(p)]
+        if not left:
+            return
 
 
 def _stub_folders(pids: list[int]) -> set[str]:
