@@ -26,7 +26,8 @@ def test_validate_passes_and_writes_json(exported, images_dir, tmp_path, capsys)
                  "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "PASS" in out
-    report = json.load(open(report_path))
+    with open(report_path) as fh:
+        report = json.load(fh)
     for key in ("max_abs_diff", "top1_match_pytorch", "top1_agreement", "kl", "top1_accuracy",
                 "baseline_top1_accuracy", "flops_ratio", "images"):
         assert key in report
