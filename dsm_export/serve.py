@@ -372,7 +372,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
             b.close()
         if workspace:
             shutil.rmtree(workspace, ignore_errors=True)
-        _end_processes(children)
+        _end_processes([p for p in children if not _own_resource_tracker(p)])
         _remove_leftovers(folders)
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -444,6 +444,19 @@ def _running(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _own_resource_tracker(pid: int) -> bool:
+    """Whether ``pid`` is this process's multiprocessing resource tracker (it ends with us, and
+    unlinks what we leave in shared memory)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read()
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return False
+    return ppid == os.getpid() and b"multiprocessing.resource_tracker" in cmd
 
 
 def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
