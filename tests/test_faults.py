@@ -448,3 +448,31 @@ def test_sigterm_mid_request_then_everything_is_gone(live, photos):
         for t in threads:
             t.join()
     assert elapsed < 30 and "stopped" in live.log()
+
+
+def test_micro_batcher_batches_concurrent_callers():
+    """The ``_image`` models' in-process batching: concurrent rows run together, each caller gets
+    its own row back, and a failing run fails only the callers of that run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsm_export.serve import MicroBatcher
+
+    sizes = []
+
+    def run(x):
+        sizes.append(len(x))
+        if (x < 0).any():
+            raise ValueError("negative")
+        return x * 2
+
+    batcher = MicroBatcher(run, max_batch=8, max_delay_s=0.05)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            rows = list(pool.map(lambda v: batcher(np.full((1, 3), v, np.float32)), range(16)))
+        assert [float(r[0, 0]) for r in rows] == [2.0 * v for v in range(16)]
+        assert max(sizes) > 1 and max(sizes) <= 8 and batcher.items == 16
+        with pytest.raises(ValueError, match="negative"):
+            batcher(np.full((1, 3), -1, np.float32))
+        assert float(batcher(np.ones((1, 3), np.float32))[0, 0]) == 2.0  # still serving
+    finally:
+        batcher.close()
