@@ -117,8 +117,13 @@ class Server:
         self.proc.send_signal(sig)
 
     def close(self) -> None:
-        """Kill the server if it still runs, reap it and close the log."""
+        """Stop the server if it still runs (SIGTERM, so that it cleans up; SIGKILL after 60 s),
+        reap it and close the log."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(60)
         self._log.close()
