@@ -204,7 +204,9 @@ def load_test_block(ctx: Context) -> str:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] in ("dsm", "none"):
             rows[cells[0]] = cells
-    text = "\n".join(lines)
+    table = [line for line in lines if line.startswith("|")]
+    prose = [line for line in lines if not line.startswith("|")]
+    text = "\n\n".join([prose[0] + ".", "\n".join(table), *(line + "." for line in prose[1:])])
     if len(rows) == 2:  # good requests, p50 latency: columns 1 and 7 of the --bad-every table
         more = float(rows["dsm"][1]) / float(rows["none"][1])
         faster = float(rows["dsm"][7]) / float(rows["none"][7])
