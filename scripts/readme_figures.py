@@ -142,7 +142,7 @@ def tests_block(ctx: Context) -> str:
     ctx.commands.append("python -m pytest -q")
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0:
-        raise RuntimeError(f"the test suite failed: {summary}")
+        raise RuntimeError(f"the test suite failed: {summary}\n{proc.stdout[-4000:]}")
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|skipped|failed|deselected)", summary))
     total = sum(counts.values())
     return (f"On {os.cpu_count()} CPU cores the suite ({total} tests: {counts.get('passed', 0)} pass, "

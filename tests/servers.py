@@ -28,6 +28,13 @@ def workspaces() -> set[str]:
     return set(os.listdir(PYTRITON_HOME)) if os.path.isdir(PYTRITON_HOME) else set()
 
 
+def own_workspaces(pid: int, before: set[str]) -> set[str]:
+    """Workspace entries that appeared since ``before`` and belong to server process ``pid``
+    (``dsm-export serve`` names its workspace ``dsm-serve-<pid>-<random>``; other sessions'
+    PyTriton servers may add and remove their own meanwhile)."""
+    return {w for w in workspaces() - before if w.startswith(f"dsm-serve-{pid}-")}
+
+
 def descendants(pid: int) -> list[int]:
     """Every descendant process of ``pid``, from ``/proc``."""
     children: dict[int, list[int]] = {}

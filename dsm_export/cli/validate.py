@@ -36,6 +36,10 @@ def run(args) -> int:
     checks.input_file(args.onnx or args.engine, "ONNX file" if args.onnx else "engine")
     checks.input_file(args.weights, "weights file")
     checks.output_file(args.json_path, "--json")
+    if args.engine:
+        from ..engines import import_tensorrt
+
+        import_tensorrt()  # the backend is available, before any image is read
     images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)
     common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
                   batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
