@@ -134,3 +134,25 @@ class Server:
                 self.proc.kill()
         self.proc.wait(60)
         self._log.close()
+
+
+def start_ready(files: list[str], names: list[str], log_path: str, extra: list[str] = (), tries: int = 3) -> Server:
+    """A :class:`Server` with every model ready. Free ports are picked, then bound by the server a
+    moment later: another session's server may take one in between, which ``serve`` reports at once
+    (exit 2, "already in use"), so that case is retried on new ports.
+
+    Raises:
+        RuntimeError: the server did not start (with the end of its log).
+    """
+    models = [*names, *(f"{n}_image" for n in names)]
+    for attempt in range(tries):
+        srv = Server(files, names, log_path, extra)
+        try:
+            srv.wait_ready(models)
+            return srv
+        except RuntimeError:
+            srv.close()
+            if "already in use" not in srv.log() or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+

@@ -24,7 +24,7 @@ import pytest
 from dsm_export.cli import main
 
 from conftest import DEIT, ROOT
-from servers import Server, alive, descendants, free_ports, own_workspaces, workspaces
+from servers import Server, alive, descendants, free_ports, own_workspaces, start_ready, workspaces
 
 
 # A Python traceback through dsm-export's own code (Triton's and PyTriton's logs of refused
@@ -218,10 +218,9 @@ def emb_onnx(dsm_onnx, tmp_path_factory):
 @pytest.fixture(scope="module")
 def live(dsm_onnx, emb_onnx, tmp_path_factory):
     before = workspaces()
-    srv = Server([dsm_onnx, emb_onnx], ["dsm", "emb"], str(tmp_path_factory.mktemp("log") / "serve.log"),
-                 ["--threads", "1", "--max-batch", "4", "--image-instances", "2"])
+    srv = start_ready([dsm_onnx, emb_onnx], ["dsm", "emb"], str(tmp_path_factory.mktemp("log") / "serve.log"),
+                      ["--threads", "1", "--max-batch", "4", "--image-instances", "2"])
     try:
-        srv.wait_ready(["dsm", "dsm_image", "emb", "emb_image"])
         srv.workspaces_before = before
         yield srv
     finally:

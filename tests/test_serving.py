@@ -13,7 +13,7 @@ from dsm_export.export import export_onnx
 from dsm_export.validate import onnx_runner, validate
 
 from conftest import DEIT
-from servers import Server
+from servers import start_ready
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -114,9 +114,8 @@ def test_triton_repository_configs(dsm_file, tmp_path, weights):
 # ------------------------------------------------------------------ live server
 @pytest.fixture(scope="module")
 def server(dsm_file, tmp_path_factory):
-    srv = Server([dsm_file], ["dsm"], str(tmp_path_factory.mktemp("log") / "serve.log"), ["--threads", "1"])
+    srv = start_ready([dsm_file], ["dsm"], str(tmp_path_factory.mktemp("log") / "serve.log"), ["--threads", "1"])
     try:
-        srv.wait_ready(["dsm", "dsm_image"])
         yield {"proc": srv.proc, "http": srv.http, "grpc": srv.grpc, "srv": srv}
     finally:
         srv.close()
