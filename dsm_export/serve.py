@@ -295,7 +295,8 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
 
 def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "127.0.0.1", http_port: int = 8000,
           grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = 32, top_k: int = 5,
-          threads: int | None = None, image_instances: int = 4, allow_random_init: bool = False) -> int:
+          threads: int | None = None, image_instances: int = 4, allow_random_init: bool = False,
+          stop: threading.Event | None = None) -> int:
     """Start Triton on ``host`` serving each ONNX file, until SIGINT/SIGTERM; stop cleanly.
 
     Must run in the main thread (it installs SIGINT/SIGTERM handlers). Prints one ``...: ready`` line
@@ -311,6 +312,8 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
         threads: ONNX Runtime intra-op threads per file.
         image_instances: concurrent decoders of ``<name>_image``.
         allow_random_init: serve files exported without weights.
+        stop: an event that stops the server when set (the signal handlers set it too); the CLI
+            passes one it watched while importing.
 
     Returns:
         0 after a clean shutdown (by signal, at any phase).
@@ -318,7 +321,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     Raises:
         DSMError: everything :func:`check_serve_args` raises, or Triton failing to start.
     """
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def on_signal(signum, frame):
         stop.set()

@@ -23,9 +23,19 @@ def add(sub):
 
 
 def run(args) -> int:
+    import signal
+    import threading
+
+    # Catch SIGINT/SIGTERM before the seconds of imports below; serve() keeps watching this event.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     from ..serve import serve
 
-    return serve(args.onnx, names=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+    if stop.is_set():
+        print("interrupted while starting: stopped", flush=True)
+        return 0
+    return serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, max_batch=args.max_batch, top_k=args.top_k,
                  threads=args.threads, image_instances=args.image_instances,
                  allow_random_init=args.allow_random_init)
