@@ -50,6 +50,7 @@ from .triton_repo import model_name_for, refuse_random_init
 
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
 EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests when stopping
+START_ATTEMPTS = 3  # starts tried when a model fails to load (a PyTriton race under CPU load)
 
 
 def _prepend_libdir() -> None:
@@ -340,20 +341,32 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
 
         _prepend_libdir()
         logging.getLogger("pytriton.proxy.inference").addFilter(_BadRequestLogFilter())
-        # Our own workspace path, so that it is removed whatever phase a signal interrupts.
-        os.makedirs(PYTRITON_HOME, exist_ok=True)
-        workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
         config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                               metrics_address=host, metrics_port=metrics_port, log_verbose=0,
                               exit_timeout_secs=EXIT_TIMEOUT_S)
-        triton = Triton(config=config, workspace=workspace)
-        served = []
-        for p, n in zip(onnx_paths, names):
+        os.makedirs(PYTRITON_HOME, exist_ok=True)
+        for attempt in range(START_ATTEMPTS):
+            # Our own workspace path, so that it is removed whatever phase a signal interrupts.
+            workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
+            triton = Triton(config=config, workspace=workspace)
+            served = []
+            for p, n in zip(onnx_paths, names):
+                if stop.is_set():
+                    break
+                served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
             if stop.is_set():
                 break
-            served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
-        if not stop.is_set():
-            _start(triton, stop, (http_port, grpc_port, metrics_port), host)
+            try:
+                _start(triton, stop, (http_port, grpc_port, metrics_port), host)
+                break
+            except DSMError as exc:
+                # PyTriton's later instances of a model wait 1 s for the first one's handshake
+                # socket; on a loaded machine that can fail a model load. Start again.
+                if "load failed" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                    raise
+                print(f"a model failed to load ({str(exc)[:120]}...): starting again", flush=True)
+                _teardown(triton, batchers, workspace)
+                triton, workspace, batchers = None, None, []
         if stop.is_set():
             print("interrupted while starting: shutting down", flush=True)
         else:
@@ -364,19 +377,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
                     raise DSMError("Triton stopped on its own (see its log above)")
             print("shutting down", flush=True)
     finally:
-        children = descendants(os.getpid())
-        folders = _stub_folders(children)
-        if triton is not None:
-            try:
-                triton.stop()
-            except Exception:  # noqa: BLE001 - stopping what may be half started
-                pass
-        for b in batchers:
-            b.close()
-        if workspace:
-            shutil.rmtree(workspace, ignore_errors=True)
-        _end_processes([p for p in children if not _own_resource_tracker(p)])
-        _remove_leftovers(folders)
+        _teardown(triton, batchers, workspace)
         for s, handler in old.items():
             signal.signal(s, handler)
     if batchers and any(b.runs for b in batchers):
@@ -385,6 +386,24 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     print("stopped", flush=True)
     sys.stdout.flush()
     return 0
+
+
+def _teardown(triton, batchers: list, workspace: str | None) -> None:
+    """Stop Triton, the micro-batchers and every child process; remove the workspace and what
+    Triton leaves in /tmp and /dev/shm."""
+    children = descendants(os.getpid())
+    folders = _stub_folders(children)
+    if triton is not None:
+        try:
+            triton.stop()
+        except Exception:  # noqa: BLE001 - stopping what may be half started
+            pass
+    for b in batchers:
+        b.close()
+    if workspace:
+        shutil.rmtree(workspace, ignore_errors=True)
+    _end_processes([p for p in children if not _own_resource_tracker(p)])
+    _remove_leftovers(folders)
 
 
 def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str) -> None:

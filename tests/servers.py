@@ -84,7 +84,8 @@ class Server:
         return f"127.0.0.1:{self.http}"
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:
             return fh.read()
 
