@@ -403,6 +403,8 @@ def _teardown(triton, batchers: list, workspace: str | None) -> None:
     if workspace:
         shutil.rmtree(workspace, ignore_errors=True)
     _end_processes([p for p in children if not _own_resource_tracker(p)])
+    if workspace:
+        folders |= _model_folders(workspace)
     _remove_leftovers(folders)
 
 
@@ -516,6 +518,25 @@ def _stub_folders(pids: list[int]) -> set[str]:
                 if os.path.dirname(folder) == tmp and os.path.basename(folder).startswith("folder"):
                     folders.add(folder)
     return folders
+
+
+def _model_folders(workspace: str) -> set[str]:
+    """Triton's temporary model folders (``/tmp/folderXXXX``) whose config names ``workspace``
+    (those of models whose stubs were not running when Triton stopped)."""
+    tmp = tempfile.gettempdir()
+    found = set()
+    try:
+        entries = [e for e in os.listdir(tmp) if e.startswith("folder")]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(os.path.join(tmp, entry, "config.pbtxt"), encoding="utf-8", errors="replace") as fh:
+                if workspace in fh.read():
+                    found.add(os.path.join(tmp, entry))
+        except OSError:
+            continue
+    return found
 
 
 def _remove_leftovers(folders: set[str]) -> None:
