@@ -8,6 +8,17 @@ from .patch import apply
 from .schedule import Schedule
 
 
+def plan_label(t) -> str:
+    """A block's plan with the tokens it really removes: ``global 13``, or for a local block
+    ``local 36 (9/window x 4, r=34)`` (each of the W windows merges ``ceil(r / W)``, so the block
+    can remove more than the r asked for)."""
+    if not t.per_window:
+        return str(t.plan)
+    windows = t.removed // t.per_window
+    asked = f", r={t.plan.r}" if t.plan.r != t.removed else ""
+    return f"local {t.removed} ({t.per_window}/window x {windows}{asked})"
+
+
 def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
     """Token counts and FLOPs per block for ``model_name`` under ``schedule`` (random weights).
 
@@ -28,7 +39,7 @@ def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
     for t, f in zip(merged.tokens, blocks):
         rows.append({
             "block": t.index,
-            "plan": str(t.plan) + (f" ({t.per_window}/window)" if t.per_window else ""),
+            "plan": plan_label(t),
             "tokens_in": t.tokens_in,
             "tokens_out": t.tokens_out,
             "attention_gflops": f.attention / 1e9,
@@ -52,11 +63,11 @@ def format_inspection(report: dict) -> str:
         f"model    {report['model']}",
         f"schedule {report['schedule']}",
         "",
-        f"{'block':>5}  {'plan':<22} {'tokens in':>9} {'out':>5} {'attn':>8} {'merge':>8} {'mlp':>8} {'GFLOPs':>8}",
+        f"{'block':>5}  {'plan':<30} {'tokens in':>9} {'out':>5} {'attn':>8} {'merge':>8} {'mlp':>8} {'GFLOPs':>8}",
     ]
     for r in report["blocks"]:
         lines.append(
-            f"{r['block']:>5}  {r['plan']:<22} {r['tokens_in']:>9} {r['tokens_out']:>5} "
+            f"{r['block']:>5}  {r['plan']:<30} {r['tokens_in']:>9} {r['tokens_out']:>5} "
             f"{r['attention_gflops']:>8.4f} {r['merge_gflops']:>8.4f} {r['mlp_gflops']:>8.4f} {r['gflops']:>8.4f}")
     lines += [
         "",

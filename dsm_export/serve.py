@@ -1,15 +1,24 @@
-"""Serve a DSM ONNX file with a real Triton Inference Server through PyTriton, on loopback.
+"""Serve DSM ONNX files with a real Triton Inference Server through PyTriton (loopback by default).
 
-Two models:
+Two models per file, their tensor names read from the ONNX file (``pixel_values`` -> ``logits`` for
+a classifier, ``pixel_values`` -> ``embeddings`` for an embedding export):
 
-* ``<name>``: ``pixel_values`` ``[B, 3, H, W]`` FP32 -> ``logits`` ``[B, classes]`` FP32, run by ONNX
-  Runtime, with dynamic batching (HTTP and gRPC).
-* ``<name>_image``: ``image`` (one encoded JPEG/PNG, BYTES) -> ``top_k_indices`` INT64 and
-  ``top_k_scores`` FP32 (softmax), preprocessed with the model's timm eval transform.
+* ``<name>``: ``pixel_values`` ``[B, 3, H, W]`` FP32 -> the file's output ``[B, D]`` FP32, run by ONNX
+  Runtime, batched by Triton's dynamic batcher (HTTP and gRPC).
+* ``<name>_image``: ``image`` ``[1]`` BYTES (one encoded JPEG/PNG) -> for a classifier
+  ``top_k_indices`` ``[k]`` INT64, ``top_k_scores`` ``[k]`` FP32 (softmax) and, when the model's
+  classes are ImageNet's (timm's ``ImageNetInfo``), ``top_k_names`` ``[k]`` BYTES; for an embedding
+  export ``embeddings`` ``[D]`` FP32. Preprocessed with the model's timm eval transform. Several
+  instances decode images concurrently and their images run through the network together
+  (:class:`MicroBatcher`): PyTriton answers every request of a Triton batch with the error when the
+  callable raises, so Triton-level batching would let one undecodable image fail its neighbours.
 
-Triton validates shapes and dtypes against the model config and answers a bad request with an
-error for that request only; bytes that are no image get a ``PyTritonBadParameterError`` for that
-request. SIGINT or SIGTERM stops the server cleanly (exit 0).
+Each model's config (``GET /v2/models/<name>/config``, ``parameters``) names the file it serves:
+``dsm.file``, ``dsm.sha256``, ``dsm.model``, ``dsm.schedule``, ``dsm.weights_sha256``.
+
+Lifecycle: everything the user gave (files, names, ports) is checked before Triton starts; SIGINT
+or SIGTERM at any phase (starting, loading, serving, mid-request) stops Triton and its child
+processes and removes PyTriton's workspace, then returns 0.
 
 PyTriton's Python-backend stub loads the system's libpython, so the server is started with
 ``LD_LIBRARY_PATH`` led by ``sysconfig.get_config_var("LIBDIR")``.
@@ -17,18 +26,31 @@ PyTriton's Python-backend stub loads the system's libpython, so the server is st
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import io
+import logging
 import os
+import queue
+import secrets
+import shutil
 import signal
 import sys
 import sysconfig
+import tempfile
+import threading
 import time
 
 import numpy as np
 
+from . import checks
 from .errors import DSMError
 from .export import load_onnx, read_metadata
-from .triton_repo import model_name_for
+from .triton_repo import model_name_for, refuse_random_init
+
+MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
+EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests when stopping
+START_ATTEMPTS = 3  # starts tried when a model fails to load (a PyTriton race under CPU load)
 
 
 def _prepend_libdir() -> None:
@@ -38,8 +60,98 @@ def _prepend_libdir() -> None:
         os.environ["LD_LIBRARY_PATH"] = libdir + (os.pathsep + current if current else "")
 
 
-def make_image_infer(runner, transform, top_k: int):
-    """The ``<name>_image`` inference callable: encoded image bytes -> top-k indices and scores."""
+def sha256_of(path: str) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class MicroBatcher:
+    """Run ``run`` on batches gathered from concurrent callers (dynamic batching inside the process).
+
+    A caller hands in ``[1, ...]`` and gets its ``[1, ...]`` row back; one worker thread concatenates
+    what arrives within ``max_delay_s`` of the first item, up to ``max_batch`` items.
+
+    Attributes:
+        runs: network calls made; ``items``: rows run (``items / runs`` is the mean batch).
+    """
+
+    def __init__(self, run, max_batch: int, max_delay_s: float = 0.002):
+        self._run, self._max_batch, self._delay = run, max_batch, max_delay_s
+        self._queue: queue.Queue = queue.Queue()
+        self.runs = self.items = 0
+        self._thread = threading.Thread(target=self._loop, name="dsm-microbatcher", daemon=True)
+        self._thread.start()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``[1, ...]`` input -> ``[1, ...]`` output; raises what ``run`` raised for its batch."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((x, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            deadline = time.monotonic() + self._delay
+            while len(items) < self._max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                items.append(item)
+            try:
+                out = self._run(np.concatenate([x for x, _ in items]))
+                self.runs += 1
+                self.items += len(items)
+                for i, (_, future) in enumerate(items):
+                    future.set_result(out[i:i + 1])
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
+                for _, future in items:
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        """Stop the worker (after the items already queued)."""
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+
+def class_names(model_name: str, classes: int) -> list[str] | None:
+    """ImageNet class descriptions for a model whose classes are an ImageNet subset (offline, from
+    timm's ``ImageNetInfo``); None when the model's classes are not ImageNet's."""
+    import timm
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    try:
+        subset = infer_imagenet_subset(timm.create_model(model_name, pretrained=False, num_classes=classes))
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+        if info.num_classes() != classes:
+            return None
+        return [info.index_to_description(i) for i in range(classes)]
+    except Exception:  # noqa: BLE001 - no class names is a normal outcome
+        return None
+
+
+def make_image_infer(batcher, transform, output: str, top_k: int, names: list[str] | None):
+    """The ``<name>_image`` inference callable: one encoded image -> top-k (or the embedding).
+
+    Args:
+        batcher: ``[1, 3, H, W]`` float32 -> ``[1, D]`` (a :class:`MicroBatcher` over the ONNX runner).
+        transform: timm eval transform (PIL image -> ``[3, H, W]`` tensor).
+        output: the ONNX file's output name: ``logits`` gives top-k, anything else is passed through.
+        top_k: classes returned.
+        names: class names, or None.
+    """
     from PIL import Image, UnidentifiedImageError
     from pytriton.exceptions import PyTritonBadParameterError
 
@@ -48,24 +160,53 @@ def make_image_infer(runner, transform, top_k: int):
         for request in requests:
             data = request["image"].reshape(-1)
             if data.size != 1:
-                raise PyTritonBadParameterError("send exactly one encoded image per request")
+                raise PyTritonBadParameterError(f"send exactly one encoded image per request, got {data.size}")
+            raw = bytes(data[0])
+            if len(raw) > MAX_IMAGE_BYTES:
+                raise PyTritonBadParameterError(f"the image is {len(raw)} bytes, over the {MAX_IMAGE_BYTES} limit")
             try:
-                with Image.open(io.BytesIO(bytes(data[0]))) as im:
+                with Image.open(io.BytesIO(raw)) as im:
                     pixels = transform(im.convert("RGB")).unsqueeze(0).numpy()
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
                 raise PyTritonBadParameterError(f"the bytes are not a JPEG/PNG image ({exc})") from None
-            logits = runner(pixels)[0].astype(np.float64)
+            y = batcher(pixels)[0]
+            if output != "logits":
+                responses.append({output: y.astype(np.float32)})
+                continue
+            logits = y.astype(np.float64)
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
             idx = np.argsort(-probs, kind="stable")[:top_k]
-            responses.append({"top_k_indices": idx.astype(np.int64), "top_k_scores": probs[idx].astype(np.float32)})
+            resp = {"top_k_indices": idx.astype(np.int64), "top_k_scores": probs[idx].astype(np.float32)}
+            if names is not None:
+                resp["top_k_names"] = np.array([names[i].encode() for i in idx], dtype=object)
+            responses.append(resp)
         return responses
 
     return infer
 
 
-def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads: int | None) -> str:
-    """Bind ``<name>`` (logits) and ``<name>_image`` (top-k from encoded bytes) for one ONNX file."""
+def _set_parameters(triton, model_name: str, parameters: dict[str, str]) -> None:
+    """Add string ``parameters`` to a bound model's Triton config (PyTriton has no public hook for it)."""
+    for model in triton._model_manager.models:  # noqa: SLF001
+        if model.model_name == model_name:
+            model._get_triton_model_config().backend_parameters.update(parameters)  # noqa: SLF001
+
+
+class _BadRequestLogFilter(logging.Filter):
+    """Shorten PyTriton's log of a request refused for bad input (a client's mistake, not a server
+    fault) from a traceback to one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None and "PyTritonBadParameterError" in str(record.msg) + str(record.args):
+            text = record.getMessage()
+            record.msg, record.args = "bad request refused: %s", (text.strip().splitlines()[-1],)
+        return True
+
+
+def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads: int | None,
+          image_instances: int, batchers: list) -> str:
+    """Bind ``<name>`` and ``<name>_image`` for one ONNX file; returns a one-line description."""
     import timm
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -77,76 +218,337 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     info = read_metadata(model, onnx_path)
     runner = onnx_runner(onnx_path, threads)
     transform = eval_transform(timm.create_model(info.model, pretrained=False))
+    in_name = model.graph.input[0].name
+    out = model.graph.output[0]
+    out_name = out.name
+    dims = tuple(int(d.dim_value) for d in out.type.tensor_type.shape.dim[1:])
     c, h, w = info.input_size
-    classes = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
     limit = info.batch or max_batch
+    params = {"dsm.file": os.path.abspath(onnx_path), "dsm.sha256": sha256_of(onnx_path), "dsm.model": info.model,
+              "dsm.schedule": info.schedule.spec(), "dsm.weights_sha256": info.weights_sha256,
+              "dsm.output": out_name}
 
     @batch
-    def infer_logits(pixel_values):
-        return {"logits": runner(pixel_values).astype(np.float32)}
+    def infer_raw(**inputs):
+        return {out_name: runner(inputs[in_name]).astype(np.float32)}
 
     triton.bind(
-        model_name=name, infer_func=infer_logits,
-        inputs=[Tensor(name="pixel_values", dtype=np.float32, shape=(c, h, w))],
-        outputs=[Tensor(name="logits", dtype=np.float32, shape=(classes,))],
+        model_name=name, infer_func=infer_raw,
+        inputs=[Tensor(name=in_name, dtype=np.float32, shape=(c, h, w))],
+        outputs=[Tensor(name=out_name, dtype=np.float32, shape=dims)],
         config=ModelConfig(max_batch_size=limit, batcher=DynamicBatcher(
             max_queue_delay_microseconds=2000, preferred_batch_size=[b for b in (8, 16, 32) if b <= limit])),
         strict=True,
     )
+    batcher = MicroBatcher(runner, limit)
+    batchers.append(batcher)
+    if out_name == "logits":
+        names = class_names(info.model, dims[-1])
+        outputs = [Tensor(name="top_k_indices", dtype=np.int64, shape=(top_k,)),
+                   Tensor(name="top_k_scores", dtype=np.float32, shape=(top_k,))]
+        if names is not None:
+            outputs.append(Tensor(name="top_k_names", dtype=bytes, shape=(top_k,)))
+    else:
+        names = None
+        outputs = [Tensor(name=out_name, dtype=np.float32, shape=dims)]
+    infer_image = make_image_infer(batcher, transform, out_name, top_k, names)
     triton.bind(
-        model_name=f"{name}_image", infer_func=make_image_infer(runner, transform, top_k),
+        model_name=f"{name}_image", infer_func=[infer_image] * image_instances,
         inputs=[Tensor(name="image", dtype=bytes, shape=(1,))],
-        outputs=[Tensor(name="top_k_indices", dtype=np.int64, shape=(top_k,)),
-                 Tensor(name="top_k_scores", dtype=np.float32, shape=(top_k,))],
+        outputs=outputs,
         config=ModelConfig(batching=False),
         strict=True,
     )
-    return f"{name} ({info.model}, schedule {info.schedule.spec()})"
+    _set_parameters(triton, name, params)
+    _set_parameters(triton, f"{name}_image", params)
+    return f"{name} ({info.model}, schedule {info.schedule.spec()}, sha256 {params['dsm.sha256'][:12]})"
 
 
-def serve(onnx_paths: list[str], names: list[str] | None = None, http_port: int = 8000, grpc_port: int = 8001,
-          metrics_port: int = 8002, max_batch: int = 32, top_k: int = 5, threads: int | None = None) -> int:
-    """Start Triton on 127.0.0.1 serving each ONNX file, until SIGINT/SIGTERM; stop cleanly.
+def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, ports: dict[str, int],
+                     max_batch: int, top_k: int, image_instances: int, allow_random_init: bool) -> list[str]:
+    """Everything ``serve`` can check before Triton starts; returns the model names.
+
+    Raises:
+        DSMError: missing or foreign files, bad names, a random-init export (unless allowed), a port
+            in use or out of range, bad sizes, PyTriton missing.
+    """
+    if max_batch < 1 or top_k < 1 or image_instances < 1:
+        raise DSMError("--max-batch, --top-k and --image-instances must be at least 1")
+    for path in onnx_paths:
+        checks.input_file(path, "ONNX file")
+        model = load_onnx(path)
+        read_metadata(model, path)
+        classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+        if model.graph.output[0].name == "logits" and top_k > classes:
+            raise DSMError(f"--top-k {top_k} is more than the {classes} classes of {path!r}")
+    if not allow_random_init:
+        refuse_random_init(onnx_paths, "serve")
+    names = names or [model_name_for(p) for p in onnx_paths]
+    if len(names) != len(onnx_paths) or len(set(names)) != len(names):
+        raise DSMError(f"need one distinct model name per file, got {names}")
+    checks.ports_free(host, ports)
+    try:
+        import pytriton.triton  # noqa: F401
+    except ImportError:
+        raise DSMError("serve needs PyTriton: pip install 'dsm-export[serve]'") from None
+    return names
+
+
+def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "127.0.0.1", http_port: int = 8000,
+          grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = 32, top_k: int = 5,
+          threads: int | None = None, image_instances: int = 4, allow_random_init: bool = False,
+          stop: threading.Event | None = None) -> int:
+    """Start Triton on ``host`` serving each ONNX file, until SIGINT/SIGTERM; stop cleanly.
+
+    Must run in the main thread (it installs SIGINT/SIGTERM handlers). Prints one ``...: ready`` line
+    once every model is loaded, ``stopped`` at the end.
 
     Args:
         onnx_paths: ONNX files written by dsm-export (e.g. a DSM export and the ``none`` baseline).
         names: model names (default: from the file names).
+        host: address Triton binds (HTTP, gRPC and metrics); loopback by default.
+        http_port, grpc_port, metrics_port: ports, bind-tested before Triton starts.
+        max_batch: largest batch of the raw model (and of the image micro-batcher).
+        top_k: classes returned by ``<name>_image``.
+        threads: ONNX Runtime intra-op threads per file.
+        image_instances: concurrent decoders of ``<name>_image``.
+        allow_random_init: serve files exported without weights.
+        stop: an event that stops the server when set (the signal handlers set it too); the CLI
+            passes one it watched while importing.
 
     Returns:
-        0 after a clean shutdown.
+        0 after a clean shutdown (by signal, at any phase).
 
     Raises:
-        DSMError: bad ONNX file, duplicate names, or PyTriton missing.
+        DSMError: everything :func:`check_serve_args` raises, or Triton failing to start.
     """
-    for path in onnx_paths:
-        read_metadata(load_onnx(path), path)
-    names = names or [model_name_for(p) for p in onnx_paths]
-    if len(names) != len(onnx_paths) or len(set(names)) != len(names):
-        raise DSMError(f"need one distinct model name per file, got {names}")
-    try:
-        from pytriton.triton import Triton, TritonConfig
-    except ImportError:
-        raise DSMError("serve needs PyTriton: pip install 'dsm-export[serve]'") from None
-
-    _prepend_libdir()
-    stop = {"now": False}
+    stop = stop or threading.Event()
 
     def on_signal(signum, frame):
-        stop["now"] = True
+        stop.set()
 
-    config = TritonConfig(http_address="127.0.0.1", http_port=http_port, grpc_address="127.0.0.1",
-                          grpc_port=grpc_port, metrics_address="127.0.0.1", metrics_port=metrics_port,
-                          log_verbose=0)
-    with Triton(config=config) as triton:
-        served = [_bind(triton, p, n, max_batch, top_k, threads) for p, n in zip(onnx_paths, names)]
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        triton.run()
-        print(f"serving {'; '.join(served)} with <name>_image models, on http://127.0.0.1:{http_port} "
-              f"and grpc 127.0.0.1:{grpc_port}: ready", flush=True)
-        while not stop["now"]:
-            time.sleep(0.2)
-        print("shutting down", flush=True)
+    # Handlers first: a signal at any later point is seen at the next step, nothing is half done.
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    workspace = None
+    triton = None
+    batchers: list[MicroBatcher] = []
+    try:
+        ports = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
+        names = check_serve_args(onnx_paths, names, host, ports, max_batch, top_k, image_instances,
+                                 allow_random_init)
+        from pytriton.constants import PYTRITON_HOME
+        from pytriton.triton import Triton, TritonConfig
+
+        _prepend_libdir()
+        logging.getLogger("pytriton.proxy.inference").addFilter(_BadRequestLogFilter())
+        config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                              metrics_address=host, metrics_port=metrics_port, log_verbose=0,
+                              exit_timeout_secs=EXIT_TIMEOUT_S)
+        os.makedirs(PYTRITON_HOME, exist_ok=True)
+        for attempt in range(START_ATTEMPTS):
+            # Our own workspace path, so that it is removed whatever phase a signal interrupts.
+            workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
+            triton = Triton(config=config, workspace=workspace)
+            served = []
+            for p, n in zip(onnx_paths, names):
+                if stop.is_set():
+                    break
+                served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
+            if stop.is_set():
+                break
+            try:
+                _start(triton, stop, (http_port, grpc_port, metrics_port), host)
+                break
+            except DSMError as exc:
+                # PyTriton's later instances of a model wait 1 s for the first one's handshake
+                # socket; on a loaded machine that can fail a model load. Start again.
+                if "load failed" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                    raise
+                print(f"a model failed to load ({str(exc)[:120]}...): starting again", flush=True)
+                _teardown(triton, batchers, workspace)
+                triton, workspace, batchers = None, None, []
+        if stop.is_set():
+            print("interrupted while starting: shutting down", flush=True)
+        else:
+            print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
+                  f"and grpc {host}:{grpc_port}: ready", flush=True)
+            while not stop.wait(0.2):
+                if not triton.is_alive():
+                    raise DSMError("Triton stopped on its own (see its log above)")
+            print("shutting down", flush=True)
+    finally:
+        _teardown(triton, batchers, workspace)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if batchers and any(b.runs for b in batchers):
+        runs, items = sum(b.runs for b in batchers), sum(b.items for b in batchers)
+        print(f"image models: {items} images in {runs} network runs ({items / runs:.2f} per run)", flush=True)
     print("stopped", flush=True)
     sys.stdout.flush()
     return 0
+
+
+def _teardown(triton, batchers: list, workspace: str | None) -> None:
+    """Stop Triton, the micro-batchers and every child process; remove the workspace and what
+    Triton leaves in /tmp and /dev/shm."""
+    children = descendants(os.getpid())
+    folders = _stub_folders(children)
+    if triton is not None:
+        try:
+            triton.stop()
+        except Exception:  # noqa: BLE001 - stopping what may be half started
+            pass
+    for b in batchers:
+        b.close()
+    if workspace:
+        shutil.rmtree(workspace, ignore_errors=True)
+    _end_processes([p for p in children if not _own_resource_tracker(p)])
+    if workspace:
+        folders |= _model_folders(workspace)
+    _remove_leftovers(folders)
+
+
+def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str) -> None:
+    """Start Triton, then wait for it and load the models in a thread, so that the main thread
+    sees a signal at once and a Triton process that exits while starting (e.g. a port taken
+    between the bind test and the start) is reported at once, not after PyTriton's 120 s wait.
+
+    Raises:
+        DSMError: Triton exited or failed while starting.
+    """
+    failure: list[BaseException] = []
+    # The Triton process is started from the main thread: PyTriton gives it PR_SET_PDEATHSIG, which
+    # fires when the *thread* that started it ends.
+    triton._run_server()  # noqa: SLF001 - Triton.run() is _run_server() then connect()
+
+    def run():
+        try:
+            triton.connect()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="dsm-triton-start", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop.is_set():
+            return  # the caller stops Triton, which ends the thread's waits
+        server = getattr(triton, "_triton_server", None)
+        if server is not None and getattr(server, "_tritonserver_running_cmd", None) is not None \
+                and not server.is_alive():
+            break
+    if failure or not triton.is_alive():
+        why = f": {str(failure[0]).splitlines()[0]}" if failure and str(failure[0]) else ""
+        raise DSMError(f"Triton exited while starting{why} (see its log above; are ports "
+                       f"{', '.join(map(str, ports))} on {host} free?)")
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (from ``/proc``; empty where there is no ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _own_resource_tracker(pid: int) -> bool:
+    """Whether ``pid`` is this process's multiprocessing resource tracker (it ends with us, and
+    unlinks what we leave in shared memory)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read()
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return False
+    return ppid == os.getpid() and b"multiprocessing.resource_tracker" in cmd
+
+
+def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
+    """End what is left of this server's child processes after Triton stopped: a Python-backend
+    stub busy with a request when Triton hit its exit timeout outlives Triton. SIGTERM, then SIGKILL
+    after ``grace_s``."""
+    left = [p for p in pids if _running(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [p for p in left if _running(p)]
+        if not left:
+            return
+
+
+def _stub_folders(pids: list[int]) -> set[str]:
+    """Temporary model folders Triton made for PyTriton's stubs (``/tmp/folderXXXX/1/model.py``)."""
+    tmp = os.path.realpath(tempfile.gettempdir())
+    folders = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for arg in args:
+            if arg.endswith("/1/model.py"):
+                folder = os.path.dirname(os.path.dirname(arg))
+                if os.path.dirname(folder) == tmp and os.path.basename(folder).startswith("folder"):
+                    folders.add(folder)
+    return folders
+
+
+def _model_folders(workspace: str) -> set[str]:
+    """Triton's temporary model folders (``/tmp/folderXXXX``) whose config names ``workspace``
+    (those of models whose stubs were not running when Triton stopped)."""
+    tmp = tempfile.gettempdir()
+    found = set()
+    try:
+        entries = [e for e in os.listdir(tmp) if e.startswith("folder")]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(os.path.join(tmp, entry, "config.pbtxt"), encoding="utf-8", errors="replace") as fh:
+                if workspace in fh.read():
+                    found.add(os.path.join(tmp, entry))
+        except OSError:
+            continue
+    return found
+
+
+def _remove_leftovers(folders: set[str]) -> None:
+    """Remove what a Triton stopped by its exit timeout leaves: its stubs' model folders and this
+    process's PyTriton shared-memory segments (``/dev/shm/pytrtion<pid>-*``)."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    shm = "/dev/shm"
+    if os.path.isdir(shm):
+        for entry in os.listdir(shm):
+            if entry.startswith(f"pytrtion{os.getpid()}-"):
+                try:
+                    os.unlink(os.path.join(shm, entry))
+                except OSError:
+                    pass

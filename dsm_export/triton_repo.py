@@ -173,16 +173,41 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
     return cfg
 
 
-def write_repository(files: list[str], repo: str, max_batch: int = 64, instances: int = 1,
-                     instance_kind: str | None = None, ort_tensorrt: str | None = None) -> list[str]:
-    """Write a model repository holding ``files``; returns the model names.
+def source_info(path: str):
+    """The dsm-export metadata of an ``.onnx`` file or of a ``.plan``'s source (:class:`ExportInfo`)."""
+    if path.endswith(".plan"):
+        from .engines import engine_info
+
+        return engine_info(path)[0]
+    return read_metadata(load_onnx(path), path)
+
+
+def refuse_random_init(files: list[str], what: str) -> None:
+    """Refuse files exported from randomly initialised weights (almost always a forgotten --weights).
 
     ``instance_kind`` and ``ort_tensorrt`` as for :func:`model_config`. Every config is made before
     anything is written.
 
     Raises:
-        DSMError: missing files, duplicate model names, files dsm-export did not write, and what
-            :func:`model_config` refuses.
+        DSMError: naming the first such file and the flag that allows it.
+    """
+    for f in files:
+        if not source_info(f).weights_sha256:
+            raise DSMError(f"{f!r} was exported without --weights (random init): {what} refuses it "
+                           "unless --allow-random-init is given")
+
+
+def write_repository(files: list[str], repo: str, max_batch: int = 64, instances: int = 1,
+                     instance_kind: str | None = None, ort_tensorrt: str | None = None,
+                     allow_random_init: bool = False) -> list[str]:
+    """Write a model repository holding ``files``; returns the model names.
+
+    Everything is read and checked before the first file is written.
+
+    Raises:
+        DSMError: missing files, duplicate model names, files dsm-export did not write, or (without
+            ``allow_random_init``) a file exported from random weights, and what :func:`model_config`
+            refuses.
     """
     from .engines import copy_file
 
@@ -193,6 +218,8 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
     for f in files:
         if not os.path.isfile(f):
             raise DSMError(f"{f!r} does not exist")
+    if not allow_random_init:
+        refuse_random_init(files, "triton-repo")
     configs = [model_config(f, n, max_batch=max_batch, instances=instances, instance_kind=instance_kind,
                             ort_tensorrt=ort_tensorrt) for f, n in zip(files, names)]
     for f, name, cfg in zip(files, names, configs):

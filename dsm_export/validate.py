@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import eval_transform, iter_batches, list_images
+from .data import ImageSet, eval_transform, iter_batches, list_images
 from .errors import DSMError
 from .export import ExportInfo, load_onnx, read_metadata, weights_path
 from .flops import schedule_flops
@@ -254,7 +254,7 @@ def collect_logits(runner, model, merged, images, transform, batch_size: int, pr
 def validate_runner(
     runner: Callable[[np.ndarray], np.ndarray],
     info: ExportInfo,
-    images_dir: str,
+    images_dir: str | ImageSet,
     weights: str | None = None,
     model_name: str | None = None,
     schedule: Schedule | str | None = None,
@@ -272,12 +272,13 @@ def validate_runner(
     Args:
         runner: ``[B, 3, H, W]`` float32 numpy -> ``[B, classes]`` logits (or ``[B, dim]`` embeddings).
         info: the graph's dsm-export metadata (model, schedule, weights, input size, output kind).
-        images_dir: folder of images, optionally with ``labels.csv``.
+        images_dir: folder of images, optionally with ``labels.csv``; or an already listed (and
+            checked, see :func:`dsm_export.checks.readable_images`) :class:`~dsm_export.data.ImageSet`.
         weights, model_name, schedule: override what the metadata says.
         atol: tolerance on the max absolute logit difference against PyTorch-with-schedule
             (classifiers only).
         batch_size: images per batch.
-        limit: validate on the first ``limit`` images only.
+        limit: validate on the first ``limit`` images only (a folder given by name).
         progress: show a progress bar.
         fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`;
             :data:`FP16_COSINE_ATOL`, :data:`FP16_MIN_KNN_OVERLAP` for embeddings).
@@ -307,7 +308,7 @@ def validate_runner(
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
     schedule = schedule or info.schedule
-    images = list_images(images_dir, limit)
+    images = images_dir if isinstance(images_dir, ImageSet) else list_images(images_dir, limit)
     path, use_pretrained = resolve_weights(info, weights, pretrained, source_path)
     model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
     check_weights(info, model, use_pretrained and not model_name)
@@ -403,7 +404,7 @@ def _embedding_report(logits: Logits, fp16: bool) -> dict:
     }
 
 
-def validate(onnx_path: str, images_dir: str, threads: int | None = None, provider: str | None = "cpu",
+def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = None, provider: str | None = "cpu",
              **kwargs) -> dict:
     """Validate an exported ONNX file with ONNX Runtime on ``provider``; see :func:`validate_runner`.
 
@@ -420,7 +421,7 @@ def validate(onnx_path: str, images_dir: str, threads: int | None = None, provid
     return validate_runner(onnx_runner(onnx_path, threads, provider), info, images_dir, **kwargs)
 
 
-def validate_engine(plan_path: str, images_dir: str, **kwargs) -> dict:
+def validate_engine(plan_path: str, images_dir: str | ImageSet, **kwargs) -> dict:
     """Validate a TensorRT engine built by ``dsm-export build`` (needs tensorrt and a GPU)."""
     from .engines import TensorRTRunner, engine_info
 

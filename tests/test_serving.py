@@ -3,10 +3,6 @@
 import importlib.util
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import onnx
@@ -16,16 +12,15 @@ from dsm_export.cli import main
 from dsm_export.export import export_onnx
 from dsm_export.validate import onnx_runner, validate
 
-from conftest import DEIT, DSM_17
+from conftest import DEIT
+from servers import start_ready
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture(scope="module")
-def dsm_file(tmp_path_factory, weights):
-    path = str(tmp_path_factory.mktemp("serve") / "deit_dsm.onnx")
-    export_onnx(DEIT, path, DSM_17, weights)
-    return path
+def dsm_file(dsm_onnx):
+    return dsm_onnx
 
 
 # ------------------------------------------------------------------ engines
@@ -117,42 +112,13 @@ def test_triton_repository_configs(dsm_file, tmp_path, weights):
 
 
 # ------------------------------------------------------------------ live server
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def server(dsm_file, tmp_path_factory):
-    http, grpc, metrics = _free_ports(3)
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsm_export", "serve", dsm_file, "--name", "dsm", "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-    deadline = time.time() + 240
-    while True:
-        try:
-            if client.is_server_ready() and client.is_model_ready("dsm") and client.is_model_ready("dsm_image"):
-                break
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            pytest.fail("server did not start:\n" + log.read()[-3000:])
-        time.sleep(1)
-    yield {"proc": proc, "http": http, "grpc": grpc, "log": log}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    srv = start_ready([dsm_file], ["dsm"], str(tmp_path_factory.mktemp("log") / "serve.log"), ["--threads", "1"])
+    try:
+        yield {"proc": srv.proc, "http": srv.http, "grpc": srv.grpc, "srv": srv}
+    finally:
+        srv.close()
 
 
 def _pixels(images_dir, n):
@@ -183,6 +149,7 @@ def test_served_logits_equal_local_onnxruntime(server, dsm_file, images_dir):
 
 def test_served_image_model_top_k(server, dsm_file, images_dir):
     import tritonclient.http as httpclient
+    from timm.data import ImageNetInfo
 
     images, x = _pixels(images_dir, 2)
     local = onnx_runner(dsm_file)(x)
@@ -198,6 +165,8 @@ def test_served_image_model_top_k(server, dsm_file, images_dir):
         probs = np.exp(local[i] - local[i].max())
         probs /= probs.sum()
         np.testing.assert_allclose(scores, probs[idx], rtol=1e-4)
+        names = [n.decode() for n in result.as_numpy("top_k_names")]
+        assert names == [ImageNetInfo("imagenet-1k").index_to_description(int(i)) for i in idx]
 
 
 def test_bad_requests_fail_alone(server, images_dir):
@@ -229,5 +198,4 @@ def test_sigterm_shuts_down_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
-    server["log"].seek(0)
-    assert "stopped" in server["log"].read()
+    assert "stopped" in server["srv"].log()

@@ -62,11 +62,15 @@ def _check_int8_args(args) -> None:
 
 
 def run(args) -> int:
-    from ..engines import TensorRTOptions, build_onnxruntime, build_tensorrt
+    from .. import checks
+    from ..engines import TensorRTOptions, build_onnxruntime, build_tensorrt, import_tensorrt
 
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise DSMError(f"output folder {folder!r} does not exist")
+    checks.input_file(args.onnx, "ONNX file")
+    checks.output_file(args.output, "--output")
+    if args.backend == "tensorrt":
+        checks.output_file(args.output + ".json", "--output sidecar")
+        checks.output_file(args.timing_cache, "--timing-cache")
+        import_tensorrt()  # the backend is available, before the ONNX file is read
     if os.path.abspath(args.output) == os.path.abspath(args.onnx):
         raise DSMError("--output must differ from the input file")
     if args.precision == "int8":

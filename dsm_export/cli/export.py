@@ -20,9 +20,12 @@ def add(sub):
 
 
 def run(args) -> int:
+    from .. import checks
     from ..export import export_onnx, parse_input_size
 
     check_weights_args(args)
+    checks.output_file(args.output, "--output")
+    checks.input_file(args.weights, "weights file")
     hw = parse_input_size(args.input_size) if args.input_size else None
     info = export_onnx(args.model, args.output, args.schedule, args.weights, batch=args.batch,
                        opset=args.opset, image_size=hw, pretrained=args.pretrained,

@@ -16,8 +16,11 @@ def add(sub):
 
 
 def run(args) -> int:
+    from .. import checks
     from ..fileio import write_json
     from ..inspection import format_inspection, inspect_schedule
+
+    checks.output_file(args.json_path, "--json")
 
     if args.target.lower().endswith(".onnx") or os.path.isfile(args.target):
         from ..export import load_onnx, read_metadata

@@ -1,24 +1,41 @@
-"""Subcommand ``serve``: a real Triton server (PyTriton) on loopback."""
+"""Subcommand ``serve``: a real Triton server (PyTriton), on loopback unless ``--host`` says otherwise."""
 
 from __future__ import annotations
 
 
 def add(sub):
-    p = sub.add_parser("serve", help="serve an ONNX file with a real Triton server (PyTriton) on loopback")
+    p = sub.add_parser("serve", help="serve ONNX files with a real Triton server (PyTriton), on loopback by default")
     p.add_argument("onnx", nargs="+", help="ONNX files (e.g. the DSM export and the none baseline)")
     p.add_argument("--name", action="append", help="model name per file (default: from the file name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind HTTP, gRPC and metrics (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--image-instances", type=int, default=4,
+                   help="concurrent image decoders of each <name>_image model (default 4)")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="serve files exported without --weights (refused by default)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import signal
+    import threading
+
+    # Catch SIGINT/SIGTERM before the seconds of imports below; serve() keeps watching this event.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     from ..serve import serve
 
-    return serve(args.onnx, names=args.name, http_port=args.http_port, grpc_port=args.grpc_port,
+    if stop.is_set():
+        print("interrupted while starting: stopped", flush=True)
+        return 0
+    return serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, max_batch=args.max_batch, top_k=args.top_k,
-                 threads=args.threads)
+                 threads=args.threads, image_instances=args.image_instances,
+                 allow_random_init=args.allow_random_init)

@@ -14,13 +14,20 @@ def add(sub):
     p.add_argument("--ort-tensorrt", choices=("fp32", "fp16"),
                    help="ONNX models on GPU instances: ONNX Runtime's TensorRT execution accelerator with "
                         "this precision_mode (fp16 lets TensorRT run the token matching in fp16 too)")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="package files exported without --weights (refused by default)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from .. import checks
     from ..triton_repo import write_repository
 
+    for f in args.files:
+        checks.input_file(f, "model file")
+    checks.output_folder(args.output, "--output")
     names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances,
-                             instance_kind=args.instance_kind, ort_tensorrt=args.ort_tensorrt)
+                             instance_kind=args.instance_kind, ort_tensorrt=args.ort_tensorrt,
+                             allow_random_init=args.allow_random_init)
     print(f"wrote {args.output}: " + ", ".join(names))
     return 0

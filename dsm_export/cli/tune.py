@@ -38,6 +38,8 @@ def add(sub):
     p.add_argument("--output", "-o", help="write the chosen schedule as JSON here")
     p.add_argument("--report", help="write the full report (Pareto front, held-apart metrics) as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out images that cannot be decoded (counted in the report) instead of stopping")
     p.set_defaults(func=run)
 
 
@@ -65,13 +67,18 @@ def run(args) -> int:
     from ..data import list_images, split_calibration
     from ..evaluate import divergence_name, load_pixels, model_logits, schedule_metrics
     from ..fileio import write_json
+    from .. import checks
+
     _check(args)
-    model = model_from_args(args, args.model, require_weights=True)
+    for path, what in ((args.output, "--output"), (args.report, "--report"), (args.export, "--export")):
+        checks.output_file(path, what)  # fail before minutes of search, not after
+    checks.input_file(args.weights, "weights file")
     if args.target_speedup:
         from ..providers import resolve_providers
 
         resolve_providers(args.provider)  # fail before minutes of search, not after
-    images = list_images(args.images)
+    images, skipped = checks.readable_images(list_images(args.images), args.skip_unreadable)
+    model = model_from_args(args, args.model, require_weights=True)
     if len(images) < args.calibration + 1:
         raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
     calib, held = split_calibration(images, args.calibration)
@@ -130,6 +137,8 @@ def run(args) -> int:
             with atomic_path(args.export) as tmp:
                 shutil.copyfile(chosen_path, tmp)
             print(f"wrote {args.export}: {report['precision']}, {schedule.spec()}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
     if args.output:
         write_json(args.output, {**schedule.to_dict(depth), "spec": schedule.spec(), "precision": report["precision"]})
     if args.report:
@@ -138,7 +147,7 @@ def run(args) -> int:
             "calibration": report["calibration"],
             "held_apart": held_metrics, "pareto": report["pareto"], "evaluated": report["evaluated"],
             "machine": report.get("machine"), "calibration_files": list(calib.files),
-            "held_apart_images": len(held)})
+            "held_apart_images": len(held), "skipped_unreadable": skipped})
     return 0
 
 

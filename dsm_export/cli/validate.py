@@ -26,10 +26,14 @@ def add(sub):
                    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name "
                         "(default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out images that cannot be decoded (counted in the report) instead of stopping")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from .. import checks
+    from ..data import list_images
     from ..fileio import write_json
     from ..validate import validate, validate_engine
 
@@ -37,13 +41,23 @@ def run(args) -> int:
         raise DSMError("give either an ONNX file or --engine PLAN")
     if args.weights and args.pretrained:
         raise DSMError("give either --weights FILE or --pretrained, not both")
+    # Everything the user gave is checked before the first image is run.
+    checks.input_file(args.onnx or args.engine, "ONNX file" if args.onnx else "engine")
+    checks.input_file(args.weights, "weights file")
+    checks.output_file(args.json_path, "--json")
+    if args.engine:
+        from ..engines import import_tensorrt
+
+        import_tensorrt()  # the backend is available, before any image is read
+    images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)
     common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
                   batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
                   pretrained=args.pretrained)
     if args.engine:
-        report = validate_engine(args.engine, args.images, **common)
+        report = validate_engine(args.engine, images, **common)
     else:
-        report = validate(args.onnx, args.images, threads=args.threads, provider=args.provider, **common)
+        report = validate(args.onnx, images, threads=args.threads, provider=args.provider, **common)
+    report["skipped_unreadable"] = skipped
     print(format_report(report))
     if args.json_path:
         write_json(args.json_path, report)
@@ -82,6 +96,9 @@ def format_report(report: dict) -> str:
         f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "
         f"{report['flops_ratio']:.2f}x fewer)",
         f"  criterion:                {report['criterion']} (median {report['median_abs_diff']:.2e})",
+        *([f"  skipped:                  {len(report['skipped_unreadable'])} unreadable images "
+           f"({', '.join(report['skipped_unreadable'][:3])}{', ...' if len(report['skipped_unreadable']) > 3 else ''})"]
+          if report.get("skipped_unreadable") else []),
         "PASS" if report["passed"] else "FAIL: outside tolerance",
     ]
     return "\n".join(lines)

@@ -31,6 +31,12 @@ def run(args) -> int:
         raise DSMError("--blocks names no block")
     if not os.path.isfile(args.image):
         raise DSMError(f"image {args.image!r} does not exist")
+    from .. import checks
+    from ..data import load_image
+
+    checks.output_file(args.output, "--output")
+    checks.input_file(args.weights, "weights file")
+    load_image(args.image)  # readable, before the model is built
     model = model_from_args(args, args.model)
     counts = visualize(model, Schedule.parse(args.schedule), args.image, blocks, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"block {b}: {n} tokens" for b, n in counts.items()))

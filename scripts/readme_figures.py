@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Regenerate the README's quoted output: rerun the quoted commands, rewrite the marked blocks.
+
+A block of the README between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->`` is the output
+of the generator registered as NAME, followed by a line saying on which machine and when it was
+made. Run from the repository root (the README's commands use ``../shared`` and ``out/``):
+
+    python scripts/readme_figures.py                 # every generator
+    python scripts/readme_figures.py validate inspect
+    python scripts/readme_figures.py --list
+
+Adding a block takes a few lines: a function that returns the Markdown to put between the markers,
+registered with :func:`figure`, and the two markers in the README::
+
+    @figure("frontier", "INT8 frontier table (scripts/frontier.py)")
+    def frontier(ctx: Context) -> str:
+        return ctx.run("python", "scripts/frontier.py", "--markdown")
+
+Generators run in the order given on the command line (default: registration order); a command
+that fails stops the script with its output and leaves the README unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("DSM_SHARED", "../shared")
+WEIGHTS = f"{SHARED}/models/deit_tiny_patch16_224.pth"
+IMAGES = f"{SHARED}/data/imagenet-sample"
+DSM = "r=34,r_end=0,delay=3,local=1"
+
+
+@dataclass
+class Figure:
+    """A registered generator: ``make(ctx)`` returns the Markdown between the markers."""
+
+    name: str
+    description: str
+    make: Callable[["Context"], str]
+
+
+FIGURES: dict[str, Figure] = {}
+
+
+def figure(name: str, description: str):
+    """Register a generator for the README block ``NAME`` (decorator)."""
+
+    def register(fn):
+        FIGURES[name] = Figure(name, description, fn)
+        return fn
+
+    return register
+
+
+@dataclass
+class Context:
+    """What generators share: the repository root, a log of the commands run, and helpers."""
+
+    root: str = ROOT
+    commands: list[str] = field(default_factory=list)
+    load_seconds: float = 60.0
+    load_clients: int = 8
+
+    def run(self, *cmd: str, timeout: float = 3600) -> str:
+        """Run ``cmd`` in the repository root (``dsm-export`` and ``python`` from this interpreter's
+        environment); returns stdout.
+
+        Raises:
+            RuntimeError: if it exits non-zero (with the end of its output).
+        """
+        self.commands.append(" ".join(shlex.quote(c) for c in cmd))
+        argv = list(cmd)
+        if argv[0] == "dsm-export":
+            argv = [sys.executable, "-m", "dsm_export", *argv[1:]]
+        elif argv[0] == "python":
+            argv[0] = sys.executable
+        proc = subprocess.run(argv, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        return proc.stdout
+
+    def ensure_exports(self) -> None:
+        """The README's two exports, ``out/deit_tiny_dsm.onnx`` and ``out/deit_tiny_none.onnx``."""
+        os.makedirs(os.path.join(self.root, "out"), exist_ok=True)
+        for schedule, path in ((DSM, "out/deit_tiny_dsm.onnx"), ("none", "out/deit_tiny_none.onnx")):
+            if not os.path.isfile(os.path.join(self.root, path)):
+                self.run("dsm-export", "export", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+                         "--schedule", schedule, "--output", path)
+
+
+def machine() -> str:
+    """One line naming this machine: CPU model, cores, OS, Python."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def code_block(text: str, lang: str = "") -> str:
+    return f"```{lang}\n{text.rstrip()}\n```"
+
+
+# ------------------------------------------------------------------ generators
+@figure("validate", "dsm-export validate on the 500 shared photos")
+def validate_block(ctx: Context) -> str:
+    ctx.ensure_exports()
+    out = ctx.run("dsm-export", "validate", "out/deit_tiny_dsm.onnx", "--images", IMAGES, "--json",
+                  "out/report.json", "--no-progress")
+    return code_block(out)
+
+
+@figure("inspect", "dsm-export inspect of the recommended export")
+def inspect_block(ctx: Context) -> str:
+    ctx.ensure_exports()
+    return code_block(ctx.run("dsm-export", "inspect", "out/deit_tiny_dsm.onnx"))
+
+
+@figure("tests", "test count and wall time of the whole suite")
+def tests_block(ctx: Context) -> str:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], cwd=ctx.root,
+                          capture_output=True, text=True, timeout=3600)
+    minutes = (time.monotonic() - start) / 60
+    ctx.commands.append("python -m pytest -q -x")
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"the test suite failed: {summary}\n{proc.stdout[-4000:]}")
+    counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|skipped|failed|deselected)", summary))
+    total = sum(counts.values())
+    return (f"On {os.cpu_count()} CPU cores the suite ({total} tests: {counts.get('passed', 0)} pass, "
+            f"{counts.get('skipped', 0)} skip) took {minutes:.1f} minutes.")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def served(ctx: Context, files: list[str], names: list[str]):
+    """A ``dsm-export serve`` of ``files`` on free loopback ports until the block ends; yields host:port."""
+    import tritonclient.http as httpclient
+
+    http, grpc, metrics = _free_ports(3)
+    args = [sys.executable, "-m", "dsm_export", "serve", *files, *sum((["--name", n] for n in names), []),
+            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    ctx.commands.append(" ".join(args[1:]).replace(sys.executable, "python"))
+    with open(os.devnull, "w") as devnull:
+        proc = subprocess.Popen(args, cwd=ctx.root, stdout=devnull, stderr=devnull)
+        try:
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+            deadline = time.monotonic() + 300
+            models = names + [f"{n}_image" for n in names]
+            while True:
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start")
+                time.sleep(1)
+            client.close()
+            yield f"127.0.0.1:{http}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@figure("load-test", "scripts/load_test.py against dsm-export serve, with bad requests interleaved")
+def load_test_block(ctx: Context) -> str:
+    ctx.ensure_exports()
+    with served(ctx, ["out/deit_tiny_dsm.onnx", "out/deit_tiny_none.onnx"], ["dsm", "none"]) as url:
+        out = ctx.run("python", "scripts/load_test.py", "--url", url, "--models", "dsm,none", "--clients",
+                      str(ctx.load_clients), "--seconds", f"{ctx.load_seconds:g}", "--bad-every", "10")
+    lines = [line for line in out.splitlines() if line.strip()]
+    rows = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("dsm", "none"):
+            rows[cells[0]] = cells
+    table = [line for line in lines if line.startswith("|")]
+    prose = [line for line in lines if not line.startswith("|")]
+    text = "\n\n".join([prose[0] + ".", "\n".join(table), *(line + "." for line in prose[1:])])
+    if len(rows) == 2:  # good requests, p50 latency: columns 1 and 7 of the --bad-every table
+        more = float(rows["dsm"][1]) / float(rows["none"][1])
+        faster = float(rows["dsm"][7]) / float(rows["none"][7])
+        text += (f"\n\nThe served DSM model answers {more:.2f}x the good requests of the unmerged one at "
+                 f"{faster:.2f}x the median latency.")
+    return text
+
+
+# ------------------------------------------------------------------ README rewriting
+MARKER = re.compile(r"(<!-- figures:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+
+
+def rewrite(readme: str, blocks: dict[str, str]) -> str:
+    """Replace the body of each ``figures:NAME`` block named in ``blocks``.
+
+    Raises:
+        ValueError: a name in ``blocks`` with no marker pair in the README.
+    """
+    found = {m.group("name") for m in MARKER.finditer(readme)}
+    missing = sorted(set(blocks) - found)
+    if missing:
+        raise ValueError(f"README has no <!-- figures:NAME --> block for {', '.join(missing)}")
+    return MARKER.sub(lambda m: m.group(1) + blocks[m.group("name")].rstrip() + "\n" + m.group(4)
+                      if m.group("name") in blocks else m.group(0), readme)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's argparse parser."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="generators to run (default: all); see --list")
+    parser.add_argument("--list", action="store_true", help="list the generators and exit")
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--load-seconds", type=float, default=60.0, help="load-test time per model")
+    parser.add_argument("--load-clients", type=int, default=8, help="load-test concurrent clients")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for f in FIGURES.values():
+            print(f"{f.name:<12} {f.description}")
+        return 0
+    unknown = [n for n in args.names if n not in FIGURES]
+    if unknown:
+        print(f"readme_figures: error: unknown generator {unknown[0]!r} (see --list)", file=sys.stderr)
+        return 2
+    with open(args.readme, encoding="utf-8") as fh:
+        readme = fh.read()
+    names = args.names or list(FIGURES)
+    present = {m.group("name") for m in MARKER.finditer(readme)}
+    if any(n not in present for n in names):
+        missing = [n for n in names if n not in present]
+        print(f"readme_figures: error: {args.readme} has no block for {', '.join(missing)}", file=sys.stderr)
+        return 2
+    ctx = Context(load_seconds=args.load_seconds, load_clients=args.load_clients)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks = {}
+    for name in names:
+        ctx.commands.clear()
+        print(f"{name}: running", file=sys.stderr, flush=True)
+        load = os.getloadavg()[0]  # other work on the machine skews timed figures: say so
+        try:
+            body = FIGURES[name].make(ctx)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"readme_figures: error: {name}: {exc}", file=sys.stderr)
+            return 1
+        blocks[name] = f"{body.rstrip()}\n\n<sub>Generated by `python scripts/readme_figures.py {name}` on {machine()}, {stamp}, load average {load:.1f} at the start.</sub>\n"
+    with open(args.readme, encoding="utf-8") as fh:  # again: it may have been edited meanwhile
+        readme = fh.read()
+    updated = rewrite(readme, blocks)
+    tmp = args.readme + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(updated)
+    os.replace(tmp, args.readme)
+    print(f"rewrote {', '.join(blocks)} in {args.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
