@@ -133,6 +133,20 @@ def inspect_block(ctx: Context) -> str:
     return code_block(ctx.run("dsm-export", "inspect", "out/deit_tiny_dsm.onnx"))
 
 
+@figure("int8-choices", "INT8 calibration x activation choices, scored on calibration-split photos")
+def int8_choices_block(ctx: Context) -> str:
+    return ctx.run("python", "scripts/int8_choices.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+                   "--images", IMAGES).strip()
+
+
+@figure("frontier", "INT8 / merge / stacked frontier on held-apart photos (scripts/frontier.py; ~25 min)")
+def frontier_block(ctx: Context) -> str:
+    ctx.run("python", "scripts/frontier.py", "deit_tiny_patch16_224", "--weights", WEIGHTS, "--images", IMAGES,
+            "--tuned", "2.0", "2.5", "--output", "docs", timeout=7200)
+    with open(os.path.join(ctx.root, "docs", "frontier.md"), encoding="utf-8") as fh:
+        return fh.read().strip()
+
+
 @figure("tests", "test count and wall time of the whole suite")
 def tests_block(ctx: Context) -> str:
     start = time.monotonic()
