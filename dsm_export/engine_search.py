@@ -28,7 +28,7 @@ from torch import nn
 from .errors import DSMError
 from .schedule import Schedule
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-dynamic")  # int8: static QDQ; int8-dynamic: ONNX Runtime only
 
 
 @dataclass
@@ -98,7 +98,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             calibrate INT8.
         target: measured ONNX Runtime speed-up over the fp32 unmerged export to reach (e.g. 2.5).
         workdir: folder for the candidate files (``<precision>_<rung>.onnx``).
-        precisions: subset of ``("fp32", "int8")``.
+        precisions: subset of ``("fp32", "int8", "int8-dynamic")`` (static QDQ, or ONNX Runtime's
+            dynamic quantization: no calibration, not TensorRT-parsable).
         rungs: FLOP-ratio rungs (see :func:`ladder`).
         max_grid, refine_steps: budget of each rung's schedule search (:func:`dsm_export.tune.tune`).
         quant_options: :class:`dsm_export.quantize.QuantizeOptions` (default static QDQ).
@@ -157,6 +158,11 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         if "int8" in precisions:
             files["int8"] = os.path.join(workdir, f"int8_{tag}.onnx")
             quantize_int8(fp32_path, files["int8"], calib, quant_options)
+        if "int8-dynamic" in precisions:
+            from .quantize import QuantizeOptions
+
+            files["int8-dynamic"] = os.path.join(workdir, f"int8dyn_{tag}.onnx")
+            quantize_int8(fp32_path, files["int8-dynamic"], None, QuantizeOptions(mode="dynamic"))
         # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
         timed = {k: v for k, v in files.items() if k in precisions and not (rung == 1.0 and k == "fp32")}
         rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads,

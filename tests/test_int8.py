@@ -163,7 +163,7 @@ def test_search_engines_measures_both_precisions(deit, weights, pixels, tmp_path
     result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
                             refine_steps=0, quant_count=8, repeats=5, progress=False)
     kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
-    assert kinds == {("fp32", True), ("int8", True), ("fp32", False), ("int8", False)}
+    assert kinds == {(p, none) for p in ("fp32", "int8", "int8-dynamic") for none in (True, False)}
     none_fp32 = next(r for r in result.candidates if r["precision"] == "fp32" and r["spec"] == "none")
     assert none_fp32["speedup"] == 1.0 and none_fp32["kl"] == 0.0
     assert all(r["speedup"] > 0 and r["kl"] >= 0 for r in result.candidates)
