@@ -117,6 +117,19 @@ def ports_free(host: str, ports: dict[str, int]) -> None:
                 raise DSMError(f"{name} port {port} on {host}: cannot bind ({exc.strerror})") from None
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free on ``host`` right now (bound to port 0 together, then released), for
+    tests and scripts that start servers."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def readable_images(images, skip_unreadable: bool = False):
     """Decode every image once (JPEG at reduced scale, which still reads all its data) before any work.
 

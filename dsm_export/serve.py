@@ -27,7 +27,6 @@ PyTriton's Python-backend stub loads the system's libpython, so the server is st
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import logging
 import os
@@ -58,15 +57,6 @@ def _prepend_libdir() -> None:
     current = os.environ.get("LD_LIBRARY_PATH", "")
     if libdir and not current.startswith(libdir):
         os.environ["LD_LIBRARY_PATH"] = libdir + (os.pathsep + current if current else "")
-
-
-def sha256_of(path: str) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class MicroBatcher:
@@ -224,7 +214,9 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     dims = tuple(int(d.dim_value) for d in out.type.tensor_type.shape.dim[1:])
     c, h, w = info.input_size
     limit = info.batch or max_batch
-    params = {"dsm.file": os.path.abspath(onnx_path), "dsm.sha256": sha256_of(onnx_path), "dsm.model": info.model,
+    from .models import sha256_file
+
+    params = {"dsm.file": os.path.abspath(onnx_path), "dsm.sha256": sha256_file(onnx_path), "dsm.model": info.model,
               "dsm.schedule": info.schedule.spec(), "dsm.weights_sha256": info.weights_sha256,
               "dsm.output": out_name}
 

@@ -30,7 +30,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,22 +162,14 @@ def tests_block(ctx: Context) -> str:
             f"{counts.get('skipped', 0)} skip) took {minutes:.1f} minutes.")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @contextlib.contextmanager
 def served(ctx: Context, files: list[str], names: list[str]):
     """A ``dsm-export serve`` of ``files`` on free loopback ports until the block ends; yields host:port."""
     import tritonclient.http as httpclient
 
-    http, grpc, metrics = _free_ports(3)
+    from dsm_export.checks import free_ports
+
+    http, grpc, metrics = free_ports(3)
     args = [sys.executable, "-m", "dsm_export", "serve", *files, *sum((["--name", n] for n in names), []),
             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     ctx.commands.append(" ".join(args[1:]).replace(sys.executable, "python"))

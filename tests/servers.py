@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from dsm_export.checks import free_ports  # noqa: F401  (re-exported for the tests)
+from dsm_export.serve import descendants  # noqa: F401
+
 PYTRITON_HOME = os.path.join(os.path.expanduser("~"), ".cache", "pytriton")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def workspaces() -> set[str]:
@@ -33,25 +24,6 @@ def own_workspaces(pid: int, before: set[str]) -> set[str]:
     (``dsm-export serve`` names its workspace ``dsm-serve-<pid>-<random>``; other sessions'
     PyTriton servers may add and remove their own meanwhile)."""
     return {w for w in workspaces() - before if w.startswith(f"dsm-serve-{pid}-")}
-
-
-def descendants(pid: int) -> list[int]:
-    """Every descendant process of ``pid``, from ``/proc``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def alive(pid: int) -> bool:

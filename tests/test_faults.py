@@ -391,7 +391,7 @@ def test_embedding_output_is_passed_through(live, photos, emb_onnx):
 def test_config_names_the_served_file(live, dsm_onnx):
     import tritonclient.http as httpclient
 
-    from dsm_export.serve import sha256_of
+    from dsm_export.models import sha256_file as sha256_of
 
     client = httpclient.InferenceServerClient(live.url)
     try:
