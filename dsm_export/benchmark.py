@@ -34,6 +34,18 @@ def make_session(path: str, threads: int | None = None, provider: str | None = "
     return create_session(path, provider, threads, optimization="all")
 
 
+def _warm_sessions(paths: dict[str, str], batch: int, warmup: int, threads, provider):
+    """Sessions for ``paths`` fed one shared random ``[batch, C, H, W]`` input, each run ``warmup`` times."""
+    sessions = {k: make_session(p, threads, provider) for k, p in paths.items()}
+    shape = [batch] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    return sessions, feeds
+
+
 def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
                    threads: int | None = None, iters: int = 1, provider: str | None = "cpu") -> dict[str, float]:
     """Median images/s of each graph on the same random batch; graphs alternate in each repetition.
@@ -51,13 +63,7 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
     Returns:
         label -> images per second.
     """
-    sessions = {k: make_session(p, threads, provider) for k, p in paths.items()}
-    shape = [batch] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
+    sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
     rates: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(repeats):
         for k, s in sessions.items():
@@ -83,13 +89,7 @@ def ort_latency(paths: dict[str, str], runs: int = 50, warmup: int = 5, threads:
     Returns:
         label -> ``{"p50": ms, "p90": ms, ...}`` (milliseconds).
     """
-    sessions = {k: make_session(p, threads, provider) for k, p in paths.items()}
-    shape = [1] + list(next(iter(sessions.values())).get_inputs()[0].shape[1:])
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
+    sessions, feeds = _warm_sessions(paths, 1, warmup, threads, provider)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(runs):
         for k, s in sessions.items():
