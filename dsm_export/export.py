@@ -391,7 +391,7 @@ def _stored_schedule(meta: dict) -> Schedule:
     depth = len(explicit.blocks)
     try:
         compact = Schedule.parse(meta.get("schedule", ""))
-        if compact.plan(depth) == explicit.plan(depth) and compact.windows == explicit.windows:
+        if compact.same_as(explicit, depth):
             return compact
     except DSMError:
         pass

@@ -6,6 +6,8 @@ at 224 px is about 1.26 GFLOPs). Counted per block, from the token counts of the
 * attention on the tokens entering the block: QKV and output projections, ``QK^T`` and
   ``attn @ V``;
 * merge: key mean over heads, cosine similarity of sets A and B, the one-hot assignment MatMul;
+  the class-attention mean over heads for ``protect`` and ``prune`` blocks (a prune block has no
+  similarity and no assignment; its gather moves data and counts nothing);
 * MLP on the tokens leaving the block (every ``nn.Linear`` in ``blk.mlp``);
 
 plus the patch embedding and the classifier head(s). Norms, softmax, GELU and adds are left out,
@@ -46,13 +48,16 @@ def _linear_macs(module: nn.Module, tokens: int) -> int:
     return sum(tokens * lin.in_features * lin.out_features for lin in _linears(module))
 
 
-def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2)) -> tuple[int, list[BlockFlops]]:
+def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2),
+                match: str = "bipartite") -> tuple[int, list[BlockFlops]]:
     """Count FLOPs of a timm ViT running the given per-block token counts.
 
     Args:
         model: timm ``VisionTransformer``.
         tokens: from :func:`dsm_export.schedule.resolve`.
         windows: window grid used by local blocks.
+        match: ``"energy"`` counts PiToMe's matching in global blocks (all-pairs similarity ``n^2 d``
+            and an ``r x r`` assignment) instead of ToMe's bipartite one.
 
     Returns:
         ``(total, per_block)``: total FLOPs (multiply-adds) for one image, and per-block detail.
@@ -69,16 +74,23 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         n_in, n_out = t.tokens_in, t.tokens_out
         a = _linear_macs(attn, n_in) + 2 * n_in * n_in * attn.attn_dim
         merge = 0
-        if t.removed:
+        if t.removed and t.plan.mode == "prune":
+            merge += (n_in - prefix) * attn.num_heads  # importance: class attention, mean over heads
+        elif t.removed:
             hd = attn.head_dim
-            n = n_in - prefix
+            n = t.matched or (n_in - prefix)  # mode=tome matches the prefix tokens too
             merge += n * attn.num_heads * hd  # mean of keys over heads
+            if t.protect:
+                merge += n * attn.num_heads  # importance: class attention, mean over heads
             groups = n_windows if t.per_window else 1
             n_g = n // groups
             na, nb = math.ceil(n_g / 2), n_g // 2
             r_g = t.per_window if t.per_window else t.removed
             c = blk.norm1.normalized_shape[0] if hasattr(blk.norm1, "normalized_shape") else attn.attn_dim
-            merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
+            if match == "energy" and not t.per_window:
+                merge += n * n * hd + r_g * r_g * (c + 1)  # all-pairs similarity + r x r assignment
+            else:
+                merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
         mlp = _linear_macs(blk.mlp, n_out)
         per_block.append(BlockFlops(t.index, n_in, n_out, a, merge, mlp))
         total += a + merge + mlp
@@ -99,6 +111,7 @@ def schedule_flops(model: nn.Module, schedule: Schedule) -> tuple[int, int, list
     """
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
-    merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows)
+    merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
+                                    schedule.match)
     base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
     return merged, base, per_block

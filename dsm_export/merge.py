@@ -29,7 +29,8 @@ class Matching(NamedTuple):
     """Result of bipartite soft matching over tokens split alternately into sets A and B.
 
     Attributes:
-        unm_idx: ``[..., na - r]`` int64 indices into A of the tokens left unmerged, ascending.
+        unm_idx: ``[..., na - r]`` int64 indices into A of the tokens left unmerged, ascending
+            (in score order when matching with ``sort_unmerged=False``, as ToMe without a class token).
         src_idx: ``[..., r]`` int64 indices into A of the tokens merged away.
         dst_idx: ``[..., r]`` int64 indices into B of their partners.
     """
@@ -51,7 +52,8 @@ def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 0::2, :], x[..., 1::2, :]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None = None) -> Matching:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None = None,
+                            protected: torch.Tensor | None = None, sort_unmerged: bool = True) -> Matching:
     """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3.1).
 
     Scores every A token against every B token by cosine similarity of ``metric`` (the attention
@@ -66,6 +68,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
             ``torch.sort`` (``aten.sort.stable`` has no ONNX export). Eager ``torch.topk`` does not
             break ties by index, so the default (None) uses ``topk`` only while
             ``torch.compiler.is_exporting()``; exported graph and eager model then rank alike.
+        protected: optional ``[n]`` or ``[..., n]`` bool, tokens that are neither merged away nor
+            merged into: their scores are ``-inf``, as ToMe protects the class token (its A row)
+            and the distillation token (its B column). Protected A tokens rank last, by index.
+        sort_unmerged: return the unmerged A tokens in their original order (True, as ToMe does
+            with a class token); False keeps them in score order (ToMe without a class token).
 
     Returns:
         A :class:`Matching` with static shapes ``[..., na - r]``, ``[..., r]``, ``[..., r]``.
@@ -79,21 +86,85 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = split_ab(metric)
     scores = a @ b.transpose(-1, -2)  # [..., na, nb]
+    if protected is not None:
+        pa, pb = protected[..., 0::2], protected[..., 1::2]
+        scores = scores.masked_fill(pb.unsqueeze(-2), float("-inf"))  # never a destination
     node_max, node_idx = scores.max(dim=-1)  # first index on ties
+    if protected is not None:
+        node_max = node_max.masked_fill(pa, float("-inf"))  # never merged away: rank last
     if use_topk is None:
         use_topk = torch.compiler.is_exporting()
     if use_topk:
         edge_idx = torch.topk(node_max, node_max.shape[-1], dim=-1, largest=True, sorted=True).indices
     else:
         edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [..., na]
-    # Unmerged A tokens keep their original order (ToMe keeps them in score order). The next
-    # block's alternating split then stays spatially even, and the token order no longer depends
-    # on the ranking of near-equal scores, which float noise between frameworks can swap: only the
-    # boundary between the r merged tokens and the rest does.
-    unm_idx = _ascending(edge_idx[..., r:], use_topk)
+    # Unmerged A tokens keep their original order, as ToMe's timm patch does with a class token.
+    # The next block's alternating split then stays spatially even, and the token order no longer
+    # depends on the ranking of near-equal scores, which float noise between frameworks can swap:
+    # only the boundary between the r merged tokens and the rest does.
+    unm_idx = _ascending(edge_idx[..., r:], use_topk) if sort_unmerged else edge_idx[..., r:]
     src_idx = edge_idx[..., :r]
     dst_idx = torch.gather(node_idx, -1, src_idx)
     return Matching(unm_idx, src_idx, dst_idx)
+
+
+def top_tokens(importance: torch.Tensor, k: int, use_topk: bool | None = None) -> torch.Tensor:
+    """Indices of the ``k`` most important tokens, ascending (original order kept).
+
+    Used by prune-then-merge (keep the ``n - r`` tokens with the most class attention, drop the
+    rest; DiffRate, Chen et al. ICCV 2023, Sec. 3.2; EViT, Liang et al. ICLR 2022, Sec. 3.1) and by
+    importance-protected matching (the ``k`` tokens that must not merge). Ties go to the lower index
+    in both forms (stable sort eagerly, ONNX ``TopK`` when exporting; see
+    :func:`bipartite_soft_matching`).
+
+    Args:
+        importance: ``[..., n]`` scores (e.g. class-token attention, mean over heads).
+        k: tokens to return, ``0 <= k <= n``.
+
+    Returns:
+        ``[..., k]`` int64 indices, ascending.
+    """
+    if use_topk is None:
+        use_topk = torch.compiler.is_exporting()
+    if use_topk:
+        idx = torch.topk(importance, k, dim=-1, largest=True, sorted=True).indices
+    else:
+        idx = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :k]
+    return _ascending(idx, use_topk)
+
+
+def token_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``[..., n]`` bool, True at the ``[..., k]`` indices ``idx`` (one-hot Equal plus ReduceMax, no
+    Scatter, no comparison op beyond Equal)."""
+    positions = torch.arange(n, device=idx.device, dtype=idx.dtype)
+    return (idx.unsqueeze(-1) == positions).to(torch.float32).amax(dim=-2).to(torch.bool)
+
+
+def prune_tokens(x: torch.Tensor, size: torch.Tensor, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune: keep the tokens at ``keep_idx`` and drop the rest with their sizes (DiffRate's
+    pruning, Chen et al. ICCV 2023, Sec. 3.2). Proportional attention then counts only the patches
+    the kept tokens stand for.
+
+    Args:
+        x: ``[B, n, c]`` tokens; size: ``[B, n, 1]``; keep_idx: ``[B, k]`` ascending indices.
+
+    Returns:
+        ``(x, size)``, ``[B, k, c]`` and ``[B, k, 1]``.
+    """
+    return _gather_tokens(x, keep_idx), _gather_tokens(size, keep_idx)
+
+
+def tome_distill_order(x: torch.Tensor, n_unm: int) -> torch.Tensor:
+    """ToMe's token order with a distillation token: ``[cls, dist, other unmerged A, other B]``.
+
+    After a merge of the whole sequence ``[cls, dist, patches...]`` the class token leads the
+    unmerged A tokens and the distillation token (B's first) leads B; ToMe's ``merge`` moves the
+    latter to position 1 (``tome/merge.py``).
+
+    Args:
+        x: ``[B, n, c]`` merged tokens, unmerged A first (``n_unm`` of them), then B.
+    """
+    return torch.cat([x[:, :1], x[:, n_unm:n_unm + 1], x[:, 1:n_unm], x[:, n_unm + 1:]], dim=1)
 
 
 def _ascending(idx: torch.Tensor, use_topk: bool) -> torch.Tensor:
@@ -204,3 +275,93 @@ def window_permutation(grid: tuple[int, int], windows: tuple[int, int]) -> torch
         raise ValueError(f"windows {wh}x{ww} do not divide the {gh}x{gw} grid")
     idx = torch.arange(gh * gw).view(wh, gh // wh, ww, gw // ww)
     return idx.permute(0, 2, 1, 3).reshape(-1)
+
+
+class EnergyMatching(NamedTuple):
+    """Result of energy-ordered matching (PiToMe, Tran et al., arXiv 2405.16148, Sec. 3.2).
+
+    Attributes:
+        keep_idx: ``[..., n - 2r]`` int64 indices of the protected tokens (lowest energy), ascending.
+        src_idx: ``[..., r]`` int64 indices of the tokens merged away (set A).
+        b_idx: ``[..., r]`` int64 indices of their possible partners (set B), ascending.
+        dst_idx: ``[..., r]`` int64 positions in ``b_idx`` of each A token's partner.
+    """
+
+    keep_idx: torch.Tensor
+    src_idx: torch.Tensor
+    b_idx: torch.Tensor
+    dst_idx: torch.Tensor
+
+
+def energy_margin(block: int, depth: int) -> float:
+    """PiToMe's margin for block ``block`` of ``depth``: ``0.9 - 0.9 * block / depth`` (Sec. 3.2):
+    early blocks count only near-duplicates as neighbours, late blocks count more."""
+    return 0.9 - 0.9 * block / depth
+
+
+def energy_matching(metric: torch.Tensor, r: int, margin: float, use_topk: bool | None = None) -> EnergyMatching:
+    """PiToMe's energy-ordered matching (Tran et al., arXiv 2405.16148, Sec. 3.2).
+
+    Each token's energy is the mean over all tokens of ``ELU(cos - margin)``: tokens with many close
+    neighbours (large redundant regions) score high, isolated tokens low. The ``2r`` highest-energy
+    tokens are split alternately, in energy order, into A and B; every A token merges into its most
+    similar B token; the other ``n - 2r`` tokens are protected. Unlike PiToMe, B tokens and protected
+    tokens are returned in their original order (ascending), which keeps tie-breaking identical
+    across frameworks (see :func:`bipartite_soft_matching`).
+
+    Args:
+        metric: ``[B, n, d]`` keys (mean over heads) of the mergeable tokens.
+        r: tokens to merge, ``0 < r <= n // 2``.
+        margin: the ELU margin (see :func:`energy_margin`).
+
+    Returns:
+        An :class:`EnergyMatching` with static shapes.
+
+    Raises:
+        ValueError: if ``r`` is out of range.
+    """
+    n = metric.shape[-2]
+    if not 0 < r <= n // 2:
+        raise ValueError(f"r={r} out of range for {n} tokens (1..{n // 2})")
+    if use_topk is None:
+        use_topk = torch.compiler.is_exporting()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    sim = metric @ metric.transpose(-1, -2)  # [B, n, n]
+    shifted = sim - margin
+    # ELU(x) = relu(x) + min(exp(x) - 1, 0): Relu, Exp, Clip only (no Elu in TensorRT's native list)
+    energy = (torch.relu(shifted) + torch.clamp(torch.exp(shifted) - 1, max=0.0)).mean(dim=-1)  # [B, n]
+    if use_topk:
+        order = torch.topk(energy, n, dim=-1, largest=True, sorted=True).indices
+    else:
+        order = torch.sort(energy, dim=-1, descending=True, stable=True).indices
+    src_idx = order[..., 0:2 * r:2]
+    b_idx = _ascending(order[..., 1:2 * r:2], use_topk)
+    keep_idx = _ascending(order[..., 2 * r:], use_topk)
+    rows = _gather_tokens(sim, src_idx)  # [B, r, n]
+    scores = torch.gather(rows, -1, b_idx.unsqueeze(-2).expand(*b_idx.shape[:-1], r, r))  # [B, r, r]
+    dst_idx = scores.argmax(dim=-1)  # first index on ties
+    return EnergyMatching(keep_idx, src_idx, b_idx, dst_idx)
+
+
+def merge_energy(x: torch.Tensor, size: torch.Tensor, m: EnergyMatching, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of an :class:`EnergyMatching`: ``[..., n, c]`` -> ``[..., n - r, c]``,
+    protected tokens first, then the B tokens with their A tokens merged in.
+
+    ``reference=True`` sums with ``scatter_reduce`` (ToMe's form, eager only); otherwise with a one-hot
+    assignment MatMul (the export form, see :func:`merge_wavg_onehot`).
+    """
+    c = x.shape[-1]
+    xs = torch.cat([x * size, size], dim=-1)
+    keep = _gather_tokens(xs, m.keep_idx)
+    src = _gather_tokens(xs, m.src_idx)
+    dst = _gather_tokens(xs, m.b_idx)
+    if reference:
+        idx = m.dst_idx.unsqueeze(-1).expand(*m.dst_idx.shape, xs.shape[-1])
+        dst = dst.scatter_reduce(-2, idx, src, reduce="sum")
+    else:
+        positions = torch.arange(dst.shape[-2], device=x.device, dtype=m.dst_idx.dtype)
+        assign = (m.dst_idx.unsqueeze(-1) == positions).to(x.dtype)  # [..., r, r]
+        dst = dst + assign.transpose(-1, -2) @ src
+    out = torch.cat([keep, dst], dim=-2)
+    new_size = out[..., c:]
+    return out[..., :c] / new_size, new_size

@@ -25,9 +25,16 @@ from torch import nn
 from .errors import UnsupportedModelError
 from .merge import (
     bipartite_soft_matching,
+    energy_margin,
+    energy_matching,
+    merge_energy,
     merge_sum_scatter,
     merge_wavg_onehot,
     merge_wavg_scatter,
+    prune_tokens,
+    token_mask,
+    tome_distill_order,
+    top_tokens,
     window_permutation,
 )
 from .schedule import BlockTokens, Schedule, resolve
@@ -114,6 +121,13 @@ class MergedViT(nn.Module):
         self.impl = impl
         self.grid = patch_grid(model)
         self.num_prefix = int(model.num_prefix_tokens)
+        self.tome = schedule.mode == "tome"
+        self.has_class_token = getattr(model, "cls_token", None) is not None
+        self.has_dist_token = getattr(model, "dist_token", None) is not None
+        if self.tome and int(getattr(model, "num_reg_tokens", 0) or 0):
+            raise UnsupportedModelError(
+                f"model {name or type(model).__name__!r}: mode=tome reproduces ToMe, which knows class and "
+                "distillation tokens only, not register tokens (use the default mode)")
         self.tokens: list[BlockTokens] = resolve(schedule, len(model.blocks), self.grid, self.num_prefix)
         self.windows = schedule.windows
         uses_local = any(t.per_window for t in self.tokens)
@@ -135,12 +149,14 @@ class MergedViT(nn.Module):
                 raise ValueError("track_source needs impl='reference'")
             n = x.shape[1] - self.num_prefix
             self._source = torch.eye(n, dtype=x.dtype, device=x.device).expand(x.shape[0], n, n)
+            if self.tome:  # prefix tokens take part in ToMe's split: give them (empty) rows
+                self._source = torch.cat([x.new_zeros(x.shape[0], self.num_prefix, n), self._source], dim=1)
             self.sources = []
         for blk, t in zip(m.blocks, self.tokens):
             if size is None and t.removed == 0 and self.impl == "reference":
                 x = blk(x)  # dense block: the model's own code
                 if self.track_source:
-                    self.sources.append(self._source)
+                    self.sources.append(self._patch_sources())
                 continue
             if t.per_window and not in_windows:
                 p = self.num_prefix
@@ -150,55 +166,110 @@ class MergedViT(nn.Module):
                 in_windows = True
             x, size = self._block(blk, x, size, t)
             if self.track_source:
-                self.sources.append(self._source)
+                self.sources.append(self._patch_sources())
         x = m.norm(x)
         return self._head(x, size)
 
     # ------------------------------------------------------------------ internals
+    def _patch_sources(self):
+        return self._source[:, self.num_prefix:] if self.tome else self._source
+
     def _block(self, blk, x, size, t: BlockTokens):
         """ToMe block: attention with proportional attention, merge, MLP (on fewer tokens)."""
-        attn_out, keys = self._attention(blk.attn, blk.norm1(x), size)
+        needs_importance = bool(t.removed) and (t.plan.mode == "prune" or t.protect > 0)
+        attn_out, keys, importance = self._attention(blk.attn, blk.norm1(x), size, needs_importance)
         x = x + blk.drop_path1(blk.ls1(attn_out))
         if t.removed:
             if size is None:
                 size = torch.ones_like(x[..., :1])
-            x, size = self._merge(x, size, keys, t)
+            if self.tome:
+                x, size = self._merge_tome(x, size, keys, t)
+            else:
+                x, size = self._merge(x, size, keys, t, importance)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size
 
-    def _attention(self, attn, x, size):
-        """timm ``Attention`` with ``log(size)`` added to the logits; returns output and mean keys."""
+    def _attention(self, attn, x, size, importance: bool = False):
+        """timm ``Attention`` with ``log(size)`` added to the logits.
+
+        Returns:
+            ``(out [B, N, C], keys [B, N, head_dim] (mean over heads), importance [B, N] or None)``;
+            importance is the class token's attention to each token (mean over heads), or for models
+            without a class token the mean attention each token receives.
+        """
         _, n, _ = x.shape
         qkv = attn.qkv(x).reshape(-1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
+        imp = None
         if self.impl == "reference":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            if importance:  # the attention weights SDPA does not return, recomputed
+                qi = q[:, :, :1] if self.has_class_token else q
+                w = (qi * attn.scale) @ k.transpose(-2, -1)
+                w = torch.softmax(w if bias is None else w + bias, dim=-1)
+                imp = w.mean(dim=2).mean(dim=1)
         else:
             logits = (q * attn.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias
-            out = logits.softmax(dim=-1) @ v
+            probs = logits.softmax(dim=-1)
+            out = probs @ v
+            if importance:
+                imp = probs[:, :, 0].mean(dim=1) if self.has_class_token else probs.mean(dim=2).mean(dim=1)
         out = out.transpose(1, 2).reshape(-1, n, attn.attn_dim)
         out = attn.proj(attn.norm(out))
-        return attn.proj_drop(out), k.mean(dim=1)
+        return attn.proj_drop(out), k.mean(dim=1), imp
 
-    def _merge(self, x, size, keys, t: BlockTokens):
-        """Merge the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says."""
+    def _merge_tome(self, x, size, keys, t: BlockTokens):
+        """ToMe's merge of the whole sequence, prefix tokens protected (``tome/merge.py``)."""
+        p = self.num_prefix
+        protected = torch.arange(x.shape[1], device=x.device) < p if p else None
+        m = bipartite_soft_matching(keys, t.removed, protected=protected, sort_unmerged=self.has_class_token)
+        if self.impl == "reference":
+            if self.track_source:
+                self._source = merge_sum_scatter(self._source, m)
+                if self.has_dist_token:
+                    self._source = tome_distill_order(self._source, m.unm_idx.shape[-1])
+            x, size = merge_wavg_scatter(x, size, m)
+        else:
+            x, size = merge_wavg_onehot(x, size, m)
+        if self.has_dist_token:
+            n_unm = m.unm_idx.shape[-1]
+            x, size = tome_distill_order(x, n_unm), tome_distill_order(size, n_unm)
+        return x, size
+
+    def _merge(self, x, size, keys, t: BlockTokens, importance=None):
+        """Merge (or prune) the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says."""
         p = self.num_prefix
         xp, xt = x[:, :p], x[:, p:]
         sp, st = size[:, :p], size[:, p:]
         kt = keys[:, p:]
-        if t.per_window:
-            xt, st = self._merge_local(xt, st, kt, t.per_window)
-        elif self.impl == "reference":
-            m = bipartite_soft_matching(kt, t.removed)
+        if t.plan.mode == "prune":
+            keep = top_tokens(importance[:, p:], xt.shape[1] - t.removed)
             if self.track_source:
-                self._source = merge_sum_scatter(self._source, m)
-            xt, st = merge_wavg_scatter(xt, st, m)
+                self._source = prune_tokens(self._source, self._source[..., :1], keep)[0]
+            xt, st = prune_tokens(xt, st, keep)
+        elif t.per_window:
+            xt, st = self._merge_local(xt, st, kt, t.per_window)
+        elif self.schedule.match == "energy":
+            m = energy_matching(kt, t.removed, energy_margin(t.index, len(self.tokens)))
+            if self.track_source:
+                src, sz = merge_energy(self._source, torch.ones_like(self._source[..., :1]), m, True)
+                self._source = src * sz
+            xt, st = merge_energy(xt, st, m, reference=self.impl == "reference")
         else:
-            xt, st = merge_wavg_onehot(xt, st, bipartite_soft_matching(kt, t.removed))
+            protected = None
+            if t.protect:
+                protected = token_mask(top_tokens(importance[:, p:], t.protect), xt.shape[1])
+            m = bipartite_soft_matching(kt, t.removed, protected=protected)
+            if self.impl == "reference":
+                if self.track_source:
+                    self._source = merge_sum_scatter(self._source, m)
+                xt, st = merge_wavg_scatter(xt, st, m)
+            else:
+                xt, st = merge_wavg_onehot(xt, st, m)
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
 
     def _merge_local(self, x, size, keys, r_w: int):

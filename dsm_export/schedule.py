@@ -13,10 +13,31 @@ Compact text form (the CLI's ``--schedule``)::
     r=13                              ToMe's constant schedule: global r=13 from block 0
     r=13,delay=2,local=4,windows=2x2  DSM: 2 dense blocks, 4 local blocks, then global
     r=24,r_end=8,delay=3              r falls linearly from 24 to 8 over the merging blocks
+    r=24,r_end=8,delay=3,protect=16   ... and the 16 tokens with the most class attention never merge
+    r=24,r_end=8,delay=3,prune=3      ... and the last 3 merging blocks drop tokens instead
+    r=13,mode=tome                    exactly ToMe's official timm patch (prefix tokens in the split)
+    r=13,inflect=-0.5,mode=tome       ToMe's ``(r, inflection)`` schedule, as its ``parse_r``
 
 A JSON file holds the explicit list, so per-block r may vary freely::
 
-    {"blocks": ["none", "none", "local 16", "local 16", "global 12", ...], "windows": "2x2"}
+    {"blocks": ["none", "none", "local 16", "local 16", "global 12", ..., "prune 8"], "windows": "2x2"}
+    {"mode": "tome", "r": [16, 16, 8]}   ToMe's r list (padded with zeros to the depth, as ToMe does)
+
+Merge variants (DSM mode only; see :mod:`dsm_export.merge` for the maths and sources):
+
+* ``protect=P``: importance-protected matching. In global blocks the ``P`` mergeable tokens with
+  the most class-token attention (mean over heads) are neither merged away nor merged into, in the
+  spirit of PiToMe's protection of informative tokens (Tran et al., arXiv 2405.16148, Sec. 3) with
+  EViT's class-attention importance (Liang et al., ICLR 2022, Sec. 3.1).
+* ``prune=K`` (or ``"prune R"`` block entries): prune-then-merge. The last ``K`` merging blocks
+  drop the ``r`` tokens with the least class attention instead of merging them, as DiffRate's
+  pruning (Chen et al., ICCV 2023, Sec. 3.2) and PPT (Wu et al., 2023); dropped tokens and their
+  sizes leave the sequence, so proportional attention no longer counts the patches they stood for.
+
+``mode=tome`` reproduces ``tome.patch.timm`` of the official ToMe code (Bolya et al. 2023): the class
+and distillation tokens take part in the alternating A/B split and are protected by a -inf score,
+r is clipped to ``(tokens - protected) // 2`` in every block, and the schedule follows ToMe's
+``parse_r`` (an int, ``r`` with ``inflect``, or an r list padded with zeros).
 
 Token counts follow from the schedule alone, so every shape of an exported graph is static; they are
 checked up front by :func:`resolve` (at most half the mergeable tokens per step, per window in
@@ -32,14 +53,17 @@ from dataclasses import dataclass, field
 
 from .errors import ScheduleError
 
-MODES = ("none", "local", "global")
+MODES = ("none", "local", "global", "prune")
+SCHEDULE_MODES = ("dsm", "tome")
+MATCHES = ("bipartite", "energy")
 
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """One block's entry: ``mode`` in ``none | local | global`` and ``r`` tokens to remove.
+    """One block's entry: ``mode`` in ``none | local | global | prune`` and ``r`` tokens to remove.
 
     For ``local``, ``r`` is the total asked for; each of the W windows merges ``ceil(r / W)``.
+    ``prune`` drops the ``r`` tokens with the least class attention instead of merging them.
     """
 
     mode: str = "none"
@@ -64,7 +88,8 @@ class BlockPlan:
             elif len(parts) == 2:
                 mode, r = parts[0], parts[1]
             else:
-                raise ScheduleError(f"block entry {item!r}: expected 'none', 'local R' or 'global R'")
+                raise ScheduleError(
+                    f"block entry {item!r}: expected 'none', 'local R', 'global R' or 'prune R'")
         else:
             raise ScheduleError(f"block entry {item!r}: expected a string such as 'global 13'")
         if mode not in MODES:
@@ -86,6 +111,10 @@ class BlockTokens:
         per_window: tokens merged inside each window (local only, else 0).
         tokens_in: tokens entering the block (attention runs on these).
         tokens_out: tokens leaving the block (the MLP runs on these).
+        matched: tokens entering the matching (the mergeable ones; prefix tokens included in
+            ``mode=tome``, as ToMe splits them too); 0 for blocks that do not merge.
+        protect: tokens protected from merging by class attention (``protect=P``, clipped to
+            ``mergeable - 2 * removed`` so that enough tokens stay free to merge), else 0.
     """
 
     index: int
@@ -94,6 +123,8 @@ class BlockTokens:
     per_window: int
     tokens_in: int
     tokens_out: int
+    matched: int = 0
+    protect: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +138,12 @@ class Schedule:
         windows: window grid over the patch grid ``(rows, cols)``, default ``(2, 2)``.
         r_end: if set, r falls (or rises) linearly from ``r`` to ``r_end`` over the merging blocks.
         blocks: an explicit per-block list; when set it overrides the parameters above.
+        mode: ``"dsm"`` (prefix tokens kept out of the matching) or ``"tome"`` (the official ToMe
+            timm patch, exactly; see the module doc).
+        inflect: ToMe's inflection in ``[-1, 1]`` (``mode=tome`` only): r rises (+1) or falls (-1)
+            over the blocks around its mean, as ToMe's ``parse_r((r, inflect))``.
+        protect: importance-protected matching: tokens kept out of global merges by class attention.
+        prune: the last ``prune`` merging blocks drop tokens instead of merging them.
     """
 
     r: int = 0
@@ -115,6 +152,32 @@ class Schedule:
     windows: tuple[int, int] = (2, 2)
     r_end: int | None = None
     blocks: tuple[BlockPlan, ...] | None = field(default=None)
+    mode: str = "dsm"
+    inflect: float | None = None
+    protect: int = 0
+    prune: int = 0
+    match: str = "bipartite"
+
+    def __post_init__(self):
+        if self.match not in MATCHES:
+            raise ScheduleError(f"match={self.match!r}: expected one of {', '.join(MATCHES)}")
+        if self.match == "energy" and self.protect:
+            raise ScheduleError("match=energy protects its lowest-energy tokens itself; drop protect")
+        if self.mode not in SCHEDULE_MODES:
+            raise ScheduleError(f"mode={self.mode!r}: expected one of {', '.join(SCHEDULE_MODES)}")
+        if self.mode == "tome":
+            extra = [k for k, v in (("delay", self.delay), ("local", self.local), ("r_end", self.r_end),
+                                    ("protect", self.protect), ("prune", self.prune),
+                                    ("match", self.match != "bipartite")) if v]
+            if extra:
+                raise ScheduleError(
+                    f"mode=tome reproduces ToMe and takes r, inflect or an r list only, not {', '.join(extra)}")
+            if self.blocks is not None and any(b.mode not in ("none", "global") for b in self.blocks):
+                raise ScheduleError("mode=tome blocks must be 'none' or 'global R'")
+        elif self.inflect is not None:
+            raise ScheduleError("inflect is ToMe's parameter: use it with mode=tome (or use r_end)")
+        if self.inflect is not None and not -1.0 <= self.inflect <= 1.0:
+            raise ScheduleError(f"inflect={self.inflect}: must lie in [-1, 1]")
 
     # ---------------------------------------------------------------- parsing
     @classmethod
@@ -144,11 +207,16 @@ class Schedule:
                 raise ScheduleError(f"schedule {text!r}: {key} given twice")
             if key == "windows":
                 params[key] = _parse_windows(value)
-            elif key in ("r", "delay", "local", "r_end"):
+            elif key in ("r", "delay", "local", "r_end", "protect", "prune"):
                 params[key] = _nonneg_int(value, f"schedule {text!r}: {key}")
+            elif key in ("mode", "match"):
+                params[key] = value
+            elif key == "inflect":
+                params[key] = _float(value, f"schedule {text!r}: inflect")
             else:
                 raise ScheduleError(
-                    f"schedule {text!r}: unknown key {key!r} (use r, delay, local, windows, r_end)")
+                    f"schedule {text!r}: unknown key {key!r} "
+                    "(use r, delay, local, windows, r_end, protect, prune, match, mode, inflect)")
         if "r" not in params:
             raise ScheduleError(f"schedule {text!r}: r is required (or 'none')")
         return cls(**params)
@@ -170,15 +238,30 @@ class Schedule:
         windows = _parse_windows(windows) if isinstance(windows, str) else tuple(windows)
         if len(windows) != 2 or min(windows) < 1:
             raise ScheduleError(f"windows {windows!r}: expected two positive integers")
+        extra = {"mode": str(data.get("mode", "dsm")), "match": str(data.get("match", "bipartite"))}
+        if data.get("inflect") is not None:
+            extra["inflect"] = _float(data["inflect"], "inflect")
+        for key in ("protect", "prune"):
+            if data.get(key):
+                extra[key] = _nonneg_int(data[key], key)
         if "blocks" in data:
+            if not isinstance(data["blocks"], list):
+                raise ScheduleError("schedule JSON: blocks must be a list")
             blocks = tuple(BlockPlan.parse(b) for b in data["blocks"])
-            return cls(windows=windows, blocks=blocks)
+            extra.pop("prune", None)  # an explicit list names its prune blocks
+            return cls(windows=windows, blocks=blocks, **extra)
+        if extra["mode"] == "tome" and isinstance(data.get("r"), list):
+            # ToMe's r list: one r per block, padded with zeros (tome.utils.parse_r)
+            rs = [_nonneg_int(v, "r list entry") for v in data["r"]]
+            return cls(windows=windows, blocks=tuple(BlockPlan("global", v) if v else BlockPlan() for v in rs),
+                       **extra)
         known = {"r", "delay", "local", "r_end"}
-        unknown = set(data) - known - {"windows", "spec"}
+        unknown = set(data) - known - {"windows", "spec", "mode", "match", "inflect", "protect", "prune",
+                                       "precision"}
         if unknown:
             raise ScheduleError(f"schedule JSON: unknown keys {sorted(unknown)}")
         params = {k: _nonneg_int(data[k], k) for k in known if data.get(k) is not None}
-        return cls(windows=windows, **params)
+        return cls(windows=windows, **params, **extra)
 
     @classmethod
     def from_json_file(cls, path: str) -> "Schedule":
@@ -213,11 +296,21 @@ class Schedule:
         parts = [f"r={self.r}"]
         if self.r_end is not None:
             parts.append(f"r_end={self.r_end}")
+        if self.inflect is not None:
+            parts.append(f"inflect={self.inflect:g}")
         if self.delay:
             parts.append(f"delay={self.delay}")
         if self.local:
             parts.append(f"local={self.local}")
             parts.append(f"windows={self.windows[0]}x{self.windows[1]}")
+        if self.protect:
+            parts.append(f"protect={self.protect}")
+        if self.prune:
+            parts.append(f"prune={self.prune}")
+        if self.match != "bipartite":
+            parts.append(f"match={self.match}")
+        if self.mode != "dsm":
+            parts.append(f"mode={self.mode}")
         return ",".join(parts)
 
     def __str__(self) -> str:
@@ -225,10 +318,21 @@ class Schedule:
 
     def to_dict(self, depth: int) -> dict:
         """The explicit JSON form for a model of ``depth`` blocks (loadable by :meth:`from_dict`)."""
-        return {
+        out = {
             "blocks": [str(b) for b in self.plan(depth)],
             "windows": f"{self.windows[0]}x{self.windows[1]}",
         }
+        if self.mode != "dsm":
+            out["mode"] = self.mode
+        if self.protect:
+            out["protect"] = self.protect
+        if self.match != "bipartite":
+            out["match"] = self.match
+        return out
+
+    def same_as(self, other: "Schedule", depth: int) -> bool:
+        """Whether two schedules run the same model of ``depth`` blocks (same explicit form)."""
+        return self.to_dict(depth) == other.to_dict(depth)
 
     def plan(self, depth: int) -> tuple[BlockPlan, ...]:
         """Expand to one :class:`BlockPlan` per block.
@@ -237,12 +341,17 @@ class Schedule:
             ScheduleError: if an explicit list has the wrong length, or delay exceeds depth.
         """
         if self.blocks is not None:
+            if self.mode == "tome" and len(self.blocks) < depth:  # ToMe pads r lists with zeros
+                return self.blocks + tuple(BlockPlan() for _ in range(depth - len(self.blocks)))
             if len(self.blocks) != depth:
                 raise ScheduleError(
                     f"schedule lists {len(self.blocks)} blocks but the model has {depth}")
             return self.blocks
         if self.is_none:
             return tuple(BlockPlan() for _ in range(depth))
+        if self.mode == "tome":
+            return tuple(BlockPlan("global", r) if r > 0 else BlockPlan()
+                         for r in tome_parse_r(depth, self.r, self.inflect or 0.0))
         if self.delay > depth:
             raise ScheduleError(f"delay={self.delay} exceeds the model's {depth} blocks")
         merging = depth - self.delay
@@ -255,7 +364,29 @@ class Schedule:
             if self.r_end is not None and merging > 1:
                 r = int(round(self.r + (self.r_end - self.r) * j / (merging - 1)))
             out.append(BlockPlan("local" if j < self.local else "global", r))
+        if self.prune:
+            if self.prune > merging - self.local:
+                raise ScheduleError(
+                    f"prune={self.prune} exceeds the {merging - self.local} global merging blocks "
+                    f"(after delay={self.delay} and local={self.local})")
+            for i in range(depth - self.prune, depth):
+                out[i] = BlockPlan("prune", out[i].r)
         return tuple(out)
+
+
+def tome_parse_r(depth: int, r: int, inflect: float = 0.0) -> list[int]:
+    """ToMe's per-block r for ``(r, inflect)`` (``tome.utils.parse_r``, Bolya et al. 2023, Sec. 4.1).
+
+    ``min = int(r * (1 - inflect))``, ``max = 2 r - min``, r rises linearly from min to max over
+    the ``depth`` blocks and every value is truncated with ``int`` as ToMe does.
+
+    Returns:
+        ``depth`` values of r (not yet clipped to what each block can give; see :func:`resolve`).
+    """
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
+    return [int(lo + step * i) for i in range(depth)]
 
 
 def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: int) -> list[BlockTokens]:
@@ -276,6 +407,8 @@ def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: i
             divide the patch grid, or if a local block follows a global one.
     """
     plan = schedule.plan(depth)
+    if schedule.mode == "tome":
+        return _resolve_tome(plan, grid, num_prefix)
     wh, ww = schedule.windows
     n_windows = wh * ww
     uses_local = any(b.mode == "local" and b.r > 0 for b in plan)
@@ -294,6 +427,13 @@ def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: i
                     f"(at most {n // 2})")
             removed = b.r
             seen_global = i if seen_global is None else seen_global
+        elif b.mode == "prune" and b.r > 0:
+            if b.r > n // 2:
+                raise ScheduleError(
+                    f"block {i}: prune r={b.r} asks for more than half of its {n} mergeable tokens "
+                    f"(at most {n // 2})")
+            removed = b.r
+            seen_global = i if seen_global is None else seen_global
         elif b.mode == "local" and b.r > 0:
             if seen_global is not None:
                 raise ScheduleError(
@@ -306,8 +446,25 @@ def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: i
                     f"block {i}: local r={b.r} needs {per_window} merges in each of {n_windows} windows "
                     f"of {n_w} tokens (at most {n_w // 2} per window)")
             removed = per_window * n_windows
-        out.append(BlockTokens(i, b, removed, per_window, n + num_prefix, n - removed + num_prefix))
+        # protection is clipped so that 2r tokens stay free to merge
+        protect = max(0, min(schedule.protect, n - 2 * removed)) if (b.mode == "global" and removed) else 0
+        out.append(BlockTokens(i, b, removed, per_window, n + num_prefix, n - removed + num_prefix,
+                               n if removed else 0, protect))
         n -= removed
+    return out
+
+
+def _resolve_tome(plan, grid: tuple[int, int], num_prefix: int) -> list[BlockTokens]:
+    """Token counts of ``mode=tome``: every token (prefix included) enters the matching and r is
+    clipped to ``(tokens - protected) // 2``, protected being the class and distillation tokens
+    (``tome.merge.bipartite_soft_matching``)."""
+    t = grid[0] * grid[1] + num_prefix
+    out = []
+    for i, b in enumerate(plan):
+        removed = min(b.r, (t - num_prefix) // 2) if b.mode == "global" else 0
+        removed = max(removed, 0)
+        out.append(BlockTokens(i, b, removed, 0, t, t - removed, t if removed else 0, 0))
+        t -= removed
     return out
 
 
@@ -323,6 +480,18 @@ def _nonneg_int(value, what: str) -> int:
     if ivalue < 0:
         raise ScheduleError(f"{what} must be a non-negative integer, got {value!r}")
     return ivalue
+
+
+def _float(value, what: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ScheduleError(f"{what} must be a number, got {value!r}") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ScheduleError(f"{what} must be a finite number, got {value!r}")
+    return out
 
 
 def _parse_windows(value: str) -> tuple[int, int]:

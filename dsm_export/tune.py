@@ -6,7 +6,11 @@ Search (on calibration images, PyTorch reference implementation):
 1. a grid over DSM's parameters -- delay, local blocks, window grid, r at the first merging block
    and r at the last (r falls or rises linearly) -- and ToMe's constant r, keeping every schedule whose analytic
    FLOP reduction is at least the target and at most ``slack`` above it;
-2. per-block refinement of the best grid schedule: move merges between pairs of blocks (coordinate
+2. merge variants on the best grid schedule (same token counts, so the same FLOPs up to the
+   matching's own cost): importance-protected matching (``protect=P``), prune-then-merge
+   (``prune=K``), PiToMe's energy matching (``match=energy``) and the best protect with the best
+   prune; the best of these and the plain schedule goes on (see :mod:`dsm_export.schedule`);
+3. per-block refinement: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
 
 Candidates are ranked by their ``divergence`` from the unmerged model (mean KL, or mean 1 - cosine for
@@ -16,6 +20,7 @@ Held-apart images (not used for the search) then judge the result.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -40,12 +45,51 @@ class TuneResult:
         evaluated: every evaluated candidate's metrics (calibration), in evaluation order.
         pareto: the non-dominated candidates (higher FLOP reduction, lower divergence), by FLOP
             reduction.
+        variants: the variant stage: one row per variant tried on the best grid schedule (its
+            calibration metrics plus ``variant``, a label such as ``plain`` or ``protect=16``), the
+            plain schedule first.
     """
 
     best: Schedule
     best_metrics: dict
     evaluated: list[dict] = field(default_factory=list)
     pareto: list[dict] = field(default_factory=list)
+    variants: list[dict] = field(default_factory=list)
+
+    @property
+    def variant(self) -> str:
+        """The variant label of the chosen schedule (``plain`` if no variant won)."""
+        return variant_label(self.best)
+
+
+PROTECT_OPTIONS = (8, 16, 32)
+PRUNE_OPTIONS = (1, 2, 4)
+
+
+def variant_label(schedule: Schedule) -> str:
+    """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``, ``match=energy``)."""
+    parts = []
+    if schedule.protect:
+        parts.append(f"protect={schedule.protect}")
+    prune = schedule.prune or sum(1 for b in (schedule.blocks or ()) if b.mode == "prune")
+    if prune:
+        parts.append(f"prune={prune}")
+    if schedule.match != "bipartite":
+        parts.append(f"match={schedule.match}")
+    if schedule.mode != "dsm":
+        parts.append(f"mode={schedule.mode}")
+    return ",".join(parts) or "plain"
+
+
+def variant_candidates(schedule: Schedule) -> list[Schedule]:
+    """The merge variants of a parameter-form schedule tried by :func:`tune` (same token counts)."""
+    out = []
+    for p in PROTECT_OPTIONS:
+        out.append(dataclasses.replace(schedule, protect=p))
+    for k in PRUNE_OPTIONS:
+        out.append(dataclasses.replace(schedule, prune=k))
+    out.append(dataclasses.replace(schedule, match="energy"))
+    return out
 
 
 WINDOW_OPTIONS = ((2, 2), (1, 2), (2, 1))
@@ -100,7 +144,7 @@ def _better(a: dict, b: dict | None) -> bool:
 
 
 def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
-         slack: float = 0.05, progress: bool = True) -> TuneResult:
+         slack: float = 0.05, progress: bool = True, variants: bool = True) -> TuneResult:
     """Search for the schedule with the least divergence (KL, or 1 - cosine for embedding models) at
     ``target``-fold fewer FLOPs (see module doc).
 
@@ -112,6 +156,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         refine_steps: per-block moves tried.
         slack: grid candidates may exceed the target by this much.
         progress: show a progress bar.
+        variants: try the merge variants on the best grid schedule (stage 2).
 
     Returns:
         A :class:`TuneResult`.
@@ -132,7 +177,9 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         cands = [cands[int(i)] for i in np.linspace(0, len(cands) - 1, max_grid)]
     evaluated: list[dict] = []
     best, best_m = None, None
-    bar = tqdm(total=len(cands) + refine_steps, desc="tune", unit="schedule", disable=not progress, leave=False)
+    n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + 1 if variants else 0
+    bar = tqdm(total=len(cands) + n_variants + refine_steps, desc="tune", unit="schedule",
+               disable=not progress, leave=False)
     for s in cands:
         m = schedule_metrics(model, s, pixels, base)
         m["spec"] = s.spec()
@@ -140,6 +187,41 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         if _better(m, best_m):
             best, best_m = s, m
         bar.update()
+
+    variant_rows: list[dict] = []
+    if variants:
+        variant_rows.append({**best_m, "variant": "plain"})
+        tried = []
+        for s in variant_candidates(best):
+            try:
+                m = schedule_metrics(model, s, pixels, base)
+            except ScheduleError:  # e.g. more prune blocks than global blocks
+                bar.update()
+                continue
+            m["spec"] = s.spec()
+            m["variant"] = variant_label(s)
+            evaluated.append(m)
+            variant_rows.append(m)
+            tried.append((s, m))
+            bar.update()
+        protects = [(s, m) for s, m in tried if s.protect]
+        prunes = [(s, m) for s, m in tried if s.prune]
+        if protects and prunes:  # the best protect with the best prune
+            bp = min(protects, key=lambda sm: (_div(sm[1]), -_agree(sm[1])))[0]
+            bk = min(prunes, key=lambda sm: (_div(sm[1]), -_agree(sm[1])))[0]
+            s = dataclasses.replace(best, protect=bp.protect, prune=bk.prune)
+            try:
+                m = schedule_metrics(model, s, pixels, base)
+                m["spec"], m["variant"] = s.spec(), variant_label(s)
+                evaluated.append(m)
+                variant_rows.append(m)
+                tried.append((s, m))
+            except ScheduleError:
+                pass
+        bar.update()
+        for s, m in tried:
+            if _better(m, best_m):
+                best, best_m = s, m
 
     # Per-block refinement: move `step` merged tokens from block i to block j.
     plan = list(best.plan(depth))
@@ -156,7 +238,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         trial = list(plan)
         trial[i] = BlockPlan(plan[i].mode, plan[i].r - step)
         trial[j] = BlockPlan(plan[j].mode, plan[j].r + step)
-        s = Schedule(windows=best.windows, blocks=tuple(trial))
+        s = Schedule(windows=best.windows, blocks=tuple(trial), protect=best.protect, match=best.match)
         try:
             resolve(s, depth, grid, prefix)
             if flops_ratio(model, s) < target:
@@ -169,4 +251,4 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         if _better(m, best_m):
             best, best_m, plan = s, m, trial
     bar.close()
-    return TuneResult(best, best_m, evaluated, pareto_front(evaluated))
+    return TuneResult(best, best_m, evaluated, pareto_front(evaluated), variant_rows)

@@ -121,6 +121,21 @@ def run(args) -> int:
               f"{agree} {100 * held_metrics['agreement']:.1f} %"
               + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
                  if acc is not None else ""))
+        variants = _judge_variants(report.get("variants") or [], model, held_pixels, base, held.labels)
+        if variants:
+            print(f"merge variants on the best grid schedule ({div}: calibration / held apart):")
+            for row in variants:
+                held_div = f"{row['held_divergence']:.4f}" if "held_divergence" in row else "-"
+                print(f"  {row['variant']:<22} {div} {row['divergence']:.4f} / {held_div}  "
+                      f"{agree} {100 * row['agreement']:.1f} %  {row['spec']}")
+            winner = min(variants, key=lambda r: (r["divergence"], -r["agreement"]))
+            plain = variants[0]
+            if winner is not plain and "held_divergence" in winner:
+                print(f"variant {winner['variant']} won: held-apart {div} {winner['held_divergence']:.4f} against "
+                      f"{plain['held_divergence']:.4f} for the plain schedule "
+                      f"({100 * (winner['held_divergence'] / plain['held_divergence'] - 1):+.0f} %)")
+            else:
+                print("no variant beat the plain schedule on the calibration images")
         if "speedup" in cal:
             print(f"Pareto front (calibration {div} against measured speed-up): speed-up, {div}, {agree}, "
                   "precision, schedule")
@@ -147,6 +162,7 @@ def run(args) -> int:
             "schedule": schedule.spec(), "precision": report["precision"], "divergence": div,
             "calibration": report["calibration"],
             "held_apart": held_metrics, "pareto": report["pareto"], "evaluated": report["evaluated"],
+            "variants": variants,
             "machine": report.get("machine"), "calibration_files": list(calib.files),
             "held_apart_images": len(held), "skipped_unreadable": skipped})
     return 0
@@ -174,7 +190,23 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
                           QuantizeOptions(mode="dynamic" if dynamic else "static"))
             path = os.path.join(work, "int8.onnx")
     return {"schedule_obj": result.best, "precision": args.precision, "calibration": result.best_metrics,
-            "pareto": result.pareto, "evaluated": result.evaluated}, path
+            "pareto": result.pareto, "evaluated": result.evaluated, "variants": result.variants}, path
+
+
+def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[dict]:
+    """The variant stage's rows, with the plain schedule and the calibration winner also scored on
+    the held-apart images (``held_divergence``, ``held_agreement``)."""
+    from ..evaluate import schedule_metrics
+    from ..schedule import Schedule
+
+    if not rows:
+        return []
+    rows = [dict(r) for r in rows]
+    winner = min(rows, key=lambda r: (r["divergence"], -r["agreement"]))
+    for row in {id(rows[0]): rows[0], id(winner): winner}.values():
+        m = schedule_metrics(model, Schedule.parse(row["spec"]), held_pixels, base, labels)
+        row["held_divergence"], row["held_agreement"] = m["divergence"], m["agreement"]
+    return rows
 
 
 def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:

@@ -1,0 +1,225 @@
+"""Exact ToMe mode and the merge variants (protect, prune, energy): schedule semantics, reference
+against export form and ONNX Runtime on real weights and photos, FLOPs, and tune's variant stage."""
+
+import copy
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dsm_export.errors import ScheduleError, UnsupportedModelError
+from dsm_export.export import export_model
+from dsm_export.flops import schedule_flops
+from dsm_export.merge import bipartite_soft_matching, energy_matching, merge_energy, tome_distill_order
+from dsm_export.onnx_graph import graph_problems
+from dsm_export.patch import apply
+from dsm_export.schedule import BlockPlan, Schedule, resolve, tome_parse_r
+from dsm_export.tune import tune, variant_label
+
+from conftest import DEIT
+from families import build
+
+GRID = (14, 14)
+VARIANTS = ["r=13,mode=tome", "r=24,r_end=8,delay=1,local=2,protect=16",
+            "r=24,r_end=8,delay=1,local=2,prune=3", "r=26,r_end=4,delay=1,match=energy"]
+
+
+# ----------------------------------------------------------------------------- schedule semantics
+def test_tome_parse_r_is_tomes():
+    # tome.utils.parse_r: min = int(r (1 - inflect)), max = 2r - min, int() of the linear ramp
+    assert tome_parse_r(12, 13) == [13] * 12
+    assert tome_parse_r(12, 16, -0.5) == [int(24 + (8 - 24) / 11 * i) for i in range(12)]
+    assert tome_parse_r(12, 16, -0.5)[:3] == [24, 22, 21]
+    assert tome_parse_r(4, 10, 1.0) == [0, 6, 13, 20]
+    plan = Schedule.parse('{"mode": "tome", "r": [30, 30, 20]}').plan(12)
+    assert [b.r for b in plan] == [30, 30, 20] + [0] * 9  # padded with zeros, as ToMe does
+
+
+def test_tome_mode_clips_r_as_tome():
+    # r = min(r, (tokens - protected) // 2) in every block, prefix tokens counted in the split
+    tokens = resolve(Schedule.parse("r=60,mode=tome"), 12, GRID, 1)
+    removed, t = [], 197
+    for _ in range(12):
+        r = min(60, (t - 1) // 2)
+        removed.append(r)
+        t -= r
+    assert [b.removed for b in tokens] == removed
+    assert removed[:4] == [60, 60, 38, 19]
+    assert tokens[0].matched == 197  # the class token is in the matching
+    # the default mode keeps prefix tokens out of the split and refuses what it cannot do
+    with pytest.raises(ScheduleError, match="more than half"):
+        resolve(Schedule.parse("r=60"), 12, GRID, 1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("r=13,delay=2,mode=tome", "takes r, inflect or an r list only"),
+    ("r=13,protect=8,mode=tome", "takes r, inflect or an r list only"),
+    ("r=13,inflect=-0.5", "use it with mode=tome"),
+    ("r=13,inflect=2,mode=tome", r"\[-1, 1\]"),
+    ("r=13,mode=fast", "expected one of dsm, tome"),
+    ("r=13,match=random", "expected one of bipartite, energy"),
+    ("r=13,match=energy,protect=4", "drop protect"),
+    ("r=13,delay=10,prune=3", "prune=3 exceeds"),
+])
+def test_bad_variant_specs_are_refused(text, message):
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.parse(text).plan(12)
+
+
+@pytest.mark.parametrize("text", ["r=13,mode=tome", "r=16,inflect=-0.5,mode=tome",
+                                  "r=24,r_end=8,delay=3,protect=16", "r=24,r_end=8,delay=3,prune=2",
+                                  "r=24,r_end=8,delay=3,match=energy"])
+def test_variant_specs_round_trip(text):
+    s = Schedule.parse(text)
+    assert s.spec() == text
+    assert Schedule.from_dict(s.to_dict(12)).same_as(s, 12)
+    assert Schedule.parse(s.spec()).same_as(s, 12)
+
+
+def test_prune_blocks_are_the_last_merging_blocks():
+    plan = Schedule.parse("r=20,r_end=8,delay=3,prune=2").plan(12)
+    assert [b.mode for b in plan] == ["none"] * 3 + ["global"] * 7 + ["prune"] * 2
+    assert variant_label(Schedule.parse("r=20,r_end=8,delay=3,prune=2,protect=8")) == "protect=8,prune=2"
+
+
+def test_variant_flops():
+    import timm
+
+    model = timm.create_model(DEIT, pretrained=False)
+    plain, base, blocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3"))
+    pruned, _, pblocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,prune=2"))
+    # a prune block has no matching: only the importance mean over heads
+    assert pblocks[-1].merge == (blocks[-1].tokens_in - 1) * 3
+    assert pruned < plain
+    energy, _, _ = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,match=energy"))
+    assert energy > plain  # all-pairs similarity costs more than bipartite
+    tome, _, tblocks = schedule_flops(model, Schedule.parse("r=13,mode=tome"))
+    dsm, _, dblocks = schedule_flops(model, Schedule.parse("r=13"))
+    assert tblocks[0].merge > dblocks[0].merge  # ToMe matches the class token too
+    assert 1.69 < base / tome < 1.71
+
+
+# ----------------------------------------------------------------------------- merge maths
+def test_protected_tokens_never_merge():
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(3, 40, 16, generator=g)
+    protected = torch.zeros(3, 40, dtype=torch.bool)
+    protected[:, [0, 1, 6, 9, 21]] = True
+    for use_topk in (False, True):
+        m = bipartite_soft_matching(metric, 15, use_topk=use_topk, protected=protected)
+        a_prot = protected[:, 0::2]
+        b_prot = protected[:, 1::2]
+        assert not torch.gather(a_prot, 1, m.src_idx).any()  # never merged away
+        assert not torch.gather(b_prot, 1, m.dst_idx).any()  # never merged into
+
+
+def test_tome_distill_order_keeps_prefix_in_front():
+    x = torch.arange(10.0).view(1, 10, 1)  # unmerged A: [0, 1, 2, 3], B: [4 (dist), 5, ...]
+    assert tome_distill_order(x, 4).flatten().tolist() == [0, 4, 1, 2, 3, 5, 6, 7, 8, 9]
+
+
+def test_energy_matching_merges_the_most_redundant_tokens():
+    # 20 copies of one key and 10 distinct ones: the copies have the highest energy and merge
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.nn.functional.normalize(torch.randn(1, 10, 32, generator=g), dim=-1)
+    same = torch.nn.functional.normalize(torch.randn(1, 1, 32, generator=g), dim=-1).expand(1, 20, 32)
+    metric = torch.cat([distinct[:, :5], same, distinct[:, 5:]], dim=1)
+    m = energy_matching(metric, 8, margin=0.5)
+    assert all(5 <= int(i) < 25 for i in m.src_idx.flatten())
+    x, size = metric.clone(), torch.ones(1, 30, 1)
+    for reference in (True, False):
+        out, s = merge_energy(x, size, m, reference=reference)
+        assert out.shape == (1, 22, 32) and float(s.sum()) == 30.0
+
+
+# ----------------------------------------------------------------------------- real weights
+def _official_tome():
+    """The official ToMe package from ``$DSM_TOME_SRC`` (a folder holding ``tome/``), or None."""
+    src = os.environ.get("DSM_TOME_SRC")
+    if not src or not os.path.isdir(os.path.join(src, "tome")):
+        return None
+    sys.path.insert(0, src)
+    try:
+        import tome
+    finally:
+        sys.path.remove(src)
+    return tome
+
+
+def test_tome_mode_equals_official_tome(deit, pixels):
+    tome = _official_tome()
+    if tome is None:
+        pytest.skip("set DSM_TOME_SRC to a checkout of facebookresearch/ToMe (CC-BY-NC, not vendored); "
+                    "scripts/tome_parity.py runs the same check on all 500 photos")
+    for r, spec in ((13, "r=13,mode=tome"), ((16, -0.5), "r=16,inflect=-0.5,mode=tome"), (60, "r=60,mode=tome")):
+        official = copy.deepcopy(deit)
+        tome.patch.timm(official)
+        official.r = r
+        with torch.inference_mode():
+            expected = official(pixels)
+            for impl in ("reference", "export"):
+                got = apply(deit, spec, impl)(pixels)
+                assert (got - expected).abs().max() <= 1e-4, (spec, impl)
+                assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("spec", VARIANTS)
+def test_variant_onnx_parity_on_deit_tiny(tmp_path, deit, pixels, spec):
+    """Reference (scatter merges, SDPA) against the ONNX Runtime graph of the export form."""
+    import onnxruntime as ort
+
+    path = str(tmp_path / "v.onnx")
+    export_model(deit, DEIT, path, spec)
+    assert graph_problems(onnx.load(path)) == []
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: pixels.numpy()})[0]
+    with torch.inference_mode():
+        ref = apply(deit, spec, "reference")(pixels).numpy()
+        dense = deit(pixels).numpy()
+    assert np.abs(got - ref).max() <= 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ref - dense).max() > 1e-2  # the variant changed the computation
+
+
+def test_tome_mode_distilled_keeps_both_heads_tokens(pixels):
+    model = build("deit_distilled")
+    x = pixels[:4]
+    with torch.inference_mode():
+        ref = apply(model, "r=30,mode=tome", "reference")
+        exp = apply(model, "r=30,mode=tome", "export")
+        a, b = ref(x), exp(x)
+    assert (a - b).abs().max() <= 1e-4
+    assert [t.removed for t in ref.tokens] == [30, 30, 30, 30]
+
+
+def test_tome_mode_refuses_register_tokens():
+    with pytest.raises(UnsupportedModelError, match="register tokens"):
+        apply(build("registers_cls"), "r=8,mode=tome")
+
+
+def test_sources_follow_every_variant(deit, pixels):
+    for spec in VARIANTS:
+        merged = apply(deit, spec, "reference")
+        merged.track_source = True
+        with torch.inference_mode():
+            merged(pixels[:2])
+        last = merged.sources[-1]
+        assert last.shape[1] == merged.tokens[-1].tokens_out - 1
+        # every patch is in exactly one token unless pruned away
+        per_patch = last.sum(dim=1)
+        assert ((per_patch == 0) | (per_patch == 1)).all()
+        if "prune" not in spec:
+            assert (per_patch == 1).all()
+
+
+def test_tune_tries_the_variants(deit, pixels):
+    result = tune(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
+    labels = [r["variant"] for r in result.variants]
+    assert labels[0] == "plain"
+    assert {"protect=8", "prune=1", "match=energy"} <= set(labels)
+    best = min(result.variants, key=lambda r: (r["divergence"], -r["agreement"]))
+    assert result.best_metrics["divergence"] == best["divergence"]
+    assert result.variant == best["variant"]
