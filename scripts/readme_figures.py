@@ -146,6 +146,24 @@ def frontier_block(ctx: Context) -> str:
         return fh.read().strip()
 
 
+@figure("tome-parity", "mode=tome ONNX against the official ToMe patch (needs DSM_TOME_SRC)")
+def tome_parity_block(ctx: Context) -> str:
+    src = os.environ.get("DSM_TOME_SRC")
+    if not src:
+        raise RuntimeError("set DSM_TOME_SRC to a folder holding the official `tome` package "
+                           "(a checkout of facebookresearch/ToMe)")
+    return ctx.run("python", "scripts/tome_parity.py", "deit_tiny_patch16_224", "--tome-src", src,
+                   "--weights", WEIGHTS, "--images", IMAGES).strip()
+
+
+@figure("merge-variants", "merge variants at 1.5-2.3x fewer FLOPs on held-apart photos (~35 min)")
+def merge_variants_block(ctx: Context) -> str:
+    ctx.run("python", "scripts/merge_variants.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+            "--images", IMAGES, "--output", "docs", timeout=7200)
+    with open(os.path.join(ctx.root, "docs", "merge_variants.md"), encoding="utf-8") as fh:
+        return fh.read().strip()
+
+
 @figure("tests", "test count and wall time of the whole suite")
 def tests_block(ctx: Context) -> str:
     start = time.monotonic()
