@@ -62,8 +62,8 @@ def test_proportional_attention_equals_duplicated_tokens(deit, impl):
     size = torch.ones(2, 10, 1)
     size[:, 3] = 3
     with torch.inference_mode():
-        out_dup, _ = merged._attention(attn, dup, None)
-        out_prop, _ = merged._attention(attn, x, size)
+        out_dup, _, _ = merged._attention(attn, dup, None)
+        out_prop, _, _ = merged._attention(attn, x, size)
     torch.testing.assert_close(out_prop, out_dup[:, :10], rtol=1e-5, atol=1e-5)
 
 
