@@ -160,9 +160,9 @@ class MergedViT(nn.Module):
         attn_out, keys = self._attention(blk.attn, blk.norm1(x), size)
         x = x + blk.drop_path1(blk.ls1(attn_out))
         if t.removed:
-            if size is None:
+            if size is None and self.impl == "reference":
                 size = torch.ones_like(x[..., :1])
-            x, size = self._merge(x, size, keys, t)
+            x, size = self._merge(x, size, keys, t)  # export: size None means all ones
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size
 
@@ -185,20 +185,23 @@ class MergedViT(nn.Module):
         return attn.proj_drop(out), k.mean(dim=1)
 
     def _merge(self, x, size, keys, t: BlockTokens):
-        """Merge the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says."""
+        """Merge the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says.
+
+        ``size`` may be None (all ones) in the export implementation only."""
         p = self.num_prefix
-        xp, xt = x[:, :p], x[:, p:]
-        sp, st = size[:, :p], size[:, p:]
         kt = keys[:, p:]
+        if not t.per_window and self.impl == "export":  # prefix tokens pass through in place
+            return merge_wavg_onehot(x, size, bipartite_soft_matching(kt, t.removed), prefix=p)
+        xp, xt = x[:, :p], x[:, p:]
+        sp = torch.ones_like(xp[..., :1]) if size is None else size[:, :p]
+        st = None if size is None else size[:, p:]
         if t.per_window:
             xt, st = self._merge_local(xt, st, kt, t.per_window)
-        elif self.impl == "reference":
+        else:
             m = bipartite_soft_matching(kt, t.removed)
             if self.track_source:
                 self._source = merge_sum_scatter(self._source, m)
             xt, st = merge_wavg_scatter(xt, st, m)
-        else:
-            xt, st = merge_wavg_onehot(xt, st, bipartite_soft_matching(kt, t.removed))
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
 
     def _merge_local(self, x, size, keys, r_w: int):
@@ -222,7 +225,7 @@ class MergedViT(nn.Module):
         d = keys.shape[-1]
         mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
         xw, sw = merge_wavg_onehot(
-            x.reshape(-1, n_windows, n_w, c), size.reshape(-1, n_windows, n_w, 1), mw)
+            x.reshape(-1, n_windows, n_w, c), None if size is None else size.reshape(-1, n_windows, n_w, 1), mw)
         n_out = n_windows * (n_w - r_w)
         return xw.reshape(-1, n_out, c), sw.reshape(-1, n_out, 1)
 
