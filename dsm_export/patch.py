@@ -224,8 +224,8 @@ class MergedViT(nn.Module):
             return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
         d = keys.shape[-1]
         mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
-        xw, sw = merge_wavg_onehot(
-            x.reshape(-1, n_windows, n_w, c), None if size is None else size.reshape(-1, n_windows, n_w, 1), mw)
+        sw = None if size is None else size.reshape(-1, n_windows, n_w, 1)  # None: all ones
+        xw, sw = merge_wavg_onehot(x.reshape(-1, n_windows, n_w, c), sw, mw)
         n_out = n_windows * (n_w - r_w)
         return xw.reshape(-1, n_out, c), sw.reshape(-1, n_out, 1)
 
