@@ -5,12 +5,14 @@ ViT But Faster", ICLR 2023, Sec. 3), in two independent forms that must agree:
 
 * the *reference* form (:func:`merge_wavg_scatter`), ToMe's own: gather the unmerged tokens and
   ``scatter_reduce`` the merged ones into their partners. Eager PyTorch only.
-* the *export* form (:func:`merge_wavg_onehot`): gather plus a one-hot assignment MatMul, built only
-  from ops TensorRT's ONNX parser supports natively (Gather(Elements), Equal, Cast, MatMul, Div,
-  Concat). It takes any number of leading batch dimensions, so local (windowed) merging runs all
-  windows at once as ``[B, W, n_w, C]``.
+* the *export* form (:func:`merge_wavg_onehot`): row gathers plus a one-hot assignment MatMul,
+  built only from ops TensorRT's ONNX parser supports natively (Gather(Elements), Equal, Cast,
+  MatMul, Div, Concat; the export turns the row gathers into GatherND). It takes any number of
+  leading batch dimensions, so local (windowed) merging runs all windows at once as
+  ``[B, W, n_w, C]``.
 
-Both take tokens with the prefix tokens (class, distillation, registers) already split off.
+Both take tokens with the prefix tokens (class, distillation, registers) split off; the export form
+can also pass them through in place (``prefix``).
 
 Tie-breaking is deterministic and the same in PyTorch and ONNX: a B token with equal similarity to
 several A tokens goes to the lowest index (PyTorch ``max`` and ONNX ``ArgMax`` pick the first), and
@@ -179,34 +181,54 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
 
 
-def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted merge, export form: Gather plus a one-hot assignment MatMul.
+def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
+                      prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge, export form: row gathers plus a one-hot assignment MatMul.
 
     Each merged A token is averaged into its B partner weighted by token size, and sizes add
     (ToMe's ``merge_wavg``). The scatter-add of ToMe becomes ``onehot(dst_idx)^T @ src``, an exact
     sum in which every A token contributes once.
 
+    Written for few passes over the tokens (each one costs about as much on the CPU as the
+    matching itself): unmerged A tokens are copied as they are (a size-weighted average of one
+    token is the token), only the ``r`` merged and the B tokens are weighted by size, rows are
+    gathered from ``x`` itself, features and sizes stay apart (no ``C + 1`` wide tensor) and prefix
+    tokens are passed through in place. (The row gathers export as ``GatherElements`` over an
+    expanded index; :func:`dsm_export.export.gathers_as_gathernd` turns them into row copies.)
+
     Args:
-        x: ``[..., n, c]`` tokens (no prefix tokens).
-        size: ``[..., n, 1]`` token sizes (how many patches each token stands for).
-        m: the :class:`Matching` of these tokens.
+        x: ``[..., prefix + n, c]`` tokens; the first ``prefix`` are never merged.
+        size: ``[..., prefix + n, 1]`` token sizes (how many patches each token stands for), or
+            None for all ones (before the first merge).
+        m: the :class:`Matching` of the ``n`` mergeable tokens.
+        prefix: leading tokens passed through unchanged (class, distillation, registers).
 
     Returns:
-        ``(x, size)`` of shapes ``[..., n - r, c]`` and ``[..., n - r, 1]``: unmerged A tokens
-        first (in ``m.unm_idx`` order), then all B tokens.
+        ``(x, size)`` of shapes ``[..., prefix + n - r, c]`` and ``[..., prefix + n - r, 1]``:
+        prefix tokens, unmerged A tokens (in ``m.unm_idx`` order), then all B tokens.
     """
-    c = x.shape[-1]
-    xs = torch.cat([x * size, size], dim=-1)  # merge features and sizes in one pass
-    a, b = split_ab(xs)
-    nb = b.shape[-2]
-    unm = _gather_tokens(a, m.unm_idx)
-    src = _gather_tokens(a, m.src_idx)
-    positions = torch.arange(nb, device=x.device, dtype=m.dst_idx.dtype)
+    unm_pos = prefix + 2 * m.unm_idx  # A token i is token prefix + 2i, B token j is prefix + 2j + 1
+    src_pos = prefix + 2 * m.src_idx
+    unm = _gather_tokens(x, unm_pos)
+    src = _gather_tokens(x, src_pos)
+    # B tokens as a Gather of constant rows (row copies; a step-2 Slice is slower in ONNX Runtime)
+    b_pos = torch.arange(prefix + 1, x.shape[-2], 2, device=x.device)
+    b = torch.index_select(x, -2, b_pos)
+    positions = torch.arange(b.shape[-2], device=x.device, dtype=m.dst_idx.dtype)
     assign = (m.dst_idx.unsqueeze(-1) == positions).to(x.dtype)  # [..., r, nb]
-    dst = b + assign.transpose(-1, -2) @ src
-    out = torch.cat([unm, dst], dim=-2)
-    new_size = out[..., c:]
-    return out[..., :c] / new_size, new_size
+    assign_t = assign.transpose(-1, -2)
+    if size is None:
+        dst_size = 1.0 + assign.sum(dim=-2).unsqueeze(-1)
+        dst = (b + assign_t @ src) / dst_size
+        ones = torch.ones(*unm.shape[:-2], prefix + unm.shape[-2], 1, dtype=x.dtype, device=x.device)
+        sizes = [ones, dst_size]
+    else:
+        src_size = _gather_tokens(size, src_pos)
+        b_size = torch.index_select(size, -2, b_pos)
+        dst_size = b_size + assign_t @ src_size
+        dst = (b * b_size + assign_t @ (src * src_size)) / dst_size
+        sizes = [size[..., :prefix, :], _gather_tokens(size, unm_pos), dst_size]
+    return torch.cat([x[..., :prefix, :], unm, dst], dim=-2), torch.cat(sizes, dim=-2)
 
 
 def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:

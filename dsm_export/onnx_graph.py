@@ -16,7 +16,7 @@ import onnx
 # Ops that TensorRT 10's ONNX parser imports natively and that a DSM ViT export may contain.
 TENSORRT_OPS = frozenset({
     "Add", "ArgMax", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Einsum",
-    "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "Gemm", "Identity",
+    "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Gemm", "Identity",
     "LayerNormalization", "Log", "MatMul", "Max", "Mul", "Neg", "Pow", "Range", "ReduceL2",
     "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax",
     "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "TopK", "Transpose", "Unsqueeze", "Where",

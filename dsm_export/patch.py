@@ -180,12 +180,13 @@ class MergedViT(nn.Module):
         attn_out, keys, importance = self._attention(blk.attn, blk.norm1(x), size, needs_importance)
         x = x + blk.drop_path1(blk.ls1(attn_out))
         if t.removed:
-            if size is None:
+            if size is None and (self.impl == "reference" or self.tome or t.plan.mode == "prune"
+                                 or self.schedule.match == "energy"):
                 size = torch.ones_like(x[..., :1])
             if self.tome:
                 x, size = self._merge_tome(x, size, keys, t)
             else:
-                x, size = self._merge(x, size, keys, t, importance)
+                x, size = self._merge(x, size, keys, t, importance)  # export: size None means all ones
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size
 
@@ -241,11 +242,21 @@ class MergedViT(nn.Module):
         return x, size
 
     def _merge(self, x, size, keys, t: BlockTokens, importance=None):
-        """Merge (or prune) the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says."""
+        """Merge (or prune) the non-prefix tokens of ``x`` ``[B, N, C]`` as block ``t`` says.
+
+        ``size`` may be None (all ones) in the export implementation only."""
         p = self.num_prefix
-        xp, xt = x[:, :p], x[:, p:]
-        sp, st = size[:, :p], size[:, p:]
         kt = keys[:, p:]
+        plain = t.plan.mode != "prune" and not t.per_window and self.schedule.match != "energy"
+        if plain and self.impl == "export":  # prefix tokens pass through in place
+            protected = None
+            if t.protect:
+                protected = token_mask(top_tokens(importance[:, p:], t.protect), x.shape[1] - p)
+            m = bipartite_soft_matching(kt, t.removed, protected=protected)
+            return merge_wavg_onehot(x, size, m, prefix=p)
+        xp, xt = x[:, :p], x[:, p:]
+        sp = torch.ones_like(xp[..., :1]) if size is None else size[:, :p]
+        st = None if size is None else size[:, p:]
         if t.plan.mode == "prune":
             keep = top_tokens(importance[:, p:], xt.shape[1] - t.removed)
             if self.track_source:
@@ -259,17 +270,14 @@ class MergedViT(nn.Module):
                 src, sz = merge_energy(self._source, torch.ones_like(self._source[..., :1]), m, True)
                 self._source = src * sz
             xt, st = merge_energy(xt, st, m, reference=self.impl == "reference")
-        else:
+        else:  # reference form
             protected = None
             if t.protect:
                 protected = token_mask(top_tokens(importance[:, p:], t.protect), xt.shape[1])
             m = bipartite_soft_matching(kt, t.removed, protected=protected)
-            if self.impl == "reference":
-                if self.track_source:
-                    self._source = merge_sum_scatter(self._source, m)
-                xt, st = merge_wavg_scatter(xt, st, m)
-            else:
-                xt, st = merge_wavg_onehot(xt, st, m)
+            if self.track_source:
+                self._source = merge_sum_scatter(self._source, m)
+            xt, st = merge_wavg_scatter(xt, st, m)
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
 
     def _merge_local(self, x, size, keys, r_w: int):
@@ -292,8 +300,8 @@ class MergedViT(nn.Module):
             return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
         d = keys.shape[-1]
         mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
-        xw, sw = merge_wavg_onehot(
-            x.reshape(-1, n_windows, n_w, c), size.reshape(-1, n_windows, n_w, 1), mw)
+        sw = None if size is None else size.reshape(-1, n_windows, n_w, 1)  # None: all ones
+        xw, sw = merge_wavg_onehot(x.reshape(-1, n_windows, n_w, c), sw, mw)
         n_out = n_windows * (n_w - r_w)
         return xw.reshape(-1, n_out, c), sw.reshape(-1, n_out, 1)
 

@@ -63,6 +63,20 @@ def test_graph_is_clean_and_static(dsm_onnx):
     assert unknown_shapes(model, "batch") == []
 
 
+def test_token_gathers_are_row_copies(dsm_onnx):
+    # The merge's token gathers are GatherND row copies (export.gathers_as_gathernd), not
+    # GatherElements over an index expanded to the embedding width (~7x slower in ONNX Runtime).
+    model = onnx.load(dsm_onnx)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    width = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in inferred.graph.value_info
+             if v.type.tensor_type.shape.dim}
+    merging = sum(1 for b in Schedule.parse(DSM_17).plan(12) if b.r > 0)
+    gathernd = [n for n in model.graph.node if n.op_type == "GatherND"]
+    assert len(gathernd) == 2 * merging  # unmerged and merged-away tokens of each merging block
+    assert all(width[n.output[0]] == 192 for n in gathernd)
+    assert not [n.name for n in model.graph.node if n.op_type == "GatherElements" and width[n.output[0]] == 192]
+
+
 def test_graph_checks_can_fail():
     """The op walk flags a scatter-add, the way scatter_reduce/index_add export."""
     node = onnx.helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], reduction="add", axis=0)

@@ -70,6 +70,23 @@ def test_merge_conserves_size_and_weighted_sum():
     torch.testing.assert_close((out * out_size).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+@pytest.mark.parametrize("unit_size", [False, True])
+def test_export_form_passes_prefix_through_and_takes_unit_size_as_none(prefix, unit_size):
+    g = torch.Generator().manual_seed(3 + prefix)
+    n, r = 50, 17
+    metric, x = torch.randn(2, n, 8, generator=g), torch.randn(2, prefix + n, 6, generator=g)
+    size = torch.ones(2, prefix + n, 1) if unit_size else torch.randint(1, 5, (2, prefix + n, 1), generator=g).float()
+    m = bipartite_soft_matching(metric, r)
+    out, out_size = merge_wavg_onehot(x, None if unit_size else size, m, prefix=prefix)
+    exp, exp_size = merge_wavg_scatter(x[:, prefix:], size[:, prefix:], m)
+    assert out.shape == (2, prefix + n - r, 6) and out_size.shape == (2, prefix + n - r, 1)
+    torch.testing.assert_close(out[:, :prefix], x[:, :prefix], rtol=0, atol=0)
+    torch.testing.assert_close(out_size[:, :prefix], size[:, :prefix], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, prefix:], exp)
+    torch.testing.assert_close(out_size[:, prefix:], exp_size, rtol=0, atol=0)
+
+
 def test_leading_window_axis_equals_window_by_window():
     g = torch.Generator().manual_seed(2)
     metric, x = torch.randn(2, 4, 49, 8, generator=g), torch.randn(2, 4, 49, 6, generator=g)
