@@ -30,6 +30,22 @@ def load_pixels(images: ImageSet, model: nn.Module, progress: bool = False) -> t
                         for i in tqdm(idx, desc="load images", disable=not progress, leave=False)])
 
 
+def split_pixels(model: nn.Module, images: ImageSet, calibration: int, holdout: int | None = None,
+                 progress: bool = False):
+    """The calibration and held-apart photos of ``tune --calibration N``, preprocessed.
+
+    Returns:
+        ``(calib, held, calib_pixels, held_pixels)``: the two :class:`ImageSet` splits (held-apart
+        cut to its first ``holdout`` photos if given) and their ``[N, 3, H, W]`` pixels.
+    """
+    from .data import split_calibration
+
+    calib, held = split_calibration(images, calibration)
+    if holdout:
+        held = held.subset(range(min(holdout, len(held))))
+    return calib, held, load_pixels(calib, model, progress), load_pixels(held, model, progress)
+
+
 @torch.inference_mode()
 def model_logits(module: nn.Module, pixels: torch.Tensor, batch_size: int = 50) -> np.ndarray:
     """Outputs ``[N, classes]`` (or ``[N, dim]`` embeddings) float32 of ``module`` over ``pixels``

@@ -420,17 +420,10 @@ def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: i
     out = []
     for i, b in enumerate(plan):
         removed = per_window = 0
-        if b.mode == "global" and b.r > 0:
+        if b.mode in ("global", "prune") and b.r > 0:
             if b.r > n // 2:
                 raise ScheduleError(
-                    f"block {i}: global r={b.r} asks for more than half of its {n} mergeable tokens "
-                    f"(at most {n // 2})")
-            removed = b.r
-            seen_global = i if seen_global is None else seen_global
-        elif b.mode == "prune" and b.r > 0:
-            if b.r > n // 2:
-                raise ScheduleError(
-                    f"block {i}: prune r={b.r} asks for more than half of its {n} mergeable tokens "
+                    f"block {i}: {b.mode} r={b.r} asks for more than half of its {n} mergeable tokens "
                     f"(at most {n // 2})")
             removed = b.r
             seen_global = i if seen_global is None else seen_global

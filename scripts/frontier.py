@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from dsm_export.benchmark import cpu_name, ort_throughput
-    from dsm_export.data import list_images, split_calibration
+    from dsm_export.data import list_images
     from dsm_export.engine_search import ort_logits, search_engines
-    from dsm_export.evaluate import flops_ratio, load_pixels, model_logits
+    from dsm_export.evaluate import flops_ratio, model_logits, split_pixels
     from dsm_export.export import export_model
     from dsm_export.models import create_model
     from dsm_export.quantize import QuantizeOptions, quantize_int8
@@ -69,11 +69,8 @@ def main(argv=None) -> int:
     from dsm_export.validate import agreement_metrics
 
     model = create_model(args.model, args.weights)
-    calib, held = split_calibration(list_images(args.images), args.calibration)
-    if args.holdout:
-        held = held.subset(range(min(args.holdout, len(held))))
-    calib_pixels = load_pixels(calib, model)
-    held_pixels = load_pixels(held, model)
+    calib, held, calib_pixels, held_pixels = split_pixels(model, list_images(args.images), args.calibration,
+                                                          args.holdout)
     quant_pixels = calib_pixels.numpy()[:args.quant_count]
     base = model_logits(model, held_pixels)
 

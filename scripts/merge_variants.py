@@ -71,19 +71,16 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from dsm_export.benchmark import cpu_name, ort_throughput
-    from dsm_export.data import list_images, split_calibration
-    from dsm_export.evaluate import load_pixels, model_logits, schedule_metrics
+    from dsm_export.data import list_images
+    from dsm_export.evaluate import model_logits, schedule_metrics, split_pixels
     from dsm_export.export import export_model
     from dsm_export.models import create_model
     from dsm_export.schedule import Schedule
     from dsm_export.tune import tune
 
     model = create_model(args.model, args.weights)
-    calib, held = split_calibration(list_images(args.images), args.calibration)
-    if args.holdout:
-        held = held.subset(range(min(args.holdout, len(held))))
-    calib_px = load_pixels(calib, model, progress=True)
-    held_px = load_pixels(held, model, progress=True)
+    calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration,
+                                                  args.holdout, progress=True)
     base = model_logits(model, held_px)
 
     rows = []
