@@ -142,18 +142,18 @@ def token_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
     return (idx.unsqueeze(-1) == positions).to(torch.float32).amax(dim=-2).to(torch.bool)
 
 
-def prune_tokens(x: torch.Tensor, size: torch.Tensor, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune: keep the tokens at ``keep_idx`` and drop the rest with their sizes (DiffRate's
-    pruning, Chen et al. ICCV 2023, Sec. 3.2). Proportional attention then counts only the patches
-    the kept tokens stand for.
+def keep_tokens(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """Prune: keep the rows of ``x`` at ``keep_idx`` and drop the rest (DiffRate's pruning, Chen et
+    al. ICCV 2023, Sec. 3.2). Applied to tokens and to their sizes alike, so proportional attention
+    then counts only the patches the kept tokens stand for.
 
     Args:
-        x: ``[B, n, c]`` tokens; size: ``[B, n, 1]``; keep_idx: ``[B, k]`` ascending indices.
+        x: ``[B, n, c]`` tokens (or ``[B, n, 1]`` sizes); keep_idx: ``[B, k]`` ascending indices.
 
     Returns:
-        ``(x, size)``, ``[B, k, c]`` and ``[B, k, 1]``.
+        ``[B, k, c]``.
     """
-    return _gather_tokens(x, keep_idx), _gather_tokens(size, keep_idx)
+    return _gather_tokens(x, keep_idx)
 
 
 def tome_distill_order(x: torch.Tensor, n_unm: int) -> torch.Tensor:
@@ -174,6 +174,12 @@ def _ascending(idx: torch.Tensor, use_topk: bool) -> torch.Tensor:
     if use_topk:
         return torch.topk(idx.to(torch.float32), idx.shape[-1], dim=-1, largest=False).values.to(torch.int64)
     return torch.sort(idx, dim=-1).values
+
+
+def _assignment(dst_idx: torch.Tensor, nb: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot assignment ``[..., r, nb]`` of each merged token to its destination (Equal + Cast)."""
+    positions = torch.arange(nb, device=dst_idx.device, dtype=dst_idx.dtype)
+    return (dst_idx.unsqueeze(-1) == positions).to(dtype)
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -214,8 +220,7 @@ def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
     # B tokens as a Gather of constant rows (row copies; a step-2 Slice is slower in ONNX Runtime)
     b_pos = torch.arange(prefix + 1, x.shape[-2], 2, device=x.device)
     b = torch.index_select(x, -2, b_pos)
-    positions = torch.arange(b.shape[-2], device=x.device, dtype=m.dst_idx.dtype)
-    assign = (m.dst_idx.unsqueeze(-1) == positions).to(x.dtype)  # [..., r, nb]
+    assign = _assignment(m.dst_idx, b.shape[-2], x.dtype)  # [..., r, nb]
     assign_t = assign.transpose(-1, -2)
     if size is None:
         dst_size = 1.0 + assign.sum(dim=-2).unsqueeze(-1)
@@ -381,9 +386,7 @@ def merge_energy(x: torch.Tensor, size: torch.Tensor, m: EnergyMatching, referen
         idx = m.dst_idx.unsqueeze(-1).expand(*m.dst_idx.shape, xs.shape[-1])
         dst = dst.scatter_reduce(-2, idx, src, reduce="sum")
     else:
-        positions = torch.arange(dst.shape[-2], device=x.device, dtype=m.dst_idx.dtype)
-        assign = (m.dst_idx.unsqueeze(-1) == positions).to(x.dtype)  # [..., r, r]
-        dst = dst + assign.transpose(-1, -2) @ src
+        dst = dst + _assignment(m.dst_idx, dst.shape[-2], x.dtype).transpose(-1, -2) @ src
     out = torch.cat([keep, dst], dim=-2)
     new_size = out[..., c:]
     return out[..., :c] / new_size, new_size

@@ -31,7 +31,7 @@ from .merge import (
     merge_sum_scatter,
     merge_wavg_onehot,
     merge_wavg_scatter,
-    prune_tokens,
+    keep_tokens,
     token_mask,
     tome_distill_order,
     top_tokens,
@@ -247,11 +247,11 @@ class MergedViT(nn.Module):
         ``size`` may be None (all ones) in the export implementation only."""
         p = self.num_prefix
         kt = keys[:, p:]
+        protected = None
+        if t.protect:  # the most-attended tokens neither merge away nor receive merges
+            protected = token_mask(top_tokens(importance[:, p:], t.protect), x.shape[1] - p)
         plain = t.plan.mode != "prune" and not t.per_window and self.schedule.match != "energy"
         if plain and self.impl == "export":  # prefix tokens pass through in place
-            protected = None
-            if t.protect:
-                protected = token_mask(top_tokens(importance[:, p:], t.protect), x.shape[1] - p)
             m = bipartite_soft_matching(kt, t.removed, protected=protected)
             return merge_wavg_onehot(x, size, m, prefix=p)
         xp, xt = x[:, :p], x[:, p:]
@@ -260,8 +260,8 @@ class MergedViT(nn.Module):
         if t.plan.mode == "prune":
             keep = top_tokens(importance[:, p:], xt.shape[1] - t.removed)
             if self.track_source:
-                self._source = prune_tokens(self._source, self._source[..., :1], keep)[0]
-            xt, st = prune_tokens(xt, st, keep)
+                self._source = keep_tokens(self._source, keep)
+            xt, st = keep_tokens(xt, keep), keep_tokens(st, keep)
         elif t.per_window:
             xt, st = self._merge_local(xt, st, kt, t.per_window)
         elif self.schedule.match == "energy":
@@ -271,9 +271,6 @@ class MergedViT(nn.Module):
                 self._source = src * sz
             xt, st = merge_energy(xt, st, m, reference=self.impl == "reference")
         else:  # reference form
-            protected = None
-            if t.protect:
-                protected = token_mask(top_tokens(importance[:, p:], t.protect), xt.shape[1])
             m = bipartite_soft_matching(kt, t.removed, protected=protected)
             if self.track_source:
                 self._source = merge_sum_scatter(self._source, m)
