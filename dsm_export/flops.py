@@ -49,7 +49,7 @@ def _linear_macs(module: nn.Module, tokens: int) -> int:
 
 
 def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2),
-                match: str = "bipartite") -> tuple[int, list[BlockFlops]]:
+                match: str = "bipartite", metric: str = "keys", merge_form: str = "mean") -> tuple[int, list[BlockFlops]]:
     """Count FLOPs of a timm ViT running the given per-block token counts.
 
     Args:
@@ -58,6 +58,9 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         windows: window grid used by local blocks.
         match: ``"energy"`` counts PiToMe's matching in global blocks (all-pairs similarity ``n^2 d``
             and an ``r x r`` assignment) instead of ToMe's bipartite one.
+        metric: ``"heads"`` matches on all ``H * head_dim`` key features (normalised per head)
+            instead of the ``head_dim`` of the head-averaged keys.
+        merge_form: ``"mlerp"`` adds the token norms and the masked maximum over the assignment.
 
     Returns:
         ``(total, per_block)``: total FLOPs (multiply-adds) for one image, and per-block detail.
@@ -79,7 +82,9 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         elif t.removed:
             hd = attn.head_dim
             n = t.matched or (n_in - prefix)  # mode=tome matches the prefix tokens too
-            merge += n * attn.num_heads * hd  # mean of keys over heads
+            merge += n * attn.num_heads * hd  # mean of keys over heads (or per-head norms)
+            if metric == "heads":
+                hd = attn.num_heads * attn.head_dim  # similarity over every head's features
             if t.protect:
                 merge += n * attn.num_heads  # importance: class attention, mean over heads
             groups = n_windows if t.per_window else 1
@@ -91,6 +96,8 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
                 merge += n * n * hd + r_g * r_g * (c + 1)  # all-pairs similarity + r x r assignment
             else:
                 merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
+            if merge_form == "mlerp":
+                merge += n * c + groups * r_g * nb  # token norms + masked max over the assignment
         mlp = _linear_macs(blk.mlp, n_out)
         per_block.append(BlockFlops(t.index, n_in, n_out, a, merge, mlp))
         total += a + merge + mlp
@@ -112,6 +119,6 @@ def schedule_flops(model: nn.Module, schedule: Schedule) -> tuple[int, int, list
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
     merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
-                                    schedule.match)
+                                    schedule.match, schedule.metric, schedule.merge)
     base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
     return merged, base, per_block

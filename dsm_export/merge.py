@@ -188,7 +188,7 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
-                      prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      prefix: int = 0, mlerp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge, export form: row gathers plus a one-hot assignment MatMul.
 
     Each merged A token is averaged into its B partner weighted by token size, and sizes add
@@ -208,6 +208,9 @@ def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
             None for all ones (before the first merge).
         m: the :class:`Matching` of the ``n`` mergeable tokens.
         prefix: leading tokens passed through unchanged (class, distillation, registers).
+        mlerp: rescale each B token to the largest norm among the tokens merged into it
+            (:func:`mlerp_rescale`); the largest source norm per B token is a masked ReduceMax
+            over the one-hot assignment.
 
     Returns:
         ``(x, size)`` of shapes ``[..., prefix + n - r, c]`` and ``[..., prefix + n - r, 1]``:
@@ -233,16 +236,23 @@ def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
         dst_size = b_size + assign_t @ src_size
         dst = (b * b_size + assign_t @ (src * src_size)) / dst_size
         sizes = [size[..., :prefix, :], _gather_tokens(size, unm_pos), dst_size]
+    if mlerp:  # norms are >= 0, so a 0/1 mask times the source norms keeps each B token's max
+        src_norm = src.norm(dim=-1).unsqueeze(-2)  # [..., 1, r]
+        top = torch.maximum(b.norm(dim=-1, keepdim=True), (assign_t * src_norm).amax(dim=-1, keepdim=True))
+        dst = mlerp_rescale(dst, top)
     return torch.cat([x[..., :prefix, :], unm, dst], dim=-2), torch.cat(sizes, dim=-2)
 
 
-def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching,
+                       mlerp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge, reference form (ToMe's ``merge_wavg`` with ``scatter_reduce``).
 
     Args:
         x: ``[B, n, c]`` tokens (no prefix tokens).
         size: ``[B, n, 1]`` token sizes.
         m: the :class:`Matching` of these tokens (``[B, k]`` indices).
+        mlerp: rescale each B token to the largest norm among the tokens merged into it
+            (:func:`mlerp_rescale`; the maximum by ``scatter_reduce(amax)``).
 
     Returns:
         ``(x, size)``, shapes ``[B, n - r, c]`` and ``[B, n - r, 1]``, in the same token order as
@@ -259,7 +269,49 @@ def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tupl
 
     merged = merge(x * size)
     new_size = merge(size)
-    return merged / new_size, new_size
+    out = merged / new_size
+    if mlerp:
+        a_norm, b_norm = split_ab(x.norm(dim=-1, keepdim=True))
+        top = b_norm.scatter_reduce(-2, m.dst_idx.unsqueeze(-1), _gather_tokens(a_norm, m.src_idx), reduce="amax")
+        n_unm = m.unm_idx.shape[-1]
+        out = torch.cat([out[..., :n_unm, :], mlerp_rescale(out[..., n_unm:, :], top)], dim=-2)
+    return out, new_size
+
+
+def mlerp_rescale(merged: torch.Tensor, norm: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Norm-preserving merge (MLERP of ToFu: Kim et al., "Token Fusion: Bridging the Gap between
+    Token Pruning and Token Merging", WACV 2024): a merged token keeps the direction of the
+    size-weighted mean and takes the largest norm among the tokens merged into it, so averaging
+    tokens that point apart does not shrink it (an average of unit vectors is shorter than one).
+    A token nothing merged into keeps its own norm, i.e. stays as it is.
+
+    Args:
+        merged: ``[..., k, c]`` size-weighted means.
+        norm: ``[..., k, 1]`` the largest L2 norm among each mean's contributors.
+        eps: floor on the mean's norm (a zero mean stays zero).
+
+    Returns:
+        ``[..., k, c]``: ``merged * norm / max(||merged||, eps)``.
+    """
+    return merged * (norm / merged.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+def heads_metric(k: torch.Tensor) -> torch.Tensor:
+    """The ``metric=heads`` similarity features: each head's keys L2-normalised, heads concatenated.
+
+    The cosine similarity of two such rows (bipartite matching normalises them again) is the mean
+    over heads of the per-head cosine similarity of the keys, where ToMe's metric (keys averaged
+    over heads, Bolya et al. 2023, Sec. 3) takes the cosine of the averages and lets heads with
+    large keys dominate.
+
+    Args:
+        k: ``[B, H, N, d]`` keys.
+
+    Returns:
+        ``[B, N, H * d]``.
+    """
+    b, h, n, d = k.shape
+    return (k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)).transpose(1, 2).reshape(b, n, h * d)
 
 
 def merge_sum_scatter(x: torch.Tensor, m: Matching) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .merge import (
     bipartite_soft_matching,
     energy_margin,
     energy_matching,
+    heads_metric,
     merge_energy,
     merge_sum_scatter,
     merge_wavg_onehot,
@@ -122,6 +123,7 @@ class MergedViT(nn.Module):
         self.grid = patch_grid(model)
         self.num_prefix = int(model.num_prefix_tokens)
         self.tome = schedule.mode == "tome"
+        self.mlerp = schedule.merge == "mlerp"
         self.has_class_token = getattr(model, "cls_token", None) is not None
         self.has_dist_token = getattr(model, "dist_token", None) is not None
         if self.tome and int(getattr(model, "num_reg_tokens", 0) or 0):
@@ -194,8 +196,9 @@ class MergedViT(nn.Module):
         """timm ``Attention`` with ``log(size)`` added to the logits.
 
         Returns:
-            ``(out [B, N, C], keys [B, N, head_dim] (mean over heads), importance [B, N] or None)``;
-            importance is the class token's attention to each token (mean over heads), or for models
+            ``(out [B, N, C], metric, importance [B, N] or None)``: the metric is the keys averaged
+            over heads ``[B, N, head_dim]``, or for ``metric=heads`` each head's normalised keys
+            ``[B, N, H * head_dim]`` (:func:`~dsm_export.merge.heads_metric`); importance is the class token's attention to each token (mean over heads), or for models
             without a class token the mean attention each token receives.
         """
         _, n, _ = x.shape
@@ -221,7 +224,8 @@ class MergedViT(nn.Module):
                 imp = probs[:, :, 0].mean(dim=1) if self.has_class_token else probs.mean(dim=2).mean(dim=1)
         out = out.transpose(1, 2).reshape(-1, n, attn.attn_dim)
         out = attn.proj(attn.norm(out))
-        return attn.proj_drop(out), k.mean(dim=1), imp
+        metric = heads_metric(k) if self.schedule.metric == "heads" else k.mean(dim=1)
+        return attn.proj_drop(out), metric, imp
 
     def _merge_tome(self, x, size, keys, t: BlockTokens):
         """ToMe's merge of the whole sequence, prefix tokens protected (``tome/merge.py``)."""
@@ -253,7 +257,7 @@ class MergedViT(nn.Module):
         plain = t.plan.mode != "prune" and not t.per_window and self.schedule.match != "energy"
         if plain and self.impl == "export":  # prefix tokens pass through in place
             m = bipartite_soft_matching(kt, t.removed, protected=protected)
-            return merge_wavg_onehot(x, size, m, prefix=p)
+            return merge_wavg_onehot(x, size, m, prefix=p, mlerp=self.mlerp)
         xp, xt = x[:, :p], x[:, p:]
         sp = torch.ones_like(xp[..., :1]) if size is None else size[:, :p]
         st = None if size is None else size[:, p:]
@@ -274,7 +278,7 @@ class MergedViT(nn.Module):
             m = bipartite_soft_matching(kt, t.removed, protected=protected)
             if self.track_source:
                 self._source = merge_sum_scatter(self._source, m)
-            xt, st = merge_wavg_scatter(xt, st, m)
+            xt, st = merge_wavg_scatter(xt, st, m, mlerp=self.mlerp)
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
 
     def _merge_local(self, x, size, keys, r_w: int):
@@ -287,7 +291,7 @@ class MergedViT(nn.Module):
             for w in range(n_windows):
                 sl = slice(w * n_w, (w + 1) * n_w)
                 mw = bipartite_soft_matching(keys[:, sl], r_w)
-                xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw)
+                xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw, mlerp=self.mlerp)
                 xs.append(xw)
                 ss.append(sw)
                 if self.track_source:
@@ -298,7 +302,7 @@ class MergedViT(nn.Module):
         d = keys.shape[-1]
         mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
         sw = None if size is None else size.reshape(-1, n_windows, n_w, 1)  # None: all ones
-        xw, sw = merge_wavg_onehot(x.reshape(-1, n_windows, n_w, c), sw, mw)
+        xw, sw = merge_wavg_onehot(x.reshape(-1, n_windows, n_w, c), sw, mw, mlerp=self.mlerp)
         n_out = n_windows * (n_w - r_w)
         return xw.reshape(-1, n_out, c), sw.reshape(-1, n_out, 1)
 

@@ -33,6 +33,11 @@ Merge variants (DSM mode only; see :mod:`dsm_export.merge` for the maths and sou
   drop the ``r`` tokens with the least class attention instead of merging them, as DiffRate's
   pruning (Chen et al., ICCV 2023, Sec. 3.2) and PPT (Wu et al., 2023); dropped tokens and their
   sizes leave the sequence, so proportional attention no longer counts the patches they stood for.
+* ``metric=heads``: match on the cosine similarity of each head's keys, averaged over heads,
+  instead of the cosine of the head-averaged keys (ToMe's choice, Bolya et al. 2023, Sec. 3).
+* ``merge=mlerp``: norm-preserving merge; the size-weighted mean is rescaled to the largest norm
+  among the tokens merged into it (MLERP of ToFu, Kim et al., WACV 2024), so averaging
+  dissimilar tokens does not shrink them.
 
 ``mode=tome`` reproduces ``tome.patch.timm`` of the official ToMe code (Bolya et al. 2023): the class
 and distillation tokens take part in the alternating A/B split and are protected by a -inf score,
@@ -56,6 +61,8 @@ from .errors import ScheduleError
 MODES = ("none", "local", "global", "prune")
 SCHEDULE_MODES = ("dsm", "tome")
 MATCHES = ("bipartite", "energy")
+METRICS = ("keys", "heads")
+MERGES = ("mean", "mlerp")
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,11 @@ class Schedule:
             over the blocks around its mean, as ToMe's ``parse_r((r, inflect))``.
         protect: importance-protected matching: tokens kept out of global merges by class attention.
         prune: the last ``prune`` merging blocks drop tokens instead of merging them.
+        match: ``"bipartite"`` (ToMe's) or ``"energy"`` (PiToMe's energy-ordered matching).
+        metric: similarity of the matching: ``"keys"`` (cosine of the keys averaged over heads,
+            ToMe) or ``"heads"`` (cosine similarity of each head's keys, averaged over heads).
+        merge: ``"mean"`` (ToMe's size-weighted mean) or ``"mlerp"`` (the mean rescaled to the
+            largest norm among the merged tokens, ToFu's norm-preserving MLERP).
     """
 
     r: int = 0
@@ -157,10 +169,18 @@ class Schedule:
     protect: int = 0
     prune: int = 0
     match: str = "bipartite"
+    metric: str = "keys"
+    merge: str = "mean"
 
     def __post_init__(self):
         if self.match not in MATCHES:
             raise ScheduleError(f"match={self.match!r}: expected one of {', '.join(MATCHES)}")
+        if self.metric not in METRICS:
+            raise ScheduleError(f"metric={self.metric!r}: expected one of {', '.join(METRICS)}")
+        if self.merge not in MERGES:
+            raise ScheduleError(f"merge={self.merge!r}: expected one of {', '.join(MERGES)}")
+        if self.match == "energy" and self.merge != "mean":
+            raise ScheduleError("match=energy merges by PiToMe's own weighted mean; drop merge=mlerp")
         if self.match == "energy" and self.protect:
             raise ScheduleError("match=energy protects its lowest-energy tokens itself; drop protect")
         if self.mode not in SCHEDULE_MODES:
@@ -168,7 +188,8 @@ class Schedule:
         if self.mode == "tome":
             extra = [k for k, v in (("delay", self.delay), ("local", self.local), ("r_end", self.r_end),
                                     ("protect", self.protect), ("prune", self.prune),
-                                    ("match", self.match != "bipartite")) if v]
+                                    ("match", self.match != "bipartite"), ("metric", self.metric != "keys"),
+                                    ("merge", self.merge != "mean")) if v]
             if extra:
                 raise ScheduleError(
                     f"mode=tome reproduces ToMe and takes r, inflect or an r list only, not {', '.join(extra)}")
@@ -209,14 +230,14 @@ class Schedule:
                 params[key] = _parse_windows(value)
             elif key in ("r", "delay", "local", "r_end", "protect", "prune"):
                 params[key] = _nonneg_int(value, f"schedule {text!r}: {key}")
-            elif key in ("mode", "match"):
+            elif key in ("mode", "match", "metric", "merge"):
                 params[key] = value
             elif key == "inflect":
                 params[key] = _float(value, f"schedule {text!r}: inflect")
             else:
                 raise ScheduleError(
                     f"schedule {text!r}: unknown key {key!r} "
-                    "(use r, delay, local, windows, r_end, protect, prune, match, mode, inflect)")
+                    "(use r, delay, local, windows, r_end, protect, prune, match, metric, merge, mode, inflect)")
         if "r" not in params:
             raise ScheduleError(f"schedule {text!r}: r is required (or 'none')")
         return cls(**params)
@@ -238,7 +259,8 @@ class Schedule:
         windows = _parse_windows(windows) if isinstance(windows, str) else tuple(windows)
         if len(windows) != 2 or min(windows) < 1:
             raise ScheduleError(f"windows {windows!r}: expected two positive integers")
-        extra = {"mode": str(data.get("mode", "dsm")), "match": str(data.get("match", "bipartite"))}
+        extra = {"mode": str(data.get("mode", "dsm")), "match": str(data.get("match", "bipartite")),
+                 "metric": str(data.get("metric", "keys")), "merge": str(data.get("merge", "mean"))}
         if data.get("inflect") is not None:
             extra["inflect"] = _float(data["inflect"], "inflect")
         for key in ("protect", "prune"):
@@ -256,8 +278,8 @@ class Schedule:
             return cls(windows=windows, blocks=tuple(BlockPlan("global", v) if v else BlockPlan() for v in rs),
                        **extra)
         known = {"r", "delay", "local", "r_end"}
-        unknown = set(data) - known - {"windows", "spec", "mode", "match", "inflect", "protect", "prune",
-                                       "precision"}
+        unknown = set(data) - known - {"windows", "spec", "mode", "match", "metric", "merge", "inflect",
+                                       "protect", "prune", "precision"}
         if unknown:
             raise ScheduleError(f"schedule JSON: unknown keys {sorted(unknown)}")
         params = {k: _nonneg_int(data[k], k) for k in known if data.get(k) is not None}
@@ -309,6 +331,10 @@ class Schedule:
             parts.append(f"prune={self.prune}")
         if self.match != "bipartite":
             parts.append(f"match={self.match}")
+        if self.metric != "keys":
+            parts.append(f"metric={self.metric}")
+        if self.merge != "mean":
+            parts.append(f"merge={self.merge}")
         if self.mode != "dsm":
             parts.append(f"mode={self.mode}")
         return ",".join(parts)
@@ -328,6 +354,10 @@ class Schedule:
             out["protect"] = self.protect
         if self.match != "bipartite":
             out["match"] = self.match
+        if self.metric != "keys":
+            out["metric"] = self.metric
+        if self.merge != "mean":
+            out["merge"] = self.merge
         return out
 
     def same_as(self, other: "Schedule", depth: int) -> bool:

@@ -7,9 +7,11 @@ Search (on calibration images, PyTorch reference implementation):
    and r at the last (r falls or rises linearly) -- and ToMe's constant r, keeping every schedule whose analytic
    FLOP reduction is at least the target and at most ``slack`` above it;
 2. merge variants on the best grid schedule (same token counts, so the same FLOPs up to the
-   matching's own cost): importance-protected matching (``protect=P``), prune-then-merge
-   (``prune=K``), PiToMe's energy matching (``match=energy``) and the best protect with the best
-   prune; the best of these and the plain schedule goes on (see :mod:`dsm_export.schedule`);
+   matching's own cost, which :func:`reach_target` makes up by raising r where needed):
+   importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), PiToMe's energy
+   matching (``match=energy``), per-head similarity and norm-preserving merging (``metric=heads``,
+   ``merge=mlerp``), then the best of each group combined, best group first; the best of these
+   and the plain schedule goes on (see :mod:`dsm_export.schedule`);
 3. per-block refinement: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
 
@@ -66,8 +68,12 @@ PROTECT_OPTIONS = (8, 16, 32)
 PRUNE_OPTIONS = (1, 2, 4)
 
 
+FORM_OPTIONS = (("heads", "mean"), ("keys", "mlerp"), ("heads", "mlerp"))  # (metric, merge)
+
+
 def variant_label(schedule: Schedule) -> str:
-    """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``, ``match=energy``)."""
+    """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``, ``match=energy``,
+    ``metric=heads,merge=mlerp``)."""
     parts = []
     if schedule.protect:
         parts.append(f"protect={schedule.protect}")
@@ -76,6 +82,10 @@ def variant_label(schedule: Schedule) -> str:
         parts.append(f"prune={prune}")
     if schedule.match != "bipartite":
         parts.append(f"match={schedule.match}")
+    if schedule.metric != "keys":
+        parts.append(f"metric={schedule.metric}")
+    if schedule.merge != "mean":
+        parts.append(f"merge={schedule.merge}")
     if schedule.mode != "dsm":
         parts.append(f"mode={schedule.mode}")
     return ",".join(parts) or "plain"
@@ -89,7 +99,66 @@ def variant_candidates(schedule: Schedule) -> list[Schedule]:
     for k in PRUNE_OPTIONS:
         out.append(dataclasses.replace(schedule, prune=k))
     out.append(dataclasses.replace(schedule, match="energy"))
+    for metric, merge in FORM_OPTIONS:
+        out.append(dataclasses.replace(schedule, metric=metric, merge=merge))
     return out
+
+
+def _group(schedule: Schedule) -> str:
+    """The variant group of a single-variant schedule: protect, prune, energy or form."""
+    if schedule.protect:
+        return "protect"
+    if schedule.prune:
+        return "prune"
+    return "energy" if schedule.match == "energy" else "form"
+
+
+def _combine(base: Schedule, parts: list[Schedule]) -> Schedule:
+    """``base`` with the variant keys of each schedule in ``parts``."""
+    keys = {}
+    for p in parts:
+        if p.protect:
+            keys["protect"] = p.protect
+        if p.prune:
+            keys["prune"] = p.prune
+        if p.metric != "keys" or p.merge != "mean":
+            keys.update(metric=p.metric, merge=p.merge)
+    return dataclasses.replace(base, **keys)
+
+
+def reach_target(model: nn.Module, schedule: Schedule, target: float) -> Schedule:
+    """``schedule`` itself if it reaches ``target``-fold fewer FLOPs, else its explicit block list
+    with r raised by one in global blocks (earliest first, round robin: an early merge saves FLOPs
+    in every later block) until it does. Variants cost a little matching FLOPs of their own
+    (``metric=heads`` about 1 %), which can push a grid schedule just below the target.
+
+    Raises:
+        ScheduleError: if no valid raise of r reaches the target.
+    """
+    if flops_ratio(model, schedule) >= target:
+        return schedule
+    depth = len(model.blocks)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    prefix = int(model.num_prefix_tokens)
+    plan = list(schedule.plan(depth))
+    merging = [i for i, b in enumerate(plan) if b.mode == "global"]
+    current = dataclasses.replace(schedule, blocks=tuple(plan), prune=0)
+    for _ in range(4 * depth):
+        stuck = True
+        for i in merging:
+            trial = list(current.blocks)
+            trial[i] = BlockPlan(trial[i].mode, trial[i].r + 1)
+            s = dataclasses.replace(current, blocks=tuple(trial))
+            try:
+                resolve(s, depth, grid, prefix)
+            except ScheduleError:
+                continue
+            current, stuck = s, False
+            if flops_ratio(model, current) >= target:
+                return current
+        if stuck:
+            break
+    raise ScheduleError(f"{schedule.spec()} cannot reach {target:.2f}x fewer FLOPs by raising r")
 
 
 WINDOW_OPTIONS = ((2, 2), (1, 2), (2, 1))
@@ -177,7 +246,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         cands = [cands[int(i)] for i in np.linspace(0, len(cands) - 1, max_grid)]
     evaluated: list[dict] = []
     best, best_m = None, None
-    n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + 1 if variants else 0
+    n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + 1 + len(FORM_OPTIONS) + 2 if variants else 0
     bar = tqdm(total=len(cands) + n_variants + refine_steps, desc="tune", unit="schedule",
                disable=not progress, leave=False)
     for s in cands:
@@ -192,33 +261,33 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
     if variants:
         variant_rows.append({**best_m, "variant": "plain"})
         tried = []
-        for s in variant_candidates(best):
+
+        def attempt(s: Schedule, label: str):
             try:
+                s = reach_target(model, s, target)
                 m = schedule_metrics(model, s, pixels, base)
             except ScheduleError:  # e.g. more prune blocks than global blocks
-                bar.update()
-                continue
-            m["spec"] = s.spec()
-            m["variant"] = variant_label(s)
+                return None
+            m["spec"], m["variant"] = s.spec(), label
             evaluated.append(m)
             variant_rows.append(m)
             tried.append((s, m))
+            return m
+
+        singles: dict[str, tuple[Schedule, dict]] = {}  # the best single variant of each group
+        for v in variant_candidates(best):
+            m = attempt(v, variant_label(v))
             bar.update()
-        protects = [(s, m) for s, m in tried if s.protect]
-        prunes = [(s, m) for s, m in tried if s.prune]
-        if protects and prunes:  # the best protect with the best prune
-            bp = min(protects, key=lambda sm: (_div(sm[1]), -_agree(sm[1])))[0]
-            bk = min(prunes, key=lambda sm: (_div(sm[1]), -_agree(sm[1])))[0]
-            s = dataclasses.replace(best, protect=bp.protect, prune=bk.prune)
-            try:
-                m = schedule_metrics(model, s, pixels, base)
-                m["spec"], m["variant"] = s.spec(), variant_label(s)
-                evaluated.append(m)
-                variant_rows.append(m)
-                tried.append((s, m))
-            except ScheduleError:
-                pass
-        bar.update()
+            g = _group(v)
+            if m is not None and (g not in singles or _better(m, singles[g][1])):
+                singles[g] = (v, m)
+        # Combine the groups' best singles, best group first (energy matching protects on its own)
+        order = sorted((g for g in singles if g != "energy"), key=lambda g: (_div(singles[g][1]),
+                                                                             -_agree(singles[g][1])))
+        for k in range(2, len(order) + 1):
+            combo = _combine(best, [singles[g][0] for g in order[:k]])
+            attempt(combo, variant_label(combo))
+            bar.update()
         for s, m in tried:
             if _better(m, best_m):
                 best, best_m = s, m
@@ -238,7 +307,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         trial = list(plan)
         trial[i] = BlockPlan(plan[i].mode, plan[i].r - step)
         trial[j] = BlockPlan(plan[j].mode, plan[j].r + step)
-        s = Schedule(windows=best.windows, blocks=tuple(trial), protect=best.protect, match=best.match)
+        s = dataclasses.replace(best, blocks=tuple(trial), prune=0)
         try:
             resolve(s, depth, grid, prefix)
             if flops_ratio(model, s) < target:

@@ -24,7 +24,8 @@ from families import build
 
 GRID = (14, 14)
 VARIANTS = ["r=13,mode=tome", "r=24,r_end=8,delay=1,local=2,protect=16",
-            "r=24,r_end=8,delay=1,local=2,prune=3", "r=26,r_end=4,delay=1,match=energy"]
+            "r=24,r_end=8,delay=1,local=2,prune=3", "r=26,r_end=4,delay=1,match=energy",
+            "r=24,r_end=8,delay=1,local=2,protect=16,metric=heads,merge=mlerp"]
 
 
 # ----------------------------------------------------------------------------- schedule semantics
@@ -63,6 +64,11 @@ def test_tome_mode_clips_r_as_tome():
     ("r=13,match=random", "expected one of bipartite, energy"),
     ("r=13,match=energy,protect=4", "drop protect"),
     ("r=13,delay=10,prune=3", "prune=3 exceeds"),
+    ("r=13,metric=heads,mode=tome", "takes r, inflect or an r list only"),
+    ("r=13,merge=mlerp,mode=tome", "takes r, inflect or an r list only"),
+    ("r=13,metric=values", "expected one of keys, heads"),
+    ("r=13,merge=slerp", "expected one of mean, mlerp"),
+    ("r=13,match=energy,merge=mlerp", "drop merge=mlerp"),
 ])
 def test_bad_variant_specs_are_refused(text, message):
     with pytest.raises(ScheduleError, match=message):
@@ -71,7 +77,8 @@ def test_bad_variant_specs_are_refused(text, message):
 
 @pytest.mark.parametrize("text", ["r=13,mode=tome", "r=16,inflect=-0.5,mode=tome",
                                   "r=24,r_end=8,delay=3,protect=16", "r=24,r_end=8,delay=3,prune=2",
-                                  "r=24,r_end=8,delay=3,match=energy"])
+                                  "r=24,r_end=8,delay=3,match=energy",
+                                  "r=24,r_end=8,delay=3,protect=16,metric=heads,merge=mlerp"])
 def test_variant_specs_round_trip(text):
     s = Schedule.parse(text)
     assert s.spec() == text
@@ -100,6 +107,13 @@ def test_variant_flops():
     dsm, _, dblocks = schedule_flops(model, Schedule.parse("r=13"))
     assert tblocks[0].merge > dblocks[0].merge  # ToMe matches the class token too
     assert 1.69 < base / tome < 1.71
+    heads, _, hblocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,metric=heads"))
+    mlerp, _, mblocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,merge=mlerp"))
+    # the similarity runs over all 3 heads' 64 features instead of their 64-wide mean
+    n, r = blocks[3].tokens_in - 1, 24
+    assert hblocks[3].merge - blocks[3].merge == (n // 2) * (n // 2) * (192 - 64)
+    assert mblocks[3].merge - blocks[3].merge == n * 192 + r * (n // 2)  # norms + masked max
+    assert plain < mlerp < heads < plain * 1.02
 
 
 # ----------------------------------------------------------------------------- merge maths
@@ -114,6 +128,28 @@ def test_protected_tokens_never_merge():
         b_prot = protected[:, 1::2]
         assert not torch.gather(a_prot, 1, m.src_idx).any()  # never merged away
         assert not torch.gather(b_prot, 1, m.dst_idx).any()  # never merged into
+
+
+def test_mlerp_keeps_direction_and_takes_the_largest_norm():
+    from dsm_export.merge import Matching, heads_metric, merge_wavg_onehot, merge_wavg_scatter
+
+    # A = tokens 0, 2, 4; B = tokens 1, 3. A0 and A2 merge into B0 (sizes 1, 2, 1); A1 stays.
+    x = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 5.0], [2.0, 2.0], [1.0, 1.0]]])
+    size = torch.tensor([[[1.0], [1.0], [1.0], [3.0], [2.0]]])
+    m = Matching(unm_idx=torch.tensor([[1]]), src_idx=torch.tensor([[0, 2]]), dst_idx=torch.tensor([[0, 0]]))
+    for merged, new_size in (merge_wavg_scatter(x, size, m, mlerp=True), merge_wavg_onehot(x, size, m, mlerp=True)):
+        mean = (x[0, 1] * 1 + x[0, 0] * 1 + x[0, 4] * 2) / 4  # B0 with A0 (size 1) and A2 (size 2)
+        dst = merged[0, 1]
+        assert torch.allclose(dst / dst.norm(), mean / mean.norm())
+        assert torch.allclose(dst.norm(), torch.tensor(3.0))  # the largest contributor's norm
+        assert torch.equal(merged[0, 0], x[0, 2])  # unmerged A token untouched
+        assert torch.allclose(merged[0, 2], x[0, 3])  # B token nothing merged into keeps itself
+        assert new_size[0, :, 0].tolist() == [1.0, 4.0, 3.0]
+    # heads metric: cosine of the rows = mean over heads of per-head key cosines
+    k = torch.randn(2, 3, 7, 8)
+    f = torch.nn.functional.normalize(heads_metric(k), dim=-1)
+    per_head = torch.nn.functional.cosine_similarity(k[:, :, 0:1], k[:, :, 1:2], dim=-1).mean(1)[:, 0]
+    assert torch.allclose((f[:, 0] * f[:, 1]).sum(-1), per_head, atol=1e-6)
 
 
 def test_tome_distill_order_keeps_prefix_in_front():
@@ -219,7 +255,9 @@ def test_tune_tries_the_variants(deit, pixels):
     result = tune(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
     labels = [r["variant"] for r in result.variants]
     assert labels[0] == "plain"
-    assert {"protect=8", "prune=1", "match=energy"} <= set(labels)
+    assert {"protect=8", "prune=1", "match=energy", "metric=heads", "merge=mlerp",
+            "metric=heads,merge=mlerp"} <= set(labels)
+    assert all(r["flops_ratio"] >= 1.6 for r in result.variants)  # reach_target made up the matching cost
     best = min(result.variants, key=lambda r: (r["divergence"], -r["agreement"]))
     assert result.best_metrics["divergence"] == best["divergence"]
     assert result.variant == best["variant"]
