@@ -49,6 +49,13 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearMatMul"
                            "QGemm", "DynamicQuantizeMatMul"})
 
 
+# Layers kept fp32 unless the caller says otherwise. Dynamic mode: the first block's four MatMuls
+# (its activations are the least regular; keeping them halves the KL of the unmerged DeiT-Tiny
+# at no measurable speed cost, see scripts/int8_choices.py). Static mode: none (keeping fc2 helps
+# the unmerged model only and costs 12 layers).
+DEFAULT_KEEP_FP32 = {"static": (), "dynamic": ("blocks.0",)}
+
+
 @dataclass
 class QuantizeOptions:
     """What :func:`quantize_int8` quantizes and how it calibrates.
@@ -67,7 +74,9 @@ class QuantizeOptions:
         quantize_attention: also quantize the activation-by-activation MatMuls (``q @ k^T``,
             ``attn @ v``).
         keep_fp32: layers left in fp32 by their timm-style label (:func:`layer_labels`): ``fc2``
-            (every block's), ``blocks.0``, ``blocks.11.fc2``, ``head``, ``patch_embed``.
+            (every block's), ``blocks.0``, ``blocks.11.fc2``, ``head``, ``patch_embed``; None for the
+            mode's default (:data:`DEFAULT_KEEP_FP32`: ``blocks.0`` in dynamic mode, nothing in
+            static mode; see :meth:`kept`).
         batch_size: calibration batch size.
     """
 
@@ -79,9 +88,13 @@ class QuantizeOptions:
     per_channel: bool = True
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     quantize_attention: bool = False
-    keep_fp32: tuple[str, ...] = field(default_factory=tuple)
+    keep_fp32: tuple[str, ...] | None = None
     quantize_outputs: bool = False
     batch_size: int = 16
+
+    def kept(self) -> tuple[str, ...]:
+        """The layers left in fp32: ``keep_fp32``, or the mode's default when it is None."""
+        return DEFAULT_KEEP_FP32[self.mode] if self.keep_fp32 is None else tuple(self.keep_fp32)
 
     def check(self) -> None:
         """Raises DSMError on an unknown method, activation type or a count below 1."""
@@ -214,7 +227,7 @@ def plan_quantization(model: onnx.ModelProto, options: QuantizeOptions) -> tuple
         if node.name in fp32:
             kept_matching += 1
             continue
-        if options.keep_fp32 and _label_matches(labels.get(node.name, node.name), options.keep_fp32):
+        if options.kept() and _label_matches(labels.get(node.name, node.name), options.kept()):
             kept_other += 1
             continue
         if node.op_type == "MatMul" and not options.quantize_attention and node.input[1] not in weights:
@@ -388,7 +401,7 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
             "weights": "int8 symmetric, " + ("per channel" if options.per_channel else "per tensor"),
             "op_types": list(options.op_types) if static else ["MatMul"],
             "quantize_attention": options.quantize_attention,
-            "keep_fp32": list(options.keep_fp32),
+            "keep_fp32": list(options.kept()),
             **summary,
         })
         if not static:

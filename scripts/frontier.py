@@ -27,11 +27,12 @@ import platform
 import sys
 import tempfile
 
-# Schedules of each family (DeiT-Tiny): ToMe's constant r and the DSM schedules of the README's
-# table (delay + falling r, and one with window-local merging), from ~1.3x to ~2x fewer FLOPs.
-TOME = ("r=6", "r=8", "r=11", "r=13", "r=15")
-DSM = ("r=16,r_end=8,delay=3", "r=24,r_end=8,delay=3", "r=34,r_end=0,delay=3,local=1",
-       "r=34,r_end=4,delay=2", "r=24,r_end=8,delay=1,local=2")
+# Schedules of each family (DeiT-Tiny): exact ToMe (mode=tome) and DSM schedules (delay + falling r,
+# window-local merging, with the merge variants tune picks most), from ~1.3x to ~2x fewer FLOPs.
+TOME = ("r=6,mode=tome", "r=8,mode=tome", "r=11,mode=tome", "r=13,mode=tome", "r=15,mode=tome")
+DSM = ("r=16,r_end=8,delay=3,protect=16,merge=mlerp", "r=24,r_end=8,delay=3,protect=16,merge=mlerp",
+       "r=34,r_end=0,delay=3,local=1,windows=1x2,protect=16,merge=mlerp",
+       "r=32,r_end=4,delay=2,local=1,windows=1x2,protect=16,metric=heads,merge=mlerp")
 
 
 def main(argv=None) -> int:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             quantize_int8(none_path, path, quant_pixels, QuantizeOptions(mode=mode, activations=activations))
             label = ("INT8 static QDQ, symmetric (TensorRT-compatible)" if activations == "int8" and mode == "static"
                      else "INT8 static QDQ, U8S8 (ONNX Runtime only)" if mode == "static"
-                     else "INT8 dynamic (ONNX Runtime only)")
+                     else "INT8 dynamic, first block fp32 (ONNX Runtime only)")
             add("INT8 alone", label, Schedule.parse("none"), f"int8 {mode}" + ("" if activations == "int8"
                                                                                  or mode == "dynamic" else " u8"), path)
         specs = [("ToMe", s) for s in args.tome] + [("DSM", s) for s in args.dsm]
@@ -100,13 +101,16 @@ def main(argv=None) -> int:
             add("merge fp32", f"{kind} {spec}", schedule, "fp32", fp32)
             int8 = os.path.join(work, f"{len(engines)}_int8.onnx")
             quantize_int8(fp32, int8, quant_pixels)
-            add("merge + INT8", f"{kind} {spec} + INT8", schedule, "int8 static", int8)
+            add("merge + INT8 static", f"{kind} {spec} + INT8 static", schedule, "int8 static", int8)
+            dyn = os.path.join(work, f"{len(engines)}_int8dyn.onnx")
+            quantize_int8(fp32, dyn, None, QuantizeOptions(mode="dynamic"))
+            add("merge + INT8 dynamic", f"{kind} {spec} + INT8 dynamic", schedule, "int8 dynamic", dyn)
         tuned_reports = []
         for target in args.tuned:
             folder = os.path.join(work, f"tuned_{target}")
             os.makedirs(folder)
             result = search_engines(model, args.model, args.weights, calib_pixels, target, folder,
-                                    precisions=("fp32", "int8"), rungs=args.rungs, repeats=5)
+                                    precisions=("fp32", "int8", "int8-dynamic"), rungs=args.rungs, repeats=5)
             tuned_reports.append({"target": target, "best": _strip(result.best), "pareto": [_strip(r) for r in result.pareto]})
             if result.best is None:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
             b = result.best
             schedule = Schedule.parse("none") if b["spec"] == "none" else Schedule.from_dict(b["schedule_json"])
             add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", schedule,
-                "int8 static" if b["precision"] == "int8" else "fp32", b["path"])
+                {"int8": "int8 static", "int8-dynamic": "int8 dynamic"}.get(b["precision"], "fp32"), b["path"])
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
             logits = base if e["path"] == none_path else ort_logits(e["path"], held_pixels.numpy())
@@ -162,7 +166,7 @@ def _table(engines, machine, args) -> str:
     return "\n".join(lines)
 
 
-_FAMILIES = ["fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8", "tuned"]
+_FAMILIES = ["fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic", "tuned"]
 
 
 def _plot(engines, path, machine) -> None:
@@ -173,7 +177,8 @@ def _plot(engines, path, machine) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
-              "merge + INT8": ("tab:green", "^"), "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D")}
+              "merge + INT8 static": ("tab:green", "^"), "merge + INT8 dynamic": ("tab:purple", "v"),
+              "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D")}
     for family in _FAMILIES:
         rows = sorted((e for e in engines if e["family"] == family), key=lambda e: e["speedup"])
         if family == "INT8 alone":
@@ -182,7 +187,7 @@ def _plot(engines, path, machine) -> None:
             continue
         color, marker = styles[family]
         xs, ys = [e["speedup"] for e in rows], [max(e["kl"], 1e-4) for e in rows]
-        line = "-" if family in ("merge fp32", "merge + INT8") else ":" if family == "INT8 alone" else ""
+        line = "-" if family.startswith("merge") else ":" if family == "INT8 alone" else ""
         ax.plot(xs, ys, line, color=color, marker=marker, label=family, markersize=9 if marker == "*" else 6)
     ax.set_xlabel("measured ONNX Runtime speed-up over fp32 unmerged (batch 32)")
     ax.set_ylabel("KL to the fp32 unmerged model (nats, held-apart photos)")

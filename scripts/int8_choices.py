@@ -20,7 +20,7 @@ import tempfile
 VARIANTS = (  # mode, calibration, activations, layers kept fp32
     ("static", "minmax", "int8", ()), ("static", "entropy", "int8", ()), ("static", "percentile", "int8", ()),
     ("static", "percentile", "int8", ("fc2",)), ("static", "minmax", "uint8", ()),
-    ("static", "percentile", "uint8", ()), ("dynamic", "-", "uint8", ()),
+    ("static", "percentile", "uint8", ()), ("dynamic", "-", "uint8", ()), ("dynamic", "-", "uint8", ("blocks.0",)),
 )
 
 

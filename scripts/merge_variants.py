@@ -9,7 +9,8 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
 * **paper-style DSM**: constant r, ``delay=1,local=2`` (2x2 windows), the smallest r that reaches it;
 * **tune's variant stage**: ``dsm-export tune --target-flops-ratio`` on the 128 calibration photos
   (the search's best grid schedule, then each variant on it: plain, the best ``protect=P``, the best
-  ``prune=K``, ``match=energy``);
+  ``prune=K``, ``match=energy``, the best of ``metric=heads`` / ``merge=mlerp``, and the best
+  combination of the groups' winners);
 * **tuned**: the schedule tune returns (variant stage, then per-block refinement).
 
 Every row is scored on the held-apart photos (the split of ``tune --calibration 128``): top-1,
@@ -48,6 +49,15 @@ def smallest_reaching(model, target: float, make) -> str | None:
         except ScheduleError:
             continue
     return None
+
+
+def _family(label: str) -> str:
+    """Variant group of a tune variant label: plain, protect, prune, energy, form or combined."""
+    if label == "plain":
+        return "plain"
+    groups = {"protect" if k == "protect" else "prune" if k == "prune" else "energy" if k == "match" else "form"
+              for k in (part.split("=")[0] for part in label.split(","))}
+    return groups.pop() if len(groups) == 1 else "combined"
 
 
 def main(argv=None) -> int:
@@ -95,13 +105,13 @@ def main(argv=None) -> int:
         result = tune(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps)
         best_of: dict[str, dict] = {}
         for row in result.variants:
-            family = row["variant"].split("=")[0] if row["variant"] != "plain" else "plain"
-            family = "protect + prune" if "," in row["variant"] else family
+            family = _family(row["variant"])
             if family not in best_of or row["divergence"] < best_of[family]["divergence"]:
                 best_of[family] = row
         names = {"plain": "tune's grid schedule, plain", "protect": "+ protect (best P)",
-                 "prune": "+ prune (best K)", "match": "+ match=energy (PiToMe)",
-                 "protect + prune": "+ best protect and best prune"}
+                 "prune": "+ prune (best K)", "energy": "+ match=energy (PiToMe)",
+                 "form": "+ metric=heads and/or merge=mlerp (best)",
+                 "combined": "+ each group's best, combined (best)"}
         for family, row in best_of.items():
             entries.append((names.get(family, family), row["spec"]))
         entries.append((f"tuned (variant: {result.variant})", result.best.spec()))

@@ -26,7 +26,8 @@ def add(sub):
                    help="int8: symmetric, zero point 0, TensorRT-compatible (default); uint8: asymmetric "
                         "(U8S8), ONNX Runtime only")
     q.add_argument("--keep-fp32", default="",
-                   help="comma-separated layers left in fp32, by timm-style label: fc2, blocks.0, head, ...")
+                   help="comma-separated layers left in fp32, by timm-style label: fc2, blocks.0, head, ...; "
+                        "'none' quantizes them all (default: blocks.0 with --quantization dynamic, none static)")
     t = p.add_argument_group("TensorRT")
     t.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
     t.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
@@ -94,7 +95,8 @@ def _build_int8(args) -> None:
     from ..export import load_onnx, read_metadata
     from ..quantize import QuantizeOptions, calibration_pixels, quantize_int8
 
-    keep = tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip())
+    keep = (None if not args.keep_fp32.strip() else ()
+            if args.keep_fp32.strip() == "none" else tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip()))
     options = QuantizeOptions(mode=args.quantization, calibration_method=args.calibration_method,
                               calibration_count=args.calibration_count, activations=args.activations,
                               keep_fp32=keep)
@@ -112,5 +114,5 @@ def _build_int8(args) -> None:
           f"{rec['fp32_matching_nodes']} matching and size nodes kept fp32 (which tokens merge is "
           f"decided in fp32)" + (f"; {rec['fp32_other_candidates']} more layers kept fp32 "
                                  "(attention q@k and attn@v"
-                                 + (", --keep-fp32" if keep else "") + ")"
+                                 + (f", kept fp32: {','.join(options.kept())}" if options.kept() else "") + ")"
                                  if rec["fp32_other_candidates"] else ""))
