@@ -198,8 +198,9 @@ class MergedViT(nn.Module):
         Returns:
             ``(out [B, N, C], metric, importance [B, N] or None)``: the metric is the keys averaged
             over heads ``[B, N, head_dim]``, or for ``metric=heads`` each head's normalised keys
-            ``[B, N, H * head_dim]`` (:func:`~dsm_export.merge.heads_metric`); importance is the class token's attention to each token (mean over heads), or for models
-            without a class token the mean attention each token receives.
+            ``[B, N, H * head_dim]`` (:func:`~dsm_export.merge.heads_metric`); importance is the
+            class token's attention to each token (mean over heads), or for models without a class
+            token the mean attention each token receives.
         """
         _, n, _ = x.shape
         qkv = attn.qkv(x).reshape(-1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)

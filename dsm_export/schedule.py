@@ -186,10 +186,8 @@ class Schedule:
         if self.mode not in SCHEDULE_MODES:
             raise ScheduleError(f"mode={self.mode!r}: expected one of {', '.join(SCHEDULE_MODES)}")
         if self.mode == "tome":
-            extra = [k for k, v in (("delay", self.delay), ("local", self.local), ("r_end", self.r_end),
-                                    ("protect", self.protect), ("prune", self.prune),
-                                    ("match", self.match != "bipartite"), ("metric", self.metric != "keys"),
-                                    ("merge", self.merge != "mean")) if v]
+            extra = [k for k, v in (("delay", self.delay), ("local", self.local), ("r_end", self.r_end)) if v]
+            extra += list(self.variant_keys())
             if extra:
                 raise ScheduleError(
                     f"mode=tome reproduces ToMe and takes r, inflect or an r list only, not {', '.join(extra)}")
@@ -325,19 +323,19 @@ class Schedule:
         if self.local:
             parts.append(f"local={self.local}")
             parts.append(f"windows={self.windows[0]}x{self.windows[1]}")
-        if self.protect:
-            parts.append(f"protect={self.protect}")
-        if self.prune:
-            parts.append(f"prune={self.prune}")
-        if self.match != "bipartite":
-            parts.append(f"match={self.match}")
-        if self.metric != "keys":
-            parts.append(f"metric={self.metric}")
-        if self.merge != "mean":
-            parts.append(f"merge={self.merge}")
+        parts += [f"{k}={v}" for k, v in self.variant_keys().items()]
         if self.mode != "dsm":
             parts.append(f"mode={self.mode}")
         return ",".join(parts)
+
+    def variant_keys(self, prune: int | None = None) -> dict:
+        """The merge-variant keys that differ from their defaults, in spec order: ``protect``,
+        ``prune``, ``match``, ``metric``, ``merge``. ``prune`` is the parameter unless given (an
+        explicit block list names its ``"prune R"`` blocks instead)."""
+        prune = self.prune if prune is None else prune
+        keys = {"protect": self.protect, "prune": prune, "match": self.match != "bipartite" and self.match,
+                "metric": self.metric != "keys" and self.metric, "merge": self.merge != "mean" and self.merge}
+        return {k: v for k, v in keys.items() if v}
 
     def __str__(self) -> str:
         return self.spec()
@@ -350,14 +348,7 @@ class Schedule:
         }
         if self.mode != "dsm":
             out["mode"] = self.mode
-        if self.protect:
-            out["protect"] = self.protect
-        if self.match != "bipartite":
-            out["match"] = self.match
-        if self.metric != "keys":
-            out["metric"] = self.metric
-        if self.merge != "mean":
-            out["merge"] = self.merge
+        out.update((k, v) for k, v in self.variant_keys().items() if k != "prune")  # blocks name prunes
         return out
 
     def same_as(self, other: "Schedule", depth: int) -> bool:

@@ -74,21 +74,10 @@ FORM_OPTIONS = (("heads", "mean"), ("keys", "mlerp"), ("heads", "mlerp"))  # (me
 def variant_label(schedule: Schedule) -> str:
     """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``, ``match=energy``,
     ``metric=heads,merge=mlerp``)."""
-    parts = []
-    if schedule.protect:
-        parts.append(f"protect={schedule.protect}")
-    prune = schedule.prune or sum(1 for b in (schedule.blocks or ()) if b.mode == "prune")
-    if prune:
-        parts.append(f"prune={prune}")
-    if schedule.match != "bipartite":
-        parts.append(f"match={schedule.match}")
-    if schedule.metric != "keys":
-        parts.append(f"metric={schedule.metric}")
-    if schedule.merge != "mean":
-        parts.append(f"merge={schedule.merge}")
+    keys = schedule.variant_keys(schedule.prune or sum(1 for b in (schedule.blocks or ()) if b.mode == "prune"))
     if schedule.mode != "dsm":
-        parts.append(f"mode={schedule.mode}")
-    return ",".join(parts) or "plain"
+        keys["mode"] = schedule.mode
+    return ",".join(f"{k}={v}" for k, v in keys.items()) or "plain"
 
 
 def variant_candidates(schedule: Schedule) -> list[Schedule]:
@@ -115,15 +104,7 @@ def _group(schedule: Schedule) -> str:
 
 def _combine(base: Schedule, parts: list[Schedule]) -> Schedule:
     """``base`` with the variant keys of each schedule in ``parts``."""
-    keys = {}
-    for p in parts:
-        if p.protect:
-            keys["protect"] = p.protect
-        if p.prune:
-            keys["prune"] = p.prune
-        if p.metric != "keys" or p.merge != "mean":
-            keys.update(metric=p.metric, merge=p.merge)
-    return dataclasses.replace(base, **keys)
+    return dataclasses.replace(base, **{k: v for p in parts for k, v in p.variant_keys().items()})
 
 
 def reach_target(model: nn.Module, schedule: Schedule, target: float) -> Schedule:

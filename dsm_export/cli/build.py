@@ -95,8 +95,9 @@ def _build_int8(args) -> None:
     from ..export import load_onnx, read_metadata
     from ..quantize import QuantizeOptions, calibration_pixels, quantize_int8
 
-    keep = (None if not args.keep_fp32.strip() else ()
-            if args.keep_fp32.strip() == "none" else tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip()))
+    keep = tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip()) or None  # None: the mode's default
+    if keep == ("none",):
+        keep = ()
     options = QuantizeOptions(mode=args.quantization, calibration_method=args.calibration_method,
                               calibration_count=args.calibration_count, activations=args.activations,
                               keep_fp32=keep)
