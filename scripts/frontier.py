@@ -116,9 +116,14 @@ def main(argv=None) -> int:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
                 continue
             b = result.best
-            schedule = Schedule.parse("none") if b["spec"] == "none" else Schedule.from_dict(b["schedule_json"])
-            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", schedule,
-                {"int8": "int8 static", "int8-dynamic": "int8 dynamic"}.get(b["precision"], "fp32"), b["path"])
+            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", _schedule(b), _precision(b), b["path"])
+            # The rest of the search's Pareto front (calibration photos) is the tuned engine at other
+            # speeds: scored and timed here too, so the plot shows a tuned curve, not two points.
+            for row in result.pareto:
+                if row is b or (row["spec"] == "none" and row["precision"] == "fp32"):
+                    continue
+                add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
+                    f"{row['rung']:.2f}x-FLOP rung", _schedule(row), _precision(row), row["path"])
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
             logits = base if e["path"] == none_path else ort_logits(e["path"], held_pixels.numpy())
@@ -144,6 +149,51 @@ def main(argv=None) -> int:
     return 0
 
 
+def _schedule(row):
+    from dsm_export.schedule import Schedule
+
+    return Schedule.parse("none") if row["spec"] == "none" else Schedule.from_dict(row["schedule_json"])
+
+
+def _precision(row) -> str:
+    return {"int8": "int8 static", "int8-dynamic": "int8 dynamic"}.get(row["precision"], "fp32")
+
+
+def dominance(engines, start: float = 1.5) -> list[dict]:
+    """For each tuned engine (chosen or on a search's Pareto front) measuring at least ``start``x:
+    the least KL of INT8 alone and of the fp32 merge schedules at the same or a higher measured
+    speed-up (None where no such engine exists), and whether the tuned engine's KL is lower than both.
+    """
+    out = []
+    for e in sorted((e for e in engines if e["family"] in _TUNED and e["speedup"] >= start),
+                    key=lambda e: e["speedup"]):
+        rivals = {}
+        for family in ("INT8 alone", "merge fp32"):
+            kls = [o["kl"] for o in engines if o["family"] == family and o["speedup"] >= e["speedup"]]
+            rivals[family] = min(kls) if kls else None
+        known = [v for v in rivals.values() if v is not None]
+        out.append({"label": f"{e['family']}, {e['precision']}, {e['flops_ratio']:.2f}x fewer FLOPs",
+                    "speedup": e["speedup"], "kl": e["kl"], "rivals": rivals,
+                    "lower": None if not known else all(e["kl"] < v for v in known)})
+    return out
+
+
+def _dominance_text(rows) -> str:
+    if not rows:
+        return "No tuned engine measured 1.5x or more."
+    compared = [r for r in rows if r["lower"] is not None]
+    lines = [f"Tuned engines measuring 1.5x or more: {len(rows)}. Of the {len(compared)} with an INT8-alone or "
+             f"fp32-merge engine at the same or a higher measured speed-up, {sum(r['lower'] for r in compared)} "
+             f"have lower KL than all of those; the other {len(rows) - len(compared)} are faster than every "
+             "INT8-alone and fp32-merge engine here."]
+    for r in rows:
+        rival = ", ".join(f"{k} {'none as fast' if v is None else f'{v:.4f}'}" for k, v in r["rivals"].items())
+        verdict = "faster than all" if r["lower"] is None else "lower KL" if r["lower"] else "NOT lower KL"
+        lines.append(f"- {r['speedup']:.2f}x, KL {r['kl']:.4f} ({r['label']}): {verdict} "
+                     f"(least KL at >= its speed-up: {rival})")
+    return "\n".join(lines)
+
+
 def _strip(row):
     return None if row is None else {k: v for k, v in row.items() if k != "path"}
 
@@ -163,10 +213,13 @@ def _table(engines, machine, args) -> str:
         acc = "n/a" if e.get("top1_accuracy") is None else f"{100 * e['top1_accuracy']:.1f} %"
         lines.append(f"| {e['family']} | {e['label']} | {e['flops_ratio']:.2f}x | {e['speedup']:.2f}x | {acc} | "
                      f"{100 * e['top1_agreement']:.1f} % | {e['kl']:.4f} |")
+    lines += ["", "Schedules of the Pareto rows: frontier.json (`tuned` reports).", "", _dominance_text(dominance(engines))]
     return "\n".join(lines)
 
 
-_FAMILIES = ["fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic", "tuned"]
+_FAMILIES = ["fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic", "tuned",
+             "tune's Pareto front"]
+_TUNED = ("tuned", "tune's Pareto front")
 
 
 def _plot(engines, path, machine) -> None:
@@ -179,7 +232,7 @@ def _plot(engines, path, machine) -> None:
     styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
               "merge + INT8 static": ("tab:green", "^"), "merge + INT8 dynamic": ("tab:purple", "v"),
               "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D")}
-    for family in _FAMILIES:
+    for family in _FAMILIES[:-1]:
         rows = sorted((e for e in engines if e["family"] == family), key=lambda e: e["speedup"])
         if family == "INT8 alone":
             rows = [e for e in engines if e["family"] == "fp32 unmerged"] + rows
@@ -187,8 +240,20 @@ def _plot(engines, path, machine) -> None:
             continue
         color, marker = styles[family]
         xs, ys = [e["speedup"] for e in rows], [max(e["kl"], 1e-4) for e in rows]
-        line = "-" if family.startswith("merge") else ":" if family == "INT8 alone" else ""
-        ax.plot(xs, ys, line, color=color, marker=marker, label=family, markersize=9 if marker == "*" else 6)
+        line = "-" if family.startswith("merge") else ":" if family == "INT8 alone" else "none"
+        ax.plot(xs, ys, linestyle=line, color=color, marker=marker, label=family if family != "tuned" else
+                "tuned (chosen at a target)", markersize=12 if marker == "*" else 6, zorder=3 if marker == "*" else 2)
+    # The tuned curve: every engine tune measured on its searches' Pareto fronts, re-scored on the
+    # held-apart photos, reduced to those not beaten in both speed-up and KL.
+    tuned = [e for e in engines if e["family"] in _TUNED]
+    front = sorted((e for e in tuned if not any(o["speedup"] >= e["speedup"] and o["kl"] < e["kl"] for o in tuned)),
+                   key=lambda e: e["speedup"])
+    if front:
+        ax.plot([e["speedup"] for e in front], [max(e["kl"], 1e-4) for e in front], "-", color="tab:red",
+                linewidth=2, label="tune's engines (held-apart Pareto front)")
+        others = [e for e in tuned if e not in front and e["family"] != "tuned"]
+        ax.plot([e["speedup"] for e in others], [max(e["kl"], 1e-4) for e in others], ".", color="tab:red",
+                alpha=0.5)
     ax.set_xlabel("measured ONNX Runtime speed-up over fp32 unmerged (batch 32)")
     ax.set_ylabel("KL to the fp32 unmerged model (nats, held-apart photos)")
     ax.set_yscale("log")
