@@ -27,3 +27,23 @@ def test_bench_ort_runs(tmp_path, weights):
          "--repeats", "5", "--iters", "1", "--warmup", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "intra-op threads" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_frontier_dominance_compares_only_at_equal_or_higher_speed():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import frontier
+
+    def engine(family, speedup, kl):
+        return {"family": family, "speedup": speedup, "kl": kl, "precision": "int8 dynamic", "flops_ratio": 1.5}
+
+    engines = [engine("INT8 alone", 1.45, 0.003), engine("merge fp32", 1.6, 0.03), engine("merge fp32", 1.8, 0.10),
+               engine("tuned", 1.4, 0.001),  # below 1.5x: not judged
+               engine("tune's Pareto front", 1.55, 0.02),  # beats 0.03 (1.6x) and 0.10 (1.8x)
+               engine("tune's Pareto front", 1.7, 0.2),  # loses to 0.10 (1.8x)
+               engine("tuned", 2.2, 0.5)]  # nothing as fast
+    rows = frontier.dominance(engines)
+    assert [r["speedup"] for r in rows] == [1.55, 1.7, 2.2]
+    assert [r["lower"] for r in rows] == [True, False, None]
+    assert rows[0]["rivals"] == {"INT8 alone": None, "merge fp32": 0.03}
+    text = frontier._dominance_text(rows)
+    assert "Of the 2 with" in text and "1 have lower KL" in text and "NOT lower KL" in text
