@@ -47,7 +47,8 @@ def _warm_sessions(paths: dict[str, str], batch: int, warmup: int, threads, prov
 
 
 def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
-                   threads: int | None = None, iters: int = 1, provider: str | None = "cpu") -> dict[str, float]:
+                   threads: int | None = None, iters: int = 1, provider: str | None = "cpu",
+                   reference: str | None = None) -> dict[str, float]:
     """Median images/s of each graph on the same random batch; graphs alternate in each repetition.
 
     Args:
@@ -59,17 +60,28 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
         iters: timed runs per repetition.
         provider: ONNX Runtime execution provider (``cpu``, ``cuda``, ``tensorrt``, ``openvino`` or a
             full name). On a GPU provider the input is copied from the host on every run.
+        reference: optional label of ``paths`` (the graph speed-ups are taken against) timed again
+            before every other graph in each repetition. Its median then rests on ``repeats x
+            (len(paths) - 1)`` runs instead of ``repeats``: with many graphs, the noise of a few
+            reference runs would otherwise shift every speed-up of the run together.
 
     Returns:
         label -> images per second.
+
+    Raises:
+        KeyError: ``reference`` is not a label of ``paths``.
     """
+    if reference is not None and reference not in paths:
+        raise KeyError(f"reference {reference!r} is not one of the graphs")
     sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
+    others = [k for k in sessions if k != reference]
+    order = list(sessions) if reference is None or not others else [g for k in others for g in (reference, k)]
     rates: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(repeats):
-        for k, s in sessions.items():
+        for k in order:
             start = time.perf_counter()
             for _ in range(iters):
-                s.run(None, feeds[k])
+                sessions[k].run(None, feeds[k])
             rates[k].append(batch * iters / (time.perf_counter() - start))
     return {k: statistics.median(v) for k, v in rates.items()}
 

@@ -167,7 +167,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
         timed = {k: v for k, v in files.items() if k in precisions and not (rung == 1.0 and k == "fp32")}
         rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads,
-                               provider=provider)
+                               provider=provider, reference="baseline")
         if rung == 1.0 and "fp32" in precisions:
             timed = {"fp32": none_path, **timed}
             rates["fp32"] = rates["baseline"]

@@ -47,3 +47,15 @@ def test_frontier_dominance_compares_only_at_equal_or_higher_speed():
     assert rows[0]["rivals"] == {"INT8 alone": None, "merge fp32": 0.03}
     text = frontier._dominance_text(rows)
     assert "Of the 2 with" in text and "1 have lower KL" in text and "NOT lower KL" in text
+
+
+def test_ort_throughput_times_the_reference_before_every_graph(dsm_onnx):
+    import pytest
+
+    from dsm_export.benchmark import ort_throughput
+
+    rates = ort_throughput({"a": dsm_onnx, "b": dsm_onnx, "c": dsm_onnx}, batch=1, repeats=2, reference="a")
+    assert set(rates) == {"a", "b", "c"} and all(v > 0 for v in rates.values())
+    assert ort_throughput({"a": dsm_onnx}, batch=1, repeats=1, reference="a")["a"] > 0  # the reference alone
+    with pytest.raises(KeyError, match="reference"):
+        ort_throughput({"a": dsm_onnx}, batch=1, repeats=1, reference="z")
