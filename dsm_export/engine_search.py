@@ -9,9 +9,9 @@ engine with ONNX Runtime on this machine, against the fp32 unmerged export, in o
 2. at each rung the least-KL schedule of :func:`dsm_export.tune.tune` (PyTorch, calibration
    images), exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
 3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
-   median of ``repeats``, the baseline timed again before each engine), and scored by KL to the unmerged model on the calibration images (INT8
-   through ONNX Runtime, since quantization moves the logits; fp32 by the PyTorch reference,
-   which the export matches to 1e-4);
+   median of ``repeats``, the baseline timed again before each engine), and scored by KL to the
+   unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
+   the logits; fp32 by the PyTorch reference, which the export matches to 1e-4);
 4. the Pareto front (higher measured speed-up, lower KL) and the least-KL engine whose measured
    speed-up reaches the target, ties broken by top-1 agreement.
 """

@@ -5,9 +5,12 @@ One run, on one machine: every engine is exported (and quantized), scored on the
 neither INT8 calibration nor tuning saw (the held-apart split of `dsm-export tune --calibration
 128`), and timed with ONNX Runtime against the fp32 unmerged export in a single alternating run
 (batch 32, median of --repeats; the fp32 unmerged export is timed again before every engine, so
-each speed-up rests on a well-sampled baseline). Writes a Markdown table, a JSON file and a PNG plot (KL against
-measured speed-up, one line per family). `python scripts/readme_figures.py frontier` runs it and
-puts the table into the README.
+each speed-up rests on a well-sampled baseline). Each tuned search adds its chosen engine and the
+rest of its Pareto front. Writes a Markdown table (with a generated check of every tuned engine
+from 1.5x up against INT8 alone and the fp32 schedules at the same or a higher speed-up), a JSON
+file and a PNG plot (KL against measured speed-up, one line per family, the tuned engines'
+held-apart Pareto front in red). `python scripts/readme_figures.py frontier` runs it and puts the
+table into the README.
 
     python scripts/frontier.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
@@ -216,7 +219,8 @@ def _table(engines, machine, args) -> str:
         acc = "n/a" if e.get("top1_accuracy") is None else f"{100 * e['top1_accuracy']:.1f} %"
         lines.append(f"| {e['family']} | {e['label']} | {e['flops_ratio']:.2f}x | {e['speedup']:.2f}x | {acc} | "
                      f"{100 * e['top1_agreement']:.1f} % | {e['kl']:.4f} |")
-    lines += ["", "Schedules of the Pareto rows: frontier.json (`tuned` reports).", "", _dominance_text(dominance(engines))]
+    lines += ["", "Schedules of the Pareto rows: frontier.json (`tuned` reports).", "",
+              _dominance_text(dominance(engines))]
     return "\n".join(lines)
 
 
