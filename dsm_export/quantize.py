@@ -72,7 +72,8 @@ class QuantizeOptions:
         per_channel: per-output-channel weight scales.
         op_types: op types quantized.
         quantize_attention: also quantize the activation-by-activation MatMuls (``q @ k^T``,
-            ``attn @ v``).
+            ``attn @ v``). Static mode only: ONNX Runtime's dynamic quantizer leaves them fp32
+            either way (checked: the same graph and logits with and without).
         keep_fp32: layers left in fp32 by their timm-style label (:func:`layer_labels`): ``fc2``
             (every block's), ``blocks.0``, ``blocks.11.fc2``, ``head``, ``patch_embed``; None for the
             mode's default (:data:`DEFAULT_KEEP_FP32`: ``blocks.0`` in dynamic mode, nothing in
