@@ -46,6 +46,13 @@ def _warm_sessions(paths: dict[str, str], batch: int, warmup: int, threads, prov
     return sessions, feeds
 
 
+def timing_order(labels: list[str], reference: str | None = None) -> list[str]:
+    """The graphs one repetition of :func:`ort_throughput` times, in order: each label once, or with a
+    ``reference``, the reference before every other label (the reference alone if it is the only one)."""
+    others = [k for k in labels if k != reference]
+    return list(labels) if reference is None or not others else [g for k in others for g in (reference, k)]
+
+
 def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
                    threads: int | None = None, iters: int = 1, provider: str | None = "cpu",
                    reference: str | None = None) -> dict[str, float]:
@@ -74,8 +81,7 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
     if reference is not None and reference not in paths:
         raise KeyError(f"reference {reference!r} is not one of the graphs")
     sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
-    others = [k for k in sessions if k != reference]
-    order = list(sessions) if reference is None or not others else [g for k in others for g in (reference, k)]
+    order = timing_order(list(sessions), reference)
     rates: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(repeats):
         for k in order:

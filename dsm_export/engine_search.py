@@ -74,6 +74,12 @@ def choose(rows: list[dict], target: float) -> dict | None:
     return min(ok, key=lambda r: (r["divergence"], -r["agreement"])) if ok else None
 
 
+def row_schedule(row: dict) -> Schedule:
+    """The schedule of a candidate row: its compact ``spec`` where it has one, else its per-block
+    ``schedule_json``."""
+    return Schedule.from_dict(row["schedule_json"]) if row["spec"].startswith("{") else Schedule.parse(row["spec"])
+
+
 def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     """Outputs ``[N, classes]`` (or ``[N, dim]``) of an ONNX file over ``pixels`` ``[N, 3, H, W]``
     (ONNX Runtime CPU)."""

@@ -93,13 +93,15 @@ def variant_candidates(schedule: Schedule) -> list[Schedule]:
     return out
 
 
-def _group(schedule: Schedule) -> str:
-    """The variant group of a single-variant schedule: protect, prune, energy or form."""
-    if schedule.protect:
-        return "protect"
-    if schedule.prune:
-        return "prune"
-    return "energy" if schedule.match == "energy" else "form"
+_KEY_GROUP = {"protect": "protect", "prune": "prune", "match": "energy"}  # other keys: "form"
+
+
+def variant_group(keys) -> str:
+    """The variant group of a set of variant keys (``protect``, ``prune``, ``match``, ``metric``,
+    ``merge``): ``plain`` for none, ``protect``, ``prune``, ``energy`` or ``form`` (metric/merge)
+    when they fall in one group, else ``combined``."""
+    groups = {_KEY_GROUP.get(k, "form") for k in keys}
+    return "plain" if not groups else groups.pop() if len(groups) == 1 else "combined"
 
 
 def _combine(base: Schedule, parts: list[Schedule]) -> Schedule:
@@ -259,7 +261,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         for v in variant_candidates(best):
             m = attempt(v, variant_label(v))
             bar.update()
-            g = _group(v)
+            g = variant_group(v.variant_keys())
             if m is not None and (g not in singles or _better(m, singles[g][1])):
                 singles[g] = (v, m)
         # Combine the groups' best singles, best group first (energy matching protects on its own)

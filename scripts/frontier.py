@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     from dsm_export.benchmark import cpu_name, ort_throughput
     from dsm_export.data import list_images
-    from dsm_export.engine_search import ort_logits, search_engines
+    from dsm_export.engine_search import ort_logits, row_schedule, search_engines
     from dsm_export.evaluate import flops_ratio, model_logits, split_pixels
     from dsm_export.export import export_model
     from dsm_export.models import create_model
@@ -120,14 +120,14 @@ def main(argv=None) -> int:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
                 continue
             b = result.best
-            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", _schedule(b), _precision(b), b["path"])
+            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", row_schedule(b), _precision(b), b["path"])
             # The rest of the search's Pareto front (calibration photos) is the tuned engine at other
             # speeds: scored and timed here too, so the plot shows a tuned curve, not two points.
             for row in result.pareto:
                 if row is b or (row["spec"] == "none" and row["precision"] == "fp32"):
                     continue
                 add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
-                    f"{row['rung']:.2f}x-FLOP rung", _schedule(row), _precision(row), row["path"])
+                    f"{row['rung']:.2f}x-FLOP rung", row_schedule(row), _precision(row), row["path"])
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
             logits = base if e["path"] == none_path else ort_logits(e["path"], held_pixels.numpy())
@@ -153,12 +153,6 @@ def main(argv=None) -> int:
         _plot(engines, os.path.join(args.output, "frontier.png"), machine)
     print(table)
     return 0
-
-
-def _schedule(row):
-    from dsm_export.schedule import Schedule
-
-    return Schedule.parse("none") if row["spec"] == "none" else Schedule.from_dict(row["schedule_json"])
 
 
 def _precision(row) -> str:

@@ -51,15 +51,6 @@ def smallest_reaching(model, target: float, make) -> str | None:
     return None
 
 
-def _family(label: str) -> str:
-    """Variant group of a tune variant label: plain, protect, prune, energy, form or combined."""
-    if label == "plain":
-        return "plain"
-    groups = {"protect" if k == "protect" else "prune" if k == "prune" else "energy" if k == "match" else "form"
-              for k in (part.split("=")[0] for part in label.split(","))}
-    return groups.pop() if len(groups) == 1 else "combined"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -86,7 +77,7 @@ def main(argv=None) -> int:
     from dsm_export.export import export_model
     from dsm_export.models import create_model
     from dsm_export.schedule import Schedule
-    from dsm_export.tune import tune
+    from dsm_export.tune import tune, variant_group
 
     model = create_model(args.model, args.weights)
     calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration,
@@ -105,7 +96,8 @@ def main(argv=None) -> int:
         result = tune(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps)
         best_of: dict[str, dict] = {}
         for row in result.variants:
-            family = _family(row["variant"])
+            family = variant_group(() if row["variant"] == "plain" else
+                                   [part.split("=")[0] for part in row["variant"].split(",")])
             if family not in best_of or row["divergence"] < best_of[family]["divergence"]:
                 best_of[family] = row
         names = {"plain": "tune's grid schedule, plain", "protect": "+ protect (best P)",

@@ -52,7 +52,11 @@ def test_frontier_dominance_compares_only_at_equal_or_higher_speed(monkeypatch):
 def test_ort_throughput_with_a_reference_graph(dsm_onnx):
     import pytest
 
-    from dsm_export.benchmark import ort_throughput
+    from dsm_export.benchmark import ort_throughput, timing_order
+
+    assert timing_order(["a", "b", "c"], "a") == ["a", "b", "a", "c"]
+    assert timing_order(["b", "a", "c"], "a") == ["a", "b", "a", "c"]
+    assert timing_order(["a", "b"]) == ["a", "b"] and timing_order(["a"], "a") == ["a"]
 
     rates = ort_throughput({"a": dsm_onnx, "b": dsm_onnx, "c": dsm_onnx}, batch=1, repeats=2, reference="a")
     assert set(rates) == {"a", "b", "c"} and all(v > 0 for v in rates.values())

@@ -211,8 +211,7 @@ def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[
 
 def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
     """``--target-speedup``: schedule x precision measured with ONNX Runtime (:mod:`..engine_search`)."""
-    from ..engine_search import search_engines
-    from ..schedule import Schedule
+    from ..engine_search import row_schedule, search_engines
 
     precisions = ("fp32", "int8", "int8-dynamic") if args.precision == "auto" else (args.precision,)
     result = search_engines(model, args.model, args.weights, calib_pixels, args.target_speedup, work,
@@ -227,9 +226,6 @@ def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
     best = result.best
     strip = [{k: v for k, v in r.items() if k != "path"} for r in result.candidates]
     pareto = [{k: v for k, v in r.items() if k != "path"} for r in result.pareto]
-    schedule = Schedule.parse("none") if best["spec"] == "none" else Schedule.from_dict(best["schedule_json"])
-    if not best["spec"].startswith("{"):
-        schedule = Schedule.parse(best["spec"])
-    return {"schedule_obj": schedule, "precision": best["precision"],
+    return {"schedule_obj": row_schedule(best), "precision": best["precision"],
             "calibration": {k: v for k, v in best.items() if k != "path"}, "pareto": pareto,
             "evaluated": strip, "machine": result.machine}, best["path"]
