@@ -89,6 +89,10 @@ def main(argv=None) -> int:
         none_path = os.path.join(work, "none.onnx")
         export_model(model, args.model, none_path, "none", weights=args.weights)
         add("fp32 unmerged", "fp32 unmerged", Schedule.parse("none"), "fp32", none_path)
+        timm_path = os.path.join(work, "timm.onnx")
+        _export_timm(model, timm_path)
+        add("timm's graph", "fp32 unmerged, timm's own graph (plain torch.onnx.export, no dsm-export)",
+            Schedule.parse("none"), "fp32", timm_path)
         for mode, activations in (("static", "int8"), ("static", "uint8"), ("dynamic", "uint8")):
             path = os.path.join(work, f"none_int8_{mode}_{activations}.onnx")
             quantize_int8(none_path, path, quant_pixels, QuantizeOptions(mode=mode, activations=activations))
@@ -155,6 +159,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def _export_timm(model, path: str) -> None:
+    """timm's model as a user exports it without dsm-export: ``torch.onnx.export(model, x, dynamo=True)``
+    with a dynamic batch axis. The speed-ups are taken against dsm-export's own unmerged export (same
+    graph form as every engine here); this row shows where that stands against the user's starting point.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from dsm_export.patch import input_size
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (torch.randn(2, *input_size(model)),), dynamo=True,
+                                    input_names=["pixel_values"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    program.save(path)
+
+
 def _precision(row) -> str:
     return {"int8": "int8 static", "int8-dynamic": "int8 dynamic"}.get(row["precision"], "fp32")
 
@@ -218,7 +243,7 @@ def _table(engines, machine, args) -> str:
     return "\n".join(lines)
 
 
-_FAMILIES = ["fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic", "tuned",
+_FAMILIES = ["timm's graph", "fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic", "tuned",
              "tune's Pareto front"]
 _TUNED = ("tuned", "tune's Pareto front")
 
@@ -232,7 +257,8 @@ def _plot(engines, path, machine) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
               "merge + INT8 static": ("tab:green", "^"), "merge + INT8 dynamic": ("tab:purple", "v"),
-              "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D")}
+              "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D"),
+              "timm's graph": ("grey", "X")}
     for family in _FAMILIES[:-1]:
         rows = sorted((e for e in engines if e["family"] == family), key=lambda e: e["speedup"])
         if family == "INT8 alone":

@@ -77,6 +77,23 @@ def test_token_gathers_are_row_copies(dsm_onnx):
     assert not [n.name for n in model.graph.node if n.op_type == "GatherElements" and width[n.output[0]] == 192]
 
 
+def test_attention_runs_per_head_without_layout_transposes(dsm_onnx):
+    # patch._attention_per_head: qkv split into 3 x heads column blocks, no [B, heads, N, d] layout.
+    # Every Transpose left swaps the last two axes: k^T (folded into FusedMatMul by ONNX Runtime),
+    # the patch embedding's flatten, the merge's one-hot and size tensors.
+    model = onnx.load(dsm_onnx)
+    heads, blocks = 3, 12
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert len(splits) == blocks
+    assert all(len(n.output) == 3 * heads for n in splits)
+    perms = [tuple(next(a.ints for a in n.attribute if a.name == "perm")) for n in model.graph.node
+             if n.op_type == "Transpose"]
+    layout = [p for p in perms if p != (*range(len(p) - 2), len(p) - 1, len(p) - 2)]
+    assert layout == [], layout
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == blocks * heads
+
+
 def test_graph_checks_can_fail():
     """The op walk flags a scatter-add, the way scatter_reduce/index_add export."""
     node = onnx.helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], reduction="add", axis=0)
