@@ -18,7 +18,10 @@ Each model's config (``GET /v2/models/<name>/config``, ``parameters``) names the
 
 Lifecycle: everything the user gave (files, names, ports) is checked before Triton starts; SIGINT
 or SIGTERM at any phase (starting, loading, serving, mid-request) stops Triton and its child
-processes and removes PyTriton's workspace, then returns 0.
+processes and removes PyTriton's workspace, then returns 0. Stopping is bounded: should PyTriton's
+own shutdown hang (a thread that never joins), :class:`ShutdownGuard` dumps every thread's stack to
+stderr after ``SHUTDOWN_LIMIT_S``, ends the child processes, removes what they leave and ends the
+process with the status it would have had.
 
 PyTriton's Python-backend stub loads the system's libpython, so the server is started with
 ``LD_LIBRARY_PATH`` led by ``sysconfig.get_config_var("LIBDIR")``.
@@ -27,6 +30,7 @@ PyTriton's Python-backend stub loads the system's libpython, so the server is st
 from __future__ import annotations
 
 import concurrent.futures
+import faulthandler
 import io
 import logging
 import os
@@ -50,6 +54,8 @@ from .triton_repo import model_name_for, refuse_random_init
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
 EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests when stopping
 START_ATTEMPTS = 3  # starts tried when a model fails to load (a PyTriton race under CPU load)
+SHUTDOWN_LIMIT_S = 60.0  # longest stop before ShutdownGuard ends the process (PyTriton waits <= 2 x 30 s)
+EXIT_LIMIT_S = 20.0  # longest interpreter exit after serve() returned, run as the command
 
 
 def _prepend_libdir() -> None:
@@ -369,7 +375,12 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
                     raise DSMError("Triton stopped on its own (see its log above)")
             print("shutting down", flush=True)
     finally:
-        _teardown(triton, batchers, workspace)
+        # 0 after a signal; 1 when an error is on its way out (Triton died, or failed to start).
+        guard = ShutdownGuard(SHUTDOWN_LIMIT_S, 0 if stop.is_set() else 1, workspace, "stopping Triton")
+        try:
+            _teardown(triton, batchers, workspace)
+        finally:
+            guard.cancel()
         for s, handler in old.items():
             signal.signal(s, handler)
     if batchers and any(b.runs for b in batchers):
@@ -378,6 +389,58 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     print("stopped", flush=True)
     sys.stdout.flush()
     return 0
+
+
+class ShutdownGuard:
+    """Bound a shutdown: unless :meth:`cancel` is called within ``limit_s`` seconds, end the process.
+
+    When the limit passes, a daemon thread prints one line and every thread's stack (Python's
+    ``faulthandler``) to stderr, sends SIGTERM then SIGKILL to every descendant process, removes
+    ``workspace``, Triton's stub folders and this process's PyTriton shared memory, flushes stdout and
+    stderr and calls ``os._exit(code)``. It exists because PyTriton joins its inference threads without
+    a timeout: one that never ends would otherwise keep ``serve`` (or the interpreter's exit, which
+    joins non-daemon threads) waiting for ever.
+
+    Args:
+        limit_s: seconds the shutdown may take.
+        code: exit status to end with (that of the shutdown being guarded).
+        workspace: PyTriton workspace folder to remove, or None.
+        what: what is being waited for, for the message (e.g. "stopping Triton").
+    """
+
+    def __init__(self, limit_s: float, code: int, workspace: str | None = None, what: str = "shutdown"):
+        self.limit_s, self.code, self.workspace, self.what = limit_s, code, workspace, what
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dsm-shutdown-guard", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """The shutdown finished in time: the guard does nothing."""
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.limit_s):
+            return
+        print(f"dsm-export: {self.what} did not finish in {self.limit_s:.0f} s: ending child processes "
+              "and exiting (every thread's stack follows)", file=sys.stderr, flush=True)
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except (OSError, ValueError, AttributeError):  # stderr without a file descriptor
+            pass
+        children = descendants(os.getpid())
+        folders = _stub_folders(children)
+        _end_processes([p for p in children if not _own_resource_tracker(p)], grace_s=2.0)
+        if self.workspace:
+            folders |= _model_folders(self.workspace)
+            shutil.rmtree(self.workspace, ignore_errors=True)
+        _remove_leftovers(folders)
+        print("stopped (forced)", flush=True)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(self.code)
 
 
 def _teardown(triton, batchers: list, workspace: str | None) -> None:

@@ -475,3 +475,37 @@ def test_micro_batcher_batches_concurrent_callers():
         assert float(batcher(np.ones((1, 3), np.float32))[0, 0]) == 2.0  # still serving
     finally:
         batcher.close()
+
+
+_STUCK = r"""
+import subprocess, sys, threading, time
+from dsm_export.serve import ShutdownGuard
+
+def never_ends():  # a non-daemon thread that never joins, as a stuck PyTriton handler would be
+    threading.Event().wait()
+
+threading.Thread(target=never_ends, name="stuck-handler").start()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("child", child.pid, flush=True)
+ShutdownGuard(30.0, 3, what="nothing").cancel()  # cancelled in time: does nothing
+ShutdownGuard(1.5, 7, what="exiting after a test")
+"""
+
+
+def test_shutdown_guard_ends_a_process_whose_exit_hangs():
+    """A thread that never joins would hold the interpreter's exit for ever; the guard bounds it:
+    stacks on stderr (naming the stuck function), child processes ended, the status it was given."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _STUCK], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert "exiting after a test did not finish in 2 s" in proc.stderr
+    assert "never_ends" in proc.stderr and "stopped (forced)" in proc.stdout
+    assert "nothing did not finish" not in proc.stderr
+    child = int(re.search(r"child (\d+)", proc.stdout).group(1))
+    deadline = time.monotonic() + 5
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+    assert elapsed < 30

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import signal
+import subprocess
 
 import numpy as np
 import onnx
@@ -197,5 +198,9 @@ def test_bad_requests_fail_alone(server, images_dir):
 def test_sigterm_shuts_down_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve still ran 120 s after SIGTERM; its log ends:\n" + server["srv"].log()[-4000:])
+    assert code == 0, server["srv"].log()[-4000:]
     assert "stopped" in server["srv"].log()

@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     """Entry point of the ``dsm-export`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Run as the command (console script or ``python -m``), the process ends when main returns; a
+    # subcommand may then bound that exit (``serve``: PyTriton threads that never join).
+    args.owns_process = argv is None
     warnings.filterwarnings("ignore", category=UserWarning, module=r"timm\..*")
     warnings.showwarning = _show_warning
     try:

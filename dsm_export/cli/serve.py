@@ -35,7 +35,15 @@ def run(args) -> int:
     if stop.is_set():
         print("interrupted while starting: stopped", flush=True)
         return 0
-    return serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+    code = serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, max_batch=args.max_batch, top_k=args.top_k,
                  threads=args.threads, image_instances=args.image_instances,
                  allow_random_init=args.allow_random_init)
+    if getattr(args, "owns_process", False):
+        from ..serve import EXIT_LIMIT_S, ShutdownGuard
+
+        # The process ends once main returns; a PyTriton thread left running would hold that exit
+        # (the interpreter joins non-daemon threads), so the exit is bounded too. Never cancelled:
+        # a normal exit ends the guard's daemon thread with the process.
+        ShutdownGuard(EXIT_LIMIT_S, code, what="exiting after Triton stopped")
+    return code
