@@ -310,8 +310,17 @@ def heads_metric(k: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, N, H * d]``.
     """
-    b, h, n, d = k.shape
-    return (k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)).transpose(1, 2).reshape(b, n, h * d)
+    return heads_metric_of(k.unbind(1))
+
+
+def heads_metric_of(keys) -> torch.Tensor:
+    """:func:`heads_metric` from the heads' keys given one by one (``H`` tensors ``[B, N, d]``):
+    each normalised, concatenated along the last axis (no ``[B, H, N, d]`` stack or transpose).
+
+    Returns:
+        ``[B, N, H * d]``.
+    """
+    return torch.cat([k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6) for k in keys], dim=-1)
 
 
 def merge_sum_scatter(x: torch.Tensor, m: Matching) -> torch.Tensor:
