@@ -207,10 +207,16 @@ def _dominance_text(rows) -> str:
     if not rows:
         return "No tuned engine measured 1.5x or more."
     compared = [r for r in rows if r["lower"] is not None]
-    lines = [f"Tuned engines measuring 1.5x or more: {len(rows)}. Of the {len(compared)} with an INT8-alone or "
-             f"fp32-merge engine at the same or a higher measured speed-up, {sum(r['lower'] for r in compared)} "
-             f"have lower KL than all of those; the other {len(rows) - len(compared)} are faster than every "
-             "INT8-alone and fp32-merge engine here."]
+    lower, faster = sum(r["lower"] for r in compared), len(rows) - len(compared)
+    head = f"Tuned engines measuring 1.5x or more: {len(rows)}. "
+    if not compared:
+        head += f"{'It is' if faster == 1 else 'All are'} faster than every INT8-alone and fp32-merge engine here."
+    else:
+        head += (f"Of the {len(compared)} with an INT8-alone or fp32-merge engine at the same or a higher "
+                 f"measured speed-up, {lower} {'has' if lower == 1 else 'have'} lower KL than all of those"
+                 + (f"; the other {faster} {'is' if faster == 1 else 'are'} faster than every INT8-alone and "
+                    "fp32-merge engine here." if faster else "."))
+    lines = [head]
     for r in rows:
         rival = ", ".join(f"{k} {'none as fast' if v is None else f'{v:.4f}'}" for k, v in r["rivals"].items())
         verdict = "faster than all" if r["lower"] is None else "lower KL" if r["lower"] else "NOT lower KL"

@@ -107,7 +107,8 @@ def test_pretrained_analyze_and_visualize(hf_home, images_dir, tmp_path):
     done = cli(home, "analyze", "deit_tiny_patch16_224.fb_in1k", "--pretrained", "--images", images_dir,
                "--limit", "4", "-o", str(tmp_path / "an"))
     assert done.returncode == 0, done.stderr
-    assert json.load(open(tmp_path / "an" / "analysis.json"))["merge_cost_metric"] == "KL"
+    with open(tmp_path / "an" / "analysis.json") as fh:
+        assert json.load(fh)["merge_cost_metric"] == "KL"
 
 
 def test_uncached_name_fails_in_one_line(hf_home, tmp_path):
@@ -137,7 +138,8 @@ def test_pretrained_embeddings_and_hf_hub_name(hf_home, images_dir, tmp_path):
     report = str(tmp_path / "e.json")
     done = cli(home, "validate", e, "--images", images_dir, "--limit", "24", "--no-progress", "--json", report)
     assert done.returncode == 0, done.stdout + done.stderr
-    r = json.load(open(report))
+    with open(report) as fh:
+        r = json.load(fh)
     assert r["output"] == "embeddings" and r["passed"]
     cos = r["cosine"]
     assert cos["pytorch"]["min"] >= 1 - 1e-5 and cos["knn_overlap_pytorch"] >= 0.98
