@@ -15,8 +15,10 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
 
 Every row is scored on the held-apart photos (the split of ``tune --calibration 128``): top-1,
 top-1 agreement and KL to the unmerged model; then exported to ONNX and timed with ONNX Runtime in
-one alternating run with the unmerged export (batch 32, median of --repeats), giving the measured
-speed-up and its quotient by the FLOP ratio. Writes Markdown and JSON.
+one alternating run with the unmerged export, which is timed again before every schedule (batch 32,
+median of --repeats; ``ort_throughput(reference=...)``, so that the noise of a few baseline runs
+cannot shift every speed-up together), giving the measured speed-up and its quotient by the FLOP
+ratio. Writes Markdown and JSON.
 
     python scripts/merge_variants.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
@@ -122,13 +124,14 @@ def main(argv=None) -> int:
                     paths[row["spec"]] = os.path.join(tmp, f"s{i}.onnx")
                     export_model(model, args.model, paths[row["spec"]], Schedule.parse(row["spec"]),
                                  weights=args.weights)
-            rates = ort_throughput(paths, batch=32, repeats=args.repeats, iters=2)
+            rates = ort_throughput(paths, batch=32, repeats=args.repeats, iters=2, reference="none")
         for row in rows:
             row["speedup"] = rates[row["spec"]] / rates["none"]
             row["speed_per_flop"] = row["speedup"] / row["flops_ratio"]
 
     machine = (f"{cpu_name()}, {os.cpu_count()} threads, ONNX Runtime {ort.__version__} CPU, batch 32, "
-               f"median of {args.repeats}, {platform.system()} {platform.release()}")
+               f"median of {args.repeats}, the unmerged baseline timed before each schedule, "
+               f"{platform.system()} {platform.release()}")
     base_acc = rows[0]["baseline_top1_accuracy"]
     lines = [
         f"{args.model}, {len(held)} photos held apart from every choice (tune and variant choice on "
