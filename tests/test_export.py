@@ -94,6 +94,13 @@ def test_attention_runs_per_head_without_layout_transposes(dsm_onnx):
     assert len(softmax) == blocks * heads
 
 
+def test_means_over_heads_export_as_add_chains(dsm_onnx):
+    # patch._mean_of: the key mean for matching (and class attention for protect) is an Add chain,
+    # not a stack + ReduceMean over a leading axis, which ONNX Runtime runs as a copy and a slow reduction.
+    model = onnx.load(dsm_onnx)
+    assert not [n.name for n in model.graph.node if n.op_type == "ReduceMean"]
+
+
 def test_graph_checks_can_fail():
     """The op walk flags a scatter-add, the way scatter_reduce/index_add export."""
     node = onnx.helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], reduction="add", axis=0)
