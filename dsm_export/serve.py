@@ -428,12 +428,7 @@ class ShutdownGuard:
         except (OSError, ValueError, AttributeError):  # stderr without a file descriptor
             pass
         children = descendants(os.getpid())
-        folders = _stub_folders(children)
-        _end_processes([p for p in children if not _own_resource_tracker(p)], grace_s=2.0)
-        if self.workspace:
-            folders |= _model_folders(self.workspace)
-            shutil.rmtree(self.workspace, ignore_errors=True)
-        _remove_leftovers(folders)
+        _end_children(children, _stub_folders(children), self.workspace, grace_s=2.0)
         print("stopped (forced)", flush=True)
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -455,11 +450,17 @@ def _teardown(triton, batchers: list, workspace: str | None) -> None:
             pass
     for b in batchers:
         b.close()
+    _end_children(children, folders, workspace)
+
+
+def _end_children(children: list[int], folders: set[str], workspace: str | None, grace_s: float = 3.0) -> None:
+    """Remove ``workspace``, end ``children`` (all but our resource tracker) and remove the stub
+    ``folders``, the workspace's model folders and our PyTriton shared memory."""
     if workspace:
         shutil.rmtree(workspace, ignore_errors=True)
-    _end_processes([p for p in children if not _own_resource_tracker(p)])
+    _end_processes([p for p in children if not _own_resource_tracker(p)], grace_s=grace_s)
     if workspace:
-        folders |= _model_folders(workspace)
+        folders = folders | _model_folders(workspace)
     _remove_leftovers(folders)
 
 
