@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     from dsm_export.benchmark import cpu_name, ort_throughput
     from dsm_export.data import list_images
-    from dsm_export.engine_search import ort_logits, row_schedule, search_engines
+    from dsm_export.engine_search import PRECISIONS, ort_logits, precision_options, row_schedule, search_engines
     from dsm_export.evaluate import flops_ratio, model_logits, split_pixels
     from dsm_export.export import export_model
     from dsm_export.models import create_model
@@ -93,14 +93,18 @@ def main(argv=None) -> int:
         _export_timm(model, timm_path)
         add("timm's graph", "fp32 unmerged, timm's own graph (plain torch.onnx.export, no dsm-export)",
             Schedule.parse("none"), "fp32", timm_path)
-        for mode, activations in (("static", "int8"), ("static", "uint8"), ("dynamic", "uint8")):
-            path = os.path.join(work, f"none_int8_{mode}_{activations}.onnx")
-            quantize_int8(none_path, path, quant_pixels, QuantizeOptions(mode=mode, activations=activations))
+        for mode, activations, keep in (("static", "int8", None), ("static", "uint8", None),
+                                        ("dynamic", "uint8", None), ("dynamic", "uint8", ())):
+            path = os.path.join(work, f"none_int8_{mode}_{activations}{'_all' if keep == () else ''}.onnx")
+            quantize_int8(none_path, path, quant_pixels,
+                          QuantizeOptions(mode=mode, activations=activations, keep_fp32=keep))
             label = ("INT8 static QDQ, symmetric (TensorRT-compatible)" if activations == "int8" and mode == "static"
                      else "INT8 static QDQ, U8S8 (ONNX Runtime only)" if mode == "static"
-                     else "INT8 dynamic, first block fp32 (ONNX Runtime only)")
-            add("INT8 alone", label, Schedule.parse("none"), f"int8 {mode}" + ("" if activations == "int8"
-                                                                                 or mode == "dynamic" else " u8"), path)
+                     else "INT8 dynamic, first block fp32 (ONNX Runtime only)" if keep is None
+                     else "INT8 dynamic, every layer (ONNX Runtime only)")
+            precision = ("int8 static" + ("" if activations == "int8" else " u8") if mode == "static"
+                         else "int8 dynamic" + ("" if keep is None else " all"))
+            add("INT8 alone", label, Schedule.parse("none"), precision, path)
         specs = [("ToMe", s) for s in args.tome] + [("DSM", s) for s in args.dsm]
         for kind, spec in tqdm(specs, desc="export + quantize", leave=False):
             schedule = Schedule.parse(spec)
@@ -113,12 +117,16 @@ def main(argv=None) -> int:
             dyn = os.path.join(work, f"{len(engines)}_int8dyn.onnx")
             quantize_int8(fp32, dyn, None, QuantizeOptions(mode="dynamic"))
             add("merge + INT8 dynamic", f"{kind} {spec} + INT8 dynamic", schedule, "int8 dynamic", dyn)
+            dyn_all = os.path.join(work, f"{len(engines)}_int8dyn_all.onnx")
+            quantize_int8(fp32, dyn_all, None, precision_options("int8-dynamic-all"))
+            add("merge + INT8 dynamic, every layer", f"{kind} {spec} + INT8 dynamic, every layer", schedule,
+                "int8 dynamic all", dyn_all)
         tuned_reports = []
         for target in args.tuned:
             folder = os.path.join(work, f"tuned_{target}")
             os.makedirs(folder)
             result = search_engines(model, args.model, args.weights, calib_pixels, target, folder,
-                                    precisions=("fp32", "int8", "int8-dynamic"), rungs=args.rungs, repeats=5)
+                                    precisions=PRECISIONS, rungs=args.rungs, repeats=5)
             tuned_reports.append({"target": target, "best": _strip(result.best), "pareto": [_strip(r) for r in result.pareto]})
             if result.best is None:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
@@ -181,7 +189,8 @@ def _export_timm(model, path: str) -> None:
 
 
 def _precision(row) -> str:
-    return {"int8": "int8 static", "int8-dynamic": "int8 dynamic"}.get(row["precision"], "fp32")
+    return {"int8": "int8 static", "int8-dynamic": "int8 dynamic",
+            "int8-dynamic-all": "int8 dynamic all"}.get(row["precision"], "fp32")
 
 
 def dominance(engines, start: float = 1.5) -> list[dict]:
@@ -249,8 +258,8 @@ def _table(engines, machine, args) -> str:
     return "\n".join(lines)
 
 
-_FAMILIES = ["timm's graph", "fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic", "tuned",
-             "tune's Pareto front"]
+_FAMILIES = ["timm's graph", "fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic",
+             "merge + INT8 dynamic, every layer", "tuned", "tune's Pareto front"]
 _TUNED = ("tuned", "tune's Pareto front")
 
 
@@ -263,6 +272,7 @@ def _plot(engines, path, machine) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
               "merge + INT8 static": ("tab:green", "^"), "merge + INT8 dynamic": ("tab:purple", "v"),
+              "merge + INT8 dynamic, every layer": ("tab:brown", "<"),
               "tuned": ("tab:red", "*"), "fp32 unmerged": ("black", "D"),
               "timm's graph": ("grey", "X")}
     for family in _FAMILIES[:-1]:

@@ -160,13 +160,22 @@ def test_speed_pareto_and_choice():
     assert steps == sorted(steps)
 
 
-def test_search_engines_measures_both_precisions(deit, weights, pixels, tmp_path):
-    from dsm_export.engine_search import search_engines
+def _integer_matmuls(path: str) -> int:
+    return sum(n.op_type in ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+               for n in onnx.load(path).graph.node)
+
+
+def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path):
+    from dsm_export.engine_search import PRECISIONS, search_engines
 
     result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
                             refine_steps=0, quant_count=8, repeats=5, progress=False)
     kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
-    assert kinds == {(p, none) for p in ("fp32", "int8", "int8-dynamic") for none in (True, False)}
+    assert kinds == {(p, none) for p in PRECISIONS for none in (True, False)}
+    assert PRECISIONS == ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
+    dyn = {r["precision"]: r["path"] for r in result.candidates if r["spec"] == "none" and "dynamic" in r["precision"]}
+    # int8-dynamic keeps the first block's four MatMuls fp32; int8-dynamic-all quantizes them too.
+    assert _integer_matmuls(dyn["int8-dynamic-all"]) == _integer_matmuls(dyn["int8-dynamic"]) + 4
     none_fp32 = next(r for r in result.candidates if r["precision"] == "fp32" and r["spec"] == "none")
     assert none_fp32["speedup"] == 1.0 and none_fp32["kl"] == 0.0
     assert all(r["speedup"] > 0 and r["kl"] >= 0 for r in result.candidates)
@@ -174,14 +183,17 @@ def test_search_engines_measures_both_precisions(deit, weights, pixels, tmp_path
     assert result.best is None or result.best["speedup"] >= 1.2
 
 
-def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["int8", "int8-dynamic-all"])
+def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys, precision):
     out = str(tmp_path / "tuned.onnx")
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
                  "--calibration", "16", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
-                 "--precision", "int8", "--export", out, "--no-progress"])
-    assert code == 0 and "wrote" in capsys.readouterr().out
+                 "--precision", precision, "--export", out, "--no-progress"])
+    assert code == 0 and f"wrote {out}: {precision}," in capsys.readouterr().out
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert meta["dsm.precision"] == "int8"
+    if precision == "int8-dynamic-all":  # every weight MatMul quantized, the first block's too
+        assert _integer_matmuls(out) == 48
     from dsm_export.evaluate import flops_ratio
     from dsm_export.export import read_metadata
     from dsm_export.models import create_model

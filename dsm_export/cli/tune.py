@@ -21,9 +21,11 @@ def add(sub):
     target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
     target.add_argument("--target-speedup", type=float,
                         help="ONNX Runtime speed-up over the fp32 unmerged export, measured on this machine")
-    p.add_argument("--precision", choices=("fp32", "int8", "int8-dynamic", "auto"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "int8", "int8-dynamic", "int8-dynamic-all", "auto"),
+                   default="fp32",
                    help="engine precision: fp32, int8 (static QDQ, TensorRT-compatible), int8-dynamic (ONNX "
-                        "Runtime dynamic quantization), or auto (search all three; --target-speedup only)")
+                        "Runtime dynamic quantization, first block fp32), int8-dynamic-all (dynamic, every "
+                        "layer quantized), or auto (search all four; --target-speedup only)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
     p.add_argument("--provider", default="cpu",
@@ -182,12 +184,13 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
         path = os.path.join(work, "fp32.onnx")
         export_model(model, args.model, path, result.best, weights=args.weights, pretrained=args.pretrained,
                      num_classes=args.num_classes)
-        if args.precision in ("int8", "int8-dynamic"):
-            from ..quantize import QuantizeOptions, quantize_int8
+        if args.precision != "fp32":
+            from ..engine_search import precision_options
+            from ..quantize import quantize_int8
 
-            dynamic = args.precision == "int8-dynamic"
+            dynamic = args.precision.startswith("int8-dynamic")
             quantize_int8(path, os.path.join(work, "int8.onnx"), None if dynamic else calib_pixels.numpy()[:64],
-                          QuantizeOptions(mode="dynamic" if dynamic else "static"))
+                          precision_options(args.precision))
             path = os.path.join(work, "int8.onnx")
     return {"schedule_obj": result.best, "precision": args.precision, "calibration": result.best_metrics,
             "pareto": result.pareto, "evaluated": result.evaluated, "variants": result.variants}, path
@@ -211,9 +214,9 @@ def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[
 
 def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
     """``--target-speedup``: schedule x precision measured with ONNX Runtime (:mod:`..engine_search`)."""
-    from ..engine_search import row_schedule, search_engines
+    from ..engine_search import PRECISIONS, row_schedule, search_engines
 
-    precisions = ("fp32", "int8", "int8-dynamic") if args.precision == "auto" else (args.precision,)
+    precisions = PRECISIONS if args.precision == "auto" else (args.precision,)
     result = search_engines(model, args.model, args.weights, calib_pixels, args.target_speedup, work,
                             precisions=precisions, rungs=args.rungs, max_grid=args.max_grid or 16,
                             refine_steps=args.refine_steps if args.refine_steps is not None else 8,
