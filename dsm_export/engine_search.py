@@ -38,9 +38,9 @@ def precision_options(precision: str, static_options=None):
     (``static_options`` for ``int8``, None meaning the static defaults).
 
     ``int8-dynamic`` keeps the first block fp32 (ONNX Runtime's dynamic mode with dsm-export's
-    default, more accurate); ``int8-dynamic-all`` quantizes it too (on the 2-core AVX-512 VNNI
-    machine about 5 % faster: the first block's four fp32 MatMuls are an eighth of a merged INT8
-    engine's time). Which one pays at a speed target is for the search to measure.
+    default, more accurate); ``int8-dynamic-all`` quantizes it too (faster: the first block's four
+    fp32 MatMuls run on every token, before any merge, so they weigh more in a merged engine; the
+    README's frontier times both). Which one pays at a speed target is for the search to measure.
 
     Raises:
         DSMError: ``precision`` is not an INT8 precision of :data:`PRECISIONS`.
