@@ -51,13 +51,17 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", type=int, default=128, help="images held out of the evaluation")
     parser.add_argument("--quant-count", type=int, default=64, help="INT8 calibration images (of those)")
     parser.add_argument("--holdout", type=int, help="evaluate on the first N held-apart images only")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--rungs", type=int, default=6, help="rungs of each tuned search")
     parser.add_argument("--output", default="frontier", help="folder for frontier.md/.json/.png")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite frontier.md and .png from the frontier.json in --output")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
+    if args.render:
+        return _render(args)
     os.makedirs(args.output, exist_ok=True)
 
     import onnxruntime as ort
@@ -167,6 +171,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def _render(args) -> int:
+    """``--render``: the table and plot again from a measured frontier.json (no timing, no scoring)."""
+    path = os.path.join(args.output, "frontier.json")
+    if not os.path.isfile(path):
+        print(f"frontier: no {path} to render (run without --render first)", file=sys.stderr)
+        return 2
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    table = _table(data["engines"], data["machine"], args)
+    with open(os.path.join(args.output, "frontier.md"), "w", encoding="utf-8") as fh:
+        fh.write(table + "\n")
+    if not args.no_plot:
+        _plot(data["engines"], os.path.join(args.output, "frontier.png"), data["machine"])
+    print(table)
+    return 0
+
+
 def _export_timm(model, path: str) -> None:
     """timm's model as a user exports it without dsm-export: ``torch.onnx.export(model, x, dynamo=True)``
     with a dynamic batch axis. The speed-ups are taken against dsm-export's own unmerged export (same
@@ -197,6 +218,9 @@ def dominance(engines, start: float = 1.5) -> list[dict]:
     """For each tuned engine (chosen or on a search's Pareto front) measuring at least ``start``x:
     the least KL of INT8 alone and of the fp32 merge schedules at the same or a higher measured
     speed-up (None where no such engine exists), and whether the tuned engine's KL is lower than both.
+
+    An engine of tune's 1.00x-FLOP rung merges nothing: it is an INT8-alone engine itself, marked
+    ``unmerged`` and not judged (``lower`` None), since it cannot beat itself.
     """
     out = []
     for e in sorted((e for e in engines if e["family"] in _TUNED and e["speedup"] >= start),
@@ -206,29 +230,40 @@ def dominance(engines, start: float = 1.5) -> list[dict]:
             kls = [o["kl"] for o in engines if o["family"] == family and o["speedup"] >= e["speedup"]]
             rivals[family] = min(kls) if kls else None
         known = [v for v in rivals.values() if v is not None]
+        unmerged = e["flops_ratio"] <= 1.0 + 1e-9
         out.append({"label": f"{e['family']}, {e['precision']}, {e['flops_ratio']:.2f}x fewer FLOPs",
-                    "speedup": e["speedup"], "kl": e["kl"], "rivals": rivals,
-                    "lower": None if not known else all(e["kl"] < v for v in known)})
+                    "speedup": e["speedup"], "kl": e["kl"], "rivals": rivals, "unmerged": unmerged,
+                    "lower": None if unmerged or not known else all(e["kl"] < v for v in known)})
     return out
 
 
 def _dominance_text(rows) -> str:
     if not rows:
         return "No tuned engine measured 1.5x or more."
+    unmerged = sum(r["unmerged"] for r in rows)
+    merged = len(rows) - unmerged
     compared = [r for r in rows if r["lower"] is not None]
-    lower, faster = sum(r["lower"] for r in compared), len(rows) - len(compared)
-    head = f"Tuned engines measuring 1.5x or more: {len(rows)}. "
-    if not compared:
-        head += f"{'It is' if faster == 1 else 'All are'} faster than every INT8-alone and fp32-merge engine here."
+    lower, faster = sum(r["lower"] for r in compared), merged - len(compared)
+    head = f"Tuned engines measuring 1.5x or more: {len(rows)}"
+    if unmerged:
+        head += (f", {unmerged} of them unmerged (tune's 1.00x-FLOP rung: {'an INT8-alone engine' if unmerged == 1 else 'INT8-alone engines'}"
+                 " itself, not judged)")
+    head += ". "
+    if not merged:
+        head = head.rstrip()
+    elif not compared:
+        head += (f"{'The merged one is' if merged == 1 else 'The merged ones are all'} faster than every "
+                 "INT8-alone and fp32-merge engine here.")
     else:
-        head += (f"Of the {len(compared)} with an INT8-alone or fp32-merge engine at the same or a higher "
+        head += (f"Of the {len(compared)} merged with an INT8-alone or fp32-merge engine at the same or a higher "
                  f"measured speed-up, {lower} {'has' if lower == 1 else 'have'} lower KL than all of those"
                  + (f"; the other {faster} {'is' if faster == 1 else 'are'} faster than every INT8-alone and "
                     "fp32-merge engine here." if faster else "."))
     lines = [head]
     for r in rows:
         rival = ", ".join(f"{k} {'none as fast' if v is None else f'{v:.4f}'}" for k, v in r["rivals"].items())
-        verdict = "faster than all" if r["lower"] is None else "lower KL" if r["lower"] else "NOT lower KL"
+        verdict = ("unmerged, INT8 alone itself" if r["unmerged"] else "faster than all" if r["lower"] is None
+                   else "lower KL" if r["lower"] else "NOT lower KL")
         lines.append(f"- {r['speedup']:.2f}x, KL {r['kl']:.4f} ({r['label']}): {verdict} "
                      f"(least KL at >= its speed-up: {rival})")
     return "\n".join(lines)

@@ -194,6 +194,8 @@ def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys, p
     assert meta["dsm.precision"] == "int8"
     if precision == "int8-dynamic-all":  # every weight MatMul quantized, the first block's too
         assert _integer_matmuls(out) == 48
+        record = json.loads(meta["dsm.quantization"])
+        assert record["mode"] == "dynamic" and record["keep_fp32"] == []
     from dsm_export.evaluate import flops_ratio
     from dsm_export.export import read_metadata
     from dsm_export.models import create_model

@@ -40,13 +40,16 @@ def test_frontier_dominance_compares_only_at_equal_or_higher_speed(monkeypatch):
                engine("tuned", 1.4, 0.001),  # below 1.5x: not judged
                engine("tune's Pareto front", 1.55, 0.02),  # beats 0.03 (1.6x) and 0.10 (1.8x)
                engine("tune's Pareto front", 1.7, 0.2),  # loses to 0.10 (1.8x)
-               engine("tuned", 2.2, 0.5)]  # nothing as fast
+               engine("tuned", 2.2, 0.5),  # nothing as fast
+               {**engine("tune's Pareto front", 1.52, 0.004), "flops_ratio": 1.0}]  # INT8 alone itself
     rows = frontier.dominance(engines)
-    assert [r["speedup"] for r in rows] == [1.55, 1.7, 2.2]
-    assert [r["lower"] for r in rows] == [True, False, None]
-    assert rows[0]["rivals"] == {"INT8 alone": None, "merge fp32": 0.03}
+    assert [r["speedup"] for r in rows] == [1.52, 1.55, 1.7, 2.2]
+    assert [r["lower"] for r in rows] == [None, True, False, None]
+    assert [r["unmerged"] for r in rows] == [True, False, False, False]
+    assert rows[1]["rivals"] == {"INT8 alone": None, "merge fp32": 0.03}
     text = frontier._dominance_text(rows)
-    assert "Of the 2 with" in text and "1 has lower KL" in text and "the other 1 is faster" in text
+    assert "4, 1 of them unmerged" in text and "unmerged, INT8 alone itself" in text
+    assert "Of the 2 merged with" in text and "1 has lower KL" in text and "the other 1 is faster" in text
     assert "NOT lower KL" in text
 
 
