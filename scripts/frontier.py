@@ -246,8 +246,8 @@ def _dominance_text(rows) -> str:
     lower, faster = sum(r["lower"] for r in compared), merged - len(compared)
     head = f"Tuned engines measuring 1.5x or more: {len(rows)}"
     if unmerged:
-        head += (f", {unmerged} of them unmerged (tune's 1.00x-FLOP rung: {'an INT8-alone engine' if unmerged == 1 else 'INT8-alone engines'}"
-                 " itself, not judged)")
+        what = "an INT8-alone engine itself" if unmerged == 1 else "INT8-alone engines themselves"
+        head += f", {unmerged} of them unmerged (tune's 1.00x-FLOP rung: {what}, not judged)"
     head += ". "
     if not merged:
         head = head.rstrip()
