@@ -190,8 +190,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         files = {"fp32": fp32_path}
         for precision in [p for p in PRECISIONS[1:] if p in precisions]:
             files[precision] = os.path.join(workdir, f"{precision.replace('-', '_')}_{tag}.onnx")
-            quantize_int8(fp32_path, files[precision], None if "dynamic" in precision else calib,
-                          precision_options(precision, quant_options))
+            quantize_int8(fp32_path, files[precision], calib, precision_options(precision, quant_options))
         # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
         timed = {k: v for k, v in files.items() if k in precisions and not (rung == 1.0 and k == "fp32")}
         rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads,

@@ -116,16 +116,10 @@ def main(argv=None) -> int:
             fp32 = os.path.join(work, f"{len(engines)}_fp32.onnx")
             export_model(model, args.model, fp32, schedule, weights=args.weights)
             add("merge fp32", f"{kind} {spec}", schedule, "fp32", fp32)
-            int8 = os.path.join(work, f"{len(engines)}_int8.onnx")
-            quantize_int8(fp32, int8, quant_pixels)
-            add("merge + INT8 static", f"{kind} {spec} + INT8 static", schedule, "int8 static", int8)
-            dyn = os.path.join(work, f"{len(engines)}_int8dyn.onnx")
-            quantize_int8(fp32, dyn, None, QuantizeOptions(mode="dynamic"))
-            add("merge + INT8 dynamic", f"{kind} {spec} + INT8 dynamic", schedule, "int8 dynamic", dyn)
-            dyn_all = os.path.join(work, f"{len(engines)}_int8dyn_all.onnx")
-            quantize_int8(fp32, dyn_all, None, precision_options("int8-dynamic-all"))
-            add("merge + INT8 dynamic, every layer", f"{kind} {spec} + INT8 dynamic, every layer", schedule,
-                "int8 dynamic all", dyn_all)
+            for precision, family in _MERGED_INT8.items():
+                path = os.path.join(work, f"{len(engines)}_{precision}.onnx")
+                quantize_int8(fp32, path, quant_pixels, precision_options(precision))
+                add(family, f"{kind} {spec} + {family[len('merge + '):]}", schedule, _precision(precision), path)
         tuned_reports = []
         for target in args.tuned:
             folder = os.path.join(work, f"tuned_{target}")
@@ -137,14 +131,15 @@ def main(argv=None) -> int:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
                 continue
             b = result.best
-            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", row_schedule(b), _precision(b), b["path"])
+            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", row_schedule(b),
+                _precision(b["precision"]), b["path"])
             # The rest of the search's Pareto front (calibration photos) is the tuned engine at other
             # speeds: scored and timed here too, so the plot shows a tuned curve, not two points.
             for row in result.pareto:
                 if row is b or (row["spec"] == "none" and row["precision"] == "fp32"):
                     continue
                 add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
-                    f"{row['rung']:.2f}x-FLOP rung", row_schedule(row), _precision(row), row["path"])
+                    f"{row['rung']:.2f}x-FLOP rung", row_schedule(row), _precision(row["precision"]), row["path"])
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
             logits = base if e["path"] == none_path else ort_logits(e["path"], held_pixels.numpy())
@@ -210,9 +205,10 @@ def _export_timm(model, path: str) -> None:
     program.save(path)
 
 
-def _precision(row) -> str:
+def _precision(precision: str) -> str:
+    """The table's name of a tune precision (``int8-dynamic-all`` -> ``int8 dynamic all``)."""
     return {"int8": "int8 static", "int8-dynamic": "int8 dynamic",
-            "int8-dynamic-all": "int8 dynamic all"}.get(row["precision"], "fp32")
+            "int8-dynamic-all": "int8 dynamic all"}.get(precision, "fp32")
 
 
 def dominance(engines, start: float = 1.5) -> list[dict]:
@@ -297,6 +293,8 @@ def _table(engines, machine, args) -> str:
 _FAMILIES = ["timm's graph", "fp32 unmerged", "INT8 alone", "merge fp32", "merge + INT8 static", "merge + INT8 dynamic",
              "merge + INT8 dynamic, every layer", "tuned", "tune's Pareto front"]
 _TUNED = ("tuned", "tune's Pareto front")
+_MERGED_INT8 = {"int8": "merge + INT8 static", "int8-dynamic": "merge + INT8 dynamic",
+                "int8-dynamic-all": "merge + INT8 dynamic, every layer"}  # tune precision -> family
 
 
 def _plot(engines, path, machine) -> None:

@@ -188,8 +188,7 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
             from ..engine_search import precision_options
             from ..quantize import quantize_int8
 
-            dynamic = args.precision.startswith("int8-dynamic")
-            quantize_int8(path, os.path.join(work, "int8.onnx"), None if dynamic else calib_pixels.numpy()[:64],
+            quantize_int8(path, os.path.join(work, "int8.onnx"), calib_pixels.numpy()[:64],  # static mode's
                           precision_options(args.precision))
             path = os.path.join(work, "int8.onnx")
     return {"schedule_obj": result.best, "precision": args.precision, "calibration": result.best_metrics,
