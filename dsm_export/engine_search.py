@@ -13,7 +13,9 @@ engine with ONNX Runtime on this machine, against the fp32 unmerged export, in o
    unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
    the logits; fp32 by the PyTorch reference, which the export matches to 1e-4);
 4. the Pareto front (higher measured speed-up, lower KL) and the least-KL engine whose measured
-   speed-up reaches the target, ties broken by top-1 agreement.
+   speed-up reaches the target, ties broken by top-1 agreement -- after a confirmation round: the
+   engines that could be chosen (on the front, up to 8 % below the target, no worse in KL than the
+   first choice) are timed again together, and each keeps the mean of its two measurements.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,
-                   progress: bool = True) -> EngineSearchResult:
+                   progress: bool = True, confirm_margin: float = 0.08) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -138,6 +140,9 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         quant_options: :class:`dsm_export.quantize.QuantizeOptions` (default static QDQ).
         batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
         pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.export.export_model`.
+        confirm_margin: engines within this fraction below the target that could be chosen
+            (:func:`confirmation_contenders`) are timed a second time, together, before the choice;
+            0 confirms only those at or above the target.
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
     ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).
@@ -212,6 +217,30 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                 rows[-1].update(kl=quality["divergence"], top1_agreement=quality["agreement"])
         bar.update()
     bar.close()
+    # Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on a
+    # shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
+    # the target -- on the Pareto front, within `confirm_margin` below it, no worse in KL than the
+    # first choice -- are timed again together in one alternating run; each keeps the mean of its
+    # two measurements (``speedup_runs``) and the choice is made again.
+    contenders = confirmation_contenders(rows, target, confirm_margin)
+    if len(contenders) > 1 or (contenders and choose(rows, target) is None):
+        again = ort_throughput({"baseline": none_path, **{str(i): r["path"] for i, r in enumerate(contenders)}},
+                               batch=batch, repeats=repeats, threads=threads, provider=provider,
+                               reference="baseline")
+        for i, r in enumerate(contenders):
+            r["speedup_runs"] = [r["speedup"], again[str(i)] / again["baseline"]]
+            r["speedup"] = float(np.mean(r["speedup_runs"]))
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
                "batch": batch, "repeats": repeats}
     return EngineSearchResult(choose(rows, target), rows, speed_pareto(rows), machine)
+
+
+def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.08) -> list[dict]:
+    """The rows a second timing could make the choice at ``target``: on the speed/KL Pareto front,
+    measured at least ``target * (1 - margin)``, and with ``divergence`` no higher than the first
+    choice's (all such rows when nothing reached the target). The unmerged fp32 baseline is never one."""
+    first = choose(rows, target)
+    return [r for r in speed_pareto(rows)
+            if not (r["precision"] == "fp32" and r["flops_ratio"] <= 1.0)
+            and r["speedup"] >= target * (1 - margin)
+            and (first is None or r["divergence"] <= first["divergence"])]

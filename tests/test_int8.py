@@ -160,6 +160,20 @@ def test_speed_pareto_and_choice():
     assert steps == sorted(steps)
 
 
+def test_confirmation_contenders_are_the_rows_that_could_be_chosen():
+    from dsm_export.engine_search import confirmation_contenders
+
+    def row(speedup, kl, precision="int8-dynamic", flops=1.5):
+        return {"speedup": speedup, "divergence": kl, "agreement": 0.9, "precision": precision, "flops_ratio": flops}
+
+    rows = [row(1.0, 0.0, "fp32", 1.0), row(1.97, 0.014), row(2.08, 0.034), row(2.3, 0.09),
+            row(1.80, 0.010),  # more than 8 % below 2.0x
+            row(1.95, 0.05)]  # dominated by 2.08x / 0.034
+    assert confirmation_contenders(rows, 2.0) == [rows[1], rows[2]]  # 2.3x is worse than the first choice
+    assert confirmation_contenders(rows, 2.0, margin=0.0) == [rows[2]]
+    assert confirmation_contenders(rows, 2.4) == [rows[3]]  # nothing reaches 2.4x: every near row
+
+
 def _integer_matmuls(path: str) -> int:
     return sum(n.op_type in ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
                for n in onnx.load(path).graph.node)
