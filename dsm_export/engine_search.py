@@ -21,14 +21,14 @@ engine with ONNX Runtime on this machine, against the fp32 unmerged export, in o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import DSMError
-from .schedule import Schedule
+from .schedule import Schedule, stride_blocks
 
 # int8: static QDQ (TensorRT-compatible); int8-dynamic: ONNX Runtime dynamic quantization, the first
 # block kept fp32 (the dynamic default); int8-dynamic-all: dynamic, every weight MatMul quantized.
@@ -121,7 +121,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,
-                   progress: bool = True, confirm_margin: float = 0.08) -> EngineSearchResult:
+                   progress: bool = True, confirm_margin: float = 0.08, strides=(1, 2)) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -143,6 +143,9 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         confirm_margin: engines within this fraction below the target that could be chosen
             (:func:`confirmation_contenders`) are timed a second time, together, before the choice;
             0 confirms only those at or above the target.
+        strides: merge strides tried at every rung (:func:`with_stride`): 2 merges the rung's
+            schedule in every second merging block, r raised back to the rung's FLOP ratio (fewer
+            matchings, the same FLOPs: faster, at a KL the search measures). ``(1,)`` halves the time.
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
     ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).
@@ -159,7 +162,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     from .evaluate import model_logits
     from .export import export_model
     from .quantize import quantize_int8
-    from .tune import tune
+    from .evaluate import schedule_metrics
+    from .tune import reach_target, tune
     from .models import is_embedding_model
     from .validate import output_metrics
 
@@ -178,41 +182,62 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     rows: list[dict] = []
     import onnxruntime as ort
 
+    strides = tuple(strides)
+    if not strides or any(int(k) != k or k < 1 for k in strides):
+        raise DSMError(f"strides must be positive integers, got {strides}")
     for rung in plan:
         if rung == 1.0:
-            schedule, metrics = Schedule.parse("none"), {"divergence": 0.0, "agreement": 1.0, "flops_ratio": 1.0}
+            variants = [(1, Schedule.parse("none"), {"divergence": 0.0, "agreement": 1.0, "flops_ratio": 1.0})]
         else:
             try:
                 found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False)
             except DSMError:  # no schedule reaches this FLOP ratio on this model
                 bar.update()
                 continue
-            schedule, metrics = found.best, found.best_metrics
-        tag = "none" if rung == 1.0 else f"{rung:.2f}x"
-        fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
-        export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
-                     num_classes=num_classes)
-        files = {"fp32": fp32_path}
-        for precision in [p for p in PRECISIONS[1:] if p in precisions]:
-            files[precision] = os.path.join(workdir, f"{precision.replace('-', '_')}_{tag}.onnx")
-            quantize_int8(fp32_path, files[precision], calib, precision_options(precision, quant_options))
-        # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
-        timed = {k: v for k, v in files.items() if k in precisions and not (rung == 1.0 and k == "fp32")}
+            variants = []
+            for k in strides:
+                if k == 1:
+                    variants.append((1, found.best, found.best_metrics))
+                    continue
+                try:
+                    strided = reach_target(model, with_stride(found.best, k, len(model.blocks)), rung)
+                except (DSMError, ValueError):  # cannot merge this rung's tokens in fewer blocks
+                    continue
+                metrics = schedule_metrics(model, strided, pixels, base)
+                variants.append((k, strided, metrics))
+        # One alternating timing per rung: the strides' engines are compared in the same run.
+        timed, meta = {}, {}
+        for k, schedule, metrics in variants:
+            tag = "none" if rung == 1.0 else f"{rung:.2f}x" + (f"_stride{k}" if k > 1 else "")
+            fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
+            export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
+                         num_classes=num_classes)
+            files = {"fp32": fp32_path}
+            for precision in [p for p in PRECISIONS[1:] if p in precisions]:
+                files[precision] = os.path.join(workdir, f"{precision.replace('-', '_')}_{tag}.onnx")
+                quantize_int8(fp32_path, files[precision], calib, precision_options(precision, quant_options))
+            for precision, path in files.items():
+                # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
+                if precision in precisions and not (rung == 1.0 and precision == "fp32"):
+                    timed[f"{precision} {tag}"] = path
+                    meta[f"{precision} {tag}"] = (k, schedule, metrics, precision)
         rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads,
                                provider=provider, reference="baseline")
         if rung == 1.0 and "fp32" in precisions:
-            timed = {"fp32": none_path, **timed}
-            rates["fp32"] = rates["baseline"]
-        for precision, path in timed.items():
+            timed = {"fp32 none": none_path, **timed}
+            meta["fp32 none"] = (1, variants[0][1], variants[0][2], "fp32")
+            rates["fp32 none"] = rates["baseline"]
+        for label, path in timed.items():
+            k, schedule, metrics, precision = meta[label]
             if precision == "fp32":
                 quality = {"divergence": metrics["divergence"], "agreement": metrics["agreement"]}
             else:
                 quality = output_metrics(ort_logits(path, np_pixels), base, embeddings=embeddings)
             rows.append({"spec": schedule.spec(), "schedule_json": schedule.to_dict(len(model.blocks)),
                          "precision": precision, "flops_ratio": metrics["flops_ratio"],
-                         "speedup": rates[precision] / rates["baseline"], "images_per_s": rates[precision],
+                         "speedup": rates[label] / rates["baseline"], "images_per_s": rates[label],
                          "divergence": quality["divergence"], "agreement": quality["agreement"], "path": path,
-                         "rung": rung})
+                         "rung": rung, "stride": k})
             if not embeddings:
                 rows[-1].update(kl=quality["divergence"], top1_agreement=quality["agreement"])
         bar.update()
@@ -233,6 +258,20 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
                "batch": batch, "repeats": repeats}
     return EngineSearchResult(choose(rows, target), rows, speed_pareto(rows), machine)
+
+
+def with_stride(schedule: Schedule, stride: int, depth: int) -> Schedule:
+    """``schedule`` merging in every ``stride``-th merging block (:func:`dsm_export.schedule.stride_blocks`):
+    the ``stride`` key of a parameter-form schedule, the strided block list of an explicit one.
+
+    Raises:
+        ValueError: for ``mode=tome``, which reproduces ToMe's own schedule.
+    """
+    if schedule.mode == "tome":
+        raise ValueError("mode=tome reproduces ToMe's schedule: no stride")
+    if schedule.blocks is None:
+        return replace(schedule, stride=stride)
+    return replace(schedule, blocks=stride_blocks(schedule.plan(depth), stride), prune=0)
 
 
 def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.08) -> list[dict]:

@@ -36,6 +36,7 @@ import tempfile
 # window-local merging, with the merge variants tune picks most), from ~1.3x to ~2x fewer FLOPs.
 TOME = ("r=6,mode=tome", "r=8,mode=tome", "r=11,mode=tome", "r=13,mode=tome", "r=15,mode=tome")
 DSM = ("r=16,r_end=8,delay=3,protect=16,merge=mlerp", "r=24,r_end=8,delay=3,protect=16,merge=mlerp",
+       "r=27,r_end=9,delay=3,stride=2,protect=16,merge=mlerp",
        "r=34,r_end=0,delay=3,local=1,windows=1x2,protect=16,merge=mlerp",
        "r=32,r_end=4,delay=2,local=1,windows=1x2,protect=16,metric=heads,merge=mlerp")
 
@@ -138,8 +139,11 @@ def main(argv=None) -> int:
             for row in result.pareto:
                 if row is b or (row["spec"] == "none" and row["precision"] == "fp32"):
                     continue
+                stride = f", merging every {row['stride']}nd block" if row.get("stride", 1) == 2 else (
+                    f", merging every {row['stride']}th block" if row.get("stride", 1) > 2 else "")
                 add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
-                    f"{row['rung']:.2f}x-FLOP rung", row_schedule(row), _precision(row["precision"]), row["path"])
+                    f"{row['rung']:.2f}x-FLOP rung{stride}", row_schedule(row), _precision(row["precision"]),
+                    row["path"])
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
             logits = base if e["path"] == none_path else ort_logits(e["path"], held_pixels.numpy())

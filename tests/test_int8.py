@@ -187,6 +187,12 @@ def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path
     kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
     assert kinds == {(p, none) for p in PRECISIONS for none in (True, False)}
     assert PRECISIONS == ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
+    # every rung also tries its schedule merging in every second merging block, r raised to the rung's FLOPs
+    merged = [r for r in result.candidates if r["spec"] != "none"]
+    assert {(r["precision"], r["stride"]) for r in merged} == {(p, k) for p in PRECISIONS for k in (1, 2)}
+    assert all(r["flops_ratio"] >= r["rung"] for r in merged)
+    merging = {r["stride"]: sum(b != "none" for b in r["schedule_json"]["blocks"]) for r in merged}
+    assert merging[2] < merging[1]
     dyn = {r["precision"]: r["path"] for r in result.candidates if r["spec"] == "none" and "dynamic" in r["precision"]}
     # int8-dynamic keeps the first block's four MatMuls fp32; int8-dynamic-all quantizes them too.
     assert _integer_matmuls(dyn["int8-dynamic-all"]) == _integer_matmuls(dyn["int8-dynamic"]) + 4
@@ -225,3 +231,8 @@ def test_tune_refuses_bad_precision_target(weights, images_dir, tmp_path, capsys
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
                  "--export", str(tmp_path / "no" / "f.onnx")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    for strides in ("0", "1,x", "2,2", ""):
+        code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
+                     "--strides", strides, "--export", str(tmp_path / "f.onnx")])
+        assert code == 2 and "--strides" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "f.onnx")

@@ -53,6 +53,28 @@ def test_json_file_with_per_block_r(tmp_path):
     assert Schedule.from_dict(s.to_dict(12)).plan(12) == s.plan(12)
 
 
+def test_stride_merges_each_run_of_blocks_at_once():
+    from dsm_export.schedule import stride_blocks
+
+    s = Schedule.parse("r=27,r_end=9,delay=3,stride=2")
+    every = Schedule.parse("r=27,r_end=9,delay=3").plan(12)
+    assert [b.r for b in every] == [0, 0, 0, 27, 25, 22, 20, 18, 16, 14, 11, 9]
+    assert [str(b) for b in s.plan(12)] == ["none"] * 4 + ["global 52", "none", "global 42", "none",
+                                                          "global 34", "none", "global 25", "global 9"]
+    # the token count after each run is the every-block schedule's
+    a, b = resolve(s, 12, GRID, 1), resolve(Schedule.parse("r=27,r_end=9,delay=3"), 12, GRID, 1)
+    assert [a[i].tokens_out for i in (4, 6, 8, 10, 11)] == [b[i].tokens_out for i in (4, 6, 8, 10, 11)]
+    # runs do not cross modes: local blocks run apart from global ones
+    plan = Schedule.parse("r=20,delay=2,local=3,stride=2").plan(12)
+    assert [str(b) for b in plan[:6]] == ["none", "none", "none", "local 40", "local 20", "none"]
+    assert stride_blocks(every, 1) == every
+    assert Schedule.parse(s.spec()).same_as(s, 12) and s.spec() == "r=27,r_end=9,delay=3,stride=2"
+    assert Schedule.from_dict({"r": 20, "stride": 3}).plan(12)[2] == BlockPlan("global", 60)
+    for bad, message in (("r=13,stride=0", "at least 1"), ("r=13,stride=2,mode=tome", "r list only")):
+        with pytest.raises(ScheduleError, match=message):
+            Schedule.parse(bad)
+
+
 @pytest.mark.parametrize("text, message", [
     ("r=13,foo=2", "unknown key"),
     ("r=-1", "non-negative"),

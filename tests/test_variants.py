@@ -25,7 +25,8 @@ from families import build
 GRID = (14, 14)
 VARIANTS = ["r=13,mode=tome", "r=24,r_end=8,delay=1,local=2,protect=16",
             "r=24,r_end=8,delay=1,local=2,prune=3", "r=26,r_end=4,delay=1,match=energy",
-            "r=24,r_end=8,delay=1,local=2,protect=16,metric=heads,merge=mlerp"]
+            "r=24,r_end=8,delay=1,local=2,protect=16,metric=heads,merge=mlerp",
+            "r=20,r_end=6,delay=1,local=2,stride=2,protect=16,merge=mlerp"]
 
 
 # ----------------------------------------------------------------------------- schedule semantics

@@ -38,6 +38,9 @@ def add(sub):
     p.add_argument("--refine-steps", type=int, default=None, help="per-block moves (default 24; 8 per rung)")
     p.add_argument("--rungs", type=int, default=6, help="FLOP-ratio rungs measured (--target-speedup)")
     p.add_argument("--repeats", type=int, default=5, help="timing repetitions, median taken (at least 5)")
+    p.add_argument("--strides", default="1,2",
+                   help="merge strides tried at each rung with --target-speedup (default 1,2: every merging "
+                        "block, and every second one with r raised to the same FLOPs; 1 alone halves the time)")
     p.add_argument("--output", "-o", help="write the chosen schedule as JSON here")
     p.add_argument("--report", help="write the full report (Pareto front, held-apart metrics) as JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -61,6 +64,24 @@ def _check(args) -> None:
         raise DSMError("--repeats must be at least 5 (the median of 5 or more runs)")
     if args.rungs < 1:
         raise DSMError("--rungs must be at least 1")
+    args.strides = _strides(args.strides)
+
+
+def _strides(text) -> tuple[int, ...]:
+    """``--strides 1,2`` as ``(1, 2)``.
+
+    Raises:
+        DSMError: anything but distinct whole numbers from 1 to 6.
+    """
+    if isinstance(text, tuple):
+        return text
+    try:
+        out = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        out = ()
+    if not out or any(not 1 <= k <= 6 for k in out) or len(set(out)) != len(out):
+        raise DSMError(f"--strides {text!r}: expected distinct whole numbers from 1 to 6, e.g. 1,2")
+    return out
     for path in (args.output, args.report, args.export):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise DSMError(f"output folder of {path!r} does not exist")
@@ -222,7 +243,7 @@ def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
                             precisions=precisions, rungs=args.rungs, max_grid=args.max_grid or 16,
                             refine_steps=args.refine_steps if args.refine_steps is not None else 8,
                             repeats=args.repeats, provider=args.provider, pretrained=args.pretrained,
-                            num_classes=args.num_classes, progress=not args.no_progress)
+                            num_classes=args.num_classes, progress=not args.no_progress, strides=args.strides)
     if result.best is None:
         measured = ", ".join(f"{r['speedup']:.2f}x ({r['precision']}, {r['spec']})"
                              for r in sorted(result.candidates, key=lambda r: -r["speedup"])[:3])
