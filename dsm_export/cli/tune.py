@@ -65,6 +65,9 @@ def _check(args) -> None:
     if args.rungs < 1:
         raise DSMError("--rungs must be at least 1")
     args.strides = _strides(args.strides)
+    for path in (args.output, args.report, args.export):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise DSMError(f"output folder of {path!r} does not exist")
 
 
 def _strides(text) -> tuple[int, ...]:
@@ -82,9 +85,6 @@ def _strides(text) -> tuple[int, ...]:
     if not out or any(not 1 <= k <= 6 for k in out) or len(set(out)) != len(out):
         raise DSMError(f"--strides {text!r}: expected distinct whole numbers from 1 to 6, e.g. 1,2")
     return out
-    for path in (args.output, args.report, args.export):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise DSMError(f"output folder of {path!r} does not exist")
 
 
 def run(args) -> int:
