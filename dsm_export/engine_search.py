@@ -7,7 +7,9 @@ engine with ONNX Runtime on this machine, against the fp32 unmerged export, in o
 1. a ladder of FLOP-ratio rungs (geometric, from ``target / 1.6`` -- where INT8 alone might
    already reach the target -- to ``1.1 x target``, and 1.0, the unmerged model) ;
 2. at each rung the least-KL schedule of :func:`dsm_export.tune.tune` (PyTorch, calibration
-   images), exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
+   images), and the same schedule merging in every second merging block (:func:`with_stride`, r
+   raised back to the rung's FLOPs: fewer matchings, each with a fixed cost the FLOPs do not show),
+   exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
 3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
    median of ``repeats``, the baseline timed again before each engine), and scored by KL to the
    unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
