@@ -7,9 +7,8 @@ engine with ONNX Runtime on this machine, against the fp32 unmerged export, in o
 1. a ladder of FLOP-ratio rungs (geometric, from ``target / 1.6`` -- where INT8 alone might
    already reach the target -- to ``1.1 x target``, and 1.0, the unmerged model) ;
 2. at each rung the least-KL schedule of :func:`dsm_export.tune.tune` (PyTorch, calibration
-   images), and the same schedule merging in every second merging block (:func:`with_stride`, r
-   raised back to the rung's FLOPs: fewer matchings, each with a fixed cost the FLOPs do not show),
-   exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
+   images) -- with ``strides`` also that schedule merging in fewer blocks (:func:`with_stride`, r
+   raised back to the rung's FLOPs) -- exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
 3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
    median of ``repeats``, the baseline timed again before each engine), and scored by KL to the
    unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
@@ -123,7 +122,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,
-                   progress: bool = True, confirm_margin: float = 0.08, strides=(1, 2)) -> EngineSearchResult:
+                   progress: bool = True, confirm_margin: float = 0.08, strides=(1,)) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -145,9 +144,11 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         confirm_margin: engines within this fraction below the target that could be chosen
             (:func:`confirmation_contenders`) are timed a second time, together, before the choice;
             0 confirms only those at or above the target.
-        strides: merge strides tried at every rung (:func:`with_stride`): 2 merges the rung's
-            schedule in every second merging block, r raised back to the rung's FLOP ratio (fewer
-            matchings, the same FLOPs: faster, at a KL the search measures). ``(1,)`` halves the time.
+        strides: merge strides tried at every rung (:func:`with_stride`): 2 also tries the rung's
+            schedule merging in every second merging block, r raised back to the rung's FLOP ratio
+            (fewer matchings at the same FLOPs), timed in the same run; each stride adds a rung's
+            worth of engines. Default ``(1,)``: on DeiT-Tiny stride 2 measured within noise of the
+            every-block speed and less accurate on held-apart photos (the README's frontier).
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
     ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).

@@ -183,7 +183,7 @@ def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path
     from dsm_export.engine_search import PRECISIONS, search_engines
 
     result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
-                            refine_steps=0, quant_count=8, repeats=5, progress=False)
+                            refine_steps=0, quant_count=8, repeats=5, progress=False, strides=(1, 2))
     kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
     assert kinds == {(p, none) for p in PRECISIONS for none in (True, False)}
     assert PRECISIONS == ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
