@@ -162,10 +162,9 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     from tqdm import tqdm
 
     from .benchmark import cpu_name, ort_throughput
-    from .evaluate import model_logits
+    from .evaluate import model_logits, schedule_metrics
     from .export import export_model
     from .quantize import quantize_int8
-    from .evaluate import schedule_metrics
     from .tune import reach_target, tune
     from .models import is_embedding_model
     from .validate import output_metrics

@@ -42,9 +42,10 @@ Merge variants (DSM mode only; see :mod:`dsm_export.merge` for the maths and sou
 
 ``stride=K`` merges less often: each run of ``K`` consecutive merging blocks of one mode merges
 its ``K`` blocks' r at once, in its last block, and the others stay dense (the token count after
-each run is the same). Every merging block costs the matching and the merge, a fixed cost on top
-of its FLOPs (about 1 % of a merged INT8 DeiT-Tiny's time in ONNX Runtime on the CPU, per block):
-at the same FLOP ratio, fewer merging blocks run faster. See :func:`stride_blocks`.
+each run is the same). Every merging block costs the matching and the merge, time that its FLOPs
+do not show, so fewer merging blocks at the same FLOP ratio could run faster. Measured on DeiT-Tiny
+(the README's frontier) it did with fp32 ONNX Runtime but not with INT8, and merged less accurately.
+See :func:`stride_blocks`.
 
 ``mode=tome`` reproduces ``tome.patch.timm`` of the official ToMe code (Bolya et al. 2023): the class
 and distillation tokens take part in the alternating A/B split and are protected by a -inf score,
