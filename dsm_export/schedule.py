@@ -295,8 +295,6 @@ class Schedule:
         if unknown:
             raise ScheduleError(f"schedule JSON: unknown keys {sorted(unknown)}")
         params = {k: _nonneg_int(data[k], k) for k in known if data.get(k) is not None}
-        if params.get("stride") == 0:
-            raise ScheduleError("stride must be at least 1, got 0")
         return cls(windows=windows, **params, **extra)
 
     @classmethod

@@ -139,8 +139,7 @@ def main(argv=None) -> int:
             for row in result.pareto:
                 if row is b or (row["spec"] == "none" and row["precision"] == "fp32"):
                     continue
-                stride = f", merging every {row['stride']}nd block" if row.get("stride", 1) == 2 else (
-                    f", merging every {row['stride']}th block" if row.get("stride", 1) > 2 else "")
+                stride = f", stride={row['stride']}" if row.get("stride", 1) > 1 else ""
                 add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
                     f"{row['rung']:.2f}x-FLOP rung{stride}", row_schedule(row), _precision(row["precision"]),
                     row["path"])

@@ -77,8 +77,6 @@ def _strides(text) -> tuple[int, ...]:
     Raises:
         DSMError: anything but distinct whole numbers from 1 to 6.
     """
-    if isinstance(text, tuple):
-        return text
     try:
         out = tuple(int(v) for v in str(text).split(","))
     except ValueError:
