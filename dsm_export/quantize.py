@@ -78,6 +78,9 @@ class QuantizeOptions:
             (every block's), ``blocks.0``, ``blocks.11.fc2``, ``head``, ``patch_embed``; None for the
             mode's default (:data:`DEFAULT_KEEP_FP32`: ``blocks.0`` in dynamic mode, nothing in
             static mode; see :meth:`kept`).
+        smooth_alpha: fold SmoothQuant scales with this migration strength into the graph before
+            quantizing (:mod:`dsm_export.smoothing`; needs calibration images in either mode), or
+            None for no smoothing.
         batch_size: calibration batch size.
     """
 
@@ -90,6 +93,7 @@ class QuantizeOptions:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     quantize_attention: bool = False
     keep_fp32: tuple[str, ...] | None = None
+    smooth_alpha: float | None = None
     quantize_outputs: bool = False
     batch_size: int = 16
 
@@ -106,6 +110,8 @@ class QuantizeOptions:
             raise DSMError(f"quantization mode {self.mode!r}: choose static or dynamic")
         if self.activations not in ("int8", "uint8"):
             raise DSMError(f"activations {self.activations!r}: choose int8 or uint8")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise DSMError(f"--smooth-alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.calibration_count < 1:
             raise DSMError(f"--calibration-count must be at least 1, got {self.calibration_count}")
 
@@ -338,7 +344,15 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
     static = options.mode == "static"
     if static and (pixels is None or len(pixels) == 0):
         raise DSMError("static INT8 quantization needs calibration images (--calibration DIR)")
+    if options.smooth_alpha is not None and (pixels is None or len(pixels) == 0):
+        raise DSMError("activation smoothing (--smooth-alpha) needs calibration images (--calibration DIR)")
+    source_sha256 = _sha256_bytes(model.SerializeToString())
     _name_nodes(model)
+    smoothing = {}
+    if options.smooth_alpha is not None:
+        from .smoothing import smooth_graph
+
+        smoothing = smooth_graph(model, np.asarray(pixels, dtype=np.float32), options.smooth_alpha)
     nodes, summary = plan_quantization(model, options)
     symmetric = options.activations == "int8"
     with tempfile.TemporaryDirectory(prefix="dsm-int8-") as work, atomic_path(output) as tmp:
@@ -398,18 +412,23 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
         else:
             record = {"precision": "int8", "mode": "dynamic", "format": "DynamicQuantizeLinear/MatMulInteger",
                       "activations": "uint8 asymmetric, per batch at run time"}
+            if options.smooth_alpha is not None:
+                record["calibration_count"] = int(len(pixels))
+                if calibration_files:
+                    record["calibration_images_sha256"] = images_sha256(calibration_files)
         record.update({
             "weights": "int8 symmetric, " + ("per channel" if options.per_channel else "per tensor"),
             "op_types": list(options.op_types) if static else ["MatMul"],
             "quantize_attention": options.quantize_attention,
             "keep_fp32": list(options.kept()),
+            **(smoothing or {"smooth_alpha": None}),
             **summary,
         })
         if not static:
             record["quantized"] = {"MatMul": sum(n.op_type == "MatMulInteger" for n in quant.graph.node)}
         meta[META_PREFIX + "precision"] = "int8"
         meta[META_PREFIX + "quantization"] = json.dumps(record)
-        meta[META_PREFIX + "source_onnx_sha256"] = _sha256_bytes(model.SerializeToString())
+        meta[META_PREFIX + "source_onnx_sha256"] = source_sha256
         del quant.metadata_props[:]
         for key, value in meta.items():
             quant.metadata_props.add(key=key, value=value)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How `build --precision int8` chose its defaults: calibration method x activation type x mode.
+"""How `build --precision int8` chose its defaults: calibration method x activation type x mode x smoothing.
 
 Quantizes the unmerged export and a DSM export every way `build` offers, calibrating on the first
 --quant-count images of the calibration split of `dsm-export tune --calibration 128` and scoring on
@@ -17,10 +17,15 @@ import os
 import sys
 import tempfile
 
-VARIANTS = (  # mode, calibration, activations, layers kept fp32
-    ("static", "minmax", "int8", ()), ("static", "entropy", "int8", ()), ("static", "percentile", "int8", ()),
-    ("static", "percentile", "int8", ("fc2",)), ("static", "minmax", "uint8", ()),
-    ("static", "percentile", "uint8", ()), ("dynamic", "-", "uint8", ()), ("dynamic", "-", "uint8", ("blocks.0",)),
+VARIANTS = (  # mode, calibration, activations, layers kept fp32, SmoothQuant alpha (None: no smoothing)
+    ("static", "minmax", "int8", (), None), ("static", "entropy", "int8", (), None),
+    ("static", "percentile", "int8", (), None), ("static", "percentile", "int8", ("fc2",), None),
+    ("static", "minmax", "uint8", (), None), ("static", "percentile", "uint8", (), None),
+    ("static", "percentile", "int8", (), 0.5), ("static", "percentile", "int8", (), 0.7),
+    ("dynamic", "-", "uint8", (), None), ("dynamic", "-", "uint8", ("blocks.0",), None),
+    ("dynamic", "-", "uint8", (), 0.5), ("dynamic", "-", "uint8", ("blocks.0",), 0.5),
+    ("dynamic", "-", "uint8", (), 0.7), ("dynamic", "-", "uint8", ("blocks.0",), 0.7),
+    ("dynamic", "-", "uint8", (), 0.85), ("dynamic", "-", "uint8", ("blocks.0",), 0.85),
 )
 
 
@@ -50,19 +55,19 @@ def main(argv=None) -> int:
     quant, score = pixels.numpy()[:args.quant_count], pixels[args.quant_count:]
     base = model_logits(model, score)
     print(f"calibration on {len(quant)} images, scored on {len(score)} other images of the calibration split")
-    print("| schedule | mode | calibration | activations | kept fp32 | KL | agreement |")
-    print("|---|---|---|---|---|---|---|")
+    print("| schedule | mode | calibration | activations | kept fp32 | smoothing alpha | KL | agreement |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for spec in args.schedules:
             fp32 = os.path.join(work, "fp32.onnx")
             export_model(model, args.model, fp32, spec, weights=args.weights)
-            for mode, method, activations, keep in VARIANTS:
+            for mode, method, activations, keep, alpha in VARIANTS:
                 out = os.path.join(work, "int8.onnx")
-                opts = QuantizeOptions(mode=mode, activations=activations, keep_fp32=keep,
+                opts = QuantizeOptions(mode=mode, activations=activations, keep_fp32=keep, smooth_alpha=alpha,
                                        calibration_method=method if mode == "static" else "minmax")
-                quantize_int8(fp32, out, quant if mode == "static" else None, opts)
+                quantize_int8(fp32, out, quant if mode == "static" or alpha is not None else None, opts)
                 m = agreement_metrics(ort_logits(out, score.numpy()), base)
-                print(f"| `{spec}` | {mode} | {method} | {activations} | {', '.join(keep) or '-'} | {m['kl']:.4f} | "
+                print(f"| `{spec}` | {mode} | {method} | {activations} | {', '.join(keep) or '-'} | {alpha or '-'} | {m['kl']:.4f} | "
                       f"{100 * m['top1_agreement']:.1f} % |", flush=True)
     return 0
 

@@ -17,7 +17,8 @@ def add(sub):
     q.add_argument("--quantization", choices=("static", "dynamic"), default="static",
                    help="static: QDQ, calibrated, TensorRT-compatible (default); dynamic: activations "
                         "quantized per batch at run time, no calibration, ONNX Runtime only")
-    q.add_argument("--calibration", metavar="DIR", help="calibration image folder (static INT8)")
+    q.add_argument("--calibration", metavar="DIR",
+                   help="calibration image folder (static INT8, and --smooth-alpha in either mode)")
     q.add_argument("--calibration-count", type=int, default=64,
                    help="calibration images: the first N of the folder by name (default 64)")
     q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="percentile",
@@ -28,6 +29,10 @@ def add(sub):
     q.add_argument("--keep-fp32", default="",
                    help="comma-separated layers left in fp32, by timm-style label: fc2, blocks.0, head, ...; "
                         "'none' quantizes them all (default: blocks.0 with --quantization dynamic, none static)")
+    q.add_argument("--smooth-alpha", type=float, metavar="A",
+                   help="SmoothQuant: before quantizing, fold per-channel scales with migration strength A "
+                        "in [0, 1] into the LayerNorms and value weights (exact in fp32; evens out "
+                        "activation ranges; needs --calibration). Default: no smoothing")
     t = p.add_argument_group("TensorRT")
     t.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
     t.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
@@ -58,8 +63,15 @@ def _check_int8_args(args) -> None:
                            "(or --quantization dynamic)")
         if not os.path.isdir(args.calibration):
             raise DSMError(f"calibration folder {args.calibration!r} does not exist")
-    elif args.calibration:
-        raise DSMError("--quantization dynamic takes no --calibration")
+    elif args.calibration and args.smooth_alpha is None:
+        raise DSMError("--quantization dynamic takes no --calibration (unless --smooth-alpha is given)")
+    if args.smooth_alpha is not None:
+        if not 0.0 <= args.smooth_alpha <= 1.0:
+            raise DSMError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
+        if not args.calibration:
+            raise DSMError("--smooth-alpha needs calibration images: --calibration DIR")
+        if not os.path.isdir(args.calibration):
+            raise DSMError(f"calibration folder {args.calibration!r} does not exist")
 
 
 def run(args) -> int:
@@ -76,6 +88,8 @@ def run(args) -> int:
         raise DSMError("--output must differ from the input file")
     if args.precision == "int8":
         _check_int8_args(args)
+    elif args.smooth_alpha is not None:
+        raise DSMError("--smooth-alpha applies to --precision int8 only")
     if args.backend == "tensorrt":
         info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
             precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
@@ -100,10 +114,10 @@ def _build_int8(args) -> None:
         keep = ()
     options = QuantizeOptions(mode=args.quantization, calibration_method=args.calibration_method,
                               calibration_count=args.calibration_count, activations=args.activations,
-                              keep_fp32=keep)
+                              keep_fp32=keep, smooth_alpha=args.smooth_alpha)
     options.check()
     pixels, files = None, None
-    if args.quantization == "static":
+    if args.quantization == "static" or args.smooth_alpha is not None:
         info = read_metadata(load_onnx(args.onnx), args.onnx)
         pixels, files = calibration_pixels(info.model, args.calibration, args.calibration_count)
     rec = quantize_int8(args.onnx, args.output, pixels, options, files)
@@ -111,6 +125,9 @@ def _build_int8(args) -> None:
     how = (f"static QDQ, {rec['activations']} activations, {rec['calibration_method']} calibration on "
            f"{rec['calibration_count']} images" if rec["mode"] == "static" else
            "dynamic (activations quantized per batch at run time; ONNX Runtime only)")
+    if rec.get("smooth_alpha") is not None:
+        how += (f"; SmoothQuant alpha {rec['smooth_alpha']} folded into {len(rec['smoothed_layers'])} layers' "
+                f"inputs (ranges from {rec['calibration_count']} images)")
     print(f"wrote {args.output}: INT8 {how}; quantized {quantized}; "
           f"{rec['fp32_matching_nodes']} matching and size nodes kept fp32 (which tokens merge is "
           f"decided in fp32)" + (f"; {rec['fp32_other_candidates']} more layers kept fp32 "
