@@ -34,11 +34,17 @@ from .schedule import Schedule, stride_blocks
 # int8: static QDQ (TensorRT-compatible); int8-dynamic: ONNX Runtime dynamic quantization, the first
 # block kept fp32 (the dynamic default); int8-dynamic-all: dynamic, every weight MatMul quantized.
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
+# SmoothQuant migration strength of the search's INT8 engines (dsm_export.smoothing), chosen on
+# calibration-split photos by scripts/int8_choices.py (README, INT8 section): 0.7 lowered the KL of
+# 5 of the 6 mode x schedule pairs it was tried on, 0.5 raised it on the merged model.
+SMOOTH_ALPHA = 0.7
 
 
 def precision_options(precision: str, static_options=None):
     """The :class:`dsm_export.quantize.QuantizeOptions` of an INT8 ``precision`` of :data:`PRECISIONS`
-    (``static_options`` for ``int8``, None meaning the static defaults).
+    (``static_options`` for ``int8``, None meaning the static defaults with SmoothQuant at
+    :data:`SMOOTH_ALPHA`). Every precision smooths with :data:`SMOOTH_ALPHA`, so every one needs
+    calibration images.
 
     ``int8-dynamic`` keeps the first block fp32 (ONNX Runtime's dynamic mode with dsm-export's
     default, more accurate); ``int8-dynamic-all`` quantizes it too (faster: the first block's four
@@ -51,11 +57,11 @@ def precision_options(precision: str, static_options=None):
     from .quantize import QuantizeOptions
 
     if precision == "int8":
-        return static_options
+        return static_options or QuantizeOptions(smooth_alpha=SMOOTH_ALPHA)
     if precision == "int8-dynamic":
-        return QuantizeOptions(mode="dynamic")
+        return QuantizeOptions(mode="dynamic", smooth_alpha=SMOOTH_ALPHA)
     if precision == "int8-dynamic-all":
-        return QuantizeOptions(mode="dynamic", keep_fp32=())
+        return QuantizeOptions(mode="dynamic", keep_fp32=(), smooth_alpha=SMOOTH_ALPHA)
     raise DSMError(f"{precision!r} is not an INT8 precision (one of {PRECISIONS[1:]})")
 
 

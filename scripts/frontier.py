@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     from dsm_export.benchmark import cpu_name, ort_throughput
     from dsm_export.data import list_images
-    from dsm_export.engine_search import PRECISIONS, ort_logits, precision_options, row_schedule, search_engines
+    from dsm_export.engine_search import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options, row_schedule, search_engines
     from dsm_export.evaluate import flops_ratio, model_logits, split_pixels
     from dsm_export.export import export_model
     from dsm_export.models import create_model
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                                         ("dynamic", "uint8", None), ("dynamic", "uint8", ())):
             path = os.path.join(work, f"none_int8_{mode}_{activations}{'_all' if keep == () else ''}.onnx")
             quantize_int8(none_path, path, quant_pixels,
-                          QuantizeOptions(mode=mode, activations=activations, keep_fp32=keep))
+                          QuantizeOptions(mode=mode, activations=activations, keep_fp32=keep,
+                                          smooth_alpha=SMOOTH_ALPHA))
             label = ("INT8 static QDQ, symmetric (TensorRT-compatible)" if activations == "int8" and mode == "static"
                      else "INT8 static QDQ, U8S8 (ONNX Runtime only)" if mode == "static"
                      else "INT8 dynamic, first block fp32 (ONNX Runtime only)" if keep is None
@@ -157,6 +158,8 @@ def main(argv=None) -> int:
     machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, onnxruntime {ort.__version__} "
                f"CPUExecutionProvider, {os.cpu_count()} intra-op threads, batch 32, median of {args.repeats}, "
                f"engines alternating, the fp32 unmerged baseline timed before each; {len(held)} held-apart photos; "
+               f"every INT8 engine with SmoothQuant alpha {SMOOTH_ALPHA} folded in, ranges and static scales "
+               f"from {len(quant_pixels)} calibration photos; "
                f"{platform.node()}, "
                f"{datetime.date.today().isoformat()}")
     table = _table(engines, machine, args)
