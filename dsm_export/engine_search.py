@@ -140,11 +140,13 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         target: measured ONNX Runtime speed-up over the fp32 unmerged export to reach (e.g. 2.5).
         workdir: folder for the candidate files (``<precision>_<rung>.onnx``).
         precisions: subset of :data:`PRECISIONS` (static QDQ, or ONNX Runtime's dynamic
-            quantization with the first block fp32 or every layer quantized: no calibration, not
-            TensorRT-parsable; :func:`precision_options`).
+            quantization with the first block fp32 or every layer quantized: not TensorRT-parsable;
+            every INT8 form smoothed with SmoothQuant on the first ``quant_count`` images;
+            :func:`precision_options`).
         rungs: FLOP-ratio rungs (see :func:`ladder`).
         max_grid, refine_steps: budget of each rung's schedule search (:func:`dsm_export.tune.tune`).
-        quant_options: :class:`dsm_export.quantize.QuantizeOptions` (default static QDQ).
+        quant_options: :class:`dsm_export.quantize.QuantizeOptions` of ``int8`` (default: static
+            QDQ smoothed at :data:`SMOOTH_ALPHA`).
         batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
         pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.export.export_model`.
         confirm_margin: engines within this fraction below the target that could be chosen
