@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import tempfile
+import textwrap
 
 # Schedules of each family (DeiT-Tiny): exact ToMe (mode=tome) and DSM schedules (delay + falling r,
 # window-local merging, with the merge variants tune picks most), from ~1.3x to ~2x fewer FLOPs.
@@ -343,8 +344,8 @@ def _plot(engines, path, machine) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("DeiT-Tiny: merging stacked on INT8", fontsize=11)
-    fig.text(0.01, 0.01, machine[:140], fontsize=6)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.01, textwrap.fill(machine, 190), fontsize=6)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
