@@ -57,11 +57,48 @@ def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
     }
 
 
+def precision_of(model) -> dict:
+    """The precision of a dsm-export ONNX file from its metadata: ``{"precision": "fp32" | "fp16" |
+    "int8"}``, plus ``"quantization"`` (the record :func:`dsm_export.quantize.quantize_int8` stored:
+    mode, activations, SmoothQuant alpha, layers quantized and kept fp32) for an INT8 file."""
+    import json
+
+    from .export import META_PREFIX
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    out = {"precision": meta.get(META_PREFIX + "precision", "fp32")}
+    if META_PREFIX + "quantization" in meta:
+        out["quantization"] = json.loads(meta[META_PREFIX + "quantization"])
+    return out
+
+
+def _precision_line(report: dict) -> str:
+    q = report.get("quantization")
+    if not q:
+        return report["precision"]
+    parts = [q.get("mode", "static")]
+    if q.get("mode") == "static":
+        parts.append(f"{q.get('calibration_method')} calibration on {q.get('calibration_count')} images")
+    parts.append(f"activations {q.get('activations')}")
+    if q.get("smooth_alpha") is not None:
+        parts.append(f"SmoothQuant alpha {q['smooth_alpha']} on {len(q.get('smoothed_layers', []))} layers")
+    quantized = ", ".join(f"{v} {k}" for k, v in q.get("quantized", {}).items())
+    parts.append(f"quantized {quantized}")
+    if q.get("keep_fp32"):
+        parts.append(f"kept fp32: {','.join(q['keep_fp32'])}")
+    return f"{report['precision']} ({'; '.join(parts)})"
+
+
 def format_inspection(report: dict) -> str:
-    """A plain-text table of :func:`inspect_schedule`'s report."""
+    """A plain-text table of :func:`inspect_schedule`'s report (with the precision line of
+    :func:`precision_of` when the report came from a file)."""
     lines = [
         f"model    {report['model']}",
         f"schedule {report['schedule']}",
+    ]
+    if "precision" in report:
+        lines.append(f"precision {_precision_line(report)}")
+    lines += [
         "",
         f"{'block':>5}  {'plan':<30} {'tokens in':>9} {'out':>5} {'attn':>8} {'merge':>8} {'mlp':>8} {'GFLOPs':>8}",
     ]

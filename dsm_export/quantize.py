@@ -13,6 +13,9 @@ what it quantizes and feeds it calibration images:
   MatMul, ReduceMax/ArgMax/TopK, the one-hot assignment MatMul, token sizes and ``log(size)`` --
   the same islands :func:`dsm_export.engines.onnxruntime.fp32_island_nodes` keeps for fp16. Which
   tokens merge is decided in fp32, on keys computed from INT8 MatMuls.
+* **Smoothing** (optional, ``QuantizeOptions.smooth_alpha``): SmoothQuant scales folded into the
+  LayerNorms and value weights first (:mod:`dsm_export.smoothing`), exact in fp32, so that one INT8
+  scale per activation tensor covers evener channel ranges.
 * **Format**: standard ``QuantizeLinear``/``DequantizeLinear`` of the default ONNX domain (no
   contrib ops), so TensorRT builds it with explicit quantization. Default activations are signed
   INT8 with zero point 0 (symmetric, S8S8), the form TensorRT requires; ``uint8`` activations (U8S8,

@@ -59,6 +59,7 @@ def test_inspect_model_and_file(exported, capsys):
     assert main(["inspect", exported]) == 0
     out = capsys.readouterr().out
     assert "local 36 (9/window x 4, r=34)" in out  # the tokens it really removes: 4 windows x 9
+    assert "\nprecision fp32\n" in out
 
 
 def _bad(args, capsys, match, output=None):

@@ -59,6 +59,15 @@ def test_int8_file_is_standard_static_symmetric_qdq(int8_file, fp32_file):
     assert any(n.op_type == "TopK" for n in matching) and any(n.op_type == "ArgMax" for n in matching)
 
 
+def test_inspect_reports_the_quantization(int8_file, tmp_path, capsys):
+    assert main(["inspect", int8_file, "--json", str(tmp_path / "i.json")]) == 0
+    out = capsys.readouterr().out
+    assert ("precision int8 (static; percentile calibration on 16 images; activations int8 symmetric "
+            "(zero point 0); quantized 1 Conv, 48 MatMul, 1 Gemm)") in out
+    report = json.load(open(tmp_path / "i.json"))
+    assert report["precision"] == "int8" and report["quantization"]["smooth_alpha"] is None
+
+
 def test_validate_int8_uses_the_int8_tolerance(int8_file, images_dir, tmp_path, capsys):
     report_path = str(tmp_path / "r.json")
     code = main(["validate", int8_file, "--images", images_dir, "--limit", "48", "--json", report_path,
@@ -300,6 +309,8 @@ def test_smoothed_dynamic_int8_is_closer_to_fp32(weights, images_dir, tmp_path, 
         assert ("SmoothQuant alpha" in printed) == (alpha is not None)
         record = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["dsm.quantization"])
         assert record["smooth_alpha"] == alpha
+        assert main(["inspect", out]) == 0
+        assert ("SmoothQuant alpha" in capsys.readouterr().out) == (alpha is not None)
         kl[alpha] = agreement_metrics(ort_logits(out, held), base)["kl"]
     assert record["calibration_count"] == 64 and len(record["smoothed_layers"]) == 36
     assert kl[SMOOTH_ALPHA] < 0.9 * kl[None], kl

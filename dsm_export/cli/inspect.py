@@ -18,15 +18,17 @@ def add(sub):
 def run(args) -> int:
     from .. import checks
     from ..fileio import write_json
-    from ..inspection import format_inspection, inspect_schedule
+    from ..inspection import format_inspection, inspect_schedule, precision_of
 
     checks.output_file(args.json_path, "--json")
 
     if args.target.lower().endswith(".onnx") or os.path.isfile(args.target):
         from ..export import load_onnx, read_metadata
 
-        info = read_metadata(load_onnx(args.target), args.target)
+        model = load_onnx(args.target)
+        info = read_metadata(model, args.target)
         report = inspect_schedule(info.model, args.schedule or info.schedule)
+        report.update(precision_of(model))
     else:
         if not args.schedule:
             raise DSMError("inspect MODEL needs --schedule")
