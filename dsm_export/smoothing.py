@@ -198,7 +198,8 @@ def smooth_graph(model: onnx.ModelProto, pixels: np.ndarray, alpha: float, batch
         return {"smooth_alpha": alpha, "smoothed_layers": []}
     ranges = activation_ranges(model, sorted({p.activation for p in pairs}), pixels, batch)
     inits = {i.name: i for i in model.graph.initializer}
-    arrays = {name: numpy_helper.to_array(i).copy() for name, i in inits.items()}
+    needed = {p.weight for p in pairs} | {name for p in pairs for name, _, _ in p.divide}
+    arrays = {name: numpy_helper.to_array(inits[name]).copy() for name in needed}
     changed: set[str] = set()
     for pair in pairs:
         s = smoothing_scales(ranges[pair.activation], np.abs(arrays[pair.weight]).max(1), alpha)

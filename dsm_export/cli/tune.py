@@ -26,7 +26,7 @@ def add(sub):
                    help="engine precision: fp32, int8 (static QDQ, TensorRT-compatible), int8-dynamic (ONNX "
                         "Runtime dynamic quantization, first block fp32), int8-dynamic-all (dynamic, every "
                         "layer quantized), or auto (search all four; --target-speedup only); every INT8 "
-                        "form is smoothed first (SmoothQuant, alpha 0.7)")
+                        "form is smoothed first (SmoothQuant)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
     p.add_argument("--provider", default="cpu",
