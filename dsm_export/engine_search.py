@@ -14,7 +14,8 @@ engine with ONNX Runtime on this machine, against the fp32 unmerged export, in o
    unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
    the logits; fp32 by the PyTorch reference, which the export matches to 1e-4);
 4. the Pareto front (higher measured speed-up, lower KL) and the least-KL engine whose measured
-   speed-up reaches the target, ties broken by top-1 agreement -- after a confirmation round: the
+   speed-up reaches the target (and that keeps within an optional :class:`Budget`: a least top-1
+   agreement, a most KL), ties broken by top-1 agreement -- after a confirmation round: the
    engines that could be chosen (on the front, up to 8 % below the target, no worse in KL than the
    first choice) are timed again together, and each keeps the mean of its two measurements.
 """
@@ -101,11 +102,52 @@ def speed_pareto(rows: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: r["speedup"])
 
 
-def choose(rows: list[dict], target: float) -> dict | None:
-    """The least-``divergence`` row whose measured ``speedup`` reaches ``target`` (ties: higher
-    ``agreement``)."""
-    ok = [r for r in rows if r["speedup"] >= target]
+@dataclass(frozen=True)
+class Budget:
+    """An accuracy budget on the calibration images: the least top-1 ``agreement`` (a fraction, 0-1;
+    retrieval overlap for embedding models) and the most ``divergence`` (KL; 1 - cosine for
+    embedding models) an engine may have to be chosen. None leaves a side open.
+
+    Raises:
+        DSMError: a bound outside its range (agreement 0-1, divergence >= 0).
+    """
+
+    min_agreement: float | None = None
+    max_divergence: float | None = None
+
+    def __post_init__(self):
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise DSMError(f"the least agreement must be between 0 and 100 %, got {100 * self.min_agreement:g} %")
+        if self.max_divergence is not None and not self.max_divergence >= 0.0:
+            raise DSMError(f"the most KL must be 0 or more, got {self.max_divergence:g}")
+
+    def admits(self, row: dict) -> bool:
+        """Whether a candidate row (``agreement``, ``divergence``) keeps within the budget."""
+        return ((self.min_agreement is None or row["agreement"] >= self.min_agreement)
+                and (self.max_divergence is None or row["divergence"] <= self.max_divergence))
+
+    def describe(self, divergence: str = "KL", agreement: str = "agreement") -> str:
+        """The budget in words, e.g. ``agreement >= 93.0 %, KL <= 0.03``; empty without bounds."""
+        parts = []
+        if self.min_agreement is not None:
+            parts.append(f"{agreement} >= {100 * self.min_agreement:.1f} %")
+        if self.max_divergence is not None:
+            parts.append(f"{divergence} <= {self.max_divergence:g}")
+        return ", ".join(parts)
+
+
+def choose(rows: list[dict], target: float, budget: Budget | None = None) -> dict | None:
+    """The least-``divergence`` row whose measured ``speedup`` reaches ``target`` and that keeps
+    within ``budget`` (ties: higher ``agreement``); None if no row does."""
+    ok = [r for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))]
     return min(ok, key=lambda r: (r["divergence"], -r["agreement"])) if ok else None
+
+
+def fastest_within(rows: list[dict], budget: Budget | None = None) -> dict | None:
+    """The row with the highest measured ``speedup`` among those within ``budget`` (ties: lower
+    ``divergence``): the most speed the budget allowed in a search. None if no row keeps within it."""
+    ok = [r for r in rows if budget is None or budget.admits(r)]
+    return max(ok, key=lambda r: (r["speedup"], -r["divergence"])) if ok else None
 
 
 def row_schedule(row: dict) -> Schedule:
@@ -128,7 +170,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,
-                   progress: bool = True, confirm_margin: float = 0.08, strides=(1,)) -> EngineSearchResult:
+                   progress: bool = True, confirm_margin: float = 0.08, strides=(1,),
+                   budget: Budget | None = None) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -157,12 +200,14 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             (fewer matchings at the same FLOPs), timed in the same run; each stride adds a rung's
             worth of engines. Default ``(1,)``: on DeiT-Tiny stride 2 measured within noise of the
             every-block speed and less accurate on held-apart photos (the README's frontier).
+        budget: an accuracy :class:`Budget` the chosen engine must keep within on the calibration
+            images (None: any accuracy). Rows outside it are still measured and on the front.
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
     ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).
 
     Returns:
-        An :class:`EngineSearchResult`; ``best`` is None if nothing reached ``target``.
+        An :class:`EngineSearchResult`; ``best`` is None if nothing reached ``target`` within ``budget``.
 
     Raises:
         DSMError: an unknown precision or a target of 1 or less.
@@ -257,8 +302,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     # the target -- on the Pareto front, within `confirm_margin` below it, no worse in KL than the
     # first choice -- are timed again together in one alternating run; each keeps the mean of its
     # two measurements (``speedup_runs``) and the choice is made again.
-    contenders = confirmation_contenders(rows, target, confirm_margin)
-    if len(contenders) > 1 or (contenders and choose(rows, target) is None):
+    contenders = confirmation_contenders(rows, target, confirm_margin, budget)
+    if len(contenders) > 1 or (contenders and choose(rows, target, budget) is None):
         again = ort_throughput({"baseline": none_path, **{str(i): r["path"] for i, r in enumerate(contenders)}},
                                batch=batch, repeats=repeats, threads=threads, provider=provider,
                                reference="baseline")
@@ -267,7 +312,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             r["speedup"] = float(np.mean(r["speedup_runs"]))
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
                "batch": batch, "repeats": repeats}
-    return EngineSearchResult(choose(rows, target), rows, speed_pareto(rows), machine)
+    return EngineSearchResult(choose(rows, target, budget), rows, speed_pareto(rows), machine)
 
 
 def with_stride(schedule: Schedule, stride: int, depth: int) -> Schedule:
@@ -284,12 +329,15 @@ def with_stride(schedule: Schedule, stride: int, depth: int) -> Schedule:
     return replace(schedule, blocks=stride_blocks(schedule.plan(depth), stride), prune=0)
 
 
-def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.08) -> list[dict]:
-    """The rows a second timing could make the choice at ``target``: on the speed/KL Pareto front,
-    measured at least ``target * (1 - margin)``, and with ``divergence`` no higher than the first
-    choice's (all such rows when nothing reached the target). The unmerged fp32 baseline is never one."""
-    first = choose(rows, target)
-    return [r for r in speed_pareto(rows)
+def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.08,
+                             budget: Budget | None = None) -> list[dict]:
+    """The rows a second timing could make the choice at ``target``: within ``budget``, on the
+    speed/KL Pareto front of the rows within it, measured at least ``target * (1 - margin)``, and
+    with ``divergence`` no higher than the first choice's (all such rows when nothing reached the
+    target). The unmerged fp32 baseline is never one."""
+    first = choose(rows, target, budget)
+    admitted = [r for r in rows if budget is None or budget.admits(r)]
+    return [r for r in speed_pareto(admitted)
             if not (r["precision"] == "fp32" and r["flops_ratio"] <= 1.0)
             and r["speedup"] >= target * (1 - margin)
             and (first is None or r["divergence"] <= first["divergence"])]

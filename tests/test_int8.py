@@ -169,6 +169,54 @@ def test_speed_pareto_and_choice():
     assert steps == sorted(steps)
 
 
+def test_accuracy_budget_limits_the_choice():
+    from dsm_export.engine_search import Budget, choose, confirmation_contenders, fastest_within
+
+    def row(speedup, kl, agreement):
+        return {"speedup": speedup, "divergence": kl, "agreement": agreement, "precision": "int8-dynamic",
+                "flops_ratio": 1.5}
+
+    rows = [row(1.5, 0.003, 0.98), row(2.17, 0.040, 0.949), row(2.54, 0.18, 0.844), row(2.6, 0.25, 0.80)]
+    budget = Budget(min_agreement=0.93)
+    assert choose(rows, 2.5) is rows[2] and choose(rows, 2.5, budget) is None
+    assert choose(rows, 2.0, budget) is rows[1] and fastest_within(rows, budget) is rows[1]
+    assert fastest_within(rows, Budget(max_divergence=0.01)) is rows[0]
+    assert fastest_within(rows, Budget(max_divergence=0.001)) is None and fastest_within(rows) is rows[3]
+    assert Budget().admits(rows[3]) and not Budget(0.9, 0.5).admits(rows[3]) and Budget(0.9, 0.05).admits(rows[1])
+    assert Budget(0.93, 0.03).describe() == "agreement >= 93.0 %, KL <= 0.03" and Budget().describe() == ""
+    # engines outside the budget are never timed again for the choice
+    assert confirmation_contenders(rows, 2.3) == [rows[1], rows[2]]
+    assert confirmation_contenders(rows, 2.3, budget=budget) == [rows[1]]
+    for bad in ({"min_agreement": 1.2}, {"max_divergence": -0.1}, {"max_divergence": float("nan")}):
+        with pytest.raises(DSMError):
+            Budget(**bad)
+
+
+def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir, tmp_path, capsys):
+    """A target out of reach within an accuracy budget: the front is printed, the report written with
+    the fastest engine that kept within the budget, no engine or schedule file, exit 1, one line."""
+    out, report, sched = (str(tmp_path / n) for n in ("tuned.onnx", "report.json", "schedule.json"))
+    common = [DEIT, "--weights", weights, "--images", images_dir, "--calibration", "8", "--holdout", "4",
+              "--max-grid", "2", "--refine-steps", "0", "--no-progress", "--export", out, "--output", sched]
+    # KL 0 admits only the unmerged fp32 model itself (1.00x), which cannot reach 1.2x
+    code = main(["tune", *common, "--target-speedup", "1.2", "--precision", "fp32", "--rungs", "1",
+                 "--max-kl", "0", "--report", report])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert captured.err.count("\n") == 1 and "no engine reached a 1.20x measured speed-up within KL <= 0" in captured.err
+    assert "the fastest within it: 1.00x, KL 0.0000, agreement 100.0 % (fp32, none)" in captured.err
+    assert "Pareto front (calibration KL against measured speed-up)" in captured.out
+    data = json.loads(open(report).read())
+    assert data["schedule"] is None and data["fastest_within_budget"]["spec"] == "none"
+    assert data["budget"] == "KL <= 0" and any(r["spec"] != "none" for r in data["evaluated"])
+    assert not os.path.exists(out) and not os.path.exists(sched)
+    # the FLOP-target search: its least-KL schedule is outside the budget
+    code = main(["tune", *common, "--target-flops-ratio", "1.5", "--min-agreement", "100", "--max-kl", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no schedule reached 1.50x fewer FLOPs within agreement >= 100.0 %, KL <= 0" in err
+    assert "the least-KL schedule at the target: KL" in err and not os.path.exists(out)
+
+
 def test_confirmation_contenders_are_the_rows_that_could_be_chosen():
     from dsm_export.engine_search import confirmation_contenders
 
@@ -240,6 +288,11 @@ def test_tune_refuses_bad_precision_target(weights, images_dir, tmp_path, capsys
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
                  "--export", str(tmp_path / "no" / "f.onnx")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    for flag, value in (("--min-agreement", "120"), ("--min-agreement", "-1"), ("--max-kl", "-0.1")):
+        code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
+                     flag, value, "--export", str(tmp_path / "f.onnx")])
+        err = capsys.readouterr().err
+        assert code == 2 and flag in err and len(err.strip().splitlines()) == 1
     for strides in ("0", "1,x", "2,2", ""):
         code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
                      "--strides", strides, "--export", str(tmp_path / "f.onnx")])

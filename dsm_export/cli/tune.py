@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 from ..errors import DSMError
@@ -28,6 +29,12 @@ def add(sub):
                         "layer quantized), or auto (search all four; --target-speedup only); every INT8 "
                         "form is smoothed first (SmoothQuant)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
+    p.add_argument("--min-agreement", type=float, metavar="PCT",
+                   help="accuracy budget: choose only an engine whose top-1 agreement with the unmerged model "
+                        "(retrieval overlap for embedding models) on the calibration images is at least PCT %%")
+    p.add_argument("--max-kl", type=float, metavar="K",
+                   help="accuracy budget: choose only an engine whose KL to the unmerged model (1 - cosine "
+                        "for embedding models) on the calibration images is at most K")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider for --target-speedup: cpu, cuda, tensorrt, openvino "
@@ -67,6 +74,13 @@ def _check(args) -> None:
     if args.rungs < 1:
         raise DSMError("--rungs must be at least 1")
     args.strides = _strides(args.strides)
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 100:
+        raise DSMError(f"--min-agreement is a percentage from 0 to 100, got {args.min_agreement:g}")
+    if args.max_kl is not None and not args.max_kl >= 0:
+        raise DSMError(f"--max-kl must be 0 or more, got {args.max_kl:g}")
+    from ..engine_search import Budget
+
+    args.budget = Budget(None if args.min_agreement is None else args.min_agreement / 100.0, args.max_kl)
     for path in (args.output, args.report, args.export):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise DSMError(f"output folder of {path!r} does not exist")
@@ -117,7 +131,11 @@ def run(args) -> int:
             report, chosen_path = _search_engines(args, model, calib_pixels, work)
         else:
             report, chosen_path = _search_flops(args, model, calib_pixels, work)
+        div = divergence_name(model)
+        agree = "agreement" if div == "KL" else "retrieval overlap"
         schedule = report["schedule_obj"]
+        if schedule is None:  # nothing reached the target within the budget: say what did, write no engine
+            return _missed(args, report, div, agree, len(calib), len(held), skipped)
         if chosen_path:  # the engine as it will be served, on photos the search never saw
             from ..engine_search import ort_logits
             from ..models import is_embedding_model
@@ -128,10 +146,13 @@ def run(args) -> int:
             held_metrics["flops_ratio"] = report["calibration"]["flops_ratio"]
         else:
             held_metrics = schedule_metrics(model, schedule, held_pixels, base, held.labels)
-        div = divergence_name(model)
-        agree = "agreement" if div == "KL" else f"retrieval overlap@{held_metrics.get('knn_k', 5)}"
+        if div != "KL":
+            agree = f"retrieval overlap@{held_metrics.get('knn_k', 5)}"
         print(f"chosen: {schedule.spec()}, {report['precision']}")
         print(json.dumps(schedule.to_dict(depth)))
+        budget = args.budget.describe(div, agree)
+        if budget:
+            print(f"accuracy budget on the calibration images: {budget} (kept)")
         cal = report["calibration"]
         if "speedup" in cal:
             runs = cal.get("speedup_runs")
@@ -146,6 +167,9 @@ def run(args) -> int:
               f"{agree} {100 * held_metrics['agreement']:.1f} %"
               + (f", top-1 {100 * acc:.1f} % (unmerged {100 * held_metrics['baseline_top1_accuracy']:.1f} %)"
                  if acc is not None else ""))
+        if budget and not args.budget.admits(held_metrics):
+            print(f"note: on the held-apart images the engine misses the budget ({budget}): scores on the "
+                  "images a choice was made on are optimistic")
         variants = _judge_variants(report.get("variants") or [], model, held_pixels, base, held.labels)
         if variants:
             print(f"merge variants on the best grid schedule ({div}: calibration / held apart):")
@@ -161,17 +185,7 @@ def run(args) -> int:
                       f"({100 * (winner['held_divergence'] / plain['held_divergence'] - 1):+.0f} %)")
             else:
                 print("no variant beat the plain schedule on the calibration images")
-        if "speedup" in cal:
-            print(f"Pareto front (calibration {div} against measured speed-up): speed-up, {div}, {agree}, "
-                  "precision, schedule")
-            for row in report["pareto"]:
-                print(f"  {row['speedup']:.2f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
-                      f"{row['precision']}  {row['spec']}")
-        else:
-            print(f"Pareto front (calibration): FLOPs reduction, {div}, {agree}, schedule")
-            for row in report["pareto"]:
-                print(f"  {row['flops_ratio']:.3f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
-                      f"{row['spec']}")
+        _print_front(report, "speedup" in cal, div, agree)
         if args.export:
             from ..fileio import atomic_path
 
@@ -185,12 +199,59 @@ def run(args) -> int:
     if args.report:
         write_json(args.report, {
             "schedule": schedule.spec(), "precision": report["precision"], "divergence": div,
-            "calibration": report["calibration"],
+            "budget": budget or None, "calibration": report["calibration"],
             "held_apart": held_metrics, "pareto": report["pareto"], "evaluated": report["evaluated"],
             "variants": variants,
             "machine": report.get("machine"), "calibration_files": list(calib.files),
             "held_apart_images": len(held), "skipped_unreadable": skipped})
     return 0
+
+
+def _print_front(report: dict, measured: bool, div: str, agree: str) -> None:
+    """The search's Pareto front, one row per line."""
+    if measured:
+        print(f"Pareto front (calibration {div} against measured speed-up): speed-up, {div}, {agree}, "
+              "precision, schedule")
+        for row in report["pareto"]:
+            print(f"  {row['speedup']:.2f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
+                  f"{row['precision']}  {row['spec']}")
+    else:
+        print(f"Pareto front (calibration): FLOPs reduction, {div}, {agree}, schedule")
+        for row in report["pareto"]:
+            print(f"  {row['flops_ratio']:.3f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
+                  f"{row['spec']}")
+
+
+def _missed(args, report: dict, div: str, agree: str, n_calib: int, n_held: int, skipped) -> int:
+    """No engine reached the target within the accuracy budget: print the front and the best the
+    search did find, write ``--report`` (``schedule`` null), write no engine or schedule, exit 1."""
+    from ..fileio import write_json
+
+    measured = bool(args.target_speedup)
+    target = (f"a {args.target_speedup:.2f}x measured speed-up" if measured
+              else f"{args.target_flops_ratio:.2f}x fewer FLOPs")
+    budget = args.budget.describe(div, agree)
+    _print_front(report, measured, div, agree)
+    best = report.get("fastest_within")
+    if measured:
+        found = ("none of the engines measured" if best is None else
+                 f"the fastest within it: {best['speedup']:.2f}x, {div} {best['divergence']:.4f}, "
+                 f"{agree} {100 * best['agreement']:.1f} % ({best['precision']}, {best['spec']})")
+    else:
+        cal = report["calibration"]
+        found = (f"the least-{div} schedule at the target: {div} {cal['divergence']:.4f}, {agree} "
+                 f"{100 * cal['agreement']:.1f} % ({report['spec']})")
+    if args.report:
+        write_json(args.report, {
+            "schedule": None, "precision": None, "divergence": div, "target": target, "budget": budget or None,
+            "fastest_within_budget": best, "pareto": report["pareto"], "evaluated": report["evaluated"],
+            "machine": report.get("machine"), "calibration_images": n_calib, "held_apart_images": n_held,
+            "skipped_unreadable": skipped})
+    within = f" within {budget}" if budget else ""
+    print(f"dsm-export: no {'engine' if measured else 'schedule'} reached {target}{within} on the {n_calib} "
+          f"calibration images; {found}",
+          file=sys.stderr)
+    return 1
 
 
 def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | None]:
@@ -202,6 +263,9 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
     result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid or 48,
                   refine_steps=args.refine_steps if args.refine_steps is not None else 24,
                   progress=not args.no_progress)
+    if not args.budget.admits(result.best_metrics):
+        return {"schedule_obj": None, "spec": result.best.spec(), "calibration": result.best_metrics,
+                "pareto": result.pareto, "evaluated": result.evaluated}, None
     path = None
     if args.export:
         path = os.path.join(work, "fp32.onnx")
@@ -236,21 +300,22 @@ def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[
 
 def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
     """``--target-speedup``: schedule x precision measured with ONNX Runtime (:mod:`..engine_search`)."""
-    from ..engine_search import PRECISIONS, row_schedule, search_engines
+    from ..engine_search import PRECISIONS, fastest_within, row_schedule, search_engines
 
     precisions = PRECISIONS if args.precision == "auto" else (args.precision,)
     result = search_engines(model, args.model, args.weights, calib_pixels, args.target_speedup, work,
                             precisions=precisions, rungs=args.rungs, max_grid=args.max_grid or 16,
                             refine_steps=args.refine_steps if args.refine_steps is not None else 8,
                             repeats=args.repeats, provider=args.provider, pretrained=args.pretrained,
-                            num_classes=args.num_classes, progress=not args.no_progress, strides=args.strides)
-    if result.best is None:
-        measured = ", ".join(f"{r['speedup']:.2f}x ({r['precision']}, {r['spec']})"
-                             for r in sorted(result.candidates, key=lambda r: -r["speedup"])[:3])
-        raise DSMError(f"no engine reached a {args.target_speedup:.2f}x measured speed-up; fastest: {measured}")
-    best = result.best
+                            num_classes=args.num_classes, progress=not args.no_progress, strides=args.strides,
+                            budget=args.budget)
     strip = [{k: v for k, v in r.items() if k != "path"} for r in result.candidates]
     pareto = [{k: v for k, v in r.items() if k != "path"} for r in result.pareto]
+    best = result.best
+    if best is None:
+        fastest = fastest_within(result.candidates, args.budget)
+        return {"schedule_obj": None, "pareto": pareto, "evaluated": strip, "machine": result.machine,
+                "fastest_within": fastest and {k: v for k, v in fastest.items() if k != "path"}}, None
     return {"schedule_obj": row_schedule(best), "precision": best["precision"],
             "calibration": {k: v for k, v in best.items() if k != "path"}, "pareto": pareto,
             "evaluated": strip, "machine": result.machine}, best["path"]
