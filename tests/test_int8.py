@@ -206,6 +206,8 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
     assert captured.err.count("\n") == 1 and "no engine reached a 1.20x measured speed-up within KL <= 0" in captured.err
     assert "the fastest within it: 1.00x, KL 0.0000, agreement 100.0 % (fp32, none)" in captured.err
     assert "Pareto front (calibration KL against measured speed-up)" in captured.out
+    front = captured.out.splitlines()[1:]
+    assert front and all(line.endswith("(outside the budget)") != line.endswith("fp32  none") for line in front)
     data = json.loads(open(report).read())
     assert data["schedule"] is None and data["fastest_within_budget"]["spec"] == "none"
     assert data["budget"] == "KL <= 0" and any(r["spec"] != "none" for r in data["evaluated"])
