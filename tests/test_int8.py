@@ -203,7 +203,8 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
                  "--max-kl", "0", "--report", report])
     captured = capsys.readouterr()
     assert code == 1, captured.err
-    assert captured.err.count("\n") == 1 and "no engine reached a 1.20x measured speed-up within KL <= 0" in captured.err
+    assert captured.err.count("\n") == 1
+    assert "no engine reached a 1.20x measured speed-up within KL <= 0" in captured.err
     assert "the fastest within it: 1.00x, KL 0.0000, agreement 100.0 % (fp32, none)" in captured.err
     assert "Pareto front (calibration KL against measured speed-up)" in captured.out
     front = captured.out.splitlines()[1:]
@@ -211,6 +212,11 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
     data = json.loads(open(report).read())
     assert data["schedule"] is None and data["fastest_within_budget"]["spec"] == "none"
     assert data["budget"] == "KL <= 0" and any(r["spec"] != "none" for r in data["evaluated"])
+    assert not os.path.exists(out) and not os.path.exists(sched)
+    # no budget, a target nothing reaches: the same outcome, naming the fastest engine measured
+    code = main(["tune", *common, "--target-speedup", "9", "--precision", "fp32", "--rungs", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no engine reached a 9.00x measured speed-up on the 8 calibration images; the fastest: " in err
     assert not os.path.exists(out) and not os.path.exists(sched)
     # the FLOP-target search: its least-KL schedule is outside the budget
     code = main(["tune", *common, "--target-flops-ratio", "1.5", "--min-agreement", "100", "--max-kl", "0"])

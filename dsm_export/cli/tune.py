@@ -239,8 +239,9 @@ def _missed(args, report: dict, div: str, agree: str, n_calib: int, n_held: int,
     _print_front(report, measured, div, agree, args.budget if budget else None)
     best = report.get("fastest_within")
     if measured:
+        label = "the fastest within it" if budget else "the fastest"
         found = ("none of the engines measured" if best is None else
-                 f"the fastest within it: {best['speedup']:.2f}x, {div} {best['divergence']:.4f}, "
+                 f"{label}: {best['speedup']:.2f}x, {div} {best['divergence']:.4f}, "
                  f"{agree} {100 * best['agreement']:.1f} % ({best['precision']}, {best['spec']})")
     else:
         cal = report["calibration"]
