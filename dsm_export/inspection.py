@@ -61,14 +61,13 @@ def precision_of(model) -> dict:
     """The precision of a dsm-export ONNX file from its metadata: ``{"precision": "fp32" | "fp16" |
     "int8"}``, plus ``"quantization"`` (the record :func:`dsm_export.quantize.quantize_int8` stored:
     mode, activations, SmoothQuant alpha, layers quantized and kept fp32) for an INT8 file."""
-    import json
-
     from .export import META_PREFIX
+    from .quantize import quantization_record
 
-    meta = {p.key: p.value for p in model.metadata_props}
-    out = {"precision": meta.get(META_PREFIX + "precision", "fp32")}
-    if META_PREFIX + "quantization" in meta:
-        out["quantization"] = json.loads(meta[META_PREFIX + "quantization"])
+    out = {"precision": next((p.value for p in model.metadata_props if p.key == META_PREFIX + "precision"), "fp32")}
+    record = quantization_record(model)
+    if record is not None:
+        out["quantization"] = record
     return out
 
 

@@ -414,7 +414,9 @@ def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = N
     """
     model = load_onnx(onnx_path)
     info = read_metadata(model, onnx_path)
-    precision = {p.key: p.value for p in model.metadata_props}.get("dsm.precision", "fp32")
+    from .inspection import precision_of
+
+    precision = precision_of(model)["precision"]
     kwargs.setdefault("fp16", precision == "fp16")
     kwargs.setdefault("int8", precision == "int8")
     kwargs.setdefault("source_path", onnx_path)

@@ -46,12 +46,13 @@ def add(sub):
 
 def _check_int8_args(args) -> None:
     """Refuse INT8 mistakes before any work (one line, exit 2)."""
-    from ..export import META_PREFIX, load_onnx, read_metadata
+    from ..export import load_onnx, read_metadata
+    from ..inspection import precision_of
     from ..quantize import is_quantized
 
     model = load_onnx(args.onnx)
     read_metadata(model, args.onnx)
-    precision = {p.key: p.value for p in model.metadata_props}.get(META_PREFIX + "precision", "fp32")
+    precision = precision_of(model)["precision"]
     if args.backend == "tensorrt":
         return
     if is_quantized(model) or precision != "fp32":

@@ -185,7 +185,7 @@ def run(args) -> int:
                       f"({100 * (winner['held_divergence'] / plain['held_divergence'] - 1):+.0f} %)")
             else:
                 print("no variant beat the plain schedule on the calibration images")
-        _print_front(report, "speedup" in cal, div, agree, args.budget if budget else None)
+        _print_front(report, "speedup" in cal, div, agree, args.budget)
         if args.export:
             from ..fileio import atomic_path
 
@@ -207,12 +207,12 @@ def run(args) -> int:
     return 0
 
 
-def _print_front(report: dict, measured: bool, div: str, agree: str, budget=None) -> None:
-    """The search's Pareto front, one row per line; with an accuracy ``budget``
-    (:class:`~dsm_export.engine_search.Budget`) the rows outside it are marked (a row printed at
-    93.0 % may hold 92.97 %)."""
+def _print_front(report: dict, measured: bool, div: str, agree: str, budget) -> None:
+    """The search's Pareto front, one row per line; the rows outside the accuracy ``budget``
+    (:class:`~dsm_export.engine_search.Budget`) are marked (a row printed at 93.0 % may hold
+    92.97 %)."""
     def outside(row) -> str:
-        return "  (outside the budget)" if budget is not None and not budget.admits(row) else ""
+        return "" if budget.admits(row) else "  (outside the budget)"
 
     if measured:
         print(f"Pareto front (calibration {div} against measured speed-up): speed-up, {div}, {agree}, "
@@ -236,7 +236,7 @@ def _missed(args, report: dict, div: str, agree: str, n_calib: int, n_held: int,
     target = (f"a {args.target_speedup:.2f}x measured speed-up" if measured
               else f"{args.target_flops_ratio:.2f}x fewer FLOPs")
     budget = args.budget.describe(div, agree)
-    _print_front(report, measured, div, agree, args.budget if budget else None)
+    _print_front(report, measured, div, agree, args.budget)
     best = report.get("fastest_within")
     if measured:
         label = "the fastest within it" if budget else "the fastest"
