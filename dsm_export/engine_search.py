@@ -2,7 +2,10 @@
 
 A FLOP ratio says little about INT8: quantization speeds the same schedule up by a factor that
 depends on the CPU, the kernels and the token counts. So this search measures every candidate
-engine with ONNX Runtime on this machine, against the fp32 unmerged export, in one alternating run:
+engine with ONNX Runtime on this machine, against the fp32 unmerged export, in one alternating run.
+That baseline runs every block on every token, as timm's model does; every candidate, the unmerged
+one too, runs its last block for the prefix tokens alone where only they reach the head
+(:meth:`dsm_export.patch.MergedViT._last_block_prefix`), so the unmerged candidate measures above 1.
 
 1. a ladder of FLOP-ratio rungs (geometric, from ``target / 1.6`` -- where INT8 alone might
    already reach the target -- to ``1.1 x target``, and 1.0, the unmerged model) ;
@@ -233,7 +236,17 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     calib = np_pixels[:quant_count]
     plan = [1.0] + ladder(target, rungs)
     bar = tqdm(total=len(plan), desc="tune engines", unit="rung", disable=not progress, leave=False)
+    from .evaluate import flops_ratio
+    from .patch import prefix_only_last_block
+
     none_path = os.path.join(workdir, "fp32_none.onnx")
+    # The baseline: timm's model (every block on every token). Where the export already computes
+    # that for the unmerged schedule, the unmerged fp32 engine is the baseline itself.
+    separate_baseline = prefix_only_last_block(model)
+    base_path = os.path.join(workdir, "baseline.onnx") if separate_baseline else none_path
+    if separate_baseline:
+        export_model(model, model_name, base_path, "none", weights=weights, pretrained=pretrained,
+                     num_classes=num_classes, full_last_block=True)
     rows: list[dict] = []
     import onnxruntime as ort
 
@@ -242,7 +255,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         raise DSMError(f"strides must be positive integers, got {strides}")
     for rung in plan:
         if rung == 1.0:
-            variants = [(1, Schedule.parse("none"), {"divergence": 0.0, "agreement": 1.0, "flops_ratio": 1.0})]
+            none = Schedule.parse("none")
+            variants = [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
         else:
             try:
                 found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False)
@@ -272,13 +286,13 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                 files[precision] = os.path.join(workdir, f"{precision.replace('-', '_')}_{tag}.onnx")
                 quantize_int8(fp32_path, files[precision], calib, precision_options(precision, quant_options))
             for precision, path in files.items():
-                # The unmerged fp32 engine is the baseline itself (speed-up 1 by definition): not timed twice.
-                if precision in precisions and not (rung == 1.0 and precision == "fp32"):
+                # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
+                if precision in precisions and not (path == base_path):
                     timed[f"{precision} {tag}"] = path
                     meta[f"{precision} {tag}"] = (k, schedule, metrics, precision)
-        rates = ort_throughput({"baseline": none_path, **timed}, batch=batch, repeats=repeats, threads=threads,
+        rates = ort_throughput({"baseline": base_path, **timed}, batch=batch, repeats=repeats, threads=threads,
                                provider=provider, reference="baseline")
-        if rung == 1.0 and "fp32" in precisions:
+        if rung == 1.0 and "fp32" in precisions and not separate_baseline:
             timed = {"fp32 none": none_path, **timed}
             meta["fp32 none"] = (1, variants[0][1], variants[0][2], "fp32")
             rates["fp32 none"] = rates["baseline"]
@@ -304,7 +318,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     # two measurements (``speedup_runs``) and the choice is made again.
     contenders = confirmation_contenders(rows, target, confirm_margin, budget)
     if len(contenders) > 1 or (contenders and choose(rows, target, budget) is None):
-        again = ort_throughput({"baseline": none_path, **{str(i): r["path"] for i, r in enumerate(contenders)}},
+        again = ort_throughput({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(contenders)}},
                                batch=batch, repeats=repeats, threads=threads, provider=provider,
                                reference="baseline")
         for i, r in enumerate(contenders):

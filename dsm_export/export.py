@@ -51,6 +51,9 @@ class ExportInfo:
         pretrained: the weights were timm's pretrained weights of ``model`` (``--pretrained``).
         num_classes: the ``num_classes`` the model was created with (None: timm's default).
         output: the graph output, ``logits`` or ``embeddings`` (identity head).
+        last_block: ``"prefix"`` if the last block runs for the prefix tokens alone (see
+            :meth:`dsm_export.patch.MergedViT._last_block_prefix`), ``"full"`` if for every token
+            (as timm's model; files written before 0.3 are all ``"full"``).
     """
 
     model: str
@@ -64,6 +67,7 @@ class ExportInfo:
     pretrained: bool = False
     num_classes: int | None = None
     output: str = OUTPUT_NAME
+    last_block: str = "full"
 
     @property
     def embeddings(self) -> bool:
@@ -112,6 +116,7 @@ def export_onnx(
     image_size: tuple[int, int] | None = None,
     pretrained: bool = False,
     num_classes: int | None = None,
+    full_last_block: bool = False,
 ) -> ExportInfo:
     """Export ``model_name`` under ``schedule`` to a static-shape ONNX file.
 
@@ -126,6 +131,8 @@ def export_onnx(
         image_size: expected ``(H, W)``; must equal the model's.
         pretrained: load timm's pretrained weights of ``model_name`` (Hugging Face hub cache).
         num_classes: timm's ``num_classes``; 0 exports pooled features as output ``embeddings``.
+        full_last_block: run the last block on every token as timm does (the timm-equivalent
+            baseline), instead of on the prefix tokens alone where only they reach the head.
 
     Returns:
         The :class:`ExportInfo` written into the file's metadata.
@@ -146,7 +153,8 @@ def export_onnx(
     model = create_model(model_name, weights, pretrained=pretrained, num_classes=num_classes)
     check_input_size(model, model_name, image_size)
     return export_model(model, model_name, output, schedule, weights=weights, batch=batch, opset=opset,
-                        pretrained=pretrained and not weights, num_classes=num_classes)
+                        pretrained=pretrained and not weights, num_classes=num_classes,
+                        full_last_block=full_last_block)
 
 
 def export_model(
@@ -159,6 +167,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     pretrained: bool = False,
     num_classes: int | None = None,
+    full_last_block: bool = False,
 ) -> ExportInfo:
     """Export an already built timm ViT (see :func:`export_onnx`, which builds it by name).
 
@@ -172,7 +181,7 @@ def export_model(
         pretrained: the weights are timm's pretrained weights of ``model_name``: the name is recorded
             with its resolved tag and the cached file's sha256.
         num_classes: the ``num_classes`` the model was created with (recorded; None: timm's default).
-        output, schedule, batch, opset: as for :func:`export_onnx`.
+        output, schedule, batch, opset, full_last_block: as for :func:`export_onnx`.
 
     Raises:
         DSMError: unsupported model, impossible schedule, or a graph that fails its checks.
@@ -181,7 +190,7 @@ def export_model(
 
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
-    merged = apply(model, schedule, impl="export", name=model_name).eval()
+    merged = apply(model, schedule, impl="export", name=model_name, full_last_block=full_last_block).eval()
     c, h, w = input_size(model)
     dummy = torch.randn(batch or 2, c, h, w)
     dynamic_shapes = None if batch else ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},)
@@ -200,6 +209,7 @@ def export_model(
         pretrained=pretrained,
         num_classes=num_classes,
         output=output_name,
+        last_block="prefix" if merged.prefix_only_last else "full",
     )
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -264,6 +274,7 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int) -> onnx.
         "pretrained": "timm" if info.pretrained else "",
         "num_classes": "" if info.num_classes is None else str(info.num_classes),
         "output": info.output,
+        "last_block": info.last_block,
     }
     del onnx_model.metadata_props[:]
     for key, value in meta.items():
@@ -441,6 +452,7 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> ExportInfo:
             pretrained=meta.get("pretrained", "") == "timm",
             num_classes=int(meta["num_classes"]) if meta.get("num_classes") else None,
             output=meta.get("output") or _output_name(model),
+            last_block=meta.get("last_block", "full"),
         )
     except (ValueError, KeyError) as exc:
         raise DSMError(f"{path!r}: malformed dsm-export metadata ({exc})") from None

@@ -10,7 +10,10 @@ at 224 px is about 1.26 GFLOPs). Counted per block, from the token counts of the
   similarity and no assignment; its gather moves data and counts nothing);
 * MLP on the tokens leaving the block (every ``nn.Linear`` in ``blk.mlp``);
 
-plus the patch embedding and the classifier head(s). Norms, softmax, GELU and adds are left out,
+plus the patch embedding and the classifier head(s). A last block that runs for the prefix tokens
+alone (``prefix_only_last``, :meth:`dsm_export.patch.MergedViT._last_block_prefix`) counts ``qkv``
+on every token, ``QK^T``, ``attn @ V``, the output projection and the MLP on the prefix tokens,
+and no merge. FLOP ratios compare with timm's model (every block on every token). Norms, softmax, GELU and adds are left out,
 as fvcore leaves them out.
 """
 
@@ -49,7 +52,8 @@ def _linear_macs(module: nn.Module, tokens: int) -> int:
 
 
 def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2),
-                match: str = "bipartite", metric: str = "keys", merge_form: str = "mean") -> tuple[int, list[BlockFlops]]:
+                match: str = "bipartite", metric: str = "keys", merge_form: str = "mean",
+                prefix_only_last: bool = False) -> tuple[int, list[BlockFlops]]:
     """Count FLOPs of a timm ViT running the given per-block token counts.
 
     Args:
@@ -61,6 +65,8 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         metric: ``"heads"`` matches on all ``H * head_dim`` key features (normalised per head)
             instead of the ``head_dim`` of the head-averaged keys.
         merge_form: ``"mlerp"`` adds the token norms and the masked maximum over the assignment.
+        prefix_only_last: the last block runs for the prefix tokens alone (its ``tokens_out`` is
+            the prefix count).
 
     Returns:
         ``(total, per_block)``: total FLOPs (multiply-adds) for one image, and per-block detail.
@@ -72,9 +78,16 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
     k = pe.kernel_size
     total = num_patches * pe.in_channels * k[0] * k[1] * pe.out_channels
     per_block = []
-    for blk, t in zip(model.blocks, tokens):
+    for i, (blk, t) in enumerate(zip(model.blocks, tokens)):
         attn = blk.attn
         n_in, n_out = t.tokens_in, t.tokens_out
+        if prefix_only_last and i == len(model.blocks) - 1:
+            qkv = _linear_macs(attn.qkv, n_in)  # keys and values of every token (queries too)
+            a = qkv + _linear_macs(attn, prefix) - _linear_macs(attn.qkv, prefix) + 2 * prefix * n_in * attn.attn_dim
+            mlp = _linear_macs(blk.mlp, prefix)
+            per_block.append(BlockFlops(t.index, n_in, prefix, a, 0, mlp))
+            total += a + mlp
+            continue
         a = _linear_macs(attn, n_in) + 2 * n_in * n_in * attn.attn_dim
         merge = 0
         if t.removed and t.plan.mode == "prune":
@@ -107,18 +120,28 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
     return total + head_macs, per_block
 
 
-def schedule_flops(model: nn.Module, schedule: Schedule) -> tuple[int, int, list[BlockFlops]]:
-    """FLOPs of ``model`` under ``schedule`` and unmerged.
+def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None = None) -> tuple[int, int, list[BlockFlops]]:
+    """FLOPs of ``model`` under ``schedule`` and of timm's unmerged model.
+
+    Args:
+        last_block: ``"prefix"`` or ``"full"`` (see :class:`dsm_export.export.ExportInfo`); None:
+            as :func:`dsm_export.export.export_model` exports ``schedule`` by default.
 
     Returns:
-        ``(merged_total, unmerged_total, merged_per_block)``, multiply-adds for one image.
+        ``(merged_total, unmerged_total, merged_per_block)``, multiply-adds for one image; the
+        unmerged total runs every block on every token, as timm's model does.
 
     Raises:
         ScheduleError: if the schedule does not fit the model.
     """
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
+    if last_block is None:
+        from .patch import prefix_only_last_block
+
+        last_block = "prefix" if prefix_only_last_block(model, schedule.mode == "tome") else "full"
     merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
-                                    schedule.match, schedule.metric, schedule.merge)
+                                    schedule.match, schedule.metric, schedule.merge,
+                                    prefix_only_last=last_block == "prefix")
     base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
     return merged, base, per_block

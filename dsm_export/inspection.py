@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .flops import schedule_flops
 from .models import create_model
-from .patch import apply
+from .patch import apply, prefix_only_last_block
 from .schedule import Schedule
 
 
@@ -19,8 +19,11 @@ def plan_label(t) -> str:
     return f"local {t.removed} ({t.per_window}/window x {windows}{asked})"
 
 
-def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
+def inspect_schedule(model_name: str, schedule: Schedule | str, last_block: str | None = None) -> dict:
     """Token counts and FLOPs per block for ``model_name`` under ``schedule`` (random weights).
+
+    ``last_block``: ``"prefix"``, ``"full"`` or None (as an export of ``schedule`` runs it), see
+    :func:`dsm_export.flops.schedule_flops`. The unmerged FLOPs are timm's model's.
 
     Returns:
         ``{"model", "schedule", "blocks": [{"block", "plan", "tokens_in", "tokens_out",
@@ -34,14 +37,17 @@ def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
         schedule = Schedule.parse(schedule)
     model = create_model(model_name, warn_random=False)
     merged = apply(model, schedule, name=model_name)
-    total, base, blocks = schedule_flops(model, schedule)
+    if last_block is None:
+        last_block = "prefix" if prefix_only_last_block(model, schedule.mode == "tome") else "full"
+    total, base, blocks = schedule_flops(model, schedule, last_block)
     rows = []
     for t, f in zip(merged.tokens, blocks):
         rows.append({
             "block": t.index,
-            "plan": plan_label(t),
+            "plan": (f"prefix tokens only{' (r skipped)' if t.removed else ''}"
+                     if t.index == len(blocks) - 1 and last_block == "prefix" else plan_label(t)),
             "tokens_in": t.tokens_in,
-            "tokens_out": t.tokens_out,
+            "tokens_out": f.tokens_out,
             "attention_gflops": f.attention / 1e9,
             "merge_gflops": f.merge / 1e9,
             "mlp_gflops": f.mlp / 1e9,
@@ -54,6 +60,7 @@ def inspect_schedule(model_name: str, schedule: Schedule | str) -> dict:
         "gflops": total / 1e9,
         "baseline_gflops": base / 1e9,
         "flops_ratio": base / total,
+        "last_block": last_block,
     }
 
 
@@ -110,4 +117,7 @@ def format_inspection(report: dict) -> str:
         f"total {report['gflops']:.4f} GFLOPs (unmerged {report['baseline_gflops']:.4f}); "
         f"{report['flops_ratio']:.2f}x fewer FLOPs (one multiply-add = one FLOP)",
     ]
+    if report.get("last_block") == "prefix":
+        lines.append("the last block runs for the prefix tokens alone (only they reach the head); "
+                     "unmerged = timm's model, every block on every token")
     return "\n".join(lines)

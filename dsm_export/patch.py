@@ -15,6 +15,9 @@ Two implementations, chosen by ``impl``:
 * ``"export"``: gather plus one-hot MatMul merges with windows as a tensor axis and explicit
   softmax attention, one head at a time on column blocks of ``qkv`` (no layout transposes, see
   :meth:`MergedViT._attention_per_head`); every shape static; this is what is exported to ONNX.
+  Where only the prefix tokens' outputs reach the head (``global_pool='token'``), its last block
+  runs queries, attention rows, projection and MLP for the prefix tokens alone
+  (:meth:`MergedViT._last_block_prefix`): the same logits for less work.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ class MergedViT(nn.Module):
         schedule: the merge schedule (see :mod:`dsm_export.schedule`).
         impl: ``"reference"`` or ``"export"`` (see module docstring).
         name: model name for error messages.
+        full_last_block: export form only: run the last block on every token, as timm does, instead
+            of on the prefix tokens alone (used for the timm-equivalent baseline).
 
     Input ``[B, 3, H, W]`` float32 pixels (normalised); output ``[B, num_classes]`` logits.
 
@@ -114,7 +119,8 @@ class MergedViT(nn.Module):
         ScheduleError: if the schedule does not fit the model.
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule, impl: str = "reference", name: str | None = None):
+    def __init__(self, model: nn.Module, schedule: Schedule, impl: str = "reference", name: str | None = None,
+                 full_last_block: bool = False):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -139,6 +145,8 @@ class MergedViT(nn.Module):
         self.register_buffer("window_perm", perm, persistent=False)
         self.track_source = False  # reference only: record which patches each token stands for
         self.sources: list[torch.Tensor] = []
+        self.prefix_only_last = (impl == "export" and not full_last_block
+                                 and prefix_only_last_block(model, self.tome))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -156,7 +164,11 @@ class MergedViT(nn.Module):
             if self.tome:  # prefix tokens take part in ToMe's split: give them (empty) rows
                 self._source = torch.cat([x.new_zeros(x.shape[0], self.num_prefix, n), self._source], dim=1)
             self.sources = []
-        for blk, t in zip(m.blocks, self.tokens):
+        last = len(m.blocks) - 1
+        for i, (blk, t) in enumerate(zip(m.blocks, self.tokens)):
+            if i == last and self.prefix_only_last:
+                x = self._last_block_prefix(blk, x, size)
+                break
             if size is None and t.removed == 0 and self.impl == "reference":
                 x = blk(x)  # dense block: the model's own code
                 if self.track_source:
@@ -194,6 +206,20 @@ class MergedViT(nn.Module):
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size
 
+    def _last_block_prefix(self, blk, x, size):
+        """The last block for the prefix tokens alone: ``[B, N, C]`` in, ``[B, prefix, C]`` out.
+
+        The head reads only the prefix tokens (``global_pool='token'``) and every sub-layer but
+        attention acts per token, so the other tokens' outputs, and the block's merge (which leaves
+        the prefix tokens untouched), are dead work. Keys and values still cover every token; the
+        queries, attention rows, projection and MLP cover the prefix tokens. Exact: the prefix
+        rows are the ones the full block computes.
+        """
+        p = self.num_prefix
+        attn_out, _, _ = self._attention_per_head(blk.attn, blk.norm1(x), size, queries=p)
+        x = x[:, :p] + blk.drop_path1(blk.ls1(attn_out))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
     def _attention(self, attn, x, size, importance: bool = False):
         """timm ``Attention`` with ``log(size)`` added to the logits.
 
@@ -223,7 +249,7 @@ class MergedViT(nn.Module):
         metric = heads_metric(k) if self.schedule.metric == "heads" else k.mean(dim=1)
         return attn.proj_drop(out), metric, imp
 
-    def _attention_per_head(self, attn, x, size, importance: bool = False):
+    def _attention_per_head(self, attn, x, size, importance: bool = False, queries: int | None = None):
         """The export form of :meth:`_attention`: one slice of the ``qkv`` output per head, no transposes.
 
         timm's layout reshapes ``qkv`` to ``[3, B, heads, N, head_dim]`` and back, which ONNX
@@ -232,6 +258,7 @@ class MergedViT(nn.Module):
         ``[B, N, head_dim]`` that timm's reshape names, each head attends on its own
         (``k^T`` folds into ONNX Runtime's ``FusedMatMul``, and TensorRT's MatMul), and the heads'
         outputs are concatenated back in timm's order. Same arithmetic per element as the reference.
+        ``queries``: attend for the first ``queries`` tokens only (``out`` ``[B, queries, C]``).
         """
         heads, d = attn.num_heads, attn.head_dim
         cols = attn.qkv(x).split(d, dim=-1)  # q of head 0..H-1, then k, then v: timm's order
@@ -239,6 +266,8 @@ class MergedViT(nn.Module):
         outs, keys, rows = [], [], []
         for h in range(heads):
             q, k, v = attn.q_norm(cols[h]), attn.k_norm(cols[heads + h]), cols[2 * heads + h]
+            if queries is not None:
+                q = q[:, :queries]
             logits = (q * attn.scale) @ k.transpose(-2, -1)  # [B, N, N]
             if bias is not None:
                 logits = logits + bias
@@ -347,6 +376,19 @@ class MergedViT(nn.Module):
         return m.forward_head(x)
 
 
+def prefix_only_last_block(model: nn.Module, tome: bool = False) -> bool:
+    """Whether only the prefix tokens of ``model``'s last block reach its head.
+
+    True for timm's ``global_pool='token'`` (the class token, and the distillation token of
+    distilled DeiT, feed the head(s)), except under ``mode=tome`` with a distillation token, where
+    ToMe reorders tokens and the distillation token's row moves.
+    """
+    if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
+        return False
+    has_dist = getattr(model, "dist_token", None) is not None
+    return getattr(model, "cls_token", None) is not None and not (tome and has_dist)
+
+
 def _mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Elementwise mean of equal-shaped tensors, summed left to right (as torch's mean over 3 heads)."""
     total = tensors[0]
@@ -355,7 +397,8 @@ def _mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total / len(tensors) if len(tensors) > 1 else total
 
 
-def apply(model: nn.Module, schedule: Schedule | str, impl: str = "reference", name: str | None = None) -> MergedViT:
+def apply(model: nn.Module, schedule: Schedule | str, impl: str = "reference", name: str | None = None,
+          full_last_block: bool = False) -> MergedViT:
     """Apply a merge schedule to a timm ViT (DSM, Heo et al. arXiv 2303.02331; ToMe, Bolya et al. 2023).
 
     Args:
@@ -363,6 +406,7 @@ def apply(model: nn.Module, schedule: Schedule | str, impl: str = "reference", n
         schedule: a :class:`Schedule` or its text form (``"r=13,delay=2,local=4,windows=2x2"``).
         impl: ``"reference"`` (eager PyTorch check) or ``"export"`` (ONNX-friendly ops).
         name: model name, for error messages.
+        full_last_block: see :class:`MergedViT`.
 
     Returns:
         A :class:`MergedViT` sharing ``model``'s parameters: ``[B, 3, H, W]`` -> ``[B, classes]``.
@@ -372,4 +416,5 @@ def apply(model: nn.Module, schedule: Schedule | str, impl: str = "reference", n
     """
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
-    return MergedViT(model, schedule, impl=impl, name=name).train(model.training)
+    return MergedViT(model, schedule, impl=impl, name=name,
+                     full_last_block=full_last_block).train(model.training)

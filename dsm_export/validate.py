@@ -325,7 +325,7 @@ def validate_runner(
         raise DSMError(f"the graph outputs {logits.graph.shape[1:]} per image but {name} gives "
                        f"{logits.merged.shape[1:]}")
 
-    flops, base_flops, _ = schedule_flops(model, schedule)
+    flops, base_flops, _ = schedule_flops(model, schedule, info.last_block)
     per_image = np.abs(logits.graph - logits.merged).max(-1)
     report = {
         "model": name,

@@ -103,7 +103,7 @@ def ort_cuda(model_name: str, args) -> None:
         paths = []
         for spec in ("none", args.schedule):
             path = f"{tmp}/{len(paths)}.onnx"
-            export_onnx(model_name, path, spec)
+            export_onnx(model_name, path, spec, full_last_block=spec == "none")  # baseline: timm's model
             paths.append(path)
         sessions = [ort.InferenceSession(p, providers=["CUDAExecutionProvider"]) for p in paths]
         for batch in (int(b) for b in args.batch.split(",")):

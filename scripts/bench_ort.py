@@ -8,7 +8,8 @@ single-image runs, graphs alternating), with the machine, the CPU and the thread
     python scripts/bench_ort.py deit_dsm.onnx deit_none.onnx --batch 32 --repeats 7
     python scripts/bench_ort.py deit_dsm.onnx deit_none.onnx --provider cuda   # onnxruntime-gpu
 
-If the second file is omitted, the `none` export of the same model is made in a temporary folder.
+If the second file is omitted, the unmerged model as timm runs it (every block on every token, no
+`none` export's class-token-only last block) is exported in a temporary folder as the baseline.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
             if baseline is None:
                 baseline = os.path.join(tmp, "none.onnx")
                 export_onnx(info.model, baseline, "none", weights_path(info, args.merged) or None,
-                            batch=info.batch, pretrained=info.pretrained, num_classes=info.num_classes)
+                            batch=info.batch, pretrained=info.pretrained, num_classes=info.num_classes,
+                            full_last_block=True)  # timm's model: every block on every token
             rates = ort_throughput({"merged": args.merged, "none": baseline}, args.batch, args.repeats,
                                    args.warmup, args.threads, args.iters, provider=args.provider)
             latency = (ort_latency({"merged": args.merged, "none": baseline}, args.latency_runs,

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             none_path = os.path.join(tmp, "none.onnx")
             if not args.no_bench:
-                export_onnx(args.model, none_path, "none", args.weights)
+                export_onnx(args.model, none_path, "none", args.weights, full_last_block=True)
             for i, spec in enumerate(args.schedules):
                 schedule = Schedule.parse(spec)
                 row = schedule_metrics(model, schedule, pixels, base, images.labels)

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     if not args.no_bench:
         with tempfile.TemporaryDirectory() as tmp:
             paths = {"none": os.path.join(tmp, "none.onnx")}
-            export_model(model, args.model, paths["none"], Schedule(), weights=args.weights)
+            # The baseline: timm's model (every block on every token), as the FLOP ratios count it.
+            export_model(model, args.model, paths["none"], Schedule(), weights=args.weights, full_last_block=True)
             for i, row in enumerate(rows):
                 if row["spec"] not in [r["spec"] for r in rows[:i]]:
                     paths[row["spec"]] = os.path.join(tmp, f"s{i}.onnx")

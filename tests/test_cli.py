@@ -55,10 +55,13 @@ def test_validate_without_labels(exported, images_dir, tmp_path, capsys):
 def test_inspect_model_and_file(exported, capsys):
     assert main(["inspect", DEIT, "--schedule", "r=13"]) == 0
     out = capsys.readouterr().out
-    assert "1.70x fewer FLOPs" in out and "global 13" in out
+    assert "1.74x fewer FLOPs" in out and "global 13" in out
+    # the last block runs for the class token alone; the unmerged FLOPs are timm's model's
+    assert "prefix tokens only (r skipped)" in out and "(unmerged 1.2537)" in out
     assert main(["inspect", exported]) == 0
     out = capsys.readouterr().out
     assert "local 36 (9/window x 4, r=34)" in out  # the tokens it really removes: 4 windows x 9
+    assert "\n   11  prefix tokens only " in out  # read from the file's metadata (dsm.last_block)
     assert "\nprecision fp32\n" in out
 
 

@@ -144,6 +144,29 @@ def test_static_batch_and_none_baseline(tmp_path, deit, pixels, weights):
         assert_parity(ort_logits(path, pixels[:4]), deit(pixels[:4]))
 
 
+def test_full_last_block_export_is_timms_arithmetic(tmp_path, deit, pixels, weights):
+    """`export --full-last-block` runs the last block on every token (the speed-ups' baseline); the
+    default export runs it for the class token alone: same logits, fewer rows in its last MatMuls."""
+    from dsm_export.cli import main
+
+    full, short = str(tmp_path / "full.onnx"), str(tmp_path / "short.onnx")
+    assert main(["export", DEIT, "--weights", weights, "--batch", "4", "-o", full, "--full-last-block"]) == 0
+    assert main(["export", DEIT, "--weights", weights, "--batch", "4", "-o", short]) == 0
+    assert read_metadata(load_onnx(full)).last_block == "full"
+    assert read_metadata(load_onnx(short)).last_block == "prefix"
+    with torch.inference_mode():
+        expected = deit(pixels[:4])
+    assert_parity(ort_logits(full, pixels[:4]), expected)
+    assert_parity(ort_logits(short, pixels[:4]), expected)
+
+    def fc2_rows(path):  # the token rows leaving the last block's MLP output projection (its bias Add or Gemm)
+        model = onnx.shape_inference.infer_shapes(onnx.load(path))
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+        node = next(n for n in model.graph.node if "model.blocks.11.mlp.fc2.bias" in n.input)
+        return int(np.prod(shapes[node.output[0]])) // (4 * 192)
+    assert (fc2_rows(full), fc2_rows(short)) == (197, 1)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_ort_parity_per_family(tmp_path, family, pixels):
     model = build(family)

@@ -52,6 +52,26 @@ def test_reference_and_export_agree_per_family(family, pixels):
     assert not torch.allclose(ref, dense, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_last_block_for_the_prefix_tokens_alone(family, pixels):
+    """The export form's last block runs for the prefix tokens alone where only they reach the head
+    (global_pool='token'): the same outputs as the full block; average pooling keeps every token."""
+    from dsm_export.patch import prefix_only_last_block
+
+    model = build(family)
+    x = images_for(model, pixels[:4])
+    spec = FAMILIES[family][2]
+    short = apply(model, spec, "export")
+    full = apply(model, spec, "export", full_last_block=True)
+    assert short.prefix_only_last == (model.global_pool == "token")
+    assert not full.prefix_only_last and not apply(model, spec, "reference").prefix_only_last
+    with torch.inference_mode():
+        torch.testing.assert_close(short(x), full(x), rtol=0, atol=2e-5)
+    if getattr(model, "dist_token", None) is not None:  # ToMe reorders the distillation token: the full block stays
+        assert prefix_only_last_block(model) and not prefix_only_last_block(model, tome=True)
+        assert not apply(model, "r=4,mode=tome", "export").prefix_only_last
+
+
 @pytest.mark.parametrize("impl", ["reference", "export"])
 def test_proportional_attention_equals_duplicated_tokens(deit, impl):
     """A token of size 3 attends like three identical copies of it (ToMe Sec. 3.2)."""
@@ -93,7 +113,9 @@ def test_prefix_tokens_are_never_merged(deit, pixels):
     finally:
         for h in hooks:
             h.remove()
-    assert [s.shape[1] for s in seen] == [t.tokens_out for t in merged.tokens]
+    # the last block runs for the class token alone (only it reaches the head)
+    assert merged.prefix_only_last
+    assert [s.shape[1] for s in seen] == [t.tokens_out for t in merged.tokens][:-1] + [1]
     # The class token's path is the only one the head reads; had it been merged, the logits of
     # the merged model would not equal a recomputation that pins it. Check sizes directly instead:
     with torch.inference_mode():

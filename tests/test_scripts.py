@@ -34,14 +34,15 @@ def test_frontier_dominance_compares_only_at_equal_or_higher_speed(monkeypatch):
     import frontier
 
     def engine(family, speedup, kl):
-        return {"family": family, "speedup": speedup, "kl": kl, "precision": "int8 dynamic", "flops_ratio": 1.5}
+        return {"family": family, "speedup": speedup, "kl": kl, "precision": "int8 dynamic", "flops_ratio": 1.5,
+                "spec": "r=13"}
 
     engines = [engine("INT8 alone", 1.45, 0.003), engine("merge fp32", 1.6, 0.03), engine("merge fp32", 1.8, 0.10),
                engine("tuned", 1.4, 0.001),  # below 1.5x: not judged
                engine("tune's Pareto front", 1.55, 0.02),  # beats 0.03 (1.6x) and 0.10 (1.8x)
                engine("tune's Pareto front", 1.7, 0.2),  # loses to 0.10 (1.8x)
                engine("tuned", 2.2, 0.5),  # nothing as fast
-               {**engine("tune's Pareto front", 1.52, 0.004), "flops_ratio": 1.0}]  # INT8 alone itself
+               {**engine("tune's Pareto front", 1.52, 0.004), "spec": "none"}]  # INT8 alone itself
     rows = frontier.dominance(engines)
     assert [r["speedup"] for r in rows] == [1.52, 1.55, 1.7, 2.2]
     assert [r["lower"] for r in rows] == [None, True, False, None]

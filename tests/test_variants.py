@@ -100,11 +100,21 @@ def test_variant_flops():
     plain, base, blocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3"))
     pruned, _, pblocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,prune=2"))
     # a prune block has no matching: only the importance mean over heads
-    assert pblocks[-1].merge == (blocks[-1].tokens_in - 1) * 3
+    assert pblocks[-2].merge == (blocks[-2].tokens_in - 1) * 3
+    # the exported last block runs for the class token alone: keys and values of every token,
+    # one query row, no merge; timm's model (the baseline) runs every block on every token
+    n = blocks[-1].tokens_in
+    assert (blocks[-1].tokens_out, blocks[-1].merge) == (1, 0)
+    assert blocks[-1].attention == n * 192 * 576 + 192 * 192 + 2 * n * 192
+    assert blocks[-1].mlp == 2 * 192 * 768
+    full, full_base, fblocks = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3"), "full")
+    assert full_base == base and fblocks[-1].tokens_out == n - 8 and full - plain == fblocks[-1].total - blocks[-1].total
+    unmerged, _, _ = schedule_flops(model, Schedule())
+    assert 1.06 < base / unmerged < 1.08
     assert pruned < plain
     energy, _, _ = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,match=energy"))
     assert energy > plain  # all-pairs similarity costs more than bipartite
-    tome, _, tblocks = schedule_flops(model, Schedule.parse("r=13,mode=tome"))
+    tome, _, tblocks = schedule_flops(model, Schedule.parse("r=13,mode=tome"), "full")  # as ToMe runs it
     dsm, _, dblocks = schedule_flops(model, Schedule.parse("r=13"))
     assert tblocks[0].merge > dblocks[0].merge  # ToMe matches the class token too
     assert 1.69 < base / tome < 1.71

@@ -16,6 +16,9 @@ def add(sub):
     p.add_argument("--batch", type=int, help="fix the batch axis (default: dynamic)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
     p.add_argument("--input-size", help="expected input size, N or HxW; must be the model's")
+    p.add_argument("--full-last-block", action="store_true",
+                   help="run the last block on every token, as timm does (a timm-equivalent baseline for "
+                        "benchmarks; by default only the tokens the head reads are computed there)")
     p.set_defaults(func=run)
 
 
@@ -29,8 +32,9 @@ def run(args) -> int:
     hw = parse_input_size(args.input_size) if args.input_size else None
     info = export_onnx(args.model, args.output, args.schedule, args.weights, batch=args.batch,
                        opset=args.opset, image_size=hw, pretrained=args.pretrained,
-                       num_classes=args.num_classes)
+                       num_classes=args.num_classes, full_last_block=args.full_last_block)
     tokens = " ".join(str(t) for t in info.tokens)
     print(f"wrote {args.output}: {info.model}, schedule {args.schedule}, output {info.output}, "
-          f"batch {info.batch or 'dynamic'}, tokens per block {tokens}")
+          f"batch {info.batch or 'dynamic'}, tokens per block {tokens}"
+          + ("; last block for the prefix tokens alone" if info.last_block == "prefix" else ""))
     return 0

@@ -27,7 +27,7 @@ def run(args) -> int:
 
         model = load_onnx(args.target)
         info = read_metadata(model, args.target)
-        report = inspect_schedule(info.model, args.schedule or info.schedule)
+        report = inspect_schedule(info.model, args.schedule or info.schedule, info.last_block)
         report.update(precision_of(model))
     else:
         if not args.schedule:
