@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         _export_timm(model, timm_path)
         add("timm's graph", "fp32 unmerged, timm's own graph (plain torch.onnx.export, no dsm-export)",
             Schedule.parse("none"), "fp32", timm_path)
+        engines[-1]["flops_ratio"] = 1.0
         for mode, activations, keep in (("static", "int8", None), ("static", "uint8", None),
                                         ("dynamic", "uint8", None), ("dynamic", "uint8", ())):
             path = os.path.join(work, f"none_int8_{mode}_{activations}{'_all' if keep == () else ''}.onnx")
