@@ -53,7 +53,7 @@ class ExportInfo:
         output: the graph output, ``logits`` or ``embeddings`` (identity head).
         last_block: ``"prefix"`` if the last block runs for the prefix tokens alone (see
             :meth:`dsm_export.patch.MergedViT._last_block_prefix`), ``"full"`` if for every token
-            (as timm's model; files written before 0.3 are all ``"full"``).
+            (as timm's model; files without ``dsm.last_block`` metadata are ``"full"``).
     """
 
     model: str
