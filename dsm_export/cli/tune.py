@@ -21,7 +21,8 @@ def add(sub):
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
     target.add_argument("--target-speedup", type=float,
-                        help="ONNX Runtime speed-up over the fp32 unmerged export, measured on this machine")
+                        help="ONNX Runtime speed-up over the fp32 unmerged model (timm's arithmetic: every block on every "
+                             "token), measured on this machine")
     p.add_argument("--precision", choices=("fp32", "int8", "int8-dynamic", "int8-dynamic-all", "auto"),
                    default="fp32",
                    help="engine precision: fp32, int8 (static QDQ, TensorRT-compatible), int8-dynamic (ONNX "
@@ -158,7 +159,7 @@ def run(args) -> int:
             runs = cal.get("speedup_runs")
             timing = (f"mean of two runs timed apart, {runs[0]:.2f}x and {runs[1]:.2f}x, each the median of "
                       f"{args.repeats}" if runs else f"median of {args.repeats}")
-            print(f"measured ONNX Runtime speed-up: {cal['speedup']:.2f}x over the fp32 unmerged export "
+            print(f"measured ONNX Runtime speed-up: {cal['speedup']:.2f}x over the fp32 unmerged model (timm's arithmetic) "
                   f"(batch 32, {timing}, {report['machine']['cpu']}, {report['machine']['threads']} threads)")
         print(f"calibration ({len(calib)} images): {div} {cal['divergence']:.4f}, "
               f"{agree} {100 * cal['agreement']:.1f} %, {cal['flops_ratio']:.2f}x fewer FLOPs")
