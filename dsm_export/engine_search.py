@@ -287,7 +287,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                 quantize_int8(fp32_path, files[precision], calib, precision_options(precision, quant_options))
             for precision, path in files.items():
                 # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
-                if precision in precisions and not (path == base_path):
+                if precision in precisions and path != base_path:
                     timed[f"{precision} {tag}"] = path
                     meta[f"{precision} {tag}"] = (k, schedule, metrics, precision)
         rates = ort_throughput({"baseline": base_path, **timed}, batch=batch, repeats=repeats, threads=threads,

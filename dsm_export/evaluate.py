@@ -54,13 +54,14 @@ def model_logits(module: nn.Module, pixels: torch.Tensor, batch_size: int = 50) 
                            for i in range(0, len(pixels), batch_size)])
 
 
-def flops_ratio(model: nn.Module, schedule: Schedule) -> float:
-    """Unmerged FLOPs over the FLOPs under ``schedule`` (analytic, see :mod:`dsm_export.flops`).
+def flops_ratio(model: nn.Module, schedule: Schedule, last_block: str | None = None) -> float:
+    """timm's unmerged FLOPs over the FLOPs under ``schedule`` (analytic, see :mod:`dsm_export.flops`;
+    ``last_block`` as for :func:`dsm_export.flops.schedule_flops`).
 
     Raises:
         ScheduleError: if the schedule does not fit the model.
     """
-    merged, base, _ = schedule_flops(model, schedule)
+    merged, base, _ = schedule_flops(model, schedule, last_block)
     return base / merged
 
 

@@ -82,8 +82,10 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         attn = blk.attn
         n_in, n_out = t.tokens_in, t.tokens_out
         if prefix_only_last and i == len(model.blocks) - 1:
-            qkv = _linear_macs(attn.qkv, n_in)  # keys and values of every token (queries too)
-            a = qkv + _linear_macs(attn, prefix) - _linear_macs(attn.qkv, prefix) + 2 * prefix * n_in * attn.attn_dim
+            # qkv on every token (the keys and values; the queries come with them), the other
+            # linears (proj) and the prefix tokens' attention rows over every token
+            others = _linear_macs(attn, prefix) - _linear_macs(attn.qkv, prefix)
+            a = _linear_macs(attn.qkv, n_in) + others + 2 * prefix * n_in * attn.attn_dim
             mlp = _linear_macs(blk.mlp, prefix)
             per_block.append(BlockFlops(t.index, n_in, prefix, a, 0, mlp))
             total += a + mlp
@@ -137,9 +139,9 @@ def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None 
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
     if last_block is None:
-        from .patch import prefix_only_last_block
+        from .patch import last_block_form
 
-        last_block = "prefix" if prefix_only_last_block(model, schedule.mode == "tome") else "full"
+        last_block = last_block_form(model, schedule)
     merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
                                     schedule.match, schedule.metric, schedule.merge,
                                     prefix_only_last=last_block == "prefix")

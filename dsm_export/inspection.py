@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .flops import schedule_flops
 from .models import create_model
-from .patch import apply, prefix_only_last_block
+from .patch import apply, last_block_form
 from .schedule import Schedule
 
 
@@ -37,8 +37,7 @@ def inspect_schedule(model_name: str, schedule: Schedule | str, last_block: str 
         schedule = Schedule.parse(schedule)
     model = create_model(model_name, warn_random=False)
     merged = apply(model, schedule, name=model_name)
-    if last_block is None:
-        last_block = "prefix" if prefix_only_last_block(model, schedule.mode == "tome") else "full"
+    last_block = last_block or last_block_form(model, schedule)
     total, base, blocks = schedule_flops(model, schedule, last_block)
     rows = []
     for t, f in zip(merged.tokens, blocks):

@@ -389,6 +389,12 @@ def prefix_only_last_block(model: nn.Module, tome: bool = False) -> bool:
     return getattr(model, "cls_token", None) is not None and not (tome and has_dist)
 
 
+def last_block_form(model: nn.Module, schedule: Schedule) -> str:
+    """How an export of ``schedule`` runs ``model``'s last block by default: ``"prefix"`` (for the
+    prefix tokens alone, :func:`prefix_only_last_block`) or ``"full"``."""
+    return "prefix" if prefix_only_last_block(model, schedule.mode == "tome") else "full"
+
+
 def _mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Elementwise mean of equal-shaped tensors, summed left to right (as torch's mean over 3 heads)."""
     total = tensors[0]
