@@ -5,7 +5,10 @@ Search (on calibration images, PyTorch reference implementation):
 
 1. a grid over DSM's parameters -- delay, local blocks, window grid, r at the first merging block
    and r at the last (r falls or rises linearly) -- and ToMe's constant r, keeping every schedule whose analytic
-   FLOP reduction is at least the target and at most ``slack`` above it;
+   FLOP reduction is at least the target and at most ``slack`` above it; past ``max_grid`` of them,
+   coarse to fine: half the budget spread evenly over the grid (ToMe's constant r always among
+   them), the other half on the candidates nearest the best so far (:func:`grid_distance`: its
+   own delay, local blocks and windows with another r shape first);
 2. merge variants on the best grid schedule (same token counts, so the same FLOPs up to the
    matching's own cost, which :func:`reach_target` makes up by raising r where needed):
    importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), PiToMe's energy
@@ -174,6 +177,27 @@ def grid_candidates(model: nn.Module, target: float, slack: float = 0.05,
     return out
 
 
+def spread_sample(cands: list[Schedule], n: int) -> tuple[list[Schedule], list[Schedule]]:
+    """``n`` grid candidates spread evenly over ``cands`` (which :func:`grid_candidates` orders by
+    r), plus every ToMe constant-r candidate, so the search starts no worse than ToMe; and the rest."""
+    picked = {int(i) for i in np.linspace(0, len(cands) - 1, n)}
+    picked |= {i for i, s in enumerate(cands) if s.r_end is None and not s.delay and not s.local}
+    return ([s for i, s in enumerate(cands) if i in picked], [s for i, s in enumerate(cands) if i not in picked])
+
+
+def grid_distance(a: Schedule, b: Schedule) -> float:
+    """How far apart two grid schedules are, for the fine stage of :func:`tune`: a block of delay or
+    of local merging counts 2, another window grid 1, every 4 of r at the last merging block 1 and
+    every 4 of r at the first 0.5 (so a schedule's own structure with another r shape comes first,
+    then its neighbours in delay and local blocks)."""
+    def key(s):
+        return (s.delay or 0, s.local or 0, tuple(s.windows) if s.local else None,
+                s.r if s.r_end is None else s.r_end, s.r)
+
+    (da, la, wa, ea, ra), (db, lb, wb, eb, rb) = key(a), key(b)
+    return 2 * abs(da - db) + 2 * abs(la - lb) + (wa != wb) + abs(ea - eb) / 4 + abs(ra - rb) / 8
+
+
 def _div(row: dict) -> float:
     return row["divergence"] if "divergence" in row else row["kl"]
 
@@ -204,7 +228,8 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         model: unmerged timm ViT (eval mode).
         pixels: ``[N, 3, H, W]`` calibration images (preprocessed).
         target: FLOP reduction to reach (e.g. 1.7).
-        max_grid: grid candidates evaluated at most (spread evenly over the grid).
+        max_grid: grid candidates evaluated at most (half spread evenly over the grid, half nearest
+            the best so far).
         refine_steps: per-block moves tried.
         slack: grid candidates may exceed the target by this much.
         progress: show a progress bar.
@@ -225,20 +250,26 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
     cands = grid_candidates(model, target, slack)
     if not cands:
         raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
-    if len(cands) > max_grid:
-        cands = [cands[int(i)] for i in np.linspace(0, len(cands) - 1, max_grid)]
     evaluated: list[dict] = []
     best, best_m = None, None
     n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + 1 + len(FORM_OPTIONS) + 2 if variants else 0
-    bar = tqdm(total=len(cands) + n_variants + refine_steps, desc="tune", unit="schedule",
+    bar = tqdm(total=min(len(cands), max_grid) + n_variants + refine_steps, desc="tune", unit="schedule",
                disable=not progress, leave=False)
-    for s in cands:
+    # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
+    # unevaluated candidates nearest the best so far (grid_distance), one at a time.
+    first, rest = spread_sample(cands, max(1, max_grid // 2)) if len(cands) > max_grid else (cands, [])
+    queue = list(first)
+    while queue:
+        s = queue.pop(0)
         m = schedule_metrics(model, s, pixels, base)
         m["spec"] = s.spec()
         evaluated.append(m)
         if _better(m, best_m):
             best, best_m = s, m
         bar.update()
+        if not queue and rest and len(evaluated) < max_grid:
+            nearest = min(range(len(rest)), key=lambda i: grid_distance(rest[i], best))
+            queue.append(rest.pop(nearest))
 
     variant_rows: list[dict] = []
     if variants:

@@ -60,6 +60,23 @@ def test_int8_file_is_standard_static_symmetric_qdq(int8_file, fp32_file):
     assert any(n.op_type == "TopK" for n in matching) and any(n.op_type == "ArgMax" for n in matching)
 
 
+def test_a_block_of_width_plus_one_tokens_is_still_quantized(deit, weights, tmp_path):
+    """``r=4`` leaves 193 = 192 + 1 tokens in block 1, so its attention logits ``[B, 193, 193]``
+    have the shape of features with their sizes appended; they are not sizes, and the block's
+    qkv layer must not be kept fp32 as if it fed only the matching path."""
+    from dsm_export.export import export_model
+    from dsm_export.quantize import layer_labels, matching_nodes
+
+    path = str(tmp_path / "r4.onnx")
+    export_model(deit, DEIT, path, "r=4", weights=weights)
+    model = onnx.load(path)
+    labels = layer_labels(model)
+    kept = [labels[n] for n in matching_nodes(model) if n in labels]
+    assert kept == []
+    # the size path itself (the width + 1 tensor of the size-weighted merge) is still kept
+    assert any(n.op_type == "Concat" for n in model.graph.node if n.name in set(matching_nodes(model)))
+
+
 def test_inspect_reports_the_quantization(int8_file, tmp_path, capsys):
     assert main(["inspect", int8_file, "--json", str(tmp_path / "i.json")]) == 0
     out = capsys.readouterr().out

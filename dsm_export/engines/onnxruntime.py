@@ -69,10 +69,12 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of nodes to keep in fp32 in an fp16 conversion of a DSM graph.
 
     * Sizes: every node with a float input or output whose last dimension is 1 (token sizes,
-      ``log(size)``) or the embedding width + 1 (features and sizes merged together), found by
-      shape inference: the size-weighted merge and the proportional-attention term. The width is
-      that of the first LayerNormalization's input; a graph without one keeps only the
-      last-dimension-1 rule.
+      ``log(size)``), found by shape inference, or a tensor of features with their sizes appended
+      (last dimension the embedding width + 1, computed from a Concat with a size): the
+      size-weighted merge and the proportional-attention term. The width is that of the first
+      LayerNormalization's input; a graph without one keeps only the last-dimension-1 rule.
+      (Attention logits of a block with width + 1 tokens have that last dimension too: they are
+      not sizes.)
     * Matching: ``TopK``/``ArgMax`` and, as for the above, every node whose outputs feed only
       (transitively) into fp32 nodes -- the key mean over heads, normalisation, similarity MatMul,
       ReduceMax, the one-hot assignment.
@@ -88,7 +90,17 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
             shapes[init.name] = init.dims[-1]
     norm = next((n for n in inferred.graph.node if n.op_type == "LayerNormalization"), None)
     width = shapes.get(norm.input[0], 0) if norm is not None else 0
-    size_dims = {1, width + 1} if width else {1}  # no LayerNormalization: the width is unknown
+    sizes = {t for t, d in shapes.items() if d == 1}
+    # Features with their sizes appended ([..., width + 1]): the outputs of a Concat that takes a
+    # size, and every width + 1 tensor computed from one (graph order is topological). Not every
+    # width + 1 tensor: a block with width + 1 tokens has [B, N, N] attention logits of that width.
+    merged = set()
+    for node in inferred.graph.node:
+        if width and any(shapes.get(o) == width + 1 for o in node.output) and (
+                (node.op_type == "Concat" and any(i in sizes for i in node.input))
+                or any(i in merged for i in node.input)):
+            merged.update(o for o in node.output if shapes.get(o) == width + 1)
+    size_tensors = sizes | merged
 
     consumers: dict[str, list] = {}
     for node in inferred.graph.node:
@@ -96,8 +108,8 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
             consumers.setdefault(i, []).append(node)
     keep = {n.name for n in inferred.graph.node if n.op_type in ("TopK", "ArgMax")}
     for node in inferred.graph.node:
-        tensors = [t for t in list(node.input) + list(node.output) if t in shapes]
-        if any(shapes[t] in size_dims for t in tensors) and node.op_type not in ("Constant", "Shape"):
+        if node.op_type not in ("Constant", "Shape") and any(
+                t in size_tensors for t in list(node.input) + list(node.output)):
             keep.add(node.name)
     changed = True
     while changed:  # backward closure: nodes that only feed fp32 nodes are fp32 too
