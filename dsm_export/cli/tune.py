@@ -43,7 +43,8 @@ def add(sub):
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
     p.add_argument("--max-grid", type=int, default=None,
-                   help="schedules per search (default 48; 16 per rung with --target-speedup)")
+                   help="grid schedules per search, half spread over the grid and half nearest the best "
+                        "so far (default 48; 16 per rung with --target-speedup)")
     p.add_argument("--refine-steps", type=int, default=None, help="per-block moves (default 24; 8 per rung)")
     p.add_argument("--rungs", type=int, default=6, help="FLOP-ratio rungs measured (--target-speedup)")
     p.add_argument("--repeats", type=int, default=5, help="timing repetitions, median taken (at least 5)")
