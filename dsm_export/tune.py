@@ -258,18 +258,14 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
     # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
     # unevaluated candidates nearest the best so far (grid_distance), one at a time.
     first, rest = spread_sample(cands, max(1, max_grid // 2)) if len(cands) > max_grid else (cands, [])
-    queue = list(first)
-    while queue:
-        s = queue.pop(0)
+    while first or (rest and len(evaluated) < max_grid):
+        s = first.pop(0) if first else rest.pop(min(range(len(rest)), key=lambda i: grid_distance(rest[i], best)))
         m = schedule_metrics(model, s, pixels, base)
         m["spec"] = s.spec()
         evaluated.append(m)
         if _better(m, best_m):
             best, best_m = s, m
         bar.update()
-        if not queue and rest and len(evaluated) < max_grid:
-            nearest = min(range(len(rest)), key=lambda i: grid_distance(rest[i], best))
-            queue.append(rest.pop(nearest))
 
     variant_rows: list[dict] = []
     if variants:
