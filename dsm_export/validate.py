@@ -127,6 +127,14 @@ def embedding_metrics(embeddings: np.ndarray, unmerged: np.ndarray, k: int = KNN
             "divergence": dist, "agreement": overlap}
 
 
+def per_image_divergence(outputs: np.ndarray, unmerged: np.ndarray, embeddings: bool = False) -> np.ndarray:
+    """The per-image terms whose mean is :func:`output_metrics`' ``divergence``: ``[N]`` KL in nats
+    (:func:`kl_divergence`, the unmerged model as reference) for logits, 1 - cosine for embeddings."""
+    if embeddings:
+        return 1.0 - cosine_similarity(outputs, unmerged)
+    return kl_divergence(unmerged, outputs)
+
+
 def output_metrics(outputs: np.ndarray, unmerged: np.ndarray, labels=None, embeddings: bool = False) -> dict:
     """:func:`agreement_metrics` for logits, :func:`embedding_metrics` for embeddings; both carry
     ``divergence`` (KL, or mean 1 - cosine) and ``agreement`` (top-1 agreement, or overlap@k)."""

@@ -257,6 +257,33 @@ def test_confirmation_contenders_are_the_rows_that_could_be_chosen():
     assert confirmation_contenders(rows, 2.4) == [rows[3]]  # nothing reaches 2.4x: every near row
 
 
+def test_choice_takes_the_fastest_engine_within_one_standard_error_of_the_least_kl():
+    """Two engines whose KL differs by less than the calibration images can resolve (one standard
+    error of the paired per-image difference) are tied: the faster is chosen, and both are timed
+    again; a clearly worse KL is never chosen for its speed."""
+    from dsm_export.engine_search import choose, confirmation_contenders, within_one_se
+
+    rng = np.random.default_rng(0)
+    least = rng.gamma(2.0, 0.005, 128)  # per-image KL of the least-KL engine, mean about 0.01
+    noise = rng.normal(0, 0.009, 128)
+    per_image = {"slow": least, "fast": least + 0.0002 + noise - noise.mean(), "fastest": 2 * least}
+
+    def row(path, speedup):
+        return {"path": path, "speedup": speedup, "divergence": float(per_image[path].mean()), "agreement": 0.95,
+                "precision": "int8-dynamic", "flops_ratio": 1.4}
+
+    rows = [row("slow", 2.13), row("fast", 2.21), row("fastest", 2.45)]
+    assert within_one_se(least, per_image["fast"]) and not within_one_se(least, per_image["fastest"])
+    assert within_one_se(per_image["fastest"], least)  # a lower KL is always within
+    assert choose(rows, 2.0) is rows[0]  # no per-image terms: the least KL
+    assert choose(rows, 2.0, per_image=per_image) is rows[1]
+    assert choose(rows, 2.2, per_image=per_image) is rows[1] and choose(rows, 2.3, per_image=per_image) is rows[2]
+    assert confirmation_contenders(rows, 2.0, per_image=per_image) == rows[:2]
+    assert confirmation_contenders(rows, 2.0) == rows[:1]
+    with pytest.raises(ValueError):
+        within_one_se(least, least[:10])
+
+
 def _integer_matmuls(path: str) -> int:
     return sum(n.op_type in ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
                for n in onnx.load(path).graph.node)
