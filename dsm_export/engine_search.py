@@ -163,17 +163,23 @@ def within_one_se(least: np.ndarray, other: np.ndarray) -> bool:
     return bool(diff.mean() <= diff.std(ddof=1) / np.sqrt(diff.size))
 
 
-def _least(rows: list[dict], target: float, budget: Budget | None) -> dict | None:
-    ok = [r for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))]
-    return min(ok, key=lambda r: (r["divergence"], -r["agreement"])) if ok else None
+def _reaching(rows: list[dict], target: float, budget: Budget | None) -> list[dict]:
+    """The rows whose measured ``speedup`` reaches ``target`` and that keep within ``budget``."""
+    return [r for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))]
+
+
+def _least(rows: list[dict]) -> dict | None:
+    """The least-``divergence`` row (ties: higher ``agreement``); None for no rows."""
+    return min(rows, key=lambda r: (r["divergence"], -r["agreement"])) if rows else None
 
 
 def _tied(row: dict, least: dict, per_image: dict | None) -> bool:
-    """``row``'s divergence is ``least``'s or within one standard error above it (:func:`within_one_se`)."""
+    """``row``'s divergence is ``least``'s or lower, or within one standard error above it
+    (:func:`within_one_se`, where ``per_image`` has both rows' ``path``)."""
     if row["divergence"] <= least["divergence"]:
         return True
-    return bool(per_image) and least.get("path") in per_image and row.get("path") in per_image and \
-        within_one_se(per_image[least["path"]], per_image[row["path"]])
+    a, b = (per_image or {}).get(least.get("path")), (per_image or {}).get(row.get("path"))
+    return a is not None and b is not None and within_one_se(a, b)
 
 
 def choose(rows: list[dict], target: float, budget: Budget | None = None,
@@ -184,16 +190,16 @@ def choose(rows: list[dict], target: float, budget: Budget | None = None,
     With ``per_image`` (row ``path`` -> ``[N]`` per-image divergences on the calibration images), the
     fastest of the rows whose divergence is within one standard error of that least one
     (:func:`within_one_se`) is chosen instead: a KL difference the images cannot resolve does not
-    outweigh a measured speed margin over the target. (On DeiT-Tiny at 2.0x, dynamic INT8 of one
-    schedule with its first block fp32 measured KL 0.0103 and every layer INT8 0.0105, 0.24 standard
-    errors apart; the second is about 10 % faster.)
+    outweigh a measured speed margin over the target. (In the 2.0x search of the README's frontier
+    at commit b4fec89, one schedule's dynamic INT8 with the first block fp32 scored calibration KL
+    0.0103 at 2.14x and with every layer INT8 0.0105 at 2.21x; the first was chosen.)
     """
-    least = _least(rows, target, budget)
+    ok = _reaching(rows, target, budget)
+    least = _least(ok)
     if least is None or not per_image:
         return least
-    tied = [r for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))
-            and _tied(r, least, per_image)]
-    return max(tied, key=lambda r: (r["speedup"], -r["divergence"], r["agreement"]))
+    return max((r for r in ok if _tied(r, least, per_image)),
+               key=lambda r: (r["speedup"], -r["divergence"], r["agreement"]))
 
 
 def fastest_within(rows: list[dict], budget: Budget | None = None) -> dict | None:
@@ -367,8 +373,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     bar.close()
     # Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on a
     # shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
-    # the target -- on the Pareto front, within `confirm_margin` below it, no worse in KL than the
-    # first choice -- are timed again together in one alternating run; each keeps the mean of its
+    # the target -- on the Pareto front, within `confirm_margin` below it, KL within one standard
+    # error of the least there -- are timed again together in one alternating run; each keeps the mean of its
     # two measurements (``speedup_runs``) and the choice is made again.
     contenders = confirmation_contenders(rows, target, confirm_margin, budget, per_image)
     if len(contenders) > 1 or (contenders and choose(rows, target, budget, per_image) is None):
@@ -404,7 +410,7 @@ def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.0
     with ``divergence`` no higher than the least-KL row at the target -- or, with ``per_image``,
     within one standard error of it (:func:`choose`) -- (all such rows when nothing reached the
     target). The unmerged fp32 baseline is never one."""
-    least = _least(rows, target, budget)
+    least = _least(_reaching(rows, target, budget))
     admitted = [r for r in rows if budget is None or budget.admits(r)]
     return [r for r in speed_pareto(admitted)
             if not (r["precision"] == "fp32" and r["flops_ratio"] <= 1.0)
