@@ -11,7 +11,10 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
   (the search's best grid schedule, then each variant on it: plain, the best ``protect=P``, the best
   ``prune=K``, ``match=energy``, the best of ``metric=heads`` / ``merge=mlerp``, and the best
   combination of the groups' winners);
-* **tuned**: the schedule tune returns (variant stage, then per-block refinement).
+* **tuned**: the schedule ``tune --target-flops-ratio --export`` writes: the search (variant
+  stage, then per-block refinement), then its speed check (:mod:`dsm_export.speed_check`): the
+  least-KL candidates timed with ONNX Runtime on this machine, the least-KL one whose speed-up is at
+  least 0.9 of its FLOP ratio kept (with ``--no-bench``: the least-KL schedule, untimed).
 
 Every row is scored on the held-apart photos (the split of ``tune --calibration 128``): top-1,
 top-1 agreement and KL to the unmerged model; then exported to ONNX and timed with ONNX Runtime in
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     from dsm_export.export import export_model
     from dsm_export.models import create_model
     from dsm_export.schedule import Schedule
-    from dsm_export.tune import tune, variant_group
+    from dsm_export.speed_check import speed_check
+    from dsm_export.tune import tune, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
     calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration,
@@ -108,7 +112,17 @@ def main(argv=None) -> int:
                  "combined": "+ each group's best, combined (best)"}
         for family, row in best_of.items():
             entries.append((names.get(family, family), row["spec"]))
-        entries.append((f"tuned (variant: {result.variant})", result.best.spec()))
+        tuned = result.best
+        if not args.no_bench:  # as tune --export does: the least-KL schedule that keeps up in speed
+            with tempfile.TemporaryDirectory() as tmp:
+                check = speed_check(model, args.model, args.weights, result.evaluated, target, tmp,
+                                    repeats=args.repeats)
+            if check.chosen is not None:
+                tuned = Schedule.parse(check.chosen["spec"])
+            for row in check.rows:
+                print(f"{target}x speed check: {row['speed_per_flop']:.2f} KL {row['divergence']:.4f} {row['spec']}",
+                      file=sys.stderr, flush=True)
+        entries.append((f"tuned (variant: {variant_label(tuned)})", tuned.spec()))
         for kind, spec in entries:
             m = schedule_metrics(model, Schedule.parse(spec), held_px, base, held.labels)
             rows.append({"target": target, "kind": kind, "spec": spec, **m})

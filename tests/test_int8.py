@@ -323,7 +323,7 @@ def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys, p
     out = str(tmp_path / "tuned.onnx")
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
                  "--calibration", "16", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
-                 "--precision", precision, "--export", out, "--no-progress"])
+                 "--precision", precision, "--export", out, "--min-speed-per-flop", "0", "--no-progress"])
     assert code == 0 and f"wrote {out}: {precision}," in capsys.readouterr().out
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert meta["dsm.precision"] == "int8"
@@ -351,6 +351,13 @@ def test_tune_refuses_bad_precision_target(weights, images_dir, tmp_path, capsys
                      flag, value, "--export", str(tmp_path / "f.onnx")])
         err = capsys.readouterr().err
         assert code == 2 and flag in err and len(err.strip().splitlines()) == 1
+    for flags in (["--target-flops-ratio", "1.5", "--min-speed-per-flop", "0.9"],  # no --export
+                  ["--target-speedup", "2", "--min-speed-per-flop", "0.9", "--export", str(tmp_path / "f.onnx")],
+                  ["--target-flops-ratio", "1.5", "--min-speed-per-flop", "3", "--export", str(tmp_path / "f.onnx")],
+                  ["--target-flops-ratio", "1.5", "--speed-candidates", "0", "--export", str(tmp_path / "f.onnx")]):
+        code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and ("--min-speed-per-flop" in err or "--speed-candidates" in err), err
     for strides in ("0", "1,x", "2,2", ""):
         code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-speedup", "2",
                      "--strides", strides, "--export", str(tmp_path / "f.onnx")])

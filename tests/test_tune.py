@@ -56,3 +56,70 @@ def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
     schedule = Schedule.parse(str(out))
     assert flops_ratio(deit, schedule) >= 1.5
     assert json.loads(out.read_text())["blocks"]
+
+
+def test_speed_check_candidates_confirmation_and_choice():
+    """Which schedules the speed check times, which it times twice, and which it keeps."""
+    from dsm_export.engine_search import Budget
+    from dsm_export.speed_check import confirmation_round, first_fast_enough, speed_candidates
+
+    def row(spec, kl, fr=1.71, agree=0.9):
+        return {"spec": spec, "divergence": kl, "agreement": agree, "flops_ratio": fr}
+
+    rows = [row("r=33,r_end=0,delay=3,metric=heads", 0.030),
+            row('{"blocks":["none","none","none","global 40","global 30","global 20","global 10","global 5",'
+                '"global 5","global 3","global 3","global 0"],"metric":"heads"}', 0.031),
+            row("r=33,r_end=0,delay=3,metric=heads,protect=8", 0.029),
+            row("r=34,r_end=0,delay=3,metric=heads", 0.032),  # a third metric=heads: capped at two
+            row("r=33,r_end=0,delay=3", 0.040),
+            row("r=33,r_end=0,delay=3", 0.040),  # same spec twice: timed once
+            row("r=30,r_end=0,delay=3", 0.020, fr=1.6),  # below the target
+            row("r=33,r_end=0,delay=3,protect=16", 0.035, agree=0.5)]
+    got = [r["spec"] for r in speed_candidates(rows, 1.7, count=6)]
+    assert got == [rows[2]["spec"], rows[0]["spec"], rows[1]["spec"], rows[7]["spec"], rows[4]["spec"]]
+    assert [r["spec"] for r in speed_candidates(rows, 1.7, count=2)] == got[:2]
+    assert rows[7]["spec"] not in [r["spec"] for r in speed_candidates(rows, 1.7, budget=Budget(0.8))]
+
+    timed = [{"spec": s, "speed_per_flop": q} for s, q in zip("abcde", (0.80, 0.88, 0.93, 0.96, 0.99))]
+    assert first_fast_enough(timed, 0.9)["spec"] == "c"
+    assert first_fast_enough(timed, 1.0) is None
+    # within 0.05 of the floor, up to the first that clears it by more: c could still fall below
+    assert [r["spec"] for r in confirmation_round(timed, 0.9, 0.05)] == ["b", "c"]
+    assert confirmation_round(timed, 0.7, 0.05) == []
+
+
+def test_speed_check_times_real_exports(deit, weights, pixels, tmp_path):
+    """Two real candidates exported and timed against timm's unmerged model in ONNX Runtime."""
+    from dsm_export.export import read_metadata
+    from dsm_export.speed_check import first_fast_enough, speed_check
+
+    import onnx
+
+    base = model_logits(deit, pixels[:8])
+    rows = [schedule_metrics(deit, Schedule.parse(s), pixels[:8], base) | {"spec": s}
+            for s in ("r=13", "r=34,r_end=0,delay=3,local=1,protect=16")]
+    check = speed_check(deit, DEIT, weights, rows, 1.7, str(tmp_path), min_quotient=0.5, count=2)
+    assert [r["spec"] for r in check.rows] == sorted((r["spec"] for r in rows),
+                                                     key=lambda s: next(r["kl"] for r in rows if r["spec"] == s))
+    for r in check.rows:
+        assert r["speedup"] > 1.2 and abs(r["speed_per_flop"] - r["speedup"] / r["flops_ratio"]) < 1e-9
+        assert read_metadata(onnx.load(r["path"])).schedule.to_dict(12) == Schedule.parse(r["spec"]).to_dict(12)
+    assert check.chosen is first_fast_enough(check.rows, 0.5)
+    assert check.machine["batch"] == 32 and check.machine["repeats"] == 5
+
+
+def test_tune_export_speed_check_cli(weights, images_dir, tmp_path, capsys):
+    out, report = tmp_path / "tuned.onnx", tmp_path / "report.json"
+    code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
+                 "--calibration", "8", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
+                 "--speed-candidates", "2", "--export", str(out), "--report", str(report), "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0 and "speed check (ONNX Runtime cpu" in text and "at least 0.90 kept" in text
+    timed = json.loads(report.read_text())["speed_check"]
+    assert len(timed) == 2 and all(r["speed_per_flop"] > 0 for r in timed)
+    kept = next((r for r in timed if r["speed_per_flop"] >= 0.9), timed[0])
+    import onnx
+    from dsm_export.export import read_metadata
+
+    assert read_metadata(onnx.load(out)).schedule.to_dict(12) == Schedule.parse(kept["spec"]).to_dict(12)
+    assert json.loads(report.read_text())["schedule"] == kept["spec"]

@@ -30,15 +30,21 @@ def add(sub):
                         "layer quantized), or auto (search all four; --target-speedup only); every INT8 "
                         "form is smoothed first (SmoothQuant)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
+    p.add_argument("--min-speed-per-flop", type=float, default=None, metavar="Q",
+                   help="--target-flops-ratio with --export: time the least-KL candidates with ONNX Runtime "
+                        "(fp32, against timm's unmerged model) and keep the least-KL one whose measured "
+                        "speed-up is at least Q times its FLOP ratio (default 0.9; 0 turns the check off)")
+    p.add_argument("--speed-candidates", type=int, default=6, metavar="N",
+                   help="schedules the speed check times at most, least KL first (default 6)")
     p.add_argument("--min-agreement", type=float, metavar="PCT",
                    help="accuracy budget: choose only an engine whose top-1 agreement with the unmerged model "
                         "(retrieval overlap for embedding models) on the calibration images is at least PCT %%")
     p.add_argument("--max-kl", type=float, metavar="K",
                    help="accuracy budget: choose only an engine whose KL to the unmerged model (1 - cosine "
                         "for embedding models) on the calibration images is at most K")
-    p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup")
+    p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup and the speed check")
     p.add_argument("--provider", default="cpu",
-                   help="ONNX Runtime execution provider for --target-speedup: cpu, cuda, tensorrt, openvino "
+                   help="ONNX Runtime execution provider timed by --target-speedup and the speed check: cpu, cuda, tensorrt, openvino "
                         "or a full name (default cpu)")
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
@@ -73,6 +79,14 @@ def _check(args) -> None:
         raise DSMError("--precision auto needs --target-speedup (FLOPs do not change with precision)")
     if args.repeats < 5:
         raise DSMError("--repeats must be at least 5 (the median of 5 or more runs)")
+    if args.min_speed_per_flop is not None:
+        if not args.target_flops_ratio or not args.export:
+            raise DSMError("--min-speed-per-flop needs --target-flops-ratio and --export (it times the exported "
+                           "candidates; --target-speedup measures speed itself)")
+        if not 0 <= args.min_speed_per_flop <= 2:
+            raise DSMError(f"--min-speed-per-flop must be between 0 and 2, got {args.min_speed_per_flop:g}")
+    if args.speed_candidates < 1:
+        raise DSMError(f"--speed-candidates must be at least 1, got {args.speed_candidates}")
     if args.rungs < 1:
         raise DSMError("--rungs must be at least 1")
     args.strides = _strides(args.strides)
@@ -113,7 +127,7 @@ def run(args) -> int:
     for path, what in ((args.output, "--output"), (args.report, "--report"), (args.export, "--export")):
         checks.output_file(path, what)  # fail before minutes of search, not after
     checks.input_file(args.weights, "weights file")
-    if args.target_speedup:
+    if args.target_speedup or _speed_floor(args):
         from ..providers import resolve_providers
 
         resolve_providers(args.provider)  # fail before minutes of search, not after
@@ -156,12 +170,16 @@ def run(args) -> int:
         if budget:
             print(f"accuracy budget on the calibration images: {budget} (kept)")
         cal = report["calibration"]
-        if "speedup" in cal:
+        measured = bool(args.target_speedup)
+        if measured:
             runs = cal.get("speedup_runs")
             timing = (f"mean of two runs timed apart, {runs[0]:.2f}x and {runs[1]:.2f}x, each the median of "
                       f"{args.repeats}" if runs else f"median of {args.repeats}")
             print(f"measured ONNX Runtime speed-up: {cal['speedup']:.2f}x over the fp32 unmerged model (timm's arithmetic) "
                   f"(batch 32, {timing}, {report['machine']['cpu']}, {report['machine']['threads']} threads)")
+        elif "speed_per_flop" in cal:
+            print(f"measured ONNX Runtime speed-up (fp32): {cal['speedup']:.2f}x, {cal['speed_per_flop']:.2f} of "
+                  "the FLOP ratio (speed check above)")
         print(f"calibration ({len(calib)} images): {div} {cal['divergence']:.4f}, "
               f"{agree} {100 * cal['agreement']:.1f} %, {cal['flops_ratio']:.2f}x fewer FLOPs")
         acc = held_metrics.get("top1_accuracy")
@@ -187,7 +205,7 @@ def run(args) -> int:
                       f"({100 * (winner['held_divergence'] / plain['held_divergence'] - 1):+.0f} %)")
             else:
                 print("no variant beat the plain schedule on the calibration images")
-        _print_front(report, "speedup" in cal, div, agree, args.budget)
+        _print_front(report, measured, div, agree, args.budget)
         if args.export:
             from ..fileio import atomic_path
 
@@ -203,7 +221,7 @@ def run(args) -> int:
             "schedule": schedule.spec(), "precision": report["precision"], "divergence": div,
             "budget": budget or None, "calibration": report["calibration"],
             "held_apart": held_metrics, "pareto": report["pareto"], "evaluated": report["evaluated"],
-            "variants": variants,
+            "variants": variants, "speed_check": report.get("speed_check"),
             "machine": report.get("machine"), "calibration_files": list(calib.files),
             "held_apart_images": len(held), "skipped_unreadable": skipped})
     return 0
@@ -262,9 +280,19 @@ def _missed(args, report: dict, div: str, agree: str, n_calib: int, n_held: int,
     return 1
 
 
+def _speed_floor(args) -> float:
+    """The speed check's floor (:mod:`..speed_check`): ``--min-speed-per-flop``, by default 0.9 with
+    ``--target-flops-ratio`` and ``--export``, else 0 (no check)."""
+    from ..speed_check import SPEED_PER_FLOP
+
+    if args.min_speed_per_flop is not None:
+        return args.min_speed_per_flop
+    return SPEED_PER_FLOP if args.target_flops_ratio and args.export else 0.0
+
+
 def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | None]:
-    """``--target-flops-ratio``: the PyTorch schedule search; the result exported (and quantized)
-    only if ``--export`` asks for it."""
+    """``--target-flops-ratio``: the PyTorch schedule search; with ``--export`` the speed check
+    (:func:`..speed_check.speed_check`) and the chosen schedule exported (and quantized)."""
     from ..export import export_model
     from ..tune import tune
 
@@ -274,11 +302,17 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
     if not args.budget.admits(result.best_metrics):
         return {"schedule_obj": None, "spec": result.best.spec(), "calibration": result.best_metrics,
                 "pareto": result.pareto, "evaluated": result.evaluated}, None
+    report = {"schedule_obj": result.best, "precision": args.precision, "calibration": result.best_metrics,
+              "pareto": result.pareto, "evaluated": result.evaluated, "variants": result.variants}
     path = None
     if args.export:
+        floor = _speed_floor(args)
         path = os.path.join(work, "fp32.onnx")
-        export_model(model, args.model, path, result.best, weights=args.weights, pretrained=args.pretrained,
-                     num_classes=args.num_classes)
+        if floor:
+            path = _speed_checked(args, model, result, report, floor, work) or path
+        if not os.path.exists(path):
+            export_model(model, args.model, path, report["schedule_obj"], weights=args.weights,
+                         pretrained=args.pretrained, num_classes=args.num_classes)
         if args.precision != "fp32":
             from ..engine_search import precision_options
             from ..quantize import quantize_int8
@@ -286,8 +320,49 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
             quantize_int8(path, os.path.join(work, "int8.onnx"), calib_pixels.numpy()[:64],  # static mode's
                           precision_options(args.precision))
             path = os.path.join(work, "int8.onnx")
-    return {"schedule_obj": result.best, "precision": args.precision, "calibration": result.best_metrics,
-            "pareto": result.pareto, "evaluated": result.evaluated, "variants": result.variants}, path
+    return report, path
+
+
+def _speed_checked(args, model, result, report: dict, floor: float, work: str) -> str | None:
+    """Run the speed check on ``result``'s evaluated schedules, print it, record it in ``report``
+    (``speed_check``, ``machine``; the choice replaces ``schedule_obj`` and ``calibration``) and
+    return the chosen schedule's fp32 export (None: nothing timed)."""
+    from ..schedule import Schedule
+    from ..speed_check import speed_check
+
+    check = speed_check(model, args.model, args.weights, result.evaluated, args.target_flops_ratio, work,
+                        min_quotient=floor, count=args.speed_candidates, repeats=args.repeats, provider=args.provider,
+                        pretrained=args.pretrained, num_classes=args.num_classes, budget=args.budget)
+    if not check.rows:
+        return None
+    mach = check.machine
+    print(f"speed check (ONNX Runtime {mach['provider']}, fp32 against timm's unmerged model, batch {mach['batch']}, "
+          f"median of {mach['repeats']}, {mach['cpu']}, {mach['threads']} threads): measured speed-up / FLOP "
+          f"ratio of the least-KL schedules, at least {floor:.2f} kept")
+    for row in check.rows:
+        runs = row.get("speedup_runs")
+        timing = f" (mean of {runs[0]:.2f}x and {runs[1]:.2f}x)" if runs else ""
+        print(f"  {row['flops_ratio']:.3f}x FLOPs  {row['speedup']:.2f}x{timing}  {row['speed_per_flop']:.2f}  "
+              f"KL {row['divergence']:.4f}  {row['spec']}")
+    chosen = check.chosen
+    report["speed_check"] = [{k: v for k, v in r.items() if k != "path"} for r in check.rows]
+    report["machine"] = mach
+    if chosen is None:
+        best = max(check.rows, key=lambda r: r["speed_per_flop"])
+        print(f"note: none of the {len(check.rows)} schedules timed reached {floor:.2f} of its FLOP ratio "
+              f"(best {best['speed_per_flop']:.2f}); kept the least-KL schedule")
+        least = check.rows[0]
+        if least["spec"] != result.best.spec():
+            return None
+        return least["path"]
+    if chosen["spec"] != result.best.spec():
+        first = check.rows[0]
+        print(f"speed check: {chosen['spec']} chosen over the least-KL {first['spec']} "
+              f"({chosen['speed_per_flop']:.2f} against {first['speed_per_flop']:.2f} of the FLOP ratio; "
+              f"KL {chosen['divergence']:.4f} against {first['divergence']:.4f})")
+    report["schedule_obj"] = Schedule.parse(chosen["spec"])
+    report["calibration"] = {k: v for k, v in chosen.items() if k != "path"}
+    return chosen["path"]
 
 
 def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[dict]:

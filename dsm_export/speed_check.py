@@ -1,0 +1,167 @@
+"""Speed check of a FLOP-target search: the least-KL schedule whose *measured* ONNX Runtime speed-up
+keeps up with its FLOP ratio.
+
+A FLOP ratio counts multiply-adds. A merging block also runs many small memory-bound ops that
+count next to nothing (the matching's TopK and ArgMax, gathers, the one-hot assignment, the window
+permutation; ``metric=heads`` and ``merge=mlerp`` add per-head normalisation and token norms;
+``protect`` adds the class-attention TopK), and a per-block refinement can leave late blocks that
+merge 3 tokens yet pay a whole matching. So two schedules at the same FLOP ratio can differ by
+~10 % in measured speed, and the least-KL one is often the slower. ``tune --target-flops-ratio
+--export`` therefore measures the least-KL candidates of its search and keeps the least-KL one
+whose speed-up is at least ``min_quotient`` (default :data:`SPEED_PER_FLOP`) times its FLOP ratio:
+
+1. the candidates: the evaluated schedules that reach the target (and keep within an optional
+   :class:`~dsm_export.engine_search.Budget`), least divergence first, at most
+   :data:`PER_VARIANT` per variant label (so that one slow variant's per-block refinements cannot
+   fill every place), ``count`` in all (:func:`speed_candidates`);
+2. each exported to fp32 ONNX and timed in one alternating run against timm's unmerged model (the
+   baseline FLOP ratios are counted against: every block on every token), timed again before every
+   candidate (:func:`dsm_export.benchmark.ort_throughput`, batch 32, median of ``repeats``);
+3. a confirmation round: candidates whose quotient lies within ``confirm_margin`` of the floor, up
+   to the first that clears it by more, are timed again together, and each keeps the mean of its
+   two measurements (a burst of load on a shared machine moves one run's figures by 5-10 %);
+4. the choice (:func:`first_fast_enough`): the least-KL candidate at or above the floor; None if
+   none is, and the caller keeps the least-KL schedule and says so.
+
+The quotient is measured in fp32 whatever precision the engine is exported in: the merge overhead
+is a property of the graph, and the FLOP ratio does not change with precision.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+SPEED_PER_FLOP = 0.9  # the least measured speed-up per unit of FLOP ratio tune --export accepts
+PER_VARIANT = 2  # candidates timed per variant label at most
+
+
+def _key(row: dict):
+    return (row["divergence"], -row["agreement"])
+
+
+def speed_candidates(rows: list[dict], target: float, count: int = 6, budget=None) -> list[dict]:
+    """The rows worth timing: distinct ``spec``, ``flops_ratio`` at least ``target``, within
+    ``budget`` (:class:`~dsm_export.engine_search.Budget`, None for any), least ``divergence`` first
+    (ties: higher ``agreement``), at most :data:`PER_VARIANT` per variant label
+    (:func:`dsm_export.tune.variant_label`), ``count`` rows at most."""
+    from .schedule import Schedule
+    from .tune import variant_label
+
+    out, seen, per_label = [], set(), {}
+    for row in sorted(rows, key=_key):
+        if row["spec"] in seen or row["flops_ratio"] < target or (budget is not None and not budget.admits(row)):
+            continue
+        label = variant_label(Schedule.parse(row["spec"]))
+        if per_label.get(label, 0) >= PER_VARIANT:
+            continue
+        seen.add(row["spec"])
+        per_label[label] = per_label.get(label, 0) + 1
+        out.append(row)
+        if len(out) == count:
+            break
+    return out
+
+
+def first_fast_enough(rows: list[dict], min_quotient: float) -> dict | None:
+    """The first row (``rows`` in least-divergence order) whose ``speed_per_flop`` (measured speed-up
+    over FLOP ratio) is at least ``min_quotient``; None if no row's is."""
+    return next((r for r in rows if r["speed_per_flop"] >= min_quotient), None)
+
+
+def confirmation_round(rows: list[dict], min_quotient: float, margin: float) -> list[dict]:
+    """The rows (least-divergence order) a second timing could move across the floor: those whose
+    quotient lies within ``margin`` of ``min_quotient``, up to and including the first whose
+    quotient clears the floor by more than ``margin`` (no row after it can be chosen)."""
+    out = []
+    for r in rows:
+        if r["speed_per_flop"] >= min_quotient + margin:
+            break
+        if r["speed_per_flop"] >= min_quotient - margin:
+            out.append(r)
+    return out
+
+
+@dataclass
+class SpeedCheck:
+    """Outcome of :func:`speed_check`.
+
+    Attributes:
+        chosen: the row chosen (``spec``, ``divergence``, ``agreement``, ``flops_ratio``,
+            ``speedup``, ``speed_per_flop``, ``path`` of its fp32 export), or None if no candidate
+            reached the floor.
+        rows: the timed candidates, least divergence first; ``speedup_runs`` holds both
+            measurements of those timed twice.
+        machine: CPU, ONNX Runtime version, threads, batch, repeats.
+    """
+
+    chosen: dict | None
+    rows: list[dict] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+
+
+def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: list[dict], target: float,
+                workdir: str, min_quotient: float = SPEED_PER_FLOP, count: int = 6, batch: int = 32,
+                repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
+                pretrained: bool = False, num_classes: int | None = None, budget=None,
+                confirm_margin: float = 0.05) -> SpeedCheck:
+    """Time the least-KL candidates of a FLOP-target search and choose by ``min_quotient`` (see module doc).
+
+    Args:
+        model: unmerged timm ViT (eval mode), its weights loaded.
+        model_name, weights, pretrained, num_classes: recorded in the exports
+            (:func:`dsm_export.export.export_model`).
+        rows: the search's evaluated rows (``spec``, ``flops_ratio``, ``divergence``, ``agreement``;
+            :attr:`dsm_export.tune.TuneResult.evaluated`).
+        target: the FLOP ratio the candidates must reach.
+        workdir: folder for the fp32 exports (``speed_<i>.onnx``, ``speed_baseline.onnx``).
+        min_quotient: the least measured speed-up per unit of FLOP ratio.
+        count: candidates timed at most (:func:`speed_candidates`).
+        batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
+        budget: optional accuracy :class:`~dsm_export.engine_search.Budget` the candidates keep within.
+        confirm_margin: quotients within this of the floor are timed a second time
+            (:func:`confirmation_round`).
+
+    Returns:
+        A :class:`SpeedCheck`.
+
+    Raises:
+        DSMError: an unavailable execution provider.
+    """
+    import onnxruntime as ort
+
+    from .benchmark import cpu_name, ort_throughput
+    from .export import export_model
+    from .schedule import Schedule
+
+    cands = [dict(r) for r in speed_candidates(rows, target, count, budget)]
+    machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
+               "batch": batch, "repeats": repeats, "provider": provider}
+    if not cands:
+        return SpeedCheck(None, [], machine)
+    kw = dict(weights=weights, pretrained=pretrained, num_classes=num_classes)
+    base_path = os.path.join(workdir, "speed_baseline.onnx")
+    # The baseline FLOP ratios are counted against: timm's model, every block on every token.
+    export_model(model, model_name, base_path, Schedule(), full_last_block=True, **kw)
+    for i, row in enumerate(cands):
+        row["path"] = os.path.join(workdir, f"speed_{i}.onnx")
+        export_model(model, model_name, row["path"], Schedule.parse(row["spec"]), **kw)
+
+    def measure(group: list[dict]) -> list[float]:
+        rates = ort_throughput({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(group)}},
+                               batch=batch, repeats=repeats, threads=threads, provider=provider,
+                               reference="baseline")
+        return [rates[str(i)] / rates["baseline"] for i in range(len(group))]
+
+    for row, s in zip(cands, measure(cands)):
+        row["speedup"], row["speed_per_flop"] = s, s / row["flops_ratio"]
+    again = confirmation_round(cands, min_quotient, confirm_margin)
+    if again:
+        for row, s in zip(again, measure(again)):
+            row["speedup_runs"] = [row["speedup"], s]
+            row["speedup"] = float(np.mean(row["speedup_runs"]))
+            row["speed_per_flop"] = row["speedup"] / row["flops_ratio"]
+    return SpeedCheck(first_fast_enough(cands, min_quotient), cands, machine)
