@@ -92,6 +92,47 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+def ort_speedups(paths: dict[str, str], reference: str, batch: int = 32, repeats: int = 5, warmup: int = 1,
+                 threads: int | None = None, iters: int = 1, provider: str | None = "cpu") -> dict[str, list[float]]:
+    """Paired speed-ups against ``reference``: in each repetition the reference runs right before
+    every other graph (:func:`timing_order`), and each pair gives one ratio ``t_reference / t_graph``.
+
+    A ratio of medians (:func:`ort_throughput`) lets a slow stretch of a shared machine that hits
+    the reference in some repetitions and a graph in others move the speed-up; a pair is timed
+    within about a second, so the load it meets is mostly common to both of its runs. The
+    per-repetition ratios also give the spread (e.g. a lower quartile) one figure would hide.
+
+    Args:
+        paths: label -> ONNX file, ``reference`` among them.
+        reference: the label speed-ups are taken against.
+        batch, repeats, warmup, threads, iters, provider: as for :func:`ort_throughput`.
+
+    Returns:
+        label (every one but ``reference``) -> ``repeats`` ratios (> 1: faster than the reference),
+        in repetition order.
+
+    Raises:
+        KeyError: ``reference`` is not a label of ``paths``.
+    """
+    if reference not in paths:
+        raise KeyError(f"reference {reference!r} is not one of the graphs")
+    sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
+    order = timing_order(list(sessions), reference)
+    ratios: dict[str, list[float]] = {k: [] for k in sessions if k != reference}
+    for _ in range(repeats):
+        before = None
+        for k in order:
+            start = time.perf_counter()
+            for _ in range(iters):
+                sessions[k].run(None, feeds[k])
+            took = time.perf_counter() - start
+            if k == reference:
+                before = took
+            else:
+                ratios[k].append(before / took)
+    return ratios
+
+
 def ort_latency(paths: dict[str, str], runs: int = 50, warmup: int = 5, threads: int | None = None,
                 percentiles=(50, 90), provider: str | None = "cpu") -> dict[str, dict[str, float]]:
     """Batch-1 latency of each graph: single images, graphs alternating run by run.

@@ -8,20 +8,26 @@ permutation; ``metric=heads`` and ``merge=mlerp`` add per-head normalisation and
 merge 3 tokens yet pay a whole matching. So two schedules at the same FLOP ratio can differ by
 ~10 % in measured speed, and the least-KL one is often the slower. ``tune --target-flops-ratio
 --export`` therefore measures the least-KL candidates of its search and keeps the least-KL one
-whose speed-up is at least ``min_quotient`` (default :data:`SPEED_PER_FLOP`) times its FLOP ratio:
+whose speed-up is at least ``min_quotient`` (default :data:`SPEED_PER_FLOP`) times its FLOP ratio
+in about three timings in four:
 
 1. the candidates: the evaluated schedules that reach the target (and keep within an optional
    :class:`~dsm_export.engine_search.Budget`), least divergence first, at most
    :data:`PER_VARIANT` per variant label (so that one slow variant's per-block refinements cannot
    fill every place), ``count`` in all (:func:`speed_candidates`);
 2. each exported to fp32 ONNX and timed in one alternating run against timm's unmerged model (the
-   baseline FLOP ratios are counted against: every block on every token), timed again before every
-   candidate (:func:`dsm_export.benchmark.ort_throughput`, batch 32, median of ``repeats``);
-3. a confirmation round: candidates whose quotient lies within ``confirm_margin`` of the floor, up
-   to the first that clears it by more, are timed again together, and each keeps the mean of its
-   two measurements (a burst of load on a shared machine moves one run's figures by 5-10 %);
-4. the choice (:func:`first_fast_enough`): the least-KL candidate at or above the floor; None if
-   none is, and the caller keeps the least-KL schedule and says so.
+   baseline FLOP ratios are counted against: every block on every token), timed again right
+   before every candidate: ``repeats`` paired speed-ups per candidate
+   (:func:`dsm_export.benchmark.ort_speedups`, batch 32), summed up by :func:`speed_stats`: the
+   median (``speedup``, ``speed_per_flop``) and the lower quartile (``speed_per_flop_low``);
+3. a confirmation round: candidates whose lower-quartile quotient lies within ``confirm_margin``
+   below the floor, up to the first that clears it, are timed again together and their pairs
+   pooled (a burst of load on a shared machine moves one run's figures by 5-10 %);
+4. the choice (:func:`first_fast_enough`): the least-KL candidate whose *lower quartile* reaches
+   the floor, i.e. at least about three pairs in four do. A median at the floor would be one
+   coin-flip from missing it in the next measurement; the file a user deploys should keep up
+   again when they time it. None if no candidate does: the caller keeps the least-KL schedule and
+   says so.
 
 The quotient is measured in fp32 whatever precision the engine is exported in: the merge overhead
 is a property of the graph, and the FLOP ratio does not change with precision.
@@ -66,21 +72,46 @@ def speed_candidates(rows: list[dict], target: float, count: int = 6, budget=Non
     return out
 
 
-def first_fast_enough(rows: list[dict], min_quotient: float) -> dict | None:
-    """The first row (``rows`` in least-divergence order) whose ``speed_per_flop`` (measured speed-up
-    over FLOP ratio) is at least ``min_quotient``; None if no row's is."""
-    return next((r for r in rows if r["speed_per_flop"] >= min_quotient), None)
+def speed_stats(ratios: list[float], flops_ratio: float) -> dict:
+    """Sum up paired speed-ups (:func:`dsm_export.benchmark.ort_speedups`) of one schedule.
+
+    Args:
+        ratios: the per-repetition speed-ups (unmerged time / merged time), at least one.
+        flops_ratio: the schedule's FLOP ratio (unmerged FLOPs / merged FLOPs).
+
+    Returns:
+        ``speedup_runs`` (the ratios), ``speedup`` (their median), ``speed_per_flop`` (median /
+        FLOP ratio) and ``speed_per_flop_low`` (lower quartile / FLOP ratio; ``numpy.quantile``,
+        linear interpolation).
+
+    Raises:
+        ValueError: no ratios.
+    """
+    if not ratios:
+        raise ValueError("no speed-ups to sum up")
+    runs = [float(x) for x in ratios]
+    med = float(np.median(runs))
+    return {"speedup_runs": runs, "speedup": med, "speed_per_flop": med / flops_ratio,
+            "speed_per_flop_low": float(np.quantile(runs, 0.25)) / flops_ratio}
 
 
-def confirmation_round(rows: list[dict], min_quotient: float, margin: float) -> list[dict]:
-    """The rows (least-divergence order) a second timing could move across the floor: those whose
-    quotient lies within ``margin`` of ``min_quotient``, up to and including the first whose
-    quotient clears the floor by more than ``margin`` (no row after it can be chosen)."""
+def first_fast_enough(rows: list[dict], min_quotient: float, key: str = "speed_per_flop_low") -> dict | None:
+    """The first row (``rows`` in least-divergence order) whose ``key`` (by default the lower
+    quartile of its measured speed-ups over its FLOP ratio) is at least ``min_quotient``; None if
+    no row's is."""
+    return next((r for r in rows if r[key] >= min_quotient), None)
+
+
+def confirmation_round(rows: list[dict], min_quotient: float, margin: float,
+                       key: str = "speed_per_flop_low") -> list[dict]:
+    """The rows (least-divergence order) a second timing could lift over the floor: those whose
+    ``key`` lies within ``margin`` below ``min_quotient``, up to and including the first at or above
+    the floor (no row after it can be chosen)."""
     out = []
     for r in rows:
-        if r["speed_per_flop"] >= min_quotient + margin:
+        if r[key] >= min_quotient:
             break
-        if r["speed_per_flop"] >= min_quotient - margin:
+        if r[key] >= min_quotient - margin:
             out.append(r)
     return out
 
@@ -93,8 +124,8 @@ class SpeedCheck:
         chosen: the row chosen (``spec``, ``divergence``, ``agreement``, ``flops_ratio``,
             ``speedup``, ``speed_per_flop``, ``path`` of its fp32 export), or None if no candidate
             reached the floor.
-        rows: the timed candidates, least divergence first; ``speedup_runs`` holds both
-            measurements of those timed twice.
+        rows: the timed candidates, least divergence first, each with :func:`speed_stats`'s
+            keys (``speedup_runs``: every paired speed-up, both rounds' for those timed twice).
         machine: CPU, ONNX Runtime version, threads, batch, repeats.
     """
 
@@ -120,10 +151,10 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
         workdir: folder for the fp32 exports (``speed_<i>.onnx``, ``speed_baseline.onnx``).
         min_quotient: the least measured speed-up per unit of FLOP ratio.
         count: candidates timed at most (:func:`speed_candidates`).
-        batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
+        batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_speedups`).
         budget: optional accuracy :class:`~dsm_export.engine_search.Budget` the candidates keep within.
-        confirm_margin: quotients within this of the floor are timed a second time
-            (:func:`confirmation_round`).
+        confirm_margin: lower-quartile quotients within this below the floor are timed a second
+            time (:func:`confirmation_round`).
 
     Returns:
         A :class:`SpeedCheck`.
@@ -133,7 +164,7 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     """
     import onnxruntime as ort
 
-    from .benchmark import cpu_name, ort_throughput
+    from .benchmark import cpu_name, ort_speedups
     from .export import export_model
     from .schedule import Schedule
 
@@ -150,18 +181,16 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
         row["path"] = os.path.join(workdir, f"speed_{i}.onnx")
         export_model(model, model_name, row["path"], Schedule.parse(row["spec"]), **kw)
 
-    def measure(group: list[dict]) -> list[float]:
-        rates = ort_throughput({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(group)}},
-                               batch=batch, repeats=repeats, threads=threads, provider=provider,
-                               reference="baseline")
-        return [rates[str(i)] / rates["baseline"] for i in range(len(group))]
+    def measure(group: list[dict]) -> list[list[float]]:
+        pairs = ort_speedups({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(group)}},
+                             "baseline", batch=batch, repeats=repeats, threads=threads, provider=provider)
+        return [pairs[str(i)] for i in range(len(group))]
 
-    for row, s in zip(cands, measure(cands)):
-        row["speedup"], row["speed_per_flop"] = s, s / row["flops_ratio"]
+    for row, runs in zip(cands, measure(cands)):
+        row.update(speed_stats(runs, row["flops_ratio"]))
     again = confirmation_round(cands, min_quotient, confirm_margin)
     if again:
-        for row, s in zip(again, measure(again)):
-            row["speedup_runs"] = [row["speedup"], s]
-            row["speedup"] = float(np.mean(row["speedup_runs"]))
-            row["speed_per_flop"] = row["speedup"] / row["flops_ratio"]
+        for row, runs in zip(again, measure(again)):
+            row.update(speed_stats(row["speedup_runs"] + runs, row["flops_ratio"]))
+            row["timed_twice"] = True
     return SpeedCheck(first_fast_enough(cands, min_quotient), cands, machine)

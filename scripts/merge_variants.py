@@ -14,14 +14,15 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
 * **tuned**: the schedule ``tune --target-flops-ratio --export`` writes: the search (variant
   stage, then per-block refinement), then its speed check (:mod:`dsm_export.speed_check`): the
   least-KL candidates timed with ONNX Runtime on this machine, the least-KL one whose speed-up is at
-  least 0.9 of its FLOP ratio kept (with ``--no-bench``: the least-KL schedule, untimed).
+  least 0.9 of its FLOP ratio in its lower quartile kept (with ``--no-bench``: the least-KL schedule, untimed).
 
 Every row is scored on the held-apart photos (the split of ``tune --calibration 128``): top-1,
 top-1 agreement and KL to the unmerged model; then exported to ONNX and timed with ONNX Runtime in
-one alternating run with the unmerged export, which is timed again before every schedule (batch 32,
-median of --repeats; ``ort_throughput(reference=...)``, so that the noise of a few baseline runs
-cannot shift every speed-up together), giving the measured speed-up and its quotient by the FLOP
-ratio. Writes Markdown and JSON.
+one alternating run with the unmerged export, which runs right before every schedule (batch 32,
+``--repeats`` pairs, :func:`dsm_export.benchmark.ort_speedups`; the median of the paired
+speed-ups, so that load on a shared machine hits both runs of a pair alike), giving the measured
+speed-up and its quotient by the FLOP ratio (the JSON also keeps every pair, the lower quartile,
+and for each tuned row the speed check's own timings). Writes Markdown and JSON.
 
     python scripts/merge_variants.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
@@ -76,13 +77,13 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from dsm_export.benchmark import cpu_name, ort_throughput
+    from dsm_export.benchmark import cpu_name, ort_speedups
     from dsm_export.data import list_images
     from dsm_export.evaluate import model_logits, schedule_metrics, split_pixels
     from dsm_export.export import export_model
     from dsm_export.models import create_model
     from dsm_export.schedule import Schedule
-    from dsm_export.speed_check import speed_check
+    from dsm_export.speed_check import speed_check, speed_stats
     from dsm_export.tune import tune, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     base = model_logits(model, held_px)
 
     rows = []
+    checks: dict[float, list[dict]] = {}  # target -> the speed check's timed candidates
     for target in args.targets:
         entries = []
         tome = smallest_reaching(model, target, lambda r: f"r={r},mode=tome")
@@ -119,13 +121,16 @@ def main(argv=None) -> int:
                                     repeats=args.repeats)
             if check.chosen is not None:
                 tuned = Schedule.parse(check.chosen["spec"])
+            checks[target] = [{k: v for k, v in r.items() if k != "path"} for r in check.rows]
             for row in check.rows:
-                print(f"{target}x speed check: {row['speed_per_flop']:.2f} KL {row['divergence']:.4f} {row['spec']}",
-                      file=sys.stderr, flush=True)
+                print(f"{target}x speed check: {row['speed_per_flop']:.2f} (low {row['speed_per_flop_low']:.2f}) "
+                      f"KL {row['divergence']:.4f} {row['spec']}", file=sys.stderr, flush=True)
         entries.append((f"tuned (variant: {variant_label(tuned)})", tuned.spec()))
         for kind, spec in entries:
             m = schedule_metrics(model, Schedule.parse(spec), held_px, base, held.labels)
             rows.append({"target": target, "kind": kind, "spec": spec, **m})
+            if kind.startswith("tuned") and target in checks:  # what the speed check measured (calibration KL)
+                rows[-1]["speed_check"] = checks[target]
             print(f"{target}x {kind}: {spec} KL {m['kl']:.4f} agreement {m['top1_agreement']:.3f}",
                   file=sys.stderr, flush=True)
 
@@ -139,13 +144,12 @@ def main(argv=None) -> int:
                     paths[row["spec"]] = os.path.join(tmp, f"s{i}.onnx")
                     export_model(model, args.model, paths[row["spec"]], Schedule.parse(row["spec"]),
                                  weights=args.weights)
-            rates = ort_throughput(paths, batch=32, repeats=args.repeats, iters=2, reference="none")
+            pairs = ort_speedups(paths, "none", batch=32, repeats=args.repeats, iters=2)
         for row in rows:
-            row["speedup"] = rates[row["spec"]] / rates["none"]
-            row["speed_per_flop"] = row["speedup"] / row["flops_ratio"]
+            row.update(speed_stats(pairs[row["spec"]], row["flops_ratio"]))
 
     machine = (f"{cpu_name()}, {os.cpu_count()} threads, ONNX Runtime {ort.__version__} CPU, batch 32, "
-               f"median of {args.repeats}, the unmerged baseline timed before each schedule, "
+               f"median of {args.repeats} paired speed-ups (the unmerged baseline timed right before each schedule), "
                f"{platform.system()} {platform.release()}")
     base_acc = rows[0]["baseline_top1_accuracy"]
     lines = [

@@ -57,7 +57,7 @@ def test_frontier_dominance_compares_only_at_equal_or_higher_speed(monkeypatch):
 def test_ort_throughput_with_a_reference_graph(dsm_onnx):
     import pytest
 
-    from dsm_export.benchmark import ort_throughput, timing_order
+    from dsm_export.benchmark import ort_speedups, ort_throughput, timing_order
 
     assert timing_order(["a", "b", "c"], "a") == ["a", "b", "a", "c"]
     assert timing_order(["b", "a", "c"], "a") == ["a", "b", "a", "c"]
@@ -68,3 +68,11 @@ def test_ort_throughput_with_a_reference_graph(dsm_onnx):
     assert ort_throughput({"a": dsm_onnx}, batch=1, repeats=1, reference="a")["a"] > 0  # the reference alone
     with pytest.raises(KeyError, match="reference"):
         ort_throughput({"a": dsm_onnx}, batch=1, repeats=1, reference="z")
+
+    # paired speed-ups: one ratio per repetition for every graph but the reference; the same file
+    # against itself is ~1 (a pair runs within milliseconds here)
+    pairs = ort_speedups({"a": dsm_onnx, "b": dsm_onnx, "c": dsm_onnx}, "a", batch=1, repeats=3)
+    assert set(pairs) == {"b", "c"} and all(len(v) == 3 and all(0.2 < x < 5 for x in v) for v in pairs.values())
+    assert ort_speedups({"a": dsm_onnx}, "a", batch=1, repeats=1) == {}
+    with pytest.raises(KeyError, match="reference"):
+        ort_speedups({"a": dsm_onnx}, "z", batch=1, repeats=1)
