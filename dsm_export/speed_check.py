@@ -138,7 +138,7 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
                 workdir: str, min_quotient: float = SPEED_PER_FLOP, count: int = 6, batch: int = 32,
                 repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                 pretrained: bool = False, num_classes: int | None = None, budget=None,
-                confirm_margin: float = 0.05) -> SpeedCheck:
+                confirm_margin: float = 0.05, warmup: int = 3) -> SpeedCheck:
     """Time the least-KL candidates of a FLOP-target search and choose by ``min_quotient`` (see module doc).
 
     Args:
@@ -155,6 +155,9 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
         budget: optional accuracy :class:`~dsm_export.engine_search.Budget` the candidates keep within.
         confirm_margin: lower-quartile quotients within this below the floor are timed a second
             time (:func:`confirmation_round`).
+        warmup: untimed runs of every graph before the pairs. With one, the first pair was the
+            lowest of a candidate's pairs for 17 of the 24 candidates timed in
+            ``docs/merge_variants.json`` of 2026-11-22 (chance: about 3), often by a quarter.
 
     Returns:
         A :class:`SpeedCheck`.
@@ -183,7 +186,8 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
 
     def measure(group: list[dict]) -> list[list[float]]:
         pairs = ort_speedups({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(group)}},
-                             "baseline", batch=batch, repeats=repeats, threads=threads, provider=provider)
+                             "baseline", batch=batch, repeats=repeats, threads=threads, provider=provider,
+                             warmup=warmup)
         return [pairs[str(i)] for i in range(len(group))]
 
     for row, runs in zip(cands, measure(cands)):

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                     paths[row["spec"]] = os.path.join(tmp, f"s{i}.onnx")
                     export_model(model, args.model, paths[row["spec"]], Schedule.parse(row["spec"]),
                                  weights=args.weights)
-            pairs = ort_speedups(paths, "none", batch=32, repeats=args.repeats, iters=2)
+            pairs = ort_speedups(paths, "none", batch=32, repeats=args.repeats, iters=2, warmup=3)  # as speed_check
         for row in rows:
             row.update(speed_stats(pairs[row["spec"]], row["flops_ratio"]))
 
