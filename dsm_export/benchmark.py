@@ -53,6 +53,22 @@ def timing_order(labels: list[str], reference: str | None = None) -> list[str]:
     return list(labels) if reference is None or not others else [g for k in others for g in (reference, k)]
 
 
+def _timed_runs(paths: dict[str, str], batch: int, repeats: int, warmup: int, threads, iters: int, provider,
+               reference: str | None):
+    """Warm the sessions, then yield ``(label, seconds for iters runs)`` in :func:`timing_order`,
+    ``repeats`` times over. Raises KeyError for a ``reference`` not among ``paths``."""
+    if reference is not None and reference not in paths:
+        raise KeyError(f"reference {reference!r} is not one of the graphs")
+    sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
+    order = timing_order(list(sessions), reference)
+    for _ in range(repeats):
+        for k in order:
+            start = time.perf_counter()
+            for _ in range(iters):
+                sessions[k].run(None, feeds[k])
+            yield k, time.perf_counter() - start
+
+
 def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
                    threads: int | None = None, iters: int = 1, provider: str | None = "cpu",
                    reference: str | None = None) -> dict[str, float]:
@@ -78,17 +94,9 @@ def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, war
     Raises:
         KeyError: ``reference`` is not a label of ``paths``.
     """
-    if reference is not None and reference not in paths:
-        raise KeyError(f"reference {reference!r} is not one of the graphs")
-    sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
-    order = timing_order(list(sessions), reference)
-    rates: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k in order:
-            start = time.perf_counter()
-            for _ in range(iters):
-                sessions[k].run(None, feeds[k])
-            rates[k].append(batch * iters / (time.perf_counter() - start))
+    rates: dict[str, list[float]] = {k: [] for k in paths}
+    for k, took in _timed_runs(paths, batch, repeats, warmup, threads, iters, provider, reference):
+        rates[k].append(batch * iters / took)
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -116,20 +124,13 @@ def ort_speedups(paths: dict[str, str], reference: str, batch: int = 32, repeats
     """
     if reference not in paths:
         raise KeyError(f"reference {reference!r} is not one of the graphs")
-    sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
-    order = timing_order(list(sessions), reference)
-    ratios: dict[str, list[float]] = {k: [] for k in sessions if k != reference}
-    for _ in range(repeats):
-        before = None
-        for k in order:
-            start = time.perf_counter()
-            for _ in range(iters):
-                sessions[k].run(None, feeds[k])
-            took = time.perf_counter() - start
-            if k == reference:
-                before = took
-            else:
-                ratios[k].append(before / took)
+    ratios: dict[str, list[float]] = {k: [] for k in paths if k != reference}
+    before = None
+    for k, took in _timed_runs(paths, batch, repeats, warmup, threads, iters, provider, reference):
+        if k == reference:
+            before = took
+        else:
+            ratios[k].append(before / took)
     return ratios
 
 

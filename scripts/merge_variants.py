@@ -92,7 +92,6 @@ def main(argv=None) -> int:
     base = model_logits(model, held_px)
 
     rows = []
-    checks: dict[float, list[dict]] = {}  # target -> the speed check's timed candidates
     for target in args.targets:
         entries = []
         tome = smallest_reaching(model, target, lambda r: f"r={r},mode=tome")
@@ -114,14 +113,14 @@ def main(argv=None) -> int:
                  "combined": "+ each group's best, combined (best)"}
         for family, row in best_of.items():
             entries.append((names.get(family, family), row["spec"]))
-        tuned = result.best
+        tuned, timed = result.best, None
         if not args.no_bench:  # as tune --export does: the least-KL schedule that keeps up in speed
             with tempfile.TemporaryDirectory() as tmp:
                 check = speed_check(model, args.model, args.weights, result.evaluated, target, tmp,
                                     repeats=args.repeats)
             if check.chosen is not None:
                 tuned = Schedule.parse(check.chosen["spec"])
-            checks[target] = [{k: v for k, v in r.items() if k != "path"} for r in check.rows]
+            timed = [{k: v for k, v in r.items() if k != "path"} for r in check.rows]
             for row in check.rows:
                 print(f"{target}x speed check: {row['speed_per_flop']:.2f} (low {row['speed_per_flop_low']:.2f}) "
                       f"KL {row['divergence']:.4f} {row['spec']}", file=sys.stderr, flush=True)
@@ -129,8 +128,8 @@ def main(argv=None) -> int:
         for kind, spec in entries:
             m = schedule_metrics(model, Schedule.parse(spec), held_px, base, held.labels)
             rows.append({"target": target, "kind": kind, "spec": spec, **m})
-            if kind.startswith("tuned") and target in checks:  # what the speed check measured (calibration KL)
-                rows[-1]["speed_check"] = checks[target]
+            if kind.startswith("tuned") and timed is not None:  # what the speed check measured (calibration KL)
+                rows[-1]["speed_check"] = timed
             print(f"{target}x {kind}: {spec} KL {m['kl']:.4f} agreement {m['top1_agreement']:.3f}",
                   file=sys.stderr, flush=True)
 
