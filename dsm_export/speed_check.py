@@ -43,6 +43,7 @@ from torch import nn
 
 SPEED_PER_FLOP = 0.9  # the least measured speed-up per unit of FLOP ratio tune --export accepts
 PER_VARIANT = 2  # candidates timed per variant label at most
+WARMUP = 3  # untimed runs of every graph before the timed pairs (see speed_check's warmup)
 
 
 def _key(row: dict):
@@ -138,7 +139,7 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
                 workdir: str, min_quotient: float = SPEED_PER_FLOP, count: int = 6, batch: int = 32,
                 repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                 pretrained: bool = False, num_classes: int | None = None, budget=None,
-                confirm_margin: float = 0.05, warmup: int = 3) -> SpeedCheck:
+                confirm_margin: float = 0.05, warmup: int = WARMUP) -> SpeedCheck:
     """Time the least-KL candidates of a FLOP-target search and choose by ``min_quotient`` (see module doc).
 
     Args:
@@ -155,9 +156,9 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
         budget: optional accuracy :class:`~dsm_export.engine_search.Budget` the candidates keep within.
         confirm_margin: lower-quartile quotients within this below the floor are timed a second
             time (:func:`confirmation_round`).
-        warmup: untimed runs of every graph before the pairs. With one, the first pair was the
-            lowest of a candidate's pairs for 17 of the 24 candidates timed in
-            ``docs/merge_variants.json`` of 2026-11-22 (chance: about 3), often by a quarter.
+        warmup: untimed runs of every graph before the pairs. With one, a candidate's first pair
+            was often its lowest (the ``speed_check`` timings in ``docs/merge_variants.json`` as of
+            commit d6b256c).
 
     Returns:
         A :class:`SpeedCheck`.

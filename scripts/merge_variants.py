@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from dsm_export.export import export_model
     from dsm_export.models import create_model
     from dsm_export.schedule import Schedule
-    from dsm_export.speed_check import speed_check, speed_stats
+    from dsm_export.speed_check import WARMUP, speed_check, speed_stats
     from dsm_export.tune import tune, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                     paths[row["spec"]] = os.path.join(tmp, f"s{i}.onnx")
                     export_model(model, args.model, paths[row["spec"]], Schedule.parse(row["spec"]),
                                  weights=args.weights)
-            pairs = ort_speedups(paths, "none", batch=32, repeats=args.repeats, iters=2, warmup=3)  # as speed_check
+            pairs = ort_speedups(paths, "none", batch=32, repeats=args.repeats, iters=2, warmup=WARMUP)
         for row in rows:
             row.update(speed_stats(pairs[row["spec"]], row["flops_ratio"]))
 
