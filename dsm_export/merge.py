@@ -22,6 +22,7 @@ breaks ties by lower index).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -54,8 +55,26 @@ def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 0::2, :], x[..., 1::2, :]
 
 
+def split_ab_rows(x: torch.Tensor, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_ab` as two row Gathers of constant indices (``index_select``), which ONNX
+    Runtime runs as row copies; the step-2 Slices of :func:`split_ab` run slower there (on the
+    wide ``metric=heads`` features they were 2 % of a merged DeiT-Tiny's CPU time, ORT profile).
+    Same values.
+
+    Args:
+        x: ``[..., prefix + n, c]``; the first ``prefix`` rows are left out.
+
+    Returns:
+        ``([..., ceil(n/2), c], [..., floor(n/2), c])``.
+    """
+    end = x.shape[-2]
+    return (torch.index_select(x, -2, torch.arange(prefix, end, 2, device=x.device)),
+            torch.index_select(x, -2, torch.arange(prefix + 1, end, 2, device=x.device)))
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None = None,
-                            protected: torch.Tensor | None = None, sort_unmerged: bool = True) -> Matching:
+                            protected: torch.Tensor | None = None, sort_unmerged: bool = True,
+                            unit: bool = False, prefix: int = 0) -> Matching:
     """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3.1).
 
     Scores every A token against every B token by cosine similarity of ``metric`` (the attention
@@ -75,6 +94,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
             and the distillation token (its B column). Protected A tokens rank last, by index.
         sort_unmerged: return the unmerged A tokens in their original order (True, as ToMe does
             with a class token); False keeps them in score order (ToMe without a class token).
+        unit: the rows of ``metric`` are already unit-norm (as :func:`heads_metric` returns them),
+            so the scores are their dot products and the normalisation is skipped.
+        prefix: leading rows of ``metric`` (prefix tokens) that take no part: the A/B row gathers
+            start after them, so the caller need not slice them off (a copy of every row).
+            Indices, ``protected`` and ``n`` below refer to the other rows.
 
     Returns:
         A :class:`Matching` with static shapes ``[..., na - r]``, ``[..., r]``, ``[..., r]``.
@@ -82,11 +106,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
     Raises:
         ValueError: if ``r`` is out of range.
     """
-    n = metric.shape[-2]
+    n = metric.shape[-2] - prefix
     if not 0 <= r <= n // 2:
         raise ValueError(f"r={r} out of range for {n} tokens (0..{n // 2})")
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = split_ab(metric)
+    a, b = split_ab_rows(metric, prefix)
+    if not unit:  # after the split: the prefix rows are not normalised
+        a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
     scores = a @ b.transpose(-1, -2)  # [..., na, nb]
     if protected is not None:
         pa, pb = protected[..., 0::2], protected[..., 1::2]
@@ -237,9 +262,8 @@ def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
         dst = (b * b_size + assign_t @ (src * src_size)) / dst_size
         sizes = [size[..., :prefix, :], _gather_tokens(size, unm_pos), dst_size]
     if mlerp:  # norms are >= 0, so a 0/1 mask times the source norms keeps each B token's max
-        src_norm = src.norm(dim=-1).unsqueeze(-2)  # [..., 1, r]
-        top = torch.maximum(b.norm(dim=-1, keepdim=True), (assign_t * src_norm).amax(dim=-1, keepdim=True))
-        dst = mlerp_rescale(dst, top)
+        src_top = (assign * src.norm(dim=-1, keepdim=True)).amax(dim=-2).unsqueeze(-1)  # [..., nb, 1]
+        dst = mlerp_rescale(dst, torch.maximum(b.norm(dim=-1, keepdim=True), src_top))
     return torch.cat([x[..., :prefix, :], unm, dst], dim=-2), torch.cat(sizes, dim=-2)
 
 
@@ -297,10 +321,11 @@ def mlerp_rescale(merged: torch.Tensor, norm: torch.Tensor, eps: float = 1e-6) -
 
 
 def heads_metric(k: torch.Tensor) -> torch.Tensor:
-    """The ``metric=heads`` similarity features: each head's keys L2-normalised, heads concatenated.
+    """The ``metric=heads`` similarity features: each head's keys L2-normalised and scaled by
+    ``1 / sqrt(H)``, heads concatenated, so each row has unit norm.
 
-    The cosine similarity of two such rows (bipartite matching normalises them again) is the mean
-    over heads of the per-head cosine similarity of the keys, where ToMe's metric (keys averaged
+    The dot product of two such rows is the mean over heads of the per-head cosine similarity of
+    the keys (bipartite matching takes it as is, ``unit=True``), where ToMe's metric (keys averaged
     over heads, Bolya et al. 2023, Sec. 3) takes the cosine of the averages and lets heads with
     large keys dominate.
 
@@ -310,17 +335,26 @@ def heads_metric(k: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, N, H * d]``.
     """
-    return heads_metric_of(k.unbind(1))
+    b, h, n, d = k.shape
+    return _unit_heads(k.transpose(1, 2)).reshape(b, n, h * d)
 
 
 def heads_metric_of(keys) -> torch.Tensor:
     """:func:`heads_metric` from the heads' keys given one by one (``H`` tensors ``[B, N, d]``):
-    each normalised, concatenated along the last axis (no ``[B, H, N, d]`` stack or transpose).
+    concatenated once, then normalised per head as ``[B, N, H, d]`` (one ReduceL2 and one Div
+    for all heads, no ``[B, H, N, d]`` stack or transpose).
 
     Returns:
         ``[B, N, H * d]``.
     """
-    return torch.cat([k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6) for k in keys], dim=-1)
+    k = torch.cat(list(keys), dim=-1)
+    h = len(keys)
+    return _unit_heads(k.unflatten(-1, (h, k.shape[-1] // h))).flatten(-2)
+
+
+def _unit_heads(k: torch.Tensor) -> torch.Tensor:
+    """``[..., H, d]`` keys, each head's row divided by its L2 norm (floored at 1e-6) times ``sqrt(H)``."""
+    return k / (k.norm(dim=-1, keepdim=True).clamp_min(1e-6) * math.sqrt(k.shape[-2]))
 
 
 def merge_sum_scatter(x: torch.Tensor, m: Matching) -> torch.Tensor:
@@ -387,7 +421,8 @@ def energy_margin(block: int, depth: int) -> float:
     return 0.9 - 0.9 * block / depth
 
 
-def energy_matching(metric: torch.Tensor, r: int, margin: float, use_topk: bool | None = None) -> EnergyMatching:
+def energy_matching(metric: torch.Tensor, r: int, margin: float, use_topk: bool | None = None,
+                    unit: bool = False) -> EnergyMatching:
     """PiToMe's energy-ordered matching (Tran et al., arXiv 2405.16148, Sec. 3.2).
 
     Each token's energy is the mean over all tokens of ``ELU(cos - margin)``: tokens with many close
@@ -401,6 +436,7 @@ def energy_matching(metric: torch.Tensor, r: int, margin: float, use_topk: bool 
         metric: ``[B, n, d]`` keys (mean over heads) of the mergeable tokens.
         r: tokens to merge, ``0 < r <= n // 2``.
         margin: the ELU margin (see :func:`energy_margin`).
+        unit: the rows of ``metric`` are already unit-norm (see :func:`bipartite_soft_matching`).
 
     Returns:
         An :class:`EnergyMatching` with static shapes.
@@ -413,7 +449,8 @@ def energy_matching(metric: torch.Tensor, r: int, margin: float, use_topk: bool 
         raise ValueError(f"r={r} out of range for {n} tokens (1..{n // 2})")
     if use_topk is None:
         use_topk = torch.compiler.is_exporting()
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    if not unit:
+        metric = metric / metric.norm(dim=-1, keepdim=True)
     sim = metric @ metric.transpose(-1, -2)  # [B, n, n]
     shifted = sim - margin
     # ELU(x) = relu(x) + min(exp(x) - 1, 0): Relu, Exp, Clip only (no Elu in TensorRT's native list)

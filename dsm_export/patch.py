@@ -132,6 +132,7 @@ class MergedViT(nn.Module):
         self.num_prefix = int(model.num_prefix_tokens)
         self.tome = schedule.mode == "tome"
         self.mlerp = schedule.merge == "mlerp"
+        self.unit_metric = schedule.metric == "heads"  # heads_metric rows are unit-norm already
         self.has_class_token = getattr(model, "cls_token", None) is not None
         self.has_dist_token = getattr(model, "dist_token", None) is not None
         if self.tome and int(getattr(model, "num_reg_tokens", 0) or 0):
@@ -306,14 +307,14 @@ class MergedViT(nn.Module):
 
         ``size`` may be None (all ones) in the export implementation only."""
         p = self.num_prefix
-        kt = keys[:, p:]
         protected = None
         if t.protect:  # the most-attended tokens neither merge away nor receive merges
             protected = token_mask(top_tokens(importance[:, p:], t.protect), x.shape[1] - p)
         plain = t.plan.mode != "prune" and not t.per_window and self.schedule.match != "energy"
         if plain and self.impl == "export":  # prefix tokens pass through in place
-            m = bipartite_soft_matching(kt, t.removed, protected=protected)
+            m = bipartite_soft_matching(keys, t.removed, protected=protected, unit=self.unit_metric, prefix=p)
             return merge_wavg_onehot(x, size, m, prefix=p, mlerp=self.mlerp)
+        kt = keys[:, p:]
         xp, xt = x[:, :p], x[:, p:]
         sp = torch.ones_like(xp[..., :1]) if size is None else size[:, :p]
         st = None if size is None else size[:, p:]
@@ -325,13 +326,13 @@ class MergedViT(nn.Module):
         elif t.per_window:
             xt, st = self._merge_local(xt, st, kt, t.per_window)
         elif self.schedule.match == "energy":
-            m = energy_matching(kt, t.removed, energy_margin(t.index, len(self.tokens)))
+            m = energy_matching(kt, t.removed, energy_margin(t.index, len(self.tokens)), unit=self.unit_metric)
             if self.track_source:
                 src, sz = merge_energy(self._source, torch.ones_like(self._source[..., :1]), m, True)
                 self._source = src * sz
             xt, st = merge_energy(xt, st, m, reference=self.impl == "reference")
         else:  # reference form
-            m = bipartite_soft_matching(kt, t.removed, protected=protected)
+            m = bipartite_soft_matching(kt, t.removed, protected=protected, unit=self.unit_metric)
             if self.track_source:
                 self._source = merge_sum_scatter(self._source, m)
             xt, st = merge_wavg_scatter(xt, st, m, mlerp=self.mlerp)
@@ -346,7 +347,7 @@ class MergedViT(nn.Module):
             xs, ss, srcs = [], [], []
             for w in range(n_windows):
                 sl = slice(w * n_w, (w + 1) * n_w)
-                mw = bipartite_soft_matching(keys[:, sl], r_w)
+                mw = bipartite_soft_matching(keys[:, sl], r_w, unit=self.unit_metric)
                 xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw, mlerp=self.mlerp)
                 xs.append(xw)
                 ss.append(sw)
@@ -356,7 +357,7 @@ class MergedViT(nn.Module):
                 self._source = torch.cat(srcs, dim=1)
             return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
         d = keys.shape[-1]
-        mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w)
+        mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w, unit=self.unit_metric)
         sw = None if size is None else size.reshape(-1, n_windows, n_w, 1)  # None: all ones
         xw, sw = merge_wavg_onehot(x.reshape(-1, n_windows, n_w, c), sw, mw, mlerp=self.mlerp)
         n_out = n_windows * (n_w - r_w)

@@ -156,9 +156,14 @@ def test_mlerp_keeps_direction_and_takes_the_largest_norm():
         assert torch.equal(merged[0, 0], x[0, 2])  # unmerged A token untouched
         assert torch.allclose(merged[0, 2], x[0, 3])  # B token nothing merged into keeps itself
         assert new_size[0, :, 0].tolist() == [1.0, 4.0, 3.0]
-    # heads metric: cosine of the rows = mean over heads of per-head key cosines
+    # heads metric: unit rows whose dot product is the mean over heads of per-head key cosines,
+    # in both forms (the export form takes the heads one by one)
+    from dsm_export.merge import heads_metric_of
+
     k = torch.randn(2, 3, 7, 8)
-    f = torch.nn.functional.normalize(heads_metric(k), dim=-1)
+    f = heads_metric(k)
+    assert torch.allclose(f.norm(dim=-1), torch.ones(2, 7), atol=1e-6)
+    assert torch.allclose(heads_metric_of(k.unbind(1)), f, atol=1e-7)
     per_head = torch.nn.functional.cosine_similarity(k[:, :, 0:1], k[:, :, 1:2], dim=-1).mean(1)[:, 0]
     assert torch.allclose((f[:, 0] * f[:, 1]).sum(-1), per_head, atol=1e-6)
 
