@@ -43,23 +43,12 @@ class Matching(NamedTuple):
     dst_idx: torch.Tensor
 
 
-def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split tokens alternately: ``x[..., 0::2, :]`` is set A, ``x[..., 1::2, :]`` set B.
+def split_ab(x: torch.Tensor, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split tokens alternately after ``prefix`` leading rows: set A is rows ``prefix, prefix + 2,
+    ...``, set B rows ``prefix + 1, prefix + 3, ...``.
 
-    Args:
-        x: ``[..., n, c]``.
-
-    Returns:
-        ``([..., ceil(n/2), c], [..., floor(n/2), c])``.
-    """
-    return x[..., 0::2, :], x[..., 1::2, :]
-
-
-def split_ab_rows(x: torch.Tensor, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`split_ab` as two row Gathers of constant indices (``index_select``), which ONNX
-    Runtime runs as row copies; the step-2 Slices of :func:`split_ab` run slower there (on the
-    wide ``metric=heads`` features they were 2 % of a merged DeiT-Tiny's CPU time, ORT profile).
-    Same values.
+    Two row Gathers of constant indices (``index_select``), which ONNX Runtime runs as row copies;
+    step-2 Slices (``x[..., 0::2, :]``) run slower there, and the prefix rows need no sliced copy.
 
     Args:
         x: ``[..., prefix + n, c]``; the first ``prefix`` rows are left out.
@@ -109,7 +98,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
     n = metric.shape[-2] - prefix
     if not 0 <= r <= n // 2:
         raise ValueError(f"r={r} out of range for {n} tokens (0..{n // 2})")
-    a, b = split_ab_rows(metric, prefix)
+    a, b = split_ab(metric, prefix)
     if not unit:  # after the split: the prefix rows are not normalised
         a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
     scores = a @ b.transpose(-1, -2)  # [..., na, nb]
@@ -347,9 +336,8 @@ def heads_metric_of(keys) -> torch.Tensor:
     Returns:
         ``[B, N, H * d]``.
     """
-    k = torch.cat(list(keys), dim=-1)
-    h = len(keys)
-    return _unit_heads(k.unflatten(-1, (h, k.shape[-1] // h))).flatten(-2)
+    k = torch.cat(keys, dim=-1)
+    return _unit_heads(k.unflatten(-1, (len(keys), -1))).flatten(-2)
 
 
 def _unit_heads(k: torch.Tensor) -> torch.Tensor:
