@@ -52,7 +52,7 @@ def _linear_macs(module: nn.Module, tokens: int) -> int:
 
 
 def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2),
-                match: str = "bipartite", metric: str = "keys", merge_form: str = "mean",
+                metric: str = "keys", merge_form: str = "mean",
                 prefix_only_last: bool = False) -> tuple[int, list[BlockFlops]]:
     """Count FLOPs of a timm ViT running the given per-block token counts.
 
@@ -60,8 +60,6 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         model: timm ``VisionTransformer``.
         tokens: from :func:`dsm_export.schedule.resolve`.
         windows: window grid used by local blocks.
-        match: ``"energy"`` counts PiToMe's matching in global blocks (all-pairs similarity ``n^2 d``
-            and an ``r x r`` assignment) instead of ToMe's bipartite one.
         metric: ``"heads"`` matches on all ``H * head_dim`` key features (normalised per head)
             instead of the ``head_dim`` of the head-averaged keys.
         merge_form: ``"mlerp"`` adds the token norms and the masked maximum over the assignment.
@@ -107,10 +105,7 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
             na, nb = math.ceil(n_g / 2), n_g // 2
             r_g = t.per_window if t.per_window else t.removed
             c = blk.norm1.normalized_shape[0] if hasattr(blk.norm1, "normalized_shape") else attn.attn_dim
-            if match == "energy" and not t.per_window:
-                merge += n * n * hd + r_g * r_g * (c + 1)  # all-pairs similarity + r x r assignment
-            else:
-                merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
+            merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
             if merge_form == "mlerp":
                 merge += n * c + groups * r_g * nb  # token norms + masked max over the assignment
         mlp = _linear_macs(blk.mlp, n_out)
@@ -143,7 +138,7 @@ def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None 
 
         last_block = last_block_form(model, schedule)
     merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
-                                    schedule.match, schedule.metric, schedule.merge,
+                                    schedule.metric, schedule.merge,
                                     prefix_only_last=last_block == "prefix")
     base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
     return merged, base, per_block

@@ -29,11 +29,8 @@ from torch import nn
 from .errors import UnsupportedModelError
 from .merge import (
     bipartite_soft_matching,
-    energy_margin,
-    energy_matching,
     heads_metric,
     heads_metric_of,
-    merge_energy,
     merge_sum_scatter,
     merge_wavg_onehot,
     merge_wavg_scatter,
@@ -197,8 +194,7 @@ class MergedViT(nn.Module):
         attn_out, keys, importance = self._attention(blk.attn, blk.norm1(x), size, needs_importance)
         x = x + blk.drop_path1(blk.ls1(attn_out))
         if t.removed:
-            if size is None and (self.impl == "reference" or self.tome or t.plan.mode == "prune"
-                                 or self.schedule.match == "energy"):
+            if size is None and (self.impl == "reference" or self.tome or t.plan.mode == "prune"):
                 size = torch.ones_like(x[..., :1])
             if self.tome:
                 x, size = self._merge_tome(x, size, keys, t)
@@ -310,7 +306,7 @@ class MergedViT(nn.Module):
         protected = None
         if t.protect:  # the most-attended tokens neither merge away nor receive merges
             protected = token_mask(top_tokens(importance[:, p:], t.protect), x.shape[1] - p)
-        plain = t.plan.mode != "prune" and not t.per_window and self.schedule.match != "energy"
+        plain = t.plan.mode != "prune" and not t.per_window
         if plain and self.impl == "export":  # prefix tokens pass through in place
             m = bipartite_soft_matching(keys, t.removed, protected=protected, unit=self.unit_metric, prefix=p)
             return merge_wavg_onehot(x, size, m, prefix=p, mlerp=self.mlerp)
@@ -325,12 +321,6 @@ class MergedViT(nn.Module):
             xt, st = keep_tokens(xt, keep), keep_tokens(st, keep)
         elif t.per_window:
             xt, st = self._merge_local(xt, st, kt, t.per_window)
-        elif self.schedule.match == "energy":
-            m = energy_matching(kt, t.removed, energy_margin(t.index, len(self.tokens)), unit=self.unit_metric)
-            if self.track_source:
-                src, sz = merge_energy(self._source, torch.ones_like(self._source[..., :1]), m, True)
-                self._source = src * sz
-            xt, st = merge_energy(xt, st, m, reference=self.impl == "reference")
         else:  # reference form
             m = bipartite_soft_matching(kt, t.removed, protected=protected, unit=self.unit_metric)
             if self.track_source:

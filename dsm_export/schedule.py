@@ -68,7 +68,6 @@ from .errors import ScheduleError
 
 MODES = ("none", "local", "global", "prune")
 SCHEDULE_MODES = ("dsm", "tome")
-MATCHES = ("bipartite", "energy")
 METRICS = ("keys", "heads")
 MERGES = ("mean", "mlerp")
 
@@ -159,7 +158,6 @@ class Schedule:
             over the blocks around its mean, as ToMe's ``parse_r((r, inflect))``.
         protect: importance-protected matching: tokens kept out of global merges by class attention.
         prune: the last ``prune`` merging blocks drop tokens instead of merging them.
-        match: ``"bipartite"`` (ToMe's) or ``"energy"`` (PiToMe's energy-ordered matching).
         metric: similarity of the matching: ``"keys"`` (cosine of the keys averaged over heads,
             ToMe) or ``"heads"`` (cosine similarity of each head's keys, averaged over heads).
         merge: ``"mean"`` (ToMe's size-weighted mean) or ``"mlerp"`` (the mean rescaled to the
@@ -178,7 +176,6 @@ class Schedule:
     inflect: float | None = None
     protect: int = 0
     prune: int = 0
-    match: str = "bipartite"
     metric: str = "keys"
     merge: str = "mean"
     stride: int = 1
@@ -186,16 +183,10 @@ class Schedule:
     def __post_init__(self):
         if self.stride < 1:
             raise ScheduleError(f"stride={self.stride}: must be at least 1")
-        if self.match not in MATCHES:
-            raise ScheduleError(f"match={self.match!r}: expected one of {', '.join(MATCHES)}")
         if self.metric not in METRICS:
             raise ScheduleError(f"metric={self.metric!r}: expected one of {', '.join(METRICS)}")
         if self.merge not in MERGES:
             raise ScheduleError(f"merge={self.merge!r}: expected one of {', '.join(MERGES)}")
-        if self.match == "energy" and self.merge != "mean":
-            raise ScheduleError("match=energy merges by PiToMe's own weighted mean; drop merge=mlerp")
-        if self.match == "energy" and self.protect:
-            raise ScheduleError("match=energy protects its lowest-energy tokens itself; drop protect")
         if self.mode not in SCHEDULE_MODES:
             raise ScheduleError(f"mode={self.mode!r}: expected one of {', '.join(SCHEDULE_MODES)}")
         if self.mode == "tome":
@@ -242,14 +233,14 @@ class Schedule:
                 params[key] = _parse_windows(value)
             elif key in ("r", "delay", "local", "r_end", "protect", "prune", "stride"):
                 params[key] = _nonneg_int(value, f"schedule {text!r}: {key}")
-            elif key in ("mode", "match", "metric", "merge"):
+            elif key in ("mode", "metric", "merge"):
                 params[key] = value
             elif key == "inflect":
                 params[key] = _float(value, f"schedule {text!r}: inflect")
             else:
                 raise ScheduleError(
                     f"schedule {text!r}: unknown key {key!r} "
-                    "(use r, delay, local, windows, r_end, stride, protect, prune, match, metric, merge, mode, inflect)")
+                    "(use r, delay, local, windows, r_end, stride, protect, prune, metric, merge, mode, inflect)")
         if "r" not in params:
             raise ScheduleError(f"schedule {text!r}: r is required (or 'none')")
         return cls(**params)
@@ -271,8 +262,7 @@ class Schedule:
         windows = _parse_windows(windows) if isinstance(windows, str) else tuple(windows)
         if len(windows) != 2 or min(windows) < 1:
             raise ScheduleError(f"windows {windows!r}: expected two positive integers")
-        extra = {"mode": str(data.get("mode", "dsm")), "match": str(data.get("match", "bipartite")),
-                 "metric": str(data.get("metric", "keys")), "merge": str(data.get("merge", "mean"))}
+        extra = {"mode": str(data.get("mode", "dsm")), "metric": str(data.get("metric", "keys")), "merge": str(data.get("merge", "mean"))}
         if data.get("inflect") is not None:
             extra["inflect"] = _float(data["inflect"], "inflect")
         for key in ("protect", "prune"):
@@ -290,7 +280,7 @@ class Schedule:
             return cls(windows=windows, blocks=tuple(BlockPlan("global", v) if v else BlockPlan() for v in rs),
                        **extra)
         known = {"r", "delay", "local", "r_end", "stride"}
-        unknown = set(data) - known - {"windows", "spec", "mode", "match", "metric", "merge", "inflect",
+        unknown = set(data) - known - {"windows", "spec", "mode", "metric", "merge", "inflect",
                                        "protect", "prune", "precision"}
         if unknown:
             raise ScheduleError(f"schedule JSON: unknown keys {sorted(unknown)}")
@@ -346,11 +336,11 @@ class Schedule:
 
     def variant_keys(self, prune: int | None = None) -> dict:
         """The merge-variant keys that differ from their defaults, in spec order: ``protect``,
-        ``prune``, ``match``, ``metric``, ``merge``. ``prune`` is the parameter unless given (an
+        ``prune``, ``metric``, ``merge``. ``prune`` is the parameter unless given (an
         explicit block list names its ``"prune R"`` blocks instead)."""
         prune = self.prune if prune is None else prune
-        keys = {"protect": self.protect, "prune": prune, "match": self.match != "bipartite" and self.match,
-                "metric": self.metric != "keys" and self.metric, "merge": self.merge != "mean" and self.merge}
+        keys = {"protect": self.protect, "prune": prune, "metric": self.metric != "keys" and self.metric,
+                "merge": self.merge != "mean" and self.merge}
         return {k: v for k, v in keys.items() if v}
 
     def __str__(self) -> str:

@@ -11,9 +11,8 @@ Search (on calibration images, PyTorch reference implementation):
    own delay, local blocks and windows with another r shape first);
 2. merge variants on the best grid schedule (same token counts, so the same FLOPs up to the
    matching's own cost, which :func:`reach_target` makes up by raising r where needed):
-   importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), PiToMe's energy
-   matching (``match=energy``), per-head similarity and norm-preserving merging (``metric=heads``,
-   ``merge=mlerp``), then the best of each group combined, best group first; the best of these
+   importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), per-head
+   similarity and norm-preserving merging (``metric=heads``, ``merge=mlerp``), then the best of each group combined, best group first; the best of these
    and the plain schedule goes on (see :mod:`dsm_export.schedule`);
 3. per-block refinement: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
@@ -75,7 +74,7 @@ FORM_OPTIONS = (("heads", "mean"), ("keys", "mlerp"), ("heads", "mlerp"))  # (me
 
 
 def variant_label(schedule: Schedule) -> str:
-    """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``, ``match=energy``,
+    """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``,
     ``metric=heads,merge=mlerp``)."""
     keys = schedule.variant_keys(schedule.prune or sum(1 for b in (schedule.blocks or ()) if b.mode == "prune"))
     if schedule.mode != "dsm":
@@ -90,18 +89,17 @@ def variant_candidates(schedule: Schedule) -> list[Schedule]:
         out.append(dataclasses.replace(schedule, protect=p))
     for k in PRUNE_OPTIONS:
         out.append(dataclasses.replace(schedule, prune=k))
-    out.append(dataclasses.replace(schedule, match="energy"))
     for metric, merge in FORM_OPTIONS:
         out.append(dataclasses.replace(schedule, metric=metric, merge=merge))
     return out
 
 
-_KEY_GROUP = {"protect": "protect", "prune": "prune", "match": "energy"}  # other keys: "form"
+_KEY_GROUP = {"protect": "protect", "prune": "prune"}  # other keys: "form"
 
 
 def variant_group(keys) -> str:
-    """The variant group of a set of variant keys (``protect``, ``prune``, ``match``, ``metric``,
-    ``merge``): ``plain`` for none, ``protect``, ``prune``, ``energy`` or ``form`` (metric/merge)
+    """The variant group of a set of variant keys (``protect``, ``prune``, ``metric``,
+    ``merge``): ``plain`` for none, ``protect``, ``prune`` or ``form`` (metric/merge)
     when they fall in one group, else ``combined``."""
     groups = {_KEY_GROUP.get(k, "form") for k in keys}
     return "plain" if not groups else groups.pop() if len(groups) == 1 else "combined"
@@ -252,7 +250,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
     evaluated: list[dict] = []
     best, best_m = None, None
-    n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + 1 + len(FORM_OPTIONS) + 2 if variants else 0
+    n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + len(FORM_OPTIONS) + 2 if variants else 0
     bar = tqdm(total=min(len(cands), max_grid) + n_variants + refine_steps, desc="tune", unit="schedule",
                disable=not progress, leave=False)
     # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
@@ -291,9 +289,8 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
             g = variant_group(v.variant_keys())
             if m is not None and (g not in singles or _better(m, singles[g][1])):
                 singles[g] = (v, m)
-        # Combine the groups' best singles, best group first (energy matching protects on its own)
-        order = sorted((g for g in singles if g != "energy"), key=lambda g: (_div(singles[g][1]),
-                                                                             -_agree(singles[g][1])))
+        # Combine the groups' best singles, best group first
+        order = sorted(singles, key=lambda g: (_div(singles[g][1]), -_agree(singles[g][1])))
         for k in range(2, len(order) + 1):
             combo = _combine(best, [singles[g][0] for g in order[:k]])
             attempt(combo, variant_label(combo))

@@ -1,4 +1,4 @@
-"""Exact ToMe mode and the merge variants (protect, prune, energy): schedule semantics, reference
+"""Exact ToMe mode and the merge variants (protect, prune, metric=heads, merge=mlerp): schedule semantics, reference
 against export form and ONNX Runtime on real weights and photos, FLOPs, and tune's variant stage."""
 
 import copy
@@ -13,10 +13,10 @@ import torch
 from dsm_export.errors import ScheduleError, UnsupportedModelError
 from dsm_export.export import export_model
 from dsm_export.flops import schedule_flops
-from dsm_export.merge import bipartite_soft_matching, energy_matching, merge_energy, tome_distill_order
+from dsm_export.merge import bipartite_soft_matching, tome_distill_order
 from dsm_export.onnx_graph import graph_problems
 from dsm_export.patch import apply
-from dsm_export.schedule import BlockPlan, Schedule, resolve, tome_parse_r
+from dsm_export.schedule import Schedule, resolve, tome_parse_r
 from dsm_export.tune import tune, variant_label
 
 from conftest import DEIT
@@ -24,7 +24,7 @@ from families import build
 
 GRID = (14, 14)
 VARIANTS = ["r=13,mode=tome", "r=24,r_end=8,delay=1,local=2,protect=16",
-            "r=24,r_end=8,delay=1,local=2,prune=3", "r=26,r_end=4,delay=1,match=energy",
+            "r=24,r_end=8,delay=1,local=2,prune=3",
             "r=24,r_end=8,delay=1,local=2,protect=16,metric=heads,merge=mlerp",
             "r=20,r_end=6,delay=1,local=2,stride=2,protect=16,merge=mlerp"]
 
@@ -62,14 +62,12 @@ def test_tome_mode_clips_r_as_tome():
     ("r=13,inflect=-0.5", "use it with mode=tome"),
     ("r=13,inflect=2,mode=tome", r"\[-1, 1\]"),
     ("r=13,mode=fast", "expected one of dsm, tome"),
-    ("r=13,match=random", "expected one of bipartite, energy"),
-    ("r=13,match=energy,protect=4", "drop protect"),
+    ("r=13,match=energy", "unknown key 'match'"),
     ("r=13,delay=10,prune=3", "prune=3 exceeds"),
     ("r=13,metric=heads,mode=tome", "takes r, inflect or an r list only"),
     ("r=13,merge=mlerp,mode=tome", "takes r, inflect or an r list only"),
     ("r=13,metric=values", "expected one of keys, heads"),
     ("r=13,merge=slerp", "expected one of mean, mlerp"),
-    ("r=13,match=energy,merge=mlerp", "drop merge=mlerp"),
 ])
 def test_bad_variant_specs_are_refused(text, message):
     with pytest.raises(ScheduleError, match=message):
@@ -78,7 +76,6 @@ def test_bad_variant_specs_are_refused(text, message):
 
 @pytest.mark.parametrize("text", ["r=13,mode=tome", "r=16,inflect=-0.5,mode=tome",
                                   "r=24,r_end=8,delay=3,protect=16", "r=24,r_end=8,delay=3,prune=2",
-                                  "r=24,r_end=8,delay=3,match=energy",
                                   "r=24,r_end=8,delay=3,protect=16,metric=heads,merge=mlerp"])
 def test_variant_specs_round_trip(text):
     s = Schedule.parse(text)
@@ -112,8 +109,6 @@ def test_variant_flops():
     unmerged, _, _ = schedule_flops(model, Schedule())
     assert 1.06 < base / unmerged < 1.08
     assert pruned < plain
-    energy, _, _ = schedule_flops(model, Schedule.parse("r=24,r_end=8,delay=3,match=energy"))
-    assert energy > plain  # all-pairs similarity costs more than bipartite
     tome, _, tblocks = schedule_flops(model, Schedule.parse("r=13,mode=tome"), "full")  # as ToMe runs it
     dsm, _, dblocks = schedule_flops(model, Schedule.parse("r=13"))
     assert tblocks[0].merge > dblocks[0].merge  # ToMe matches the class token too
@@ -171,20 +166,6 @@ def test_mlerp_keeps_direction_and_takes_the_largest_norm():
 def test_tome_distill_order_keeps_prefix_in_front():
     x = torch.arange(10.0).view(1, 10, 1)  # unmerged A: [0, 1, 2, 3], B: [4 (dist), 5, ...]
     assert tome_distill_order(x, 4).flatten().tolist() == [0, 4, 1, 2, 3, 5, 6, 7, 8, 9]
-
-
-def test_energy_matching_merges_the_most_redundant_tokens():
-    # 20 copies of one key and 10 distinct ones: the copies have the highest energy and merge
-    g = torch.Generator().manual_seed(0)
-    distinct = torch.nn.functional.normalize(torch.randn(1, 10, 32, generator=g), dim=-1)
-    same = torch.nn.functional.normalize(torch.randn(1, 1, 32, generator=g), dim=-1).expand(1, 20, 32)
-    metric = torch.cat([distinct[:, :5], same, distinct[:, 5:]], dim=1)
-    m = energy_matching(metric, 8, margin=0.5)
-    assert all(5 <= int(i) < 25 for i in m.src_idx.flatten())
-    x, size = metric.clone(), torch.ones(1, 30, 1)
-    for reference in (True, False):
-        out, s = merge_energy(x, size, m, reference=reference)
-        assert out.shape == (1, 22, 32) and float(s.sum()) == 30.0
 
 
 # ----------------------------------------------------------------------------- real weights
@@ -271,7 +252,7 @@ def test_tune_tries_the_variants(deit, pixels):
     result = tune(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
     labels = [r["variant"] for r in result.variants]
     assert labels[0] == "plain"
-    assert {"protect=8", "prune=1", "match=energy", "metric=heads", "merge=mlerp",
+    assert {"protect=8", "prune=1", "metric=heads", "merge=mlerp",
             "metric=heads,merge=mlerp"} <= set(labels)
     assert all(r["flops_ratio"] >= 1.6 for r in result.variants)  # reach_target made up the matching cost
     best = min(result.variants, key=lambda r: (r["divergence"], -r["agreement"]))
