@@ -164,6 +164,11 @@ def merge_variants_block(ctx: Context) -> str:
         return fh.read().strip()
 
 
+@figure("merge-overhead", "merged graphs against their token-count twins (scripts/merge_overhead.py; ~6 min)")
+def merge_overhead_block(ctx: Context) -> str:
+    return ctx.run("python", "scripts/merge_overhead.py", "deit_tiny_patch16_224", "--weights", WEIGHTS).strip()
+
+
 @figure("tests", "test count and wall time of the whole suite")
 def tests_block(ctx: Context) -> str:
     start = time.monotonic()

@@ -76,3 +76,37 @@ def test_ort_throughput_with_a_reference_graph(dsm_onnx):
     assert ort_speedups({"a": dsm_onnx}, "a", batch=1, repeats=1) == {}
     with pytest.raises(KeyError, match="reference"):
         ort_speedups({"a": dsm_onnx}, "z", batch=1, repeats=1)
+
+
+def _token_counts(path: str) -> list[int]:
+    """The token axis of every LayerNormalization output of a static-batch graph, in graph order."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    return [shapes[n.output[0]][1] for n in model.graph.node if n.op_type == "LayerNormalization"]
+
+
+def test_merge_overhead_twin_has_the_token_counts_and_no_merge_work(tmp_path, deit, weights, monkeypatch):
+    import onnx
+
+    from dsm_export.export import export_model
+    from dsm_export.patch import MergedViT
+    from dsm_export.schedule import Schedule
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import merge_overhead
+
+    spec = Schedule.parse("r=33,r_end=0,delay=3,local=1,windows=1x2,protect=16,metric=heads,merge=mlerp")
+    merged, twin = str(tmp_path / "merged.onnx"), str(tmp_path / "twin.onnx")
+    export_model(deit, "deit_tiny_patch16_224", merged, spec, weights=weights, batch=2)
+    merge_overhead.export_twin(deit, "deit_tiny_patch16_224", twin, spec, weights=weights, batch=2)
+    assert MergedViT._merge.__name__ == "_merge"  # patched for the twin's export only
+    counts = _token_counts(twin)
+    assert counts == _token_counts(merged) and 197 in counts and min(counts) == 1
+    ops = {n.op_type for n in onnx.load(twin).graph.node}
+    assert not ops & {"TopK", "ArgMax", "Equal", "ReduceL2", "ReduceMax", "Log", "GatherND"}  # no merge work
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_overhead.py"), "deit_tiny_patch16_224",
+                           "--weights", weights, "--schedules", "r=13,delay=99"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
