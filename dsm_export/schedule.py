@@ -262,7 +262,8 @@ class Schedule:
         windows = _parse_windows(windows) if isinstance(windows, str) else tuple(windows)
         if len(windows) != 2 or min(windows) < 1:
             raise ScheduleError(f"windows {windows!r}: expected two positive integers")
-        extra = {"mode": str(data.get("mode", "dsm")), "metric": str(data.get("metric", "keys")), "merge": str(data.get("merge", "mean"))}
+        extra = {"mode": str(data.get("mode", "dsm")), "metric": str(data.get("metric", "keys")),
+                 "merge": str(data.get("merge", "mean"))}
         if data.get("inflect") is not None:
             extra["inflect"] = _float(data["inflect"], "inflect")
         for key in ("protect", "prune"):

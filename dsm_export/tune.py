@@ -12,8 +12,9 @@ Search (on calibration images, PyTorch reference implementation):
 2. merge variants on the best grid schedule (same token counts, so the same FLOPs up to the
    matching's own cost, which :func:`reach_target` makes up by raising r where needed):
    importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), per-head
-   similarity and norm-preserving merging (``metric=heads``, ``merge=mlerp``), then the best of each group combined, best group first; the best of these
-   and the plain schedule goes on (see :mod:`dsm_export.schedule`);
+   similarity and norm-preserving merging (``metric=heads``, ``merge=mlerp``), then the best of
+   each group combined, best group first; the best of these and the plain schedule goes on (see
+   :mod:`dsm_export.schedule`);
 3. per-block refinement: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
 
