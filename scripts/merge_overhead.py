@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import os
 import platform
-import statistics
 import sys
 import tempfile
 
@@ -40,7 +39,7 @@ SCHEDULES = ["r=13,mode=tome", "r=33,r_end=0,delay=3,local=1,windows=1x2",
 
 @contextlib.contextmanager
 def merges_as_slices():
-    """Within the block, :class:`dsm_export.patch.MergedViT` keeps the first ``n - r`` tokens of
+    """Inside the ``with`` block, :class:`dsm_export.patch.MergedViT` keeps the first ``n - r`` tokens of
     each merging block instead of merging (``[B, n, C]`` -> ``[B, n - r, C]``) and tracks no sizes."""
     from dsm_export.patch import MergedViT
 
@@ -74,6 +73,7 @@ def main(argv=None) -> int:
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
 
+    import numpy as np
     import onnxruntime as ort
 
     from dsm_export.benchmark import cpu_name, ort_speedups
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from dsm_export.flops import schedule_flops
     from dsm_export.models import create_model
     from dsm_export.schedule import Schedule
-    from dsm_export.speed_check import WARMUP
+    from dsm_export.speed_check import WARMUP, speed_stats
 
     flops = {}
     try:
@@ -104,9 +104,9 @@ def main(argv=None) -> int:
             export_model(model, args.model, paths[f"m{i}"], s, weights=args.weights)
             export_twin(model, args.model, paths[f"t{i}"], s, weights=args.weights)
         pairs = ort_speedups(paths, "none", batch=args.batch, repeats=args.repeats, iters=2, warmup=WARMUP)
-    speed = {k: statistics.median(v) for k, v in pairs.items()}
+    stats = {k: speed_stats(v, flops[k]) for k, v in pairs.items()}
     # twin time / merged time within each repetition (the two run seconds apart), then the median
-    share = {i: statistics.median(1 - m / t for m, t in zip(pairs[f"m{i}"], pairs[f"t{i}"]))
+    share = {i: float(np.median([1 - m / t for m, t in zip(pairs[f"m{i}"], pairs[f"t{i}"])]))
              for i in range(len(schedules))}
     print(f"{args.model}; {cpu_name()}, {os.cpu_count()} threads, ONNX Runtime {ort.__version__} CPU, "
           f"batch {args.batch}, median of {args.repeats} paired speed-ups against timm's unmerged model "
@@ -116,9 +116,9 @@ def main(argv=None) -> int:
           "twin: speed-up / FLOP ratio | merges' share of the merged graph's time |")
     print("|---|---|---|---|---|---|---|")
     for i, s in enumerate(schedules):
-        m, t = f"m{i}", f"t{i}"
-        print(f"| `{s.spec()}` | {flops[m]:.2f}x | {speed[m]:.2f}x | {speed[m] / flops[m]:.2f} | "
-              f"{speed[t]:.2f}x | {speed[t] / flops[t]:.2f} | {100 * share[i]:.0f} % |")
+        m, t = stats[f"m{i}"], stats[f"t{i}"]
+        print(f"| `{s.spec()}` | {flops[f'm{i}']:.2f}x | {m['speedup']:.2f}x | {m['speed_per_flop']:.2f} | "
+              f"{t['speedup']:.2f}x | {t['speed_per_flop']:.2f} | {100 * share[i]:.0f} % |")
     return 0
 
 
