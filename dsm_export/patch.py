@@ -305,7 +305,7 @@ class MergedViT(nn.Module):
         p = self.num_prefix
         protected = None
         if t.protect:  # the most-attended tokens neither merge away nor receive merges
-            protected = token_mask(top_tokens(importance[:, p:], t.protect), x.shape[1] - p)
+            protected = token_mask(top_tokens(importance[:, p:], t.protect, ascending=False), x.shape[1] - p)
         plain = t.plan.mode != "prune" and not t.per_window
         if plain and self.impl == "export":  # prefix tokens pass through in place
             m = bipartite_soft_matching(keys, t.removed, protected=protected, unit=self.unit_metric, prefix=p)

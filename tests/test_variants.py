@@ -13,7 +13,7 @@ import torch
 from dsm_export.errors import ScheduleError, UnsupportedModelError
 from dsm_export.export import export_model
 from dsm_export.flops import schedule_flops
-from dsm_export.merge import bipartite_soft_matching, tome_distill_order
+from dsm_export.merge import bipartite_soft_matching, token_mask, tome_distill_order, top_tokens
 from dsm_export.onnx_graph import graph_problems
 from dsm_export.patch import apply
 from dsm_export.schedule import Schedule, resolve, tome_parse_r
@@ -134,6 +134,12 @@ def test_protected_tokens_never_merge():
         b_prot = protected[:, 1::2]
         assert not torch.gather(a_prot, 1, m.src_idx).any()  # never merged away
         assert not torch.gather(b_prot, 1, m.dst_idx).any()  # never merged into
+    # the protected set does not depend on the order top_tokens returns it in
+    importance = torch.rand(3, 40, generator=g)
+    for use_topk in (False, True):
+        mask = token_mask(top_tokens(importance, 5, use_topk=use_topk, ascending=False), 40)
+        assert torch.equal(mask, token_mask(top_tokens(importance, 5, use_topk=use_topk), 40))
+        assert torch.equal(mask, importance >= importance.topk(5, dim=-1).values[:, -1:])
 
 
 def test_mlerp_keeps_direction_and_takes_the_largest_norm():
@@ -153,11 +159,12 @@ def test_mlerp_keeps_direction_and_takes_the_largest_norm():
         assert new_size[0, :, 0].tolist() == [1.0, 4.0, 3.0]
     # heads metric: unit rows whose dot product is the mean over heads of per-head key cosines,
     # in both forms (the export form takes the heads one by one)
-    from dsm_export.merge import heads_metric_of
+    from dsm_export.merge import heads_metric_of, l2_norm
 
     k = torch.randn(2, 3, 7, 8)
     f = heads_metric(k)
     assert torch.allclose(f.norm(dim=-1), torch.ones(2, 7), atol=1e-6)
+    assert torch.allclose(l2_norm(k), k.norm(dim=-1, keepdim=True), rtol=1e-6)
     assert torch.allclose(heads_metric_of(k.unbind(1)), f, atol=1e-7)
     per_head = torch.nn.functional.cosine_similarity(k[:, :, 0:1], k[:, :, 1:2], dim=-1).mean(1)[:, 0]
     assert torch.allclose((f[:, 0] * f[:, 1]).sum(-1), per_head, atol=1e-6)
