@@ -302,8 +302,9 @@ def merge_wavg_scatter(x: torch.Tensor, size: torch.Tensor, m: Matching,
 def l2_norm(x: torch.Tensor) -> torch.Tensor:
     """``[..., c]`` -> ``[..., 1]`` L2 norm of each row, as ``sqrt(sum(x * x))``.
 
-    The export then runs Mul, ReduceSum and Sqrt, which ONNX Runtime's CPU provider computes about
-    1.5x faster than its ReduceL2 (what ``Tensor.norm`` exports to) on token-sized rows. The
+    The export then runs Mul, ReduceSum and Sqrt, which ONNX Runtime's CPU provider computes faster
+    than its ReduceL2 (what ``Tensor.norm`` exports to) on token-sized rows
+    (``scripts/norm_op_speed.py`` times both). The
     variants' norms (``metric=heads``, ``merge=mlerp``) use it in both forms; ToMe's cosine
     similarity keeps ``Tensor.norm``, as ToMe writes it.
     """
