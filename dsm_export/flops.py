@@ -5,7 +5,7 @@ at 224 px is about 1.26 GFLOPs). Counted per block, from the token counts of the
 
 * attention on the tokens entering the block: QKV and output projections, ``QK^T`` and
   ``attn @ V``;
-* merge: key mean over heads, cosine similarity of sets A and B, the one-hot assignment MatMul;
+* merge: key mean over heads (token norms for ``metric=tokens``), cosine similarity of sets A and B, the one-hot assignment MatMul;
   the class-attention mean over heads for ``protect`` and ``prune`` blocks (a prune block has no
   similarity and no assignment; its gather moves data and counts nothing);
 * MLP on the tokens leaving the block (every ``nn.Linear`` in ``blk.mlp``);
@@ -61,7 +61,8 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         tokens: from :func:`dsm_export.schedule.resolve`.
         windows: window grid used by local blocks.
         metric: ``"heads"`` matches on all ``H * head_dim`` key features (normalised per head)
-            instead of the ``head_dim`` of the head-averaged keys.
+            instead of the ``head_dim`` of the head-averaged keys; ``"tokens"`` on the ``C``
+            features of the normalised tokens (their norms counted, no key mean).
         merge_form: ``"mlerp"`` adds the token norms and the masked maximum over the assignment.
         prefix_only_last: the last block runs for the prefix tokens alone (its ``tokens_out`` is
             the prefix count).
@@ -95,7 +96,12 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         elif t.removed:
             hd = attn.head_dim
             n = t.matched or (n_in - prefix)  # mode=tome matches the prefix tokens too
-            merge += n * attn.num_heads * hd  # mean of keys over heads (or per-head norms)
+            c = blk.norm1.normalized_shape[0] if hasattr(blk.norm1, "normalized_shape") else attn.attn_dim
+            if metric == "tokens":  # token norms, then the similarity over the C token features
+                merge += n * c
+                hd = c
+            else:
+                merge += n * attn.num_heads * hd  # mean of keys over heads (or per-head norms)
             if metric == "heads":
                 hd = attn.num_heads * attn.head_dim  # similarity over every head's features
             if t.protect:
@@ -104,7 +110,6 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
             n_g = n // groups
             na, nb = math.ceil(n_g / 2), n_g // 2
             r_g = t.per_window if t.per_window else t.removed
-            c = blk.norm1.normalized_shape[0] if hasattr(blk.norm1, "normalized_shape") else attn.attn_dim
             merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
             if merge_form == "mlerp":
                 merge += n * c + groups * r_g * nb  # token norms + masked max over the assignment

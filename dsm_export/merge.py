@@ -360,6 +360,23 @@ def heads_metric_of(keys) -> torch.Tensor:
     return _unit_heads(k.unflatten(-1, (len(keys), -1))).flatten(-2)
 
 
+def tokens_metric(x: torch.Tensor) -> torch.Tensor:
+    """The ``metric=tokens`` similarity features: each token's row L2-normalised (floored at 1e-6),
+    so bipartite matching takes dot products as cosine similarities (``unit=True``).
+
+    The tokens are the block's input after its first LayerNorm, the feature that attention's
+    projections read ("X" in ToMe's feature-choice ablation, Bolya et al. 2023, Sec. 4.1, where
+    the keys won after fine-tuning). Norm as :func:`l2_norm` (Mul, ReduceSum, Sqrt).
+
+    Args:
+        x: ``[B, N, C]`` normalised tokens.
+
+    Returns:
+        ``[B, N, C]`` unit rows.
+    """
+    return x / l2_norm(x).clamp_min(1e-6)
+
+
 def _unit_heads(k: torch.Tensor) -> torch.Tensor:
     """``[..., H, d]`` keys, each head's row divided by its L2 norm (floored at 1e-6) times ``sqrt(H)``."""
     return k / (l2_norm(k).clamp_min(1e-6) * math.sqrt(k.shape[-2]))

@@ -35,6 +35,7 @@ from .merge import (
     merge_wavg_onehot,
     merge_wavg_scatter,
     keep_tokens,
+    tokens_metric,
     token_mask,
     tome_distill_order,
     top_tokens,
@@ -129,7 +130,7 @@ class MergedViT(nn.Module):
         self.num_prefix = int(model.num_prefix_tokens)
         self.tome = schedule.mode == "tome"
         self.mlerp = schedule.merge == "mlerp"
-        self.unit_metric = schedule.metric == "heads"  # heads_metric rows are unit-norm already
+        self.unit_metric = schedule.metric in ("heads", "tokens")  # their rows are unit-norm already
         self.has_class_token = getattr(model, "cls_token", None) is not None
         self.has_dist_token = getattr(model, "dist_token", None) is not None
         if self.tome and int(getattr(model, "num_reg_tokens", 0) or 0):
@@ -223,7 +224,9 @@ class MergedViT(nn.Module):
         Returns:
             ``(out [B, N, C], metric, importance [B, N] or None)``: the metric is the keys averaged
             over heads ``[B, N, head_dim]``, or for ``metric=heads`` each head's normalised keys
-            ``[B, N, H * head_dim]`` (:func:`~dsm_export.merge.heads_metric`); importance is the
+            ``[B, N, H * head_dim]`` (:func:`~dsm_export.merge.heads_metric`), or for
+            ``metric=tokens`` the normalised input ``x`` itself, unit rows ``[B, N, C]``
+            (:func:`~dsm_export.merge.tokens_metric`); importance is the
             class token's attention to each token (mean over heads), or for models without a class
             token the mean attention each token receives.
         """
@@ -243,8 +246,7 @@ class MergedViT(nn.Module):
             imp = w.mean(dim=2).mean(dim=1)
         out = out.transpose(1, 2).reshape(-1, n, attn.attn_dim)
         out = attn.proj(attn.norm(out))
-        metric = heads_metric(k) if self.schedule.metric == "heads" else k.mean(dim=1)
-        return attn.proj_drop(out), metric, imp
+        return attn.proj_drop(out), self._metric(x, lambda: heads_metric(k), lambda: k.mean(dim=1)), imp
 
     def _attention_per_head(self, attn, x, size, importance: bool = False, queries: int | None = None):
         """The export form of :meth:`_attention`: one slice of the ``qkv`` output per head, no transposes.
@@ -276,9 +278,16 @@ class MergedViT(nn.Module):
         out = attn.proj(attn.norm(torch.cat(outs, dim=-1)))
         # Means over heads as Add chains: stack + ReduceMean over a leading axis costs ONNX Runtime
         # a copy and a slow reduction (ReduceMean + Concat ~4 % of a merged fp32 DeiT-Tiny).
-        metric = heads_metric_of(keys) if self.schedule.metric == "heads" else _mean_of(keys)
+        metric = None if queries is not None else self._metric(x, lambda: heads_metric_of(keys), lambda: _mean_of(keys))
         imp = _mean_of(rows) if importance else None
         return attn.proj_drop(out), metric, imp
+
+    def _metric(self, x, heads, keys):
+        """The matching features of the schedule's ``metric``: ``[B, N, d]`` from the normalised
+        block input ``x`` (``tokens``), or from the keys (``heads()``, ``keys()``)."""
+        if self.schedule.metric == "tokens":
+            return tokens_metric(x)
+        return heads() if self.schedule.metric == "heads" else keys()
 
     def _merge_tome(self, x, size, keys, t: BlockTokens):
         """ToMe's merge of the whole sequence, prefix tokens protected (``tome/merge.py``)."""

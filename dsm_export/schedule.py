@@ -36,6 +36,10 @@ Merge variants (DSM mode only; see :mod:`dsm_export.merge` for the maths and sou
   sizes leave the sequence, so proportional attention no longer counts the patches they stood for.
 * ``metric=heads``: match on the cosine similarity of each head's keys, averaged over heads,
   instead of the cosine of the head-averaged keys (ToMe's choice, Bolya et al. 2023, Sec. 3).
+* ``metric=tokens``: match on the cosine similarity of the tokens themselves, the block's input
+  after its first LayerNorm (the feature attention reads; "X" in ToMe's feature-choice ablation,
+  Bolya et al. 2023, Sec. 4.1, Table 1a). ToMe found keys slightly better after fine-tuning; on the
+  off-the-shelf DeiT-Tiny here the tokens match better at 2x (README, merge variants).
 * ``merge=mlerp``: norm-preserving merge; the size-weighted mean is rescaled to the largest norm
   among the tokens merged into it (MLERP of ToFu, Kim et al., WACV 2024), so averaging
   dissimilar tokens does not shrink them.
@@ -68,7 +72,7 @@ from .errors import ScheduleError
 
 MODES = ("none", "local", "global", "prune")
 SCHEDULE_MODES = ("dsm", "tome")
-METRICS = ("keys", "heads")
+METRICS = ("keys", "heads", "tokens")
 MERGES = ("mean", "mlerp")
 
 
@@ -159,7 +163,8 @@ class Schedule:
         protect: importance-protected matching: tokens kept out of global merges by class attention.
         prune: the last ``prune`` merging blocks drop tokens instead of merging them.
         metric: similarity of the matching: ``"keys"`` (cosine of the keys averaged over heads,
-            ToMe) or ``"heads"`` (cosine similarity of each head's keys, averaged over heads).
+            ToMe), ``"heads"`` (cosine similarity of each head's keys, averaged over heads) or
+            ``"tokens"`` (cosine similarity of the block's normalised input tokens).
         merge: ``"mean"`` (ToMe's size-weighted mean) or ``"mlerp"`` (the mean rescaled to the
             largest norm among the merged tokens, ToFu's norm-preserving MLERP).
         stride: merge in every ``stride``-th merging block only, each merging the r of its run

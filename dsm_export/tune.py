@@ -12,10 +12,15 @@ Search (on calibration images, PyTorch reference implementation):
 2. merge variants on the best grid schedule (same token counts, so the same FLOPs up to the
    matching's own cost, which :func:`reach_target` makes up by raising r where needed):
    importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), per-head
-   similarity and norm-preserving merging (``metric=heads``, ``merge=mlerp``), then the best of
-   each group combined, best group first; the best of these and the plain schedule goes on (see
-   :mod:`dsm_export.schedule`);
-3. per-block refinement: move merges between pairs of blocks (coordinate
+   similarity, token similarity and norm-preserving merging (``metric=heads``, ``metric=tokens``,
+   ``merge=mlerp``), then the best of each group combined, best group first; the best of these
+   and the plain schedule goes on (see :mod:`dsm_export.schedule`);
+3. if a variant won, the grid again with its variant keys and each similarity metric
+   (``max_grid`` candidates, nearest first from the winner), since the delay, local blocks, r
+   shape and metric that suit a variant differ from the plain schedule's (on DeiT-Tiny at 2x the
+   variants favour one more dense block, and there ``metric=tokens``); if another grid schedule
+   wins, stage 2 once more on it;
+4. per-block refinement: move merges between pairs of blocks (coordinate
    descent) while the FLOP target still holds, keeping a move only if KL falls.
 
 Candidates are ranked by their ``divergence`` from the unmerged model (mean KL, or mean 1 - cosine for
@@ -35,7 +40,7 @@ from torch import nn
 
 from .errors import DSMError, ScheduleError
 from .evaluate import flops_ratio, model_logits, schedule_metrics
-from .schedule import BlockPlan, Schedule, resolve
+from .schedule import METRICS, BlockPlan, Schedule, resolve
 
 
 @dataclass
@@ -71,7 +76,8 @@ PROTECT_OPTIONS = (8, 16, 32)
 PRUNE_OPTIONS = (1, 2, 4)
 
 
-FORM_OPTIONS = (("heads", "mean"), ("keys", "mlerp"), ("heads", "mlerp"))  # (metric, merge)
+FORM_OPTIONS = (("heads", "mean"), ("tokens", "mean"), ("keys", "mlerp"), ("heads", "mlerp"),
+                ("tokens", "mlerp"))  # (metric, merge)
 
 
 def variant_label(schedule: Schedule) -> str:
@@ -187,14 +193,15 @@ def spread_sample(cands: list[Schedule], n: int) -> tuple[list[Schedule], list[S
 def grid_distance(a: Schedule, b: Schedule) -> float:
     """How far apart two grid schedules are, for the fine stage of :func:`tune`: a block of delay or
     of local merging counts 2, another window grid 1, every 4 of r at the last merging block 1 and
-    every 4 of r at the first 0.5 (so a schedule's own structure with another r shape comes first,
-    then its neighbours in delay and local blocks)."""
+    every 4 of r at the first 0.5, another similarity metric 1 (so a schedule's own structure with
+    another r shape comes first, then its neighbours in delay and local blocks)."""
     def key(s):
         return (s.delay or 0, s.local or 0, tuple(s.windows) if s.local else None,
                 s.r if s.r_end is None else s.r_end, s.r)
 
     (da, la, wa, ea, ra), (db, lb, wb, eb, rb) = key(a), key(b)
-    return 2 * abs(da - db) + 2 * abs(la - lb) + (wa != wb) + abs(ea - eb) / 4 + abs(ra - rb) / 8
+    return (2 * abs(da - db) + 2 * abs(la - lb) + (wa != wb) + abs(ea - eb) / 4 + abs(ra - rb) / 8
+            + (a.metric != b.metric))
 
 
 def _div(row: dict) -> float:
@@ -216,6 +223,45 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 def _better(a: dict, b: dict | None) -> bool:
     return b is None or (_div(a), -_agree(a)) < (_div(b), -_agree(b))
+
+
+def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evaluated: list[dict], bar,
+                 decorate=None, best: tuple | None = None, anchor: Schedule | None = None) -> tuple[Schedule, dict]:
+    """Coarse to fine over grid candidates ``cands``, ``budget`` of them at most.
+
+    Without ``anchor``: half the budget spread evenly over ``cands`` (:func:`spread_sample`; all
+    of them if they fit), then the unevaluated ones nearest the best so far
+    (:func:`grid_distance`). With ``anchor`` (a grid schedule): nearest first from it, then from
+    the best so far. Only evaluations count against the budget: a candidate ``decorate`` turns
+    into one evaluated before, or refuses, is skipped. ``decorate`` maps a candidate to the schedule evaluated (e.g. with variant
+    keys, raised to the target; a :class:`ScheduleError` skips it). Appends to ``evaluated``;
+    returns the best ``(schedule, metrics, grid candidate)``, starting from ``best``.
+    """
+    best, best_m = best if best else (None, None)
+    if anchor is None and len(cands) > budget:
+        first, rest = spread_sample(cands, max(1, budget // 2))
+    else:
+        first, rest = ([], list(cands)) if anchor is not None else (list(cands), [])
+    near = anchor
+    seen = {m["spec"] for m in evaluated}
+    done = 0
+    while first or (rest and done < budget):
+        g = first.pop(0) if first else rest.pop(min(range(len(rest)), key=lambda i: grid_distance(rest[i], near)))
+        try:
+            s = decorate(g) if decorate else g
+        except ScheduleError:
+            continue
+        if s.spec() in seen:  # e.g. the anchor itself, evaluated already
+            continue
+        seen.add(s.spec())
+        done += 1
+        bar.update()
+        m = schedule_metrics(model, s, pixels, base)
+        m["spec"] = s.spec()
+        evaluated.append(m)
+        if _better(m, best_m):
+            best, best_m, near = s, m, g
+    return best, best_m, near
 
 
 def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
@@ -251,27 +297,21 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
     evaluated: list[dict] = []
     best, best_m = None, None
-    n_variants = 1 + len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + len(FORM_OPTIONS) + 2 if variants else 0
+    n_stage = len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + len(FORM_OPTIONS) + 2
+    n_variants = 2 * n_stage + max_grid if variants else 0
     bar = tqdm(total=min(len(cands), max_grid) + n_variants + refine_steps, desc="tune", unit="schedule",
                disable=not progress, leave=False)
     # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
     # unevaluated candidates nearest the best so far (grid_distance), one at a time.
-    first, rest = spread_sample(cands, max(1, max_grid // 2)) if len(cands) > max_grid else (cands, [])
-    while first or (rest and len(evaluated) < max_grid):
-        s = first.pop(0) if first else rest.pop(min(range(len(rest)), key=lambda i: grid_distance(rest[i], best)))
-        m = schedule_metrics(model, s, pixels, base)
-        m["spec"] = s.spec()
-        evaluated.append(m)
-        if _better(m, best_m):
-            best, best_m = s, m
-        bar.update()
+    best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar)
 
     variant_rows: list[dict] = []
     if variants:
         variant_rows.append({**best_m, "variant": "plain"})
         tried = []
 
-        def attempt(s: Schedule, label: str):
+        def attempt(s: Schedule, label: str, rows: list[dict] | None):
+            variant = s
             try:
                 s = reach_target(model, s, target)
                 m = schedule_metrics(model, s, pixels, base)
@@ -279,26 +319,52 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
                 return None
             m["spec"], m["variant"] = s.spec(), label
             evaluated.append(m)
-            variant_rows.append(m)
-            tried.append((s, m))
+            if rows is not None:
+                rows.append(m)
+            tried.append((s, m, variant))
             return m
 
-        singles: dict[str, tuple[Schedule, dict]] = {}  # the best single variant of each group
-        for v in variant_candidates(best):
-            m = attempt(v, variant_label(v))
-            bar.update()
-            g = variant_group(v.variant_keys())
-            if m is not None and (g not in singles or _better(m, singles[g][1])):
-                singles[g] = (v, m)
-        # Combine the groups' best singles, best group first
-        order = sorted(singles, key=lambda g: (_div(singles[g][1]), -_agree(singles[g][1])))
-        for k in range(2, len(order) + 1):
-            combo = _combine(best, [singles[g][0] for g in order[:k]])
-            attempt(combo, variant_label(combo))
-            bar.update()
-        for s, m in tried:
-            if _better(m, best_m):
-                best, best_m = s, m
+        def variant_stage(grid_s: Schedule, rows: list[dict] | None):
+            """Each variant on ``grid_s``, then the groups' best singles combined; the best one
+            tried (schedule, metrics, variant before reach_target), or None."""
+            tried.clear()
+            singles: dict[str, tuple[Schedule, dict]] = {}  # the best single variant of each group
+            for v in variant_candidates(grid_s):
+                m = attempt(v, variant_label(v), rows)
+                bar.update()
+                g = variant_group(v.variant_keys())
+                if m is not None and (g not in singles or _better(m, singles[g][1])):
+                    singles[g] = (v, m)
+            # Combine the groups' best singles, best group first
+            order = sorted(singles, key=lambda g: (_div(singles[g][1]), -_agree(singles[g][1])))
+            for k in range(2, len(order) + 1):
+                combo = _combine(grid_s, [singles[g][0] for g in order[:k]])
+                attempt(combo, variant_label(combo), rows)
+                bar.update()
+            return min(tried, key=lambda t: (_div(t[1]), -_agree(t[1])), default=None)
+
+        found = variant_stage(best, variant_rows)
+        if found is not None and _better(found[1], best_m):
+            best, best_m, winner = found
+            # The grid again with the winning variant keys, nearest first from the plain winner;
+            # if another grid schedule wins, the variant stage once more on it.
+            # Every similarity metric is a candidate here: which one matches best depends on the grid
+            # schedule too (on DeiT-Tiny at 2x, metric=tokens loses on the plain winner's grid and
+            # wins with one more dense block).
+            keys = {k: getattr(winner, k) for k in ("protect", "prune", "merge")}
+            first = [dataclasses.replace(grid_best, metric=winner.metric)]
+            pairs = first + [dataclasses.replace(g, metric=m) for g in cands for m in METRICS
+                             if (g, m) != (grid_best, winner.metric)]
+
+            def with_variant(s: Schedule) -> Schedule:
+                return reach_target(model, dataclasses.replace(s, **keys), target)
+
+            best, best_m, regrid = _grid_search(model, pixels, base, pairs, max_grid, evaluated, bar,
+                                                decorate=with_variant, best=(best, best_m), anchor=first[0])
+            if regrid is not first[0]:
+                found = variant_stage(dataclasses.replace(regrid, metric="keys"), None)
+                if found is not None and _better(found[1], best_m):
+                    best, best_m = found[0], found[1]
 
     # Per-block refinement: move `step` merged tokens from block i to block j.
     plan = list(best.plan(depth))

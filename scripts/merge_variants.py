@@ -9,7 +9,7 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
 * **paper-style DSM**: constant r, ``delay=1,local=2`` (2x2 windows), the smallest r that reaches it;
 * **tune's variant stage**: ``dsm-export tune --target-flops-ratio`` on the 128 calibration photos
   (the search's best grid schedule, then each variant on it: plain, the best ``protect=P``, the best
-  ``prune=K``, the best of ``metric=heads`` / ``merge=mlerp``, and the best
+  ``prune=K``, the best of ``metric=heads`` / ``metric=tokens`` / ``merge=mlerp``, and the best
   combination of the groups' winners);
 * **tuned**: the schedule ``tune --target-flops-ratio --export`` writes: the search (variant
   stage, then per-block refinement), then its speed check (:mod:`dsm_export.speed_check`): the
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                 best_of[family] = row
         names = {"plain": "tune's grid schedule, plain", "protect": "+ protect (best P)",
                  "prune": "+ prune (best K)",
-                 "form": "+ metric=heads and/or merge=mlerp (best)",
+                 "form": "+ metric (heads or tokens) and/or merge=mlerp (best)",
                  "combined": "+ each group's best, combined (best)"}
         for family, row in best_of.items():
             entries.append((names.get(family, family), row["spec"]))
