@@ -226,16 +226,18 @@ def _better(a: dict, b: dict | None) -> bool:
 
 
 def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evaluated: list[dict], bar,
-                 decorate=None, best: tuple | None = None, anchor: Schedule | None = None) -> tuple[Schedule, dict]:
+                 decorate=None, best: tuple | None = None,
+                 anchor: Schedule | None = None) -> tuple[Schedule, dict, Schedule]:
     """Coarse to fine over grid candidates ``cands``, ``budget`` of them at most.
 
     Without ``anchor``: half the budget spread evenly over ``cands`` (:func:`spread_sample`; all
     of them if they fit), then the unevaluated ones nearest the best so far
     (:func:`grid_distance`). With ``anchor`` (a grid schedule): nearest first from it, then from
-    the best so far. Only evaluations count against the budget: a candidate ``decorate`` turns
-    into one evaluated before, or refuses, is skipped. ``decorate`` maps a candidate to the schedule evaluated (e.g. with variant
-    keys, raised to the target; a :class:`ScheduleError` skips it). Appends to ``evaluated``;
-    returns the best ``(schedule, metrics, grid candidate)``, starting from ``best``.
+    the best so far. ``decorate`` maps a candidate to the schedule evaluated (e.g. with variant
+    keys, raised to the target); a candidate it refuses (:class:`ScheduleError`) or turns into one
+    evaluated before is skipped, and only evaluations count against the budget. Appends to
+    ``evaluated``; returns the best ``(schedule, metrics, its grid candidate)``, starting from
+    ``best`` (the grid candidate is ``anchor`` while nothing beats ``best``).
     """
     best, best_m = best if best else (None, None)
     if anchor is None and len(cands) > budget:
@@ -347,9 +349,8 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         if found is not None and _better(found[1], best_m):
             best, best_m, winner = found
             # The grid again with the winning variant keys, nearest first from the plain winner;
-            # if another grid schedule wins, the variant stage once more on it.
-            # Every similarity metric is a candidate here: which one matches best depends on the grid
-            # schedule too (on DeiT-Tiny at 2x, metric=tokens loses on the plain winner's grid and
+            # if another grid schedule wins, the variant stage once more on it. Every similarity
+            # metric is a candidate here: which one matches best depends on the grid schedule too (on DeiT-Tiny at 2x, metric=tokens loses on the plain winner's grid and
             # wins with one more dense block).
             keys = {k: getattr(winner, k) for k in ("protect", "prune", "merge")}
             first = [dataclasses.replace(grid_best, metric=winner.metric)]
