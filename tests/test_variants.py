@@ -234,6 +234,10 @@ def test_variant_onnx_parity_on_deit_tiny(tmp_path, deit, pixels, spec):
     assert np.abs(got - ref).max() <= 1e-4
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert np.abs(ref - dense).max() > 1e-2  # the variant changed the computation
+    if "metric=tokens" in spec:  # the tokens, not the keys, chose the merges (in both forms)
+        with torch.inference_mode():
+            keys = apply(deit, spec.replace("metric=tokens", "metric=keys"), "reference")(pixels).numpy()
+        assert np.abs(ref - keys).max() > 1e-2
 
 
 def test_tome_mode_distilled_keeps_both_heads_tokens(pixels):
