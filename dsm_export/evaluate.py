@@ -87,6 +87,41 @@ def schedule_metrics(model: nn.Module, schedule: Schedule, pixels: torch.Tensor,
             **output_metrics(logits, base_logits, labels, embeddings=is_embedding_model(model))}
 
 
+def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-photo values (Efron and Tibshirani, "An
+    Introduction to the Bootstrap", 1993, Ch. 13): the photos are resampled with replacement
+    ``resamples`` times and the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the
+    resampled means returned.
+
+    For a paired comparison of two schedules on the same photos, pass the per-photo differences
+    (e.g. KL of one minus KL of the other): the photos' shared difficulty then cancels.
+
+    Args:
+        values: ``[N]`` per-photo values, e.g. KL in nats or top-1 agreement as 0/1.
+        level: coverage, in (0, 1).
+        resamples: bootstrap resamples, at least 100.
+        seed: NumPy generator seed (the same seed gives the same interval).
+
+    Returns:
+        ``(low, high)``.
+
+    Raises:
+        ValueError: if ``values`` is empty or not one-dimensional, ``level`` is outside (0, 1), or
+            ``resamples`` is below 100.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty [N] array, got shape {v.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 100:
+        raise ValueError(f"resamples must be at least 100, got {resamples}")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def divergence_name(model: nn.Module) -> str:
     """What ``divergence`` measures for this model: ``KL`` or ``1 - cosine``."""
     return "1 - cosine" if is_embedding_model(model) else "KL"

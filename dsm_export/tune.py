@@ -310,9 +310,10 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
     variant_rows: list[dict] = []
     if variants:
         variant_rows.append({**best_m, "variant": "plain"})
-        tried = []
 
-        def attempt(s: Schedule, label: str, rows: list[dict] | None):
+        def attempt(s: Schedule, label: str, rows: list[dict] | None, tried: list):
+            """Evaluate variant ``s`` raised to the target; appends ``(raised, metrics, s)`` to
+            ``tried`` and the metrics to ``evaluated`` (and ``rows``). None if ``s`` is invalid."""
             variant = s
             try:
                 s = reach_target(model, s, target)
@@ -329,10 +330,10 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         def variant_stage(grid_s: Schedule, rows: list[dict] | None):
             """Each variant on ``grid_s``, then the groups' best singles combined; the best one
             tried (schedule, metrics, variant before reach_target), or None."""
-            tried.clear()
+            tried: list[tuple[Schedule, dict, Schedule]] = []
             singles: dict[str, tuple[Schedule, dict]] = {}  # the best single variant of each group
             for v in variant_candidates(grid_s):
-                m = attempt(v, variant_label(v), rows)
+                m = attempt(v, variant_label(v), rows, tried)
                 bar.update()
                 g = variant_group(v.variant_keys())
                 if m is not None and (g not in singles or _better(m, singles[g][1])):
@@ -341,7 +342,7 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
             order = sorted(singles, key=lambda g: (_div(singles[g][1]), -_agree(singles[g][1])))
             for k in range(2, len(order) + 1):
                 combo = _combine(grid_s, [singles[g][0] for g in order[:k]])
-                attempt(combo, variant_label(combo), rows)
+                attempt(combo, variant_label(combo), rows, tried)
                 bar.update()
             return min(tried, key=lambda t: (_div(t[1]), -_agree(t[1])), default=None)
 

@@ -34,7 +34,8 @@ import sys
 import tempfile
 
 SCHEDULES = ["r=13,mode=tome", "r=33,r_end=0,delay=3,local=1,windows=1x2",
-             "r=33,r_end=0,delay=3,local=1,windows=1x2,protect=32,metric=heads,merge=mlerp"]
+             "r=33,r_end=0,delay=3,local=1,windows=1x2,protect=32,metric=heads,merge=mlerp",
+             "r=33,r_end=0,delay=3,local=1,windows=1x2,protect=32,metric=tokens,merge=mlerp"]
 
 
 @contextlib.contextmanager

@@ -164,6 +164,13 @@ def merge_variants_block(ctx: Context) -> str:
         return fh.read().strip()
 
 
+@figure("held-apart-ci", "bootstrap intervals of the merge-variants table's exact ToMe and tuned rows "
+                        "(scripts/held_apart_ci.py; ~3 min)")
+def held_apart_ci_block(ctx: Context) -> str:
+    return ctx.run("python", "scripts/held_apart_ci.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+                   "--images", IMAGES, "--json", "docs/merge_variants.json").strip()
+
+
 @figure("merge-overhead", "merged graphs against their token-count twins (scripts/merge_overhead.py; ~7 min)")
 def merge_overhead_block(ctx: Context) -> str:
     return ctx.run("python", "scripts/merge_overhead.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,

@@ -110,3 +110,31 @@ def test_merge_overhead_twin_has_the_token_counts_and_no_merge_work(tmp_path, de
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_overhead.py"), "deit_tiny_patch16_224",
                            "--weights", weights, "--schedules", "r=13,delay=99"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+
+
+def test_held_apart_ci_intervals(tmp_path, weights, images_dir):
+    import json
+
+    table = tmp_path / "merge_variants.json"
+    table.write_text(json.dumps({"rows": [
+        {"target": 1.7, "kind": "exact ToMe", "spec": "r=13,mode=tome", "kl": 0.0},
+        {"target": 1.7, "kind": "paper-style DSM", "spec": "r=15,delay=1,local=2", "kl": 0.0},
+        {"target": 1.7, "kind": "tuned (variant: plain)", "spec": "r=13", "kl": 0.0}]}))
+    script = os.path.join(ROOT, "scripts", "held_apart_ci.py")
+    proc = subprocess.run(
+        [sys.executable, script, "deit_tiny_patch16_224", "--weights", weights, "--images", images_dir,
+         "--json", str(table), "--holdout", "24", "--resamples", "200"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| 1.7x")]
+    assert [r[1] for r in rows] == ["exact ToMe", "tuned (variant: plain)"]  # default kinds only
+    for cell in (rows[0][2], rows[1][2], rows[1][4].rstrip(" |")):  # mean [low, high], mean inside
+        mean, low, high = (float(v) for v in cell.replace("[", "").replace("]", "").replace(",", "").split())
+        assert low <= mean <= high and low < high
+    assert rows[0][4].rstrip(" |") == "-"
+    assert "not compared (--holdout)" in proc.stdout
+    # A user mistake: one line, exit 2, no model loaded
+    proc = subprocess.run([sys.executable, script, "deit_tiny_patch16_224", "--weights", weights,
+                           "--images", images_dir, "--json", str(tmp_path / "missing.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr

@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 from dsm_export.cli import main
 from dsm_export.evaluate import flops_ratio, model_logits, schedule_metrics
 from dsm_export.schedule import Schedule
@@ -137,3 +140,26 @@ def test_tune_export_speed_check_cli(weights, images_dir, tmp_path, capsys):
 
     assert read_metadata(onnx.load(out)).schedule.to_dict(12) == Schedule.parse(kept["spec"]).to_dict(12)
     assert json.loads(report.read_text())["schedule"] == kept["spec"]
+
+
+def test_bootstrap_interval():
+    from dsm_export.evaluate import bootstrap_interval
+
+    assert bootstrap_interval(np.full(50, 0.25)) == (0.25, 0.25)
+    agree = (np.arange(372) % 100 < 91).astype(float)  # 91 % agreement on 372 photos
+    low, high = bootstrap_interval(agree)
+    p, n = agree.mean(), agree.size
+    half = 1.96 * np.sqrt(p * (1 - p) / n)  # the normal approximation's half-width
+    assert low < p < high and abs((high - low) / (2 * half) - 1) < 0.15
+    assert bootstrap_interval(agree, seed=3) == bootstrap_interval(agree, seed=3)
+    # Paired differences: two schedules sharing the photos' difficulty vary far less than either
+    rng = np.random.default_rng(0)
+    hard = rng.exponential(0.1, 372)
+    a, b = hard, hard * 1.1 + rng.normal(0, 0.002, 372)
+    paired = bootstrap_interval(b - a)
+    alone = bootstrap_interval(b)
+    assert paired[0] > 0 and paired[1] - paired[0] < 0.5 * (alone[1] - alone[0])
+    for bad in (dict(values=[]), dict(values=np.ones((2, 3))), dict(values=[1.0], level=1.0),
+                dict(values=[1.0], resamples=10)):
+        with pytest.raises(ValueError):
+            bootstrap_interval(**bad)
