@@ -230,7 +230,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,
                    progress: bool = True, confirm_margin: float = 0.08, strides=(1,),
-                   budget: Budget | None = None) -> EngineSearchResult:
+                   budget: Budget | None = None, mirror: bool = True) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -261,6 +261,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             every-block speed and less accurate on held-apart photos (the README's frontier).
         budget: an accuracy :class:`Budget` the chosen engine must keep within on the calibration
             images (None: any accuracy). Rows outside it are still measured and on the front.
+        mirror: each rung's schedule search also scores the horizontal mirror images
+            (:func:`dsm_export.tune.with_mirrors`); the engines are then measured on ``pixels``.
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
     ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).
@@ -316,7 +318,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             variants = [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
         else:
             try:
-                found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False)
+                found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False,
+                             mirror=mirror)
             except DSMError:  # no schedule reaches this FLOP ratio on this model
                 bar.update()
                 continue

@@ -8,6 +8,7 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
   the target (ToMe's own clipping lets r exceed half the tokens late in the network);
 * **paper-style DSM**: constant r, ``delay=1,local=2`` (2x2 windows), the smallest r that reaches it;
 * **tune's variant stage**: ``dsm-export tune --target-flops-ratio`` on the 128 calibration photos
+  and their mirror images (``--no-mirror``: the photos alone; :func:`dsm_export.tune.with_mirrors`)
   (the search's best grid schedule, then each variant on it: plain, the best ``protect=P``, the best
   ``prune=K``, the best of ``metric=heads`` / ``metric=tokens`` / ``merge=mlerp``, and the best
   combination of the groups' winners);
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--holdout", type=int, help="evaluate on the first N held-apart photos only")
     parser.add_argument("--max-grid", type=int, default=48)
     parser.add_argument("--refine-steps", type=int, default=24)
+    parser.add_argument("--no-mirror", action="store_true",
+                        help="tune on the calibration photos only, not also on their mirror images")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-bench", action="store_true", help="skip the ONNX Runtime timing")
     parser.add_argument("--output", default="out", help="folder for merge_variants.md and .json")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
             entries.append(("exact ToMe", tome))
         if paper:
             entries.append(("paper-style DSM", paper))
-        result = tune(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps)
+        result = tune(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps,
+                      mirror=not args.no_mirror)
         best_of: dict[str, dict] = {}
         for row in result.variants:
             family = variant_group(() if row["variant"] == "plain" else
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     base_acc = rows[0]["baseline_top1_accuracy"]
     lines = [
         f"{args.model}, {len(held)} photos held apart from every choice (tune and variant choice on "
-        f"{len(calib)} others); {machine}.",
+        f"{len(calib)} others{'' if args.no_mirror else ' and their mirror images'}); {machine}.",
         "",
         f"| target | schedule | spec | FLOPs reduction | top-1 (unmerged {100 * base_acc:.1f} %) | agreement | KL "
         "| ORT speed-up | speed-up / FLOP ratio |",

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dsm_export.cli import main
 from dsm_export.evaluate import flops_ratio, model_logits, schedule_metrics
@@ -14,10 +15,20 @@ from conftest import DEIT
 
 
 def test_tune_meets_target_and_beats_constant_r(deit, pixels):
+    from dsm_export.tune import with_mirrors
+
+    views = with_mirrors(pixels)  # the photos, then each one mirrored left to right
+    assert views.shape == (2 * len(pixels), *pixels.shape[1:])
+    assert torch.equal(views[:len(pixels)], pixels) and torch.equal(views[len(pixels):, :, :, 0], pixels[:, :, :, -1])
     result = tune(deit, pixels, 1.7, max_grid=10, refine_steps=4, progress=False)
     assert flops_ratio(deit, result.best) >= 1.7
+    # Scored on both views of every photo; the mirror images change what merges, so the KL differs.
+    base = model_logits(deit, views)
+    both = schedule_metrics(deit, result.best, views, base)
+    assert abs(both["kl"] - result.best_metrics["kl"]) < 1e-9
+    assert abs(schedule_metrics(deit, result.best, pixels, base[:len(pixels)])["kl"] - both["kl"]) > 1e-6
     # ToMe's constant r=13 (1.74x) is a grid candidate, always evaluated: the search can only do better.
-    tome = schedule_metrics(deit, Schedule(r=13), pixels, model_logits(deit, pixels))
+    tome = schedule_metrics(deit, Schedule(r=13), views, base)
     assert result.best_metrics["kl"] <= tome["kl"]
     assert result.pareto and all(r in result.evaluated for r in result.pareto)
 
@@ -55,7 +66,8 @@ def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
                  "--calibration", "8", "--holdout", "8", "--max-grid", "4", "--refine-steps", "2",
                  "--output", str(out), "--no-progress"])
     assert code == 0
-    assert "held apart (8 images)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "held apart (8 images)" in text and "calibration (8 images and their mirror images)" in text
     schedule = Schedule.parse(str(out))
     assert flops_ratio(deit, schedule) >= 1.5
     assert json.loads(out.read_text())["blocks"]
@@ -129,9 +141,10 @@ def test_tune_export_speed_check_cli(weights, images_dir, tmp_path, capsys):
     out, report = tmp_path / "tuned.onnx", tmp_path / "report.json"
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
                  "--calibration", "8", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
-                 "--speed-candidates", "2", "--export", str(out), "--report", str(report), "--no-progress"])
+                 "--speed-candidates", "2", "--export", str(out), "--report", str(report), "--no-progress",
+                 "--no-mirror"])
     text = capsys.readouterr().out
-    assert code == 0 and "speed check (ONNX Runtime cpu" in text and "lower quartile is at least 0.90" in text
+    assert code == 0 and "calibration (8 images):" in text and "speed check (ONNX Runtime cpu" in text and "lower quartile is at least 0.90" in text
     timed = json.loads(report.read_text())["speed_check"]
     assert len(timed) == 2 and all(0 < r["speed_per_flop_low"] <= r["speed_per_flop"] for r in timed)
     kept = next((r for r in timed if r["speed_per_flop_low"] >= 0.9), timed[0])

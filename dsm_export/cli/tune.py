@@ -48,6 +48,10 @@ def add(sub):
                    help="ONNX Runtime execution provider timed by --target-speedup and the speed check: cpu, cuda, tensorrt, openvino "
                         "or a full name (default cpu)")
     p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="score schedules on the calibration images only, not also on their horizontal mirror "
+                        "images (half the search time; the choice fits the calibration photos more closely "
+                        "and new photos less)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
     p.add_argument("--max-grid", type=int, default=None,
                    help="grid schedules per search, half spread over the grid and half nearest the best "
@@ -181,7 +185,8 @@ def run(args) -> int:
         elif "speed_per_flop" in cal:
             print(f"measured ONNX Runtime speed-up (fp32): {cal['speedup']:.2f}x, {cal['speed_per_flop']:.2f} of "
                   f"the FLOP ratio, lower quartile {cal['speed_per_flop_low']:.2f} (speed check above)")
-        print(f"calibration ({len(calib)} images): {div} {cal['divergence']:.4f}, "
+        views = "" if args.no_mirror or measured else " and their mirror images"
+        print(f"calibration ({len(calib)} images{views}): {div} {cal['divergence']:.4f}, "
               f"{agree} {100 * cal['agreement']:.1f} %, {cal['flops_ratio']:.2f}x fewer FLOPs")
         acc = held_metrics.get("top1_accuracy")
         print(f"held apart ({len(held)} images): {div} {held_metrics['divergence']:.4f}, "
@@ -299,7 +304,7 @@ def _search_flops(args, model, calib_pixels, work: str) -> tuple[dict, str | Non
 
     result = tune(model, calib_pixels, args.target_flops_ratio, max_grid=args.max_grid or 48,
                   refine_steps=args.refine_steps if args.refine_steps is not None else 24,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, mirror=not args.no_mirror)
     if not args.budget.admits(result.best_metrics):
         return {"schedule_obj": None, "spec": result.best.spec(), "calibration": result.best_metrics,
                 "pareto": result.pareto, "evaluated": result.evaluated}, None
@@ -393,7 +398,7 @@ def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
                             refine_steps=args.refine_steps if args.refine_steps is not None else 8,
                             repeats=args.repeats, provider=args.provider, pretrained=args.pretrained,
                             num_classes=args.num_classes, progress=not args.no_progress, strides=args.strides,
-                            budget=args.budget)
+                            budget=args.budget, mirror=not args.no_mirror)
     strip = [{k: v for k, v in r.items() if k != "path"} for r in result.candidates]
     pareto = [{k: v for k, v in r.items() if k != "path"} for r in result.pareto]
     best = result.best
