@@ -124,8 +124,8 @@ def _combine(base: Schedule, parts: list[Schedule]) -> Schedule:
 def with_mirrors(pixels: torch.Tensor) -> torch.Tensor:
     """The images followed by their horizontal mirror images, the test-time augmentation timm's
     ImageNet models are trained to be invariant to (random horizontal flips in timm's train
-    transforms), so each mirror image is a second, different view of the same photo: merging
-    groups other tokens on it, while the unmerged model's output, the reference, stays close.
+    transforms), so each mirror image is a second, different view of the same photo, on which
+    merging groups other tokens. Each view is scored against the unmerged model on that view.
 
     Args:
         pixels: ``[N, 3, H, W]`` preprocessed images.

@@ -13,6 +13,11 @@ reference implementation, as that script does) and reports, for each row:
 
 The recomputed KL must match the JSON's (same photos, same code); the largest difference is printed.
 
+With ``--previous OTHER.json`` (another run of ``merge_variants.py`` on the same photos, e.g. before a
+change to ``tune``), a second table pairs each target's tuned row with OTHER's: the KL and
+agreement differences, this run minus OTHER, with their intervals. An interval containing zero
+means the two runs' choices differ by no more than resampling the photos explains.
+
     python scripts/held_apart_ci.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample --json docs/merge_variants.json
@@ -38,11 +43,14 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS),
                         help="rows whose kind starts with one of these (default: exact ToMe, tuned)")
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--previous", metavar="OTHER.json",
+                        help="another merge_variants.py JSON: pair each target's tuned row with its tuned row")
     parser.add_argument("--holdout", type=int, help="score the first N held-apart photos only (the JSON's "
                         "figures are then not compared)")
     args = parser.parse_args(argv)
-    for path, what in ((args.json, "JSON"), (args.weights, "weights"), (args.images, "image folder")):
-        if not os.path.exists(path):
+    for path, what in ((args.json, "JSON"), (args.weights, "weights"), (args.images, "image folder"),
+                       (args.previous, "--previous JSON")):
+        if path is not None and not os.path.exists(path):
             print(f"error: {what} {path!r} does not exist", file=sys.stderr)
             return 2
     if args.resamples < 100:
@@ -58,6 +66,17 @@ def main(argv=None) -> int:
     if not rows:
         print(f"error: no row of {args.json} has a kind starting with {', '.join(args.kinds)}", file=sys.stderr)
         return 2
+    previous = {}  # target -> the other run's tuned row
+    if args.previous:
+        try:
+            with open(args.previous, encoding="utf-8") as fh:
+                previous = {r["target"]: r for r in json.load(fh)["rows"] if r["kind"].startswith("tuned")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {args.previous} is not a merge_variants.py JSON ({exc})", file=sys.stderr)
+            return 2
+        if not previous:
+            print(f"error: {args.previous} has no tuned row", file=sys.stderr)
+            return 2
 
     import numpy as np
 
@@ -106,6 +125,18 @@ def main(argv=None) -> int:
                      f"{interval(agree, 100, '{:.1f}')} % | {diff} |")
     lines += ["", "Recomputed KL against the JSON's: " + (
         "not compared (--holdout)." if args.holdout else f"largest difference {worst:.1e}.")]
+    pairs = [(r, kl, agree) for r, kl, agree in scored if r["kind"].startswith("tuned") and r["target"] in previous]
+    if previous:
+        lines += ["", f"Tuned rows against {os.path.basename(args.previous)}'s (the same photos, paired):", "",
+                  "| target | tuned, this run: KL, agreement | tuned, previous: KL, agreement | KL difference "
+                  "[95 % interval] | agreement difference [95 % interval] |",
+                  "|---|---|---|---|---|"]
+    for r, kl, agree in pairs:
+        other = previous[r["target"]]
+        okl, oagree = per_photo(other["spec"])
+        lines.append(f"| {r['target']:.1f}x | {kl.mean():.4f}, {100 * agree.mean():.1f} % | "
+                     f"{okl.mean():.4f}, {100 * oagree.mean():.1f} % | {interval(kl - okl, fmt='{:+.4f}')} | "
+                     f"{interval(agree - oagree, 100, '{:+.1f}')} points |")
     print("\n".join(lines))
     return 0
 

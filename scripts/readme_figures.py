@@ -164,11 +164,19 @@ def merge_variants_block(ctx: Context) -> str:
         return fh.read().strip()
 
 
-@figure("held-apart-ci", "bootstrap intervals of the merge-variants table's exact ToMe and tuned rows "
-                        "(scripts/held_apart_ci.py; ~3 min)")
+PREVIOUS_VARIANTS = "9ad4f5e"  # the last merge-variants run before tune scored mirror images
+
+
+@figure("held-apart-ci", "bootstrap intervals of the merge-variants table's exact ToMe and tuned rows, and "
+                        "its tuned rows paired with those of commit " + PREVIOUS_VARIANTS + " (scripts/held_apart_ci.py; ~4 min)")
 def held_apart_ci_block(ctx: Context) -> str:
+    os.makedirs(os.path.join(ctx.root, "out"), exist_ok=True)
+    previous = f"out/merge_variants_{PREVIOUS_VARIANTS}.json"
+    text = ctx.run("git", "show", f"{PREVIOUS_VARIANTS}:docs/merge_variants.json")
+    with open(os.path.join(ctx.root, previous), "w", encoding="utf-8") as fh:
+        fh.write(text)
     return ctx.run("python", "scripts/held_apart_ci.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
-                   "--images", IMAGES, "--json", "docs/merge_variants.json").strip()
+                   "--images", IMAGES, "--json", "docs/merge_variants.json", "--previous", previous).strip()
 
 
 @figure("merge-overhead", "merged graphs against their token-count twins (scripts/merge_overhead.py; ~7 min)")

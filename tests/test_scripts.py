@@ -120,19 +120,29 @@ def test_held_apart_ci_intervals(tmp_path, weights, images_dir):
         {"target": 1.7, "kind": "exact ToMe", "spec": "r=13,mode=tome", "kl": 0.0},
         {"target": 1.7, "kind": "paper-style DSM", "spec": "r=15,delay=1,local=2", "kl": 0.0},
         {"target": 1.7, "kind": "tuned (variant: plain)", "spec": "r=13", "kl": 0.0}]}))
+    other = tmp_path / "previous.json"  # another run's choice: a paired comparison of the tuned rows
+    other.write_text(json.dumps({"rows": [
+        {"target": 1.7, "kind": "tuned (variant: protect=16)", "spec": "r=13,protect=16", "kl": 0.0}]}))
     script = os.path.join(ROOT, "scripts", "held_apart_ci.py")
     proc = subprocess.run(
         [sys.executable, script, "deit_tiny_patch16_224", "--weights", weights, "--images", images_dir,
-         "--json", str(table), "--holdout", "24", "--resamples", "200"],
+         "--json", str(table), "--holdout", "24", "--resamples", "200", "--previous", str(other)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| 1.7x")]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith("| 1.7x") and "points" not in line]
     assert [r[1] for r in rows] == ["exact ToMe", "tuned (variant: plain)"]  # default kinds only
     for cell in (rows[0][2], rows[1][2], rows[1][4].rstrip(" |")):  # mean [low, high], mean inside
         mean, low, high = (float(v) for v in cell.replace("[", "").replace("]", "").replace(",", "").split())
         assert low <= mean <= high and low < high
     assert rows[0][4].rstrip(" |") == "-"
     assert "not compared (--holdout)" in proc.stdout
+    paired = [line.split(" | ") for line in proc.stdout.splitlines()
+              if line.startswith("| 1.7x | ") and line.count("points") == 1]
+    assert len(paired) == 1
+    kl_now, kl_before = float(paired[0][1].split(",")[0]), float(paired[0][2].split(",")[0])
+    diff, low, high = (float(v) for v in paired[0][3].replace("[", "").replace("]", "").replace(",", "").split())
+    assert abs(diff - (kl_now - kl_before)) < 2e-4 and low <= diff <= high and kl_now != kl_before
     # A user mistake: one line, exit 2, no model loaded
     proc = subprocess.run([sys.executable, script, "deit_tiny_patch16_224", "--weights", weights,
                            "--images", images_dir, "--json", str(tmp_path / "missing.json")],

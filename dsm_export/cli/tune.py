@@ -39,10 +39,11 @@ def add(sub):
                    help="schedules the speed check times at most, least KL first (default 6)")
     p.add_argument("--min-agreement", type=float, metavar="PCT",
                    help="accuracy budget: choose only an engine whose top-1 agreement with the unmerged model "
-                        "(retrieval overlap for embedding models) on the calibration images is at least PCT %%")
+                        "(retrieval overlap for embedding models) on the calibration images (with --target-flops-ratio "
+                        "also their mirror images, unless --no-mirror) is at least PCT %%")
     p.add_argument("--max-kl", type=float, metavar="K",
                    help="accuracy budget: choose only an engine whose KL to the unmerged model (1 - cosine "
-                        "for embedding models) on the calibration images is at most K")
+                        "for embedding models) on the calibration images (as --min-agreement) is at most K")
     p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup and the speed check")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider timed by --target-speedup and the speed check: cpu, cuda, tensorrt, openvino "
