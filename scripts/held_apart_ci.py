@@ -33,6 +33,17 @@ import sys
 DEFAULT_KINDS = ("exact ToMe", "tuned")
 
 
+def _rows(path: str, kinds: tuple[str, ...]) -> list[dict] | None:
+    """The rows of merge_variants.py JSON ``path`` whose kind starts with one of ``kinds``; None
+    (after one line on stderr) if the file is not such a JSON."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [r for r in json.load(fh)["rows"] if r["kind"].startswith(kinds)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"error: {path} is not a merge_variants.py JSON ({exc})", file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -57,26 +68,21 @@ def main(argv=None) -> int:
         parser.error("--resamples must be at least 100")
     if args.holdout is not None and args.holdout < 2:
         parser.error("--holdout must be at least 2")
-    try:
-        with open(args.json, encoding="utf-8") as fh:
-            rows = [r for r in json.load(fh)["rows"] if r["kind"].startswith(tuple(args.kinds))]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: {args.json} is not a merge_variants.py JSON ({exc})", file=sys.stderr)
+    rows = _rows(args.json, tuple(args.kinds))
+    if rows is None:
         return 2
     if not rows:
         print(f"error: no row of {args.json} has a kind starting with {', '.join(args.kinds)}", file=sys.stderr)
         return 2
     previous = {}  # target -> the other run's tuned row
     if args.previous:
-        try:
-            with open(args.previous, encoding="utf-8") as fh:
-                previous = {r["target"]: r for r in json.load(fh)["rows"] if r["kind"].startswith("tuned")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"error: {args.previous} is not a merge_variants.py JSON ({exc})", file=sys.stderr)
+        other = _rows(args.previous, ("tuned",))
+        if other is None:
             return 2
-        if not previous:
+        if not other:
             print(f"error: {args.previous} has no tuned row", file=sys.stderr)
             return 2
+        previous = {r["target"]: r for r in other}
 
     import numpy as np
 

@@ -156,7 +156,7 @@ def tome_parity_block(ctx: Context) -> str:
                    "--weights", WEIGHTS, "--images", IMAGES).strip()
 
 
-@figure("merge-variants", "merge variants at 1.5-2.3x fewer FLOPs on held-apart photos (~45 min)")
+@figure("merge-variants", "merge variants at 1.5-2.3x fewer FLOPs on held-apart photos (~75 min)")
 def merge_variants_block(ctx: Context) -> str:
     ctx.run("python", "scripts/merge_variants.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
             "--images", IMAGES, "--output", "docs", "--repeats", "11", timeout=7200)

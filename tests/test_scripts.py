@@ -148,3 +148,8 @@ def test_held_apart_ci_intervals(tmp_path, weights, images_dir):
                            "--images", images_dir, "--json", str(tmp_path / "missing.json")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    table.write_text(json.dumps({"rows": [{"target": 1.7, "kind": "exact ToMe", "spec": "r=13,mode=tome"}]}))
+    proc = subprocess.run([sys.executable, script, "deit_tiny_patch16_224", "--weights", weights,
+                           "--images", images_dir, "--json", str(other), "--previous", str(table)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "has no tuned row" in proc.stderr
