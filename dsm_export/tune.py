@@ -122,10 +122,10 @@ def _combine(base: Schedule, parts: list[Schedule]) -> Schedule:
 
 
 def with_mirrors(pixels: torch.Tensor) -> torch.Tensor:
-    """The images followed by their horizontal mirror images, the test-time augmentation timm's
-    ImageNet models are trained to be invariant to (random horizontal flips in timm's train
-    transforms), so each mirror image is a second, different view of the same photo, on which
-    merging groups other tokens. Each view is scored against the unmerged model on that view.
+    """The images followed by their horizontal mirror images. timm's ImageNet models are trained
+    with random horizontal flips (timm's train transforms), so each mirror image is a second view
+    of the same photo, on which merging groups other tokens. Each view is scored against the
+    unmerged model on that view.
 
     Args:
         pixels: ``[N, 3, H, W]`` preprocessed images.

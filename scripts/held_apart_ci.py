@@ -99,9 +99,13 @@ def main(argv=None) -> int:
     base = model_logits(model, held_px)
     base_top = base.argmax(-1)
 
+    scores: dict[str, tuple] = {}  # spec -> (per-photo KL, per-photo agreement): a spec in both runs runs once
+
     def per_photo(spec: str):
-        logits = model_logits(apply(model, Schedule.parse(spec)).eval(), held_px)
-        return kl_divergence(base, logits), (logits.argmax(-1) == base_top).astype(np.float64)
+        if spec not in scores:
+            logits = model_logits(apply(model, Schedule.parse(spec)).eval(), held_px)
+            scores[spec] = kl_divergence(base, logits), (logits.argmax(-1) == base_top).astype(np.float64)
+        return scores[spec]
 
     def interval(values, scale=1.0, fmt="{:.4f}"):
         lo, hi = bootstrap_interval(values, resamples=args.resamples)
@@ -131,15 +135,15 @@ def main(argv=None) -> int:
                      f"{interval(agree, 100, '{:.1f}')} % | {diff} |")
     lines += ["", "Recomputed KL against the JSON's: " + (
         "not compared (--holdout)." if args.holdout else f"largest difference {worst:.1e}.")]
-    pairs = [(r, kl, agree) for r, kl, agree in scored if r["kind"].startswith("tuned") and r["target"] in previous]
     if previous:
         lines += ["", f"Tuned rows against {os.path.basename(args.previous)}'s (the same photos, paired):", "",
                   "| target | tuned, this run: KL, agreement | tuned, previous: KL, agreement | KL difference "
                   "[95 % interval] | agreement difference [95 % interval] |",
                   "|---|---|---|---|---|"]
-    for r, kl, agree in pairs:
-        other = previous[r["target"]]
-        okl, oagree = per_photo(other["spec"])
+    for r, kl, agree in scored:
+        if not r["kind"].startswith("tuned") or r["target"] not in previous:
+            continue
+        okl, oagree = per_photo(previous[r["target"]]["spec"])
         lines.append(f"| {r['target']:.1f}x | {kl.mean():.4f}, {100 * agree.mean():.1f} % | "
                      f"{okl.mean():.4f}, {100 * oagree.mean():.1f} % | {interval(kl - okl, fmt='{:+.4f}')} | "
                      f"{interval(agree - oagree, 100, '{:+.1f}')} points |")
