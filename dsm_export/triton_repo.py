@@ -9,7 +9,8 @@ are GPU-only); a fixed-batch export gets ``max_batch_size: 0`` and full dims. An
 instances can have ONNX Runtime's TensorRT execution accelerator
 (``optimization.execution_accelerators.gpu_execution_accelerator``, Triton's onnxruntime backend).
 
-Refused rather than written wrong: a plan whose optimization profile starts above batch 1 under
+Refused rather than written wrong: a TensorRT-RTX plan (Triton's TensorRT backend runs full
+TensorRT); a plan whose optimization profile starts above batch 1 under
 dynamic batching (Triton forms batches of any size from 1), and tensor element types with no Triton
 equivalent.
 """
@@ -137,6 +138,10 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
     sidecar = None
     if path.endswith(".plan"):
         inputs, outputs, sidecar = _io_from_plan(path)
+        if sidecar.get("flavour") == "rtx":
+            raise DSMError(f"{path!r} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) loads "
+                           "full-TensorRT plans only; give triton-repo the .onnx (ONNX Runtime backend) or build "
+                           "the plan with --tensorrt enterprise on the serving GPU")
         cfg.platform = "tensorrt_plan"
         if instance_kind == "cpu":
             raise DSMError(f"{path!r}: a TensorRT plan runs on GPU instances only (--instance-kind gpu)")

@@ -431,12 +431,15 @@ def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = N
     return validate_runner(onnx_runner(onnx_path, threads, provider), info, images_dir, **kwargs)
 
 
-def validate_engine(plan_path: str, images_dir: str | ImageSet, **kwargs) -> dict:
-    """Validate a TensorRT engine built by ``dsm-export build`` (needs tensorrt and a GPU)."""
+def validate_engine(plan_path: str, images_dir: str | ImageSet, flavour: str = "auto",
+                    runtime_cache: str | None = None, **kwargs) -> dict:
+    """Validate a TensorRT engine built by ``dsm-export build`` (needs an NVIDIA GPU, and the TensorRT
+    flavour and release that built it); ``flavour`` and ``runtime_cache`` as for
+    :class:`dsm_export.engines.TensorRTRunner`, the rest as for :func:`validate_runner`."""
     from .engines import TensorRTRunner, engine_info
 
     info, sidecar = engine_info(plan_path)
-    runner = TensorRTRunner(plan_path)
+    runner = TensorRTRunner(plan_path, flavour, runtime_cache)
     kwargs.setdefault("fp16", sidecar.get("precision") == "fp16")
     kwargs.setdefault("int8", sidecar.get("precision") == "int8")
     source = sidecar.get("source_onnx")

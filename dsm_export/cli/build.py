@@ -1,4 +1,4 @@
-"""Subcommand ``build``: engines (ONNX Runtime, TensorRT) from an exported file."""
+"""Subcommand ``build``: engines (ONNX Runtime, TensorRT or TensorRT-RTX) from an exported file."""
 
 from __future__ import annotations
 
@@ -33,9 +33,16 @@ def add(sub):
                    help="SmoothQuant: before quantizing, fold per-channel scales with migration strength A "
                         "in [0, 1] into the LayerNorms and value weights (exact in fp32; evens out "
                         "activation ranges; needs --calibration). Default: no smoothing")
-    t = p.add_argument_group("TensorRT")
+    t = p.add_argument_group("TensorRT (full TensorRT, or TensorRT-RTX, which builds with no GPU)")
+    t.add_argument("--tensorrt", choices=("auto", "enterprise", "rtx"), default="auto",
+                   help="which TensorRT builds: enterprise (full TensorRT, module tensorrt: data-centre GPUs, "
+                        "built on the GPU that runs it), rtx (TensorRT-RTX: RTX GPUs, built on any machine), "
+                        "auto: whichever is installed, full TensorRT first (default)")
+    t.add_argument("--compute-capability", metavar="LIST", default="",
+                   help="TensorRT-RTX targets, e.g. 8.6,8.9,12.0 (of 7.5, 8.0, 8.6, 8.9, 12.0, 12.1; no Hopper); "
+                        "default: the release's own targets")
     t.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace pool limit")
-    t.add_argument("--timing-cache", help="TensorRT timing-cache file (read, then updated)")
+    t.add_argument("--timing-cache", help="full TensorRT: timing-cache file (read, then updated)")
     t.add_argument("--tf32", action="store_true",
                    help="TensorRT: allow TF32 for fp32 math (off by default: exact fp32 parity)")
     t.add_argument("--min-batch", type=int, default=1)
@@ -53,8 +60,6 @@ def _check_int8_args(args) -> None:
     model = load_onnx(args.onnx)
     read_metadata(model, args.onnx)
     precision = precision_of(model)["precision"]
-    if args.backend == "tensorrt":
-        return
     if is_quantized(model) or precision != "fp32":
         raise DSMError(f"{args.onnx!r} is already {precision if precision != 'fp32' else 'quantized'}: "
                        "--precision int8 takes the fp32 file written by 'dsm-export export'")
@@ -71,32 +76,52 @@ def _check_int8_args(args) -> None:
 
 def run(args) -> int:
     from .. import checks
-    from ..engines import TensorRTOptions, build_onnxruntime, build_tensorrt, import_tensorrt
+    from ..engines import build_onnxruntime
 
     checks.input_file(args.onnx, "ONNX file")
     checks.output_file(args.output, "--output")
-    if args.backend == "tensorrt":
-        checks.output_file(args.output + ".json", "--output sidecar")
-        checks.output_file(args.timing_cache, "--timing-cache")
-        import_tensorrt()  # the backend is available, before the ONNX file is read
     if os.path.abspath(args.output) == os.path.abspath(args.onnx):
         raise DSMError("--output must differ from the input file")
+    if args.backend == "tensorrt":
+        return _build_tensorrt(args)
+    if args.compute_capability or args.tensorrt != "auto":
+        raise DSMError("--tensorrt and --compute-capability apply to --backend tensorrt only")
     if args.precision == "int8":
         _check_int8_args(args)
     elif args.smooth_alpha is not None:
         raise DSMError("--smooth-alpha applies to --precision int8 only")
-    if args.backend == "tensorrt":
-        info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
-            precision=args.precision, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
-            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, tf32=args.tf32))
-        print(f"wrote {args.output} and {args.output}.json: TensorRT {info['tensorrt_version']}, "
-              f"{info['gpu']}, {info['precision']}")
-    elif args.precision == "int8":
+    if args.precision == "int8":
         _build_int8(args)
     else:
         info = build_onnxruntime(args.onnx, args.output, fp16=args.precision == "fp16")
         print(f"wrote {args.output}: ONNX Runtime optimized graph, {info['precision']}"
               + (f" ({info['fp32_nodes']} nodes kept in fp32: matching and sizes)" if info["fp32_nodes"] else ""))
+    return 0
+
+
+def _build_tensorrt(args) -> int:
+    """``--backend tensorrt``: every check (options, flavour, the file itself) before TensorRT builds."""
+    from .. import checks
+    from ..engines.tensorrt import TensorRTOptions, build_tensorrt, parse_compute_capabilities
+
+    checks.output_file(args.output + ".json", "--output sidecar")
+    checks.output_file(args.timing_cache, "--timing-cache")
+    if args.smooth_alpha is not None or args.calibration:
+        raise DSMError("--backend tensorrt takes a built file: quantize with --backend onnxruntime "
+                       "--precision int8 first (--calibration and --smooth-alpha belong there)")
+    info = build_tensorrt(args.onnx, args.output, TensorRTOptions(
+        precision=args.precision, flavour=args.tensorrt,
+        compute_capabilities=parse_compute_capabilities(args.compute_capability),
+        workspace_mib=args.workspace_mib, timing_cache=args.timing_cache, min_batch=args.min_batch,
+        opt_batch=args.opt_batch, max_batch=args.max_batch, tf32=args.tf32))
+    name = "TensorRT-RTX" if info["flavour"] == "rtx" else "TensorRT"
+    on = "no GPU (CPU-only ahead-of-time build)" if info["gpu"] is None else info["gpu"]
+    targets = info["compute_capabilities"] or info["engine_targets"]
+    print(f"wrote {args.output} and {args.output}.json: {name} {info['tensorrt_version']}, {info['precision']}, "
+          f"{info['layers']} layers, built in {info['build_seconds']:.1f} s on {on}"
+          + (f"; targets {', '.join(targets)}{'' if info['compute_capabilities'] else ' (the release default)'}"
+             if targets else ""))
+    print(f"  the engine {info['where']}")
     return 0
 
 

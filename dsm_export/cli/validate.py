@@ -8,7 +8,12 @@ from ..errors import DSMError
 def add(sub):
     p = sub.add_parser("validate", help="check an exported graph against PyTorch on images")
     p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build)")
-    p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead")
+    p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead (needs an "
+                                    "NVIDIA GPU)")
+    p.add_argument("--tensorrt", choices=("auto", "enterprise", "rtx"), default="auto",
+                   help="with --engine: the TensorRT flavour (default: the one the engine's sidecar names)")
+    p.add_argument("--runtime-cache", metavar="FILE",
+                   help="with a TensorRT-RTX --engine: runtime-cache file of JIT-compiled kernels (read, then updated)")
     p.add_argument("--images", required=True, help="image folder (labels.csv optional)")
     p.add_argument("--weights", help="weights file (default: the one recorded at export, relative to the "
                                      "ONNX file)")
@@ -46,15 +51,20 @@ def run(args) -> int:
     checks.input_file(args.weights, "weights file")
     checks.output_file(args.json_path, "--json")
     if args.engine:
-        from ..engines import import_tensorrt
+        from ..engines.tensorrt import engine_info, require_gpu, tensorrt_for_engine
 
-        import_tensorrt()  # the backend is available, before any image is read
+        checks.output_file(args.runtime_cache, "--runtime-cache")
+        require_gpu()  # a GPU, and TensorRT of the engine's flavour and release, before any image is read
+        tensorrt_for_engine(engine_info(args.engine)[1], args.engine, args.tensorrt)
+    elif args.runtime_cache or args.tensorrt != "auto":
+        raise DSMError("--tensorrt and --runtime-cache apply to --engine only")
     images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)
     common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
                   batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
                   pretrained=args.pretrained)
     if args.engine:
-        report = validate_engine(args.engine, images, **common)
+        report = validate_engine(args.engine, images, flavour=args.tensorrt, runtime_cache=args.runtime_cache,
+                                 **common)
     else:
         report = validate(args.onnx, images, threads=args.threads, provider=args.provider, **common)
     report["skipped_unreadable"] = skipped

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import onnx
 
@@ -142,8 +143,17 @@ def convert_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             node.name = f"node_{i}"
     keep = fp32_island_nodes(model)
     _unshare_initializers(model, set(keep))
-    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                            disable_shape_infer=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                                disable_shape_infer=False)
+    clamped = [w for w in caught if "will be truncated" in str(w.message)]
+    for w in caught:
+        if w not in clamped:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if clamped:  # one line instead of one per weight
+        warnings.warn(f"fp16: onnxconverter-common clamped {len(clamped)} fp32 weight values into fp16's range "
+                      "(|x| < 1e-7 to +-1e-7, |x| > 65504 to +-65504)", stacklevel=2)
     return half, len(keep)
 
 
