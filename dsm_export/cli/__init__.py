@@ -16,7 +16,7 @@ from ..errors import DSMError
 from .validate import format_report  # noqa: F401  (public: the validation report as text)
 
 # Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("export", "validate", "inspect", "build", "triton_repo", "serve", "analyze", "tune",
+SUBCOMMANDS = ("export", "validate", "inspect", "build", "bench", "triton_repo", "serve", "analyze", "tune",
                "visualize")
 
 
