@@ -63,3 +63,15 @@ def pixels(deit, images_dir):
     from dsm_export.evaluate import load_pixels
 
     return load_pixels(list_images(images_dir, limit=16), deit)
+
+
+@pytest.fixture(scope="session")
+def tensorrt():
+    """The installed TensorRT (full TensorRT first, else TensorRT-RTX, which builds with no GPU).
+    Missing, it fails the test in CI (``.ci/run`` installs the ``tensorrt-rtx`` extra) and skips elsewhere."""
+    from trt_checks import installed_tensorrt
+
+    trt = installed_tensorrt()
+    if trt is None:
+        pytest.skip("TensorRT is not installed: pip install -e '.[tensorrt-rtx]'")
+    return trt

@@ -16,6 +16,7 @@ from dsm_export.schedule import Schedule
 
 from conftest import DEIT, DSM_17
 from families import FAMILIES, build
+from trt_checks import build_and_check
 
 SCATTER_OPS = {"ScatterElements", "ScatterND", "Scatter"}
 
@@ -178,6 +179,7 @@ def test_ort_parity_per_family(tmp_path, family, pixels):
     onnx_model = onnx.load(path)
     assert graph_problems(onnx_model) == []
     assert unknown_shapes(onnx_model, "batch") == []
+    build_and_check(path, tmp_path)  # and TensorRT builds it
     with torch.inference_mode():
         ref = apply(model, spec, "reference")(x)
     assert_parity(ort_logits(path, x), ref)

@@ -11,12 +11,23 @@ import pytest
 from onnx import TensorProto, helper
 
 from dsm_export.engines import fp32_island_nodes
-from dsm_export.engines.tensorrt import batch_chunks, build_settings, save_timing_cache, version_tuple
+from dsm_export.engines.tensorrt import (
+    batch_chunks,
+    build_settings,
+    import_tensorrt,
+    parse_compute_capabilities,
+    read_rtx_header,
+    save_timing_cache,
+    tensorrt_for_engine,
+    version_tuple,
+    where_it_runs,
+)
 from dsm_export.errors import DSMError
 from dsm_export.onnx_graph import graph_problems
 
 TRT10_FLAGS = ("FP16", "INT8", "TF32", "BF16", "FP8", "REFIT", "OBEY_PRECISION_CONSTRAINTS")
 TRT11_FLAGS = ("TF32", "REFIT", "STRIP_PLAN")  # no FP16/INT8/BF16: weak typing is gone
+RTX_FLAGS = ("DEBUG", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "STRIP_PLAN", "WEIGHT_STREAMING")  # 1.7: no FP16/INT8
 
 
 def test_version_tuple():
@@ -55,6 +66,68 @@ def test_build_settings_refusals():
     with pytest.raises(DSMError, match="no TF32"):
         build_settings((11, 0), "fp32", True, ("REFIT",))
     assert build_settings((11, 0), "fp32", False, ("REFIT",)).clear_flags == ()
+
+
+# ------------------------------------------------------------------ TensorRT-RTX
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_rtx_is_strongly_typed_without_timing_cache(precision):
+    s = build_settings((1, 7), precision, False, RTX_FLAGS, flavour="rtx")
+    assert s.strongly_typed and not s.timing_cache and s.fp16_graph == (precision == "fp16")
+    assert s.set_flags == () and s.clear_flags == ("TF32",)
+    assert build_settings((10, 8), precision, False, TRT10_FLAGS).timing_cache  # full TensorRT keeps it
+    with pytest.raises(DSMError, match="TensorRT-RTX 0.9 is too old"):
+        build_settings((0, 9), precision, False, RTX_FLAGS, flavour="rtx")
+    with pytest.raises(DSMError, match="flavour"):
+        build_settings((1, 7), precision, False, RTX_FLAGS, flavour="jetson")
+
+
+def test_compute_capability_targets():
+    assert parse_compute_capabilities("8.6,8.9,12.0") == ("8.6", "8.9", "12.0")
+    assert parse_compute_capabilities(" sm86, 89,8.6 ,sm120") == ("8.6", "8.9", "12.0")  # forms, duplicates
+    assert parse_compute_capabilities("") == parse_compute_capabilities(None) == ()
+    with pytest.raises(DSMError, match="no target for H100/H200"):
+        parse_compute_capabilities("8.6,9.0")
+    with pytest.raises(DSMError, match="choose from 7.5, 8.0, 8.6, 8.9, 12.0, 12.1"):
+        parse_compute_capabilities("8.7")
+    text = where_it_runs("rtx", ("8.6", "8.9"))
+    assert "8.6 (Ampere RTX), 8.9 (Ada)" in text and "not on 7.5 (Turing) or 9.0 (Hopper, H100/H200)" in text
+    assert "same release only" in where_it_runs("rtx", ())
+    assert "NVIDIA H200 (compute capability 9.0)" in where_it_runs("enterprise", None, "NVIDIA H200", "9.0")
+
+
+def test_rtx_header_reading():
+    header = bytearray(64)
+    header[0:4] = header[28:32] = b"vtrt"
+    header[24:28] = bytes([1, 7, 1, 116])
+    header[32] = 0x04 | 0x10  # 8.6 and 12.0
+    got = read_rtx_header(bytes(header))
+    assert got == {"magic": True, "release": "1.7.1.116", "targets": ["8.6", "12.0"], "unnamed_target_bits": 0}
+    header[32] = 0x7E  # a 1.7 default build: 8.0, 8.6, 8.9, 12.0, 12.1 and one bit no ComputeCapability names
+    got = read_rtx_header(bytes(header))
+    assert got["targets"] == ["8.0", "8.6", "8.9", "12.0", "12.1"] and got["unnamed_target_bits"] == 1
+    header[24:28] = bytes([1, 9, 0, 1])  # a release whose layout is not known: not decoded
+    assert read_rtx_header(bytes(header))["targets"] is None
+    assert read_rtx_header(b"\0" * 64) == {"magic": False, "release": None, "targets": None, "unnamed_target_bits": 0}
+
+
+def test_flavour_choice_refusals():
+    with pytest.raises(DSMError, match="--tensorrt must be one of auto, enterprise, rtx"):
+        import_tensorrt("jetson")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(DSMError, match="full TensorRT is not installed"):
+            import_tensorrt("enterprise")
+
+
+def test_engines_do_not_cross_releases(tensorrt):
+    sidecar = {"flavour": tensorrt.flavour, "tensorrt_version": "0.0.1"}
+    with pytest.raises(DSMError, match="engines do not load across releases"):
+        tensorrt_for_engine(sidecar, "m.plan")
+    other = "enterprise" if tensorrt.flavour == "rtx" else "rtx"
+    with pytest.raises(DSMError, match=f"not --tensorrt {other}"):
+        tensorrt_for_engine(sidecar, "m.plan", other)
+    assert tensorrt_for_engine(dict(sidecar, tensorrt_version=tensorrt.version), "m.plan").version == tensorrt.version
 
 
 def test_batch_chunks_against_a_profile():

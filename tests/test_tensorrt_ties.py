@@ -3,27 +3,17 @@
 A flat grey image makes every patch token identical, so every similarity score ties exactly; the
 merge then depends only on how ``TopK`` and ``ArgMax`` break ties (ONNX: the lower index first).
 The graph's matching indices (the index outputs of every TopK and ArgMax) are exposed as extra
-outputs and compared, run by run. Needs TensorRT and an NVIDIA GPU; skipped (with the reason)
-elsewhere.
+outputs and compared, run by run. Needs an NVIDIA GPU (TensorRT-RTX builds without one, but
+runs only on one); skipped (with the reason) elsewhere.
 """
-
-import importlib.util
 
 import numpy as np
 import onnx
 import pytest
+import torch
 
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def _gpu():
-    import torch
-
-    return torch.cuda.is_available()
-
-
-pytestmark = pytest.mark.skipif(not HAS_TRT or not _gpu(),
-                                reason="needs TensorRT and an NVIDIA GPU (tensorrt is not installed here)")
+pytestmark = [pytest.mark.tensorrt,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="running a TensorRT engine needs an NVIDIA GPU")]
 
 
 def _with_matching_outputs(path, out_path):
@@ -42,7 +32,7 @@ def _with_matching_outputs(path, out_path):
     return names
 
 
-def test_exact_ties_merge_the_same_tokens(tmp_path, weights):
+def test_exact_ties_merge_the_same_tokens(tmp_path, weights, tensorrt):
     import onnxruntime as ort
 
     from dsm_export.engines import TensorRTOptions, TensorRTRunner, build_tensorrt

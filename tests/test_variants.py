@@ -21,6 +21,7 @@ from dsm_export.tune import tune, variant_label
 
 from conftest import DEIT
 from families import build
+from trt_checks import build_and_check
 
 GRID = (14, 14)
 VARIANTS = ["r=13,mode=tome", "r=24,r_end=8,delay=1,local=2,protect=16",
@@ -226,6 +227,7 @@ def test_variant_onnx_parity_on_deit_tiny(tmp_path, deit, pixels, spec):
     path = str(tmp_path / "v.onnx")
     export_model(deit, DEIT, path, spec)
     assert graph_problems(onnx.load(path)) == []
+    build_and_check(path, tmp_path)  # TensorRT builds it (TensorRT-RTX: on this machine, no GPU needed)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: pixels.numpy()})[0]
     with torch.inference_mode():
