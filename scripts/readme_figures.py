@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import re
@@ -183,6 +184,39 @@ def held_apart_ci_block(ctx: Context) -> str:
 def merge_overhead_block(ctx: Context) -> str:
     return ctx.run("python", "scripts/merge_overhead.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
                    "--repeats", "21").strip()
+
+
+@figure("tensorrt", "TensorRT builds of the README's engines, with no GPU (needs the tensorrt-rtx extra; ~2 min)")
+def tensorrt_block(ctx: Context) -> str:
+    ctx.ensure_exports()
+    int8 = "out/deit_tiny_dsm_int8.onnx"
+    if not os.path.isfile(os.path.join(ctx.root, int8)):
+        ctx.run("dsm-export", "build", "out/deit_tiny_dsm.onnx", "--backend", "onnxruntime", "--precision", "int8",
+                "--calibration", IMAGES, "--calibration-count", "64", "--output", int8)
+    rows = []
+    for source, precision, label in (("out/deit_tiny_none.onnx", "fp32", "unmerged"),
+                                     ("out/deit_tiny_dsm.onnx", "fp32", "DSM"),
+                                     ("out/deit_tiny_dsm.onnx", "fp16", "DSM"),
+                                     (int8, "int8", "DSM, static QDQ")):
+        plan = f"out/deit_tiny_{label.split(',')[0].lower()}_{precision}.plan"
+        if os.path.exists(os.path.join(ctx.root, plan)):
+            os.remove(os.path.join(ctx.root, plan))
+            os.remove(os.path.join(ctx.root, plan + ".json"))
+        ctx.run("dsm-export", "build", source, "--backend", "tensorrt", "--precision", precision, "--output", plan)
+        with open(os.path.join(ctx.root, plan + ".json"), encoding="utf-8") as fh:
+            info = json.load(fh)
+        rows.append((label, precision, info))
+    first = rows[0][2]
+    name = "TensorRT-RTX" if first["flavour"] == "rtx" else "TensorRT"
+    where = "no GPU (CPU-only ahead-of-time build)" if first["gpu"] is None else first["gpu"]
+    lines = [f"{name} {first['tensorrt_version']} (`{first['tensorrt_module']}`), built on {where}; targets "
+             f"{', '.join(first['engine_targets'] or []) or 'the GPU it was built on'}.", "",
+             "| engine | precision | layers | build (s) | plan (MB) | errors / warnings logged |",
+             "|---|---|---|---|---|---|"]
+    for label, precision, info in rows:
+        lines.append(f"| DeiT-Tiny {label} | {precision} | {info['layers']} | {info['build_seconds']:.1f} | "
+                     f"{info['plan_bytes'] / 2**20:.1f} | {info['log']['error_count']} / {info['log']['warning_count']} |")
+    return "\n".join(lines)
 
 
 @figure("tests", "test count and wall time of the whole suite")

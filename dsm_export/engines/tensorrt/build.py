@@ -146,7 +146,7 @@ def check_flavour_options(trt: TensorRT, options: TensorRTOptions) -> None:
     if trt.flavour == "rtx":
         if options.timing_cache:
             raise DSMError(f"{trt.name} has no timing cache (it would need a GPU at build time and changes "
-                           "nothing): drop --timing-cache; a runtime cache (validate/bench --runtime-cache) "
+                           "nothing): drop --timing-cache; a runtime cache (validate --engine --runtime-cache) "
                            "keeps the kernels compiled on the GPU instead")
         for cc in options.compute_capabilities:
             if COMPUTE_CAPABILITIES.get(cc) not in trt.module.ComputeCapability.__members__:
