@@ -222,10 +222,10 @@ def tensorrt_block(ctx: Context) -> str:
 @figure("tests", "test count and wall time of the whole suite")
 def tests_block(ctx: Context) -> str:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], cwd=ctx.root,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ctx.root,
                           capture_output=True, text=True, timeout=3600)
     minutes = (time.monotonic() - start) / 60
-    ctx.commands.append("python -m pytest -q -x")
+    ctx.commands.append("python -m pytest -q")
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0:
         raise RuntimeError(f"the test suite failed: {summary}\n{proc.stdout[-4000:]}")

@@ -71,7 +71,11 @@ def test_dinov2_style_tune_and_merge_cost_use_cosine(dinov2):
     assert "kl" not in m and m["divergence"] == m["cosine_distance"] > 0
     assert 0 <= m["knn_overlap"] <= 1 and m["agreement"] == m["knn_overlap"]
     cost = merge_cost(dinov2, pixels, r=20, base_logits=base)
-    assert len(cost["merge_cost"]) == 4 and all(c > 0 for c in cost["merge_cost"])
+    # A merge in the last block changes only patch tokens, after that block's attention; the class
+    # token the embedding is read from never sees it, so that cost is zero up to float rounding (its
+    # sign is the rounding's: -2.8e-17 with torch 2.14.1 on 2 cores).
+    assert len(cost["merge_cost"]) == 4 and all(c > 0 for c in cost["merge_cost"][:3])
+    assert abs(cost["merge_cost"][3]) < 1e-9
     result = tune(dinov2, pixels, 1.3, max_grid=3, refine_steps=2, progress=False)
     assert result.best_metrics["divergence"] == min(r["divergence"] for r in result.evaluated)
     assert result.best_metrics["flops_ratio"] >= 1.3
