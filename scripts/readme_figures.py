@@ -223,7 +223,7 @@ def tensorrt_block(ctx: Context) -> str:
 def tests_block(ctx: Context) -> str:
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ctx.root,
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, timeout=5400)  # CI's own limit: on a slow 2-core VM the suite passed 60 min
     minutes = (time.monotonic() - start) / 60
     ctx.commands.append("python -m pytest -q")
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
