@@ -52,16 +52,18 @@ def test_onnxruntime_engine_fp16_keeps_matching_in_fp32(dsm_file, images_dir, tm
     assert report["median_abs_diff"] > 1e-4  # it really runs in fp16
 
 
-@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the missing-package path does not apply")
+@pytest.mark.skipif(HAS_TRT, reason="full TensorRT is installed: the missing-package path does not apply")
 def test_tensorrt_missing_is_a_clear_error(dsm_file, tmp_path, capsys):
     out = tmp_path / "m.plan"
-    assert main(["build", dsm_file, "--backend", "tensorrt", "-o", str(out)]) == 2
+    """Full TensorRT asked for where only TensorRT-RTX (or nothing) is installed: one clear line."""
+    assert main(["build", dsm_file, "--backend", "tensorrt", "--tensorrt", "enterprise", "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "tensorrt is not installed" in err and "pip install tensorrt" in err
-    assert not out.exists()
+    assert "tensorrt is not installed" in err.lower() and "pip install tensorrt" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (its wheels need NVIDIA's package index)")
+@pytest.mark.skipif(not HAS_TRT, reason="full TensorRT is not installed (its wheels need NVIDIA's package index; "
+                                        "TensorRT-RTX builds are tested in test_tensorrt_build)")
 def test_tensorrt_engine_builds_and_validates(dsm_file, images_dir, tmp_path):
     import torch
 
@@ -69,7 +71,8 @@ def test_tensorrt_engine_builds_and_validates(dsm_file, images_dir, tmp_path):
         pytest.skip("TensorRT needs an NVIDIA GPU")
     plan = str(tmp_path / "m.plan")
     cache = str(tmp_path / "timing.cache")
-    assert main(["build", dsm_file, "--backend", "tensorrt", "-o", plan, "--timing-cache", cache]) == 0
+    assert main(["build", dsm_file, "--backend", "tensorrt", "--tensorrt", "enterprise", "-o", plan,
+                 "--timing-cache", cache]) == 0
     assert os.path.getsize(cache) > 0 and os.path.isfile(plan + ".json")
     assert main(["validate", "--engine", plan, "--images", images_dir, "--limit", "16", "--no-progress"]) == 0
 
