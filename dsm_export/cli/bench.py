@@ -21,6 +21,7 @@ import platform
 import statistics
 import tempfile
 
+from ..engines.tensorrt.flavours import FLAVOURS
 from ..errors import DSMError
 
 
@@ -37,7 +38,7 @@ def add(sub):
     p.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per graph (>= 50; 0 skips)")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name")
-    p.add_argument("--tensorrt", choices=("auto", "enterprise", "rtx"), default="auto",
+    p.add_argument("--tensorrt", choices=FLAVOURS, default="auto",
                    help=".plan files: the TensorRT flavour (default: the one each sidecar names)")
     p.set_defaults(func=run)
 
@@ -60,6 +61,12 @@ def run(args) -> int:
     return _bench_onnx(args)
 
 
+def _print_rates(rates: dict[str, float]) -> None:
+    print(f"  none   : {rates['none']:8.1f} images/s")
+    print(f"  merged : {rates['merged']:8.1f} images/s")
+    print(f"  ratio  : {rates['merged'] / rates['none']:.2f}x")
+
+
 def _bench_plans(args) -> int:
     from ..engines.tensorrt import TensorRTRunner, engine_info, gpu_info, require_gpu
 
@@ -76,9 +83,7 @@ def _bench_plans(args) -> int:
           f"{runners['merged'].trt.name}")
     print(f"model {info.model}, schedule {info.schedule.spec()}, {sidecar.get('precision')}, batch {args.batch}, "
           f"median of {args.repeats} repetitions x {args.iters} runs, engines alternating")
-    print(f"  none   : {med['none']:8.1f} images/s")
-    print(f"  merged : {med['merged']:8.1f} images/s")
-    print(f"  ratio  : {med['merged'] / med['none']:.2f}x")
+    _print_rates(med)
     return 0
 
 
@@ -110,9 +115,7 @@ def _bench_onnx(args) -> int:
           f"onnxruntime {ort.__version__} {providers[0]} | intra-op threads {threads}")
     print(f"model {info.model}, schedule {info.schedule.spec()}, {precision}, batch {args.batch}, "
           f"median of {args.repeats} repetitions x {args.iters} runs, graphs alternating")
-    print(f"  none   : {rates['none']:8.1f} images/s")
-    print(f"  merged : {rates['merged']:8.1f} images/s")
-    print(f"  ratio  : {rates['merged'] / rates['none']:.2f}x")
+    _print_rates(rates)
     if args.latency_runs and info.batch not in (None, 1):
         print(f"batch-1 latency: skipped (the graph's batch is fixed at {info.batch})")
     if latency:
