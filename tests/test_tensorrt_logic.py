@@ -111,6 +111,10 @@ def test_rtx_header_reading():
 
 
 def test_flavour_choice_refusals():
+    from dsm_export.cli._common import TENSORRT_FLAVOURS
+    from dsm_export.engines.tensorrt import FLAVOURS
+
+    assert TENSORRT_FLAVOURS == FLAVOURS  # the CLI's --tensorrt choices
     with pytest.raises(DSMError, match="--tensorrt must be one of auto, enterprise, rtx"):
         import_tensorrt("jetson")
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..errors import DSMError
 
+# engines.tensorrt.flavours.FLAVOURS, written out so that parsing the command line does not import the engines package
+TENSORRT_FLAVOURS = ("auto", "enterprise", "rtx")
 PRETRAINED_HELP = ("timm's pretrained weights for the model name (a tag such as .fb_in1k or an hf-hub: "
                    "name picks them), from the Hugging Face cache ($HF_HOME; HF_HUB_OFFLINE=1 works)")
 WEIGHTS_HELP = ("local checkpoint loaded by timm (state dict bare or under 'model'/'state_dict', "

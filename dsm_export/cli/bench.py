@@ -21,8 +21,8 @@ import platform
 import statistics
 import tempfile
 
-from ..engines.tensorrt.flavours import FLAVOURS
 from ..errors import DSMError
+from ._common import TENSORRT_FLAVOURS
 
 
 def add(sub):
@@ -38,7 +38,7 @@ def add(sub):
     p.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per graph (>= 50; 0 skips)")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name")
-    p.add_argument("--tensorrt", choices=FLAVOURS, default="auto",
+    p.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
                    help=".plan files: the TensorRT flavour (default: the one each sidecar names)")
     p.set_defaults(func=run)
 

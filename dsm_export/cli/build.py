@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..engines.tensorrt.flavours import FLAVOURS
 from ..errors import DSMError
+from ._common import TENSORRT_FLAVOURS
 
 
 def add(sub):
@@ -35,7 +35,7 @@ def add(sub):
                         "in [0, 1] into the LayerNorms and value weights (exact in fp32; evens out "
                         "activation ranges; needs --calibration). Default: no smoothing")
     t = p.add_argument_group("TensorRT (full TensorRT, or TensorRT-RTX, which builds with no GPU)")
-    t.add_argument("--tensorrt", choices=FLAVOURS, default="auto",
+    t.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
                    help="which TensorRT builds: enterprise (full TensorRT, module tensorrt: data-centre GPUs, "
                         "built on the GPU that runs it), rtx (TensorRT-RTX: RTX GPUs, built on any machine), "
                         "auto: whichever is installed, full TensorRT first (default)")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..engines.tensorrt.flavours import FLAVOURS
 from ..errors import DSMError
+from ._common import TENSORRT_FLAVOURS
 
 
 def add(sub):
@@ -11,7 +11,7 @@ def add(sub):
     p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build)")
     p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead (needs an "
                                     "NVIDIA GPU)")
-    p.add_argument("--tensorrt", choices=FLAVOURS, default="auto",
+    p.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
                    help="with --engine: the TensorRT flavour (default: the one the engine's sidecar names)")
     p.add_argument("--runtime-cache", metavar="FILE",
                    help="with a TensorRT-RTX --engine: runtime-cache file of JIT-compiled kernels (read, then updated)")
