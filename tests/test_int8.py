@@ -212,14 +212,15 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
     common = [DEIT, "--weights", weights, "--images", images_dir, "--calibration", "8", "--holdout", "4",
               "--max-grid", "2", "--refine-steps", "0", "--no-progress", "--export", out, "--output", sched]
     # KL 0 admits only the unmerged fp32 engines (the baseline, and dsm-export's unmerged export,
-    # whose last block runs for the class token alone: about 1.05x), which cannot reach 1.5x
+    # whose last block runs for the class token alone: about 1.05x), which cannot reach 1.5x; on a
+    # busy machine its measured ratio has read as low as 0.89x, so only the form is asserted
     code = main(["tune", *common, "--target-speedup", "1.5", "--precision", "fp32", "--rungs", "1",
                  "--max-kl", "0", "--report", report])
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert captured.err.count("\n") == 1
     assert "no engine reached a 1.50x measured speed-up within KL <= 0" in captured.err
-    assert re.search(r"the fastest within it: 1\.\d\dx, KL 0\.0000, agreement 100\.0 % \(fp32, none\)", captured.err)
+    assert re.search(r"the fastest within it: \d\.\d\dx, KL 0\.0000, agreement 100\.0 % \(fp32, none\)", captured.err)
     assert "Pareto front (calibration KL against measured speed-up)" in captured.out
     front = captured.out.splitlines()[1:]
     assert front and all(line.endswith("(outside the budget)") != line.endswith("fp32  none") for line in front)
