@@ -45,6 +45,12 @@ KNN_K = 5  # neighbours in the retrieval overlap
 # r=34,r_end=0,delay=3,local=1 93.8 %, KL 0.033 (INT8 noise in the keys also flips some merges).
 INT8_MIN_TOP1_MATCH = 0.90  # top-1 equal to PyTorch-with-schedule (fp32) on this fraction of images
 INT8_MAX_KL = 0.05  # mean KL(PyTorch-with-schedule fp32 || INT8 graph), nats
+# bf16 engines (OpenVINO on a CPU with AVX-512 BF16 or AMX), against the fp32 model with the same
+# schedule: bf16 keeps 8 mantissa bits, so logits move by up to ~1-3 and a near-tie in the matching
+# scores can merge other tokens. Measured on the shared DeiT-Tiny (160 photos, OpenVINO 2026.4):
+# r=24,r_end=8,delay=3,protect=16,merge=mlerp 98.8 % top-1 match, KL 0.005; unmerged KL 0.0002.
+BF16_MIN_TOP1_MATCH = 0.95
+BF16_MAX_KL = 0.02
 
 
 @dataclass
@@ -274,6 +280,7 @@ def validate_runner(
     int8: bool = False,
     pretrained: bool = False,
     source_path: str | None = None,
+    bf16: bool = False,
 ) -> dict:
     """Compare any graph runner with PyTorch over an image folder (see module docstring).
 
@@ -291,6 +298,8 @@ def validate_runner(
         fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`;
             :data:`FP16_COSINE_ATOL`, :data:`FP16_MIN_KNN_OVERLAP` for embeddings).
         int8: judge a classifier by the INT8 criterion (:data:`INT8_MIN_TOP1_MATCH`, :data:`INT8_MAX_KL`).
+        bf16: judge a classifier by the bf16 criterion (:data:`BF16_MIN_TOP1_MATCH`, :data:`BF16_MAX_KL`;
+            embeddings by the fp16 one).
         pretrained: rebuild the PyTorch model from timm's pretrained weights of the model name.
         source_path: the graph's file; a relative weights path in the metadata is taken from its folder.
 
@@ -302,7 +311,7 @@ def validate_runner(
         ``baseline_top1_accuracy`` (None for unlabelled folders), ``atol``. Embeddings:
         ``cosine`` = ``{"pytorch": {"min", "mean"}, "unmerged": {"min", "mean"}, "knn_k",
         "knn_overlap_pytorch", "knn_overlap_unmerged", "tolerance"}`` and ``max_abs_diff``.
-        Also ``precision`` (``fp32``, ``fp16`` or ``int8``) and, for classifiers, ``kl_to_pytorch``
+        Also ``precision`` (``fp32``, ``fp16``, ``bf16`` or ``int8``) and, for classifiers, ``kl_to_pytorch``
         (mean KL from PyTorch-with-schedule to the graph, nats).
 
     Raises:
@@ -342,13 +351,13 @@ def validate_runner(
         "output": info.output,
         "max_abs_diff": float(per_image.max()),
         "median_abs_diff": float(np.median(per_image)),
-        "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
+        "precision": "int8" if int8 else "bf16" if bf16 else "fp16" if fp16 else "fp32",
         "gflops": flops / 1e9,
         "baseline_gflops": base_flops / 1e9,
         "flops_ratio": base_flops / flops,
     }
     if info.embeddings:
-        report.update(_embedding_report(logits, fp16))
+        report.update(_embedding_report(logits, fp16 or bf16))
         return report
 
     diff = report["max_abs_diff"]
@@ -370,6 +379,11 @@ def validate_runner(
                                f"KL to it <= {INT8_MAX_KL}")
         report["passed"] = bool(report["top1_match_pytorch"] >= INT8_MIN_TOP1_MATCH
                                 and report["kl_to_pytorch"] <= INT8_MAX_KL)
+    elif bf16:
+        report["criterion"] = (f"bf16: top-1 match with PyTorch-with-schedule >= {BF16_MIN_TOP1_MATCH:.0%}, "
+                               f"KL to it <= {BF16_MAX_KL}")
+        report["passed"] = bool(report["top1_match_pytorch"] >= BF16_MIN_TOP1_MATCH
+                                and report["kl_to_pytorch"] <= BF16_MAX_KL)
     elif fp16:
         # fp16 engines: a near-tie in the matching may merge other tokens than fp32 does on a few
         # images, so the criterion is on the typical image and on top-1, not on the worst logit.
@@ -447,3 +461,25 @@ def validate_engine(plan_path: str, images_dir: str | ImageSet, flavour: str = "
         source = os.path.join(os.path.dirname(os.path.abspath(plan_path)), source)
     kwargs.setdefault("source_path", source or plan_path)
     return validate_runner(runner, info, images_dir, **kwargs)
+
+
+def validate_openvino(xml_path: str, images_dir: str | ImageSet, threads: int | None = None, **kwargs) -> dict:
+    """Validate an OpenVINO IR built by ``dsm-export build --backend openvino`` on the CPU, compiled at
+    the inference precision the IR records (:class:`dsm_export.engines.openvino.OpenVINORunner`); judged
+    by the fp32, bf16 or int8 criterion of its precision. The rest as for :func:`validate_runner`;
+    the report adds ``inference_precision`` (what OpenVINO ran: ``f32`` or ``bf16``).
+
+    Raises:
+        DSMError: OpenVINO missing, a foreign IR, and everything :func:`validate_runner` raises.
+    """
+    from .engines.openvino import OpenVINORunner
+
+    runner = OpenVINORunner(xml_path, threads)
+    precision = runner.meta.get("precision", "fp32")
+    kwargs.setdefault("int8", precision == "int8")
+    kwargs.setdefault("bf16", precision == "bf16" or (precision == "fp32" and runner.inference_precision == "bf16"))
+    kwargs.setdefault("source_path", xml_path)
+    report = validate_runner(runner, runner.info, images_dir, **kwargs)
+    report["inference_precision"] = runner.inference_precision
+    report["engine"] = "openvino"
+    return report

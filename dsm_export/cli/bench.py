@@ -6,12 +6,18 @@ the batch-1 latency (p50, p90 over --latency-runs single-image runs, graphs alte
 machine, the CPU and the thread count. Without a second file the unmerged model as timm runs it
 (every block on every token) is exported in a temporary folder as the baseline.
 
+OpenVINO IRs (``.xml``, from ``build --backend openvino``) run in OpenVINO on the CPU at the precision
+they record, alternating with two unmerged baselines: OpenVINO's default compile of the unmerged model
+(bf16 on a CPU that has it; the fastest unmerged engine of that runtime) and ONNX Runtime fp32. A
+second .xml replaces the OpenVINO baseline.
+
 TensorRT engines (``.plan``) run on an NVIDIA GPU through :class:`dsm_export.engines.TensorRTRunner`:
 device-resident input, CUDA events, median of the repetitions, engines alternating. Where no GPU is
 visible this says so in one line (exit 2) before anything runs.
 
     dsm-export bench out/deit_tiny_dsm.onnx --batch 32
     dsm-export bench dsm.plan none.plan --batch 32
+    dsm-export bench out/deit_tiny_dsm_int8.xml --batch 32
 """
 
 from __future__ import annotations
@@ -27,14 +33,14 @@ from ._common import TENSORRT_FLAVOURS
 
 def add(sub):
     p = sub.add_parser("bench", help="throughput and batch-1 latency: a merged engine against the unmerged one")
-    p.add_argument("merged", help="merged (DSM/ToMe, INT8) ONNX export, or a TensorRT .plan")
+    p.add_argument("merged", help="merged (DSM/ToMe, INT8) ONNX export, an OpenVINO .xml, or a TensorRT .plan")
     p.add_argument("baseline", nargs="?",
                    help="unmerged export or .plan (default for ONNX: exported on the fly; a .plan needs one)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7, help="repetitions; the median is reported (>= 5)")
     p.add_argument("--iters", type=int, default=2, help="runs per repetition")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op (OpenVINO inference) threads (default: all cores)")
     p.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per graph (>= 50; 0 skips)")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name")
@@ -53,6 +59,12 @@ def run(args) -> int:
     files = [f for f in (args.merged, args.baseline) if f]
     for f in files:
         checks.input_file(f, "engine" if f.endswith(".plan") else "ONNX file")
+    if files[0].endswith(".xml"):
+        if args.baseline and not args.baseline.endswith(".xml"):
+            raise DSMError("an OpenVINO .xml is timed against another .xml (or, given none, the unmerged model)")
+        if args.provider != "cpu":
+            raise DSMError("--provider is for ONNX files: an OpenVINO IR runs in OpenVINO on the CPU")
+        return _bench_openvino(args)
     plans = [f.endswith(".plan") for f in files]
     if any(plans):
         if not all(plans) or len(files) != 2:
@@ -84,6 +96,52 @@ def _bench_plans(args) -> int:
     print(f"model {info.model}, schedule {info.schedule.spec()}, {sidecar.get('precision')}, batch {args.batch}, "
           f"median of {args.repeats} repetitions x {args.iters} runs, engines alternating")
     _print_rates(med)
+    return 0
+
+
+def _bench_openvino(args) -> int:
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..benchmark import alternating_throughput, cpu_name, make_session
+    from ..engines.openvino import OpenVINORunner, import_openvino, read_ir_metadata
+    from ..export import export_onnx, weights_path
+
+    ov = import_openvino()
+    info, meta = read_ir_metadata(args.merged)
+    if info.batch and args.batch != info.batch:
+        raise DSMError(f"{args.merged!r} has a fixed batch of {info.batch}: give --batch {info.batch}")
+    merged = OpenVINORunner(args.merged, args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        none_onnx = os.path.join(tmp, "none.onnx")
+        export_onnx(info.model, none_onnx, "none", weights_path(info, args.merged) or None, batch=info.batch,
+                    pretrained=info.pretrained, num_classes=info.num_classes, full_last_block=True)
+        config = {"INFERENCE_NUM_THREADS": int(args.threads)} if args.threads else {}
+        ov_none = (OpenVINORunner(args.baseline, args.threads).compiled if args.baseline
+                   else merged.core.compile_model(ov.convert_model(none_onnx), "CPU", config))
+        session = make_session(none_onnx, args.threads)
+        x = np.random.default_rng(0).standard_normal([args.batch, *info.input_size], dtype=np.float32)
+        requests = {"merged": merged.compiled.create_infer_request(), "openvino": ov_none.create_infer_request()}
+        name = session.get_inputs()[0].name
+        runs = {"merged": lambda: requests["merged"].infer({0: x}),
+                "openvino": lambda: requests["openvino"].infer({0: x}),
+                "onnxruntime": lambda: session.run(None, {name: x})}
+        rates = alternating_throughput(runs, args.batch, args.repeats, args.warmup, args.iters)
+    none_precision = ov_none.get_property("INFERENCE_PRECISION_HINT").to_string()
+    threads = args.threads or os.cpu_count()
+    print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | openvino "
+          f"{ov.__version__.split('-')[0]}, onnxruntime {ort.__version__} | threads {threads}")
+    print(f"model {info.model}, schedule {info.schedule.spec()}, {meta.get('precision', 'fp32')} "
+          f"(OpenVINO running {merged.inference_precision}), batch {args.batch}, median of {args.repeats} "
+          f"repetitions x {args.iters} runs, engines alternating")
+    base = "the given baseline" if args.baseline else "unmerged, OpenVINO's default compile"
+    print(f"  ort fp32 : {rates['onnxruntime']:8.1f} images/s (unmerged, ONNX Runtime fp32)")
+    print(f"  openvino : {rates['openvino']:8.1f} images/s ({base}, running {none_precision})")
+    print(f"  merged   : {rates['merged']:8.1f} images/s")
+    print(f"  ratio    : {rates['merged'] / rates['openvino']:.2f}x against OpenVINO's baseline, "
+          f"{rates['merged'] / rates['onnxruntime']:.2f}x against ONNX Runtime fp32")
+    if args.latency_runs:
+        print("batch-1 latency: not measured for OpenVINO engines (time ONNX files for it)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Subcommand ``build``: engines (ONNX Runtime, TensorRT or TensorRT-RTX) from an exported file."""
+"""Subcommand ``build``: engines (ONNX Runtime, OpenVINO, TensorRT or TensorRT-RTX) from an exported file."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from ._common import TENSORRT_FLAVOURS
 
 
 def add(sub):
-    p = sub.add_parser("build", help="build an engine (TensorRT plan, or ONNX Runtime optimized/fp16/INT8 model)")
+    p = sub.add_parser("build", help="build an engine (TensorRT plan, OpenVINO IR, or ONNX Runtime optimized/fp16/INT8 model)")
     p.add_argument("onnx", help="ONNX file written by dsm-export export (for TensorRT INT8: by build --precision int8)")
-    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), required=True)
-    p.add_argument("--output", "-o", required=True, help=".plan (tensorrt) or .onnx (onnxruntime)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime", "openvino"), required=True)
+    p.add_argument("--output", "-o", required=True, help=".plan (tensorrt), .onnx (onnxruntime) or .xml (openvino)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                   help="fp16: onnxruntime and tensorrt; bf16: openvino (default fp32)")
     q = p.add_argument_group("INT8 (onnxruntime backend: post-training quantization with onnxruntime.quantization)")
     q.add_argument("--quantization", choices=("static", "dynamic"), default="static",
                    help="static: QDQ, calibrated, TensorRT-compatible (default); dynamic: activations "
@@ -33,7 +34,9 @@ def add(sub):
     q.add_argument("--smooth-alpha", type=float, metavar="A",
                    help="SmoothQuant: before quantizing, fold per-channel scales with migration strength A "
                         "in [0, 1] into the LayerNorms and value weights (exact in fp32; evens out "
-                        "activation ranges; needs --calibration). Default: no smoothing")
+                        "activation ranges; needs --calibration). Default: no smoothing (openvino: NNCF's "
+                        "SmoothQuant, 0 for none; default: chosen among 0, 0.5, 0.95 by KL on the "
+                        "calibration images)")
     t = p.add_argument_group("TensorRT (full TensorRT, or TensorRT-RTX, which builds with no GPU)")
     t.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
                    help="which TensorRT builds: enterprise (full TensorRT, module tensorrt: data-centre GPUs, "
@@ -87,6 +90,10 @@ def run(args) -> int:
         return _build_tensorrt(args)
     if args.compute_capability or args.tensorrt != "auto":
         raise DSMError("--tensorrt and --compute-capability apply to --backend tensorrt only")
+    if args.backend == "openvino":
+        return _build_openvino(args)
+    if args.precision == "bf16":
+        raise DSMError("--precision bf16 is for --backend openvino (ONNX Runtime and TensorRT take fp16)")
     if args.precision == "int8":
         _check_int8_args(args)
     elif args.smooth_alpha is not None:
@@ -123,6 +130,51 @@ def _build_tensorrt(args) -> int:
           + (f"; targets {', '.join(targets)}{'' if info['compute_capabilities'] else ' (the release default)'}"
              if targets else ""))
     print(f"  the engine {info['where']}")
+    return 0
+
+
+def _build_openvino(args) -> int:
+    """``--backend openvino``: every check (options, the file, the calibration images) before OpenVINO runs."""
+    from .. import checks
+    from ..engines.openvino import OpenVINOOptions, build_openvino, check_openvino_input
+    from ..export import read_metadata
+    from ..quantize import calibration_pixels
+
+    if args.precision == "fp16":
+        raise DSMError("--backend openvino runs fp32, bf16 or int8 (fp16 is for onnxruntime and tensorrt)")
+    if not args.output.endswith(".xml"):
+        raise DSMError(f"--output {args.output!r}: an OpenVINO IR is an .xml file (its weights go in the .bin beside it)")
+    checks.output_file(args.output[:-4] + ".bin", "--output weights (.bin)")
+    if args.precision != "int8" and (args.calibration or args.smooth_alpha is not None):
+        raise DSMError("--calibration and --smooth-alpha apply to --precision int8 only")
+    if args.precision == "int8":
+        if args.quantization != "static" or args.activations != "int8" or args.keep_fp32:
+            raise DSMError("--quantization, --activations and --keep-fp32 are for --backend onnxruntime; "
+                           "OpenVINO INT8 is NNCF's static quantization")
+        if not args.calibration:
+            raise DSMError("--backend openvino --precision int8 needs calibration images: --calibration DIR")
+        if not os.path.isdir(args.calibration):
+            raise DSMError(f"calibration folder {args.calibration!r} does not exist")
+    options = OpenVINOOptions(precision=args.precision, smooth_alpha=args.smooth_alpha)
+    options.check()
+    model = check_openvino_input(args.onnx)
+    pixels = files = None
+    if args.precision == "int8":
+        pixels, files = calibration_pixels(read_metadata(model, args.onnx).model, args.calibration,
+                                           args.calibration_count)
+    rec = build_openvino(args.onnx, args.output, options, pixels, files)
+    runs = {"f32": "f32", "bf16": "bf16"}[rec["inference_precision"]]
+    note = "" if rec["cpu_bf16"] or args.precision == "fp32" else " (this CPU has no AVX-512 BF16 or AMX: f32)"
+    line = f"wrote {args.output} and {rec['bin']}: OpenVINO {rec['openvino_version'].split('-')[0]} IR, {args.precision}"
+    if args.precision == "int8":
+        chosen = "none" if rec["smooth_alpha"] == 0 else f"alpha {rec['smooth_alpha']:g}"
+        how = "given" if not rec["smooth_trials"] else "lowest KL on held-apart calibration images"
+        line += (f" (NNCF {rec['nncf_version']}, {rec['calibration_count']} calibration images, "
+                 f"{rec['fake_quantize']} FakeQuantize; SmoothQuant {chosen}, {how}); "
+                 f"{rec['fp32_matching_nodes']} matching and size nodes and {rec['fp32_attention_matmuls']} "
+                 "attention MatMuls kept out of quantization (which tokens merge is not decided in INT8)")
+    print(line)
+    print(f"  runs in {runs} on this CPU{note}; other ops run at OpenVINO's inference precision")
     return 0
 
 

@@ -8,7 +8,8 @@ from ._common import TENSORRT_FLAVOURS
 
 def add(sub):
     p = sub.add_parser("validate", help="check an exported graph against PyTorch on images")
-    p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build)")
+    p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build), or an OpenVINO "
+                                           "IR (.xml) written by build --backend openvino")
     p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead (needs an "
                                     "NVIDIA GPU)")
     p.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
@@ -41,14 +42,22 @@ def run(args) -> int:
     from .. import checks
     from ..data import list_images
     from ..fileio import write_json
-    from ..validate import validate, validate_engine
+    from ..validate import validate, validate_engine, validate_openvino
 
     if bool(args.onnx) == bool(args.engine):
         raise DSMError("give either an ONNX file or --engine PLAN")
     if args.weights and args.pretrained:
         raise DSMError("give either --weights FILE or --pretrained, not both")
     # Everything the user gave is checked before the first image is run.
-    checks.input_file(args.onnx or args.engine, "ONNX file" if args.onnx else "engine")
+    openvino = bool(args.onnx) and args.onnx.endswith(".xml")
+    checks.input_file(args.onnx or args.engine, "engine" if args.engine or openvino else "ONNX file")
+    if openvino:
+        from ..engines.openvino import read_ir_metadata
+
+        checks.input_file(args.onnx[:-4] + ".bin", "OpenVINO weights (.bin)")
+        read_ir_metadata(args.onnx)  # OpenVINO installed, and an IR dsm-export built, before any image
+        if args.provider != "cpu":
+            raise DSMError("--provider is for ONNX files: an OpenVINO IR runs in OpenVINO on the CPU")
     checks.input_file(args.weights, "weights file")
     checks.output_file(args.json_path, "--json")
     if args.engine:
@@ -66,6 +75,8 @@ def run(args) -> int:
     if args.engine:
         report = validate_engine(args.engine, images, flavour=args.tensorrt, runtime_cache=args.runtime_cache,
                                  **common)
+    elif openvino:
+        report = validate_openvino(args.onnx, images, threads=args.threads, **common)
     else:
         report = validate(args.onnx, images, threads=args.threads, provider=args.provider, **common)
     report["skipped_unreadable"] = skipped
@@ -98,10 +109,12 @@ def format_report(report: dict) -> str:
         return "\n".join(lines)
     lines = [
         f"model {report['model']}, schedule {report['schedule']}, {report.get('precision', 'fp32')}, "
-        f"{report['images']} images",
+        f"{report['images']} images"
+        + (f", OpenVINO running {report['inference_precision']}" if report.get("engine") == "openvino" else ""),
         f"  vs PyTorch with schedule: max |dlogit| {report['max_abs_diff']:.2e} (atol {report['atol']:.0e}), "
         f"top-1 match {pct(report['top1_match_pytorch'])} ({report['top1_mismatches']} mismatches)"
-        + (f", KL {report['kl_to_pytorch']:.4f}" if report.get("precision", "fp32") != "fp32" else ""),
+        + (f", KL {report['kl_to_pytorch']:.4f}" if report.get("precision", "fp32") != "fp32"
+           or report.get("engine") == "openvino" else ""),
         f"  vs unmerged PyTorch:      top-1 agreement {pct(report['top1_agreement'])}, KL {report['kl']:.4f}",
         f"  top-1 accuracy:           {pct(report['top1_accuracy'])} (unmerged {pct(report['baseline_top1_accuracy'])})",
         f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "

@@ -1,0 +1,343 @@
+"""OpenVINO engines (IR: ``.xml`` + ``.bin``) from a validated DSM ONNX file.
+
+* ``fp32``: ``openvino.convert_model`` of the ONNX file, run with ``INFERENCE_PRECISION_HINT`` f32.
+* ``bf16``: the same IR, run in bf16 (OpenVINO's CPU default where the CPU has AVX-512 BF16 or AMX;
+  a CPU without them runs f32, and the build says so).
+* ``int8``: NNCF post-training quantization (``nncf.quantize``, ``ModelType.TRANSFORMER``) on
+  calibration images, with the matching and size path (key mean, normalisation, similarity MatMul,
+  ArgMax/TopK, one-hot assignment, sizes, ``log(size)``; the same node list the ONNX Runtime INT8 and
+  fp16 paths keep in fp32, :func:`dsm_export.quantize.matching_nodes`) and the attention MatMuls
+  (``q @ k^T``, ``attn @ v``) in NNCF's ignored scope. SmoothQuant's migration strength is chosen by
+  measurement on the calibration images (KL of the quantized model to the fp32 one), not by default:
+  NNCF's transformer default (alpha 0.95 on MatMuls) costs DeiT-Tiny's DSM graph a KL of 0.10 where
+  no smoothing costs 0.011 (160 photos). Ops left unquantized run at the CPU's default precision
+  (bf16 where it has it).
+
+OpenVINO's inference precision is a compile-time property, not part of the IR (``rt_info``
+``runtime_options`` does not carry it, checked on 2026.4), so the IR records it under
+``rt_info["dsm_export"]["inference_precision"]`` with the rest of the export's metadata, and
+:class:`OpenVINORunner` compiles with it. The CPU plugin has no per-node fp32 pin that survives in IR
+(``disable_fp16_compression`` rt_info had no effect under bf16): in bf16 and int8 engines the
+matching ops run in bf16 too; the bf16 criterion of :mod:`dsm_export.validate` covers it.
+
+Sources: OpenVINO docs, "Precision Control" and ``ov::hint::inference_precision``; NNCF docs,
+"Post-training Quantization" (``IgnoredScope``, ``AdvancedSmoothQuantParameters``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import DSMError
+from ..export import META_PREFIX, load_onnx, read_metadata
+
+OPENVINO_INSTALL_HINT = "OpenVINO is not installed: pip install 'dsm-export[openvino]' (openvino, nncf)"
+PRECISIONS = ("fp32", "bf16", "int8")
+RT_KEY = "dsm_export"  # rt_info section that holds the metadata
+# SmoothQuant migration strengths tried on the calibration images when none is given; 0 is "off"
+# (alpha 0 migrates nothing: NNCF's -1). 0.95 is NNCF's ModelType.TRANSFORMER default for MatMuls.
+SMOOTH_CANDIDATES = (0.0, 0.5, 0.95)
+
+
+def import_openvino():
+    """``openvino``, imported on first use.
+
+    Raises:
+        DSMError: OpenVINO is not installed (:data:`OPENVINO_INSTALL_HINT`).
+    """
+    try:
+        import openvino
+    except ImportError as exc:
+        raise DSMError(OPENVINO_INSTALL_HINT) from exc
+    return openvino
+
+
+def cpu_has_bf16(core) -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 here (AVX-512 BF16 or AMX: ``BF16`` among
+    ``OPTIMIZATION_CAPABILITIES``)."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def inference_hint(precision: str, core) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` an engine of ``precision`` compiles with: ``f32`` for fp32;
+    ``bf16`` for bf16 and for int8's unquantized ops where the CPU has it, else ``f32``."""
+    if precision == "fp32" or not cpu_has_bf16(core):
+        return "f32"
+    return "bf16"
+
+
+@dataclass
+class OpenVINOOptions:
+    """What :func:`build_openvino` builds.
+
+    Attributes:
+        precision: ``fp32``, ``bf16`` or ``int8``.
+        smooth_alpha: int8: SmoothQuant migration strength in [0, 1] (0: none), or None to choose among
+            :data:`SMOOTH_CANDIDATES` by KL on the calibration images.
+        quantize_attention: int8: also quantize ``q @ k^T`` and ``attn @ v`` (default: kept out).
+        calibration_batch: images per NNCF calibration batch (a graph with a static batch uses its own).
+    """
+
+    precision: str = "fp32"
+    smooth_alpha: float | None = None
+    quantize_attention: bool = False
+    calibration_batch: int = 16
+    candidates: tuple[float, ...] = field(default=SMOOTH_CANDIDATES)
+
+    def check(self) -> None:
+        """Raises DSMError on an unknown precision or an alpha outside [0, 1]."""
+        if self.precision not in PRECISIONS:
+            raise DSMError(f"OpenVINO precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise DSMError(f"--smooth-alpha must be in [0, 1], got {self.smooth_alpha}")
+
+
+def check_openvino_input(onnx_path: str) -> onnx.ModelProto:
+    """Refuse, before OpenVINO is imported, a file OpenVINO engines are not built from: one that is
+    not a dsm-export file, already quantized, fp16, or optimized by ONNX Runtime (contrib ops).
+
+    Returns:
+        The loaded ONNX model.
+
+    Raises:
+        DSMError: one line naming the file to give instead.
+    """
+    from ..inspection import precision_of
+    from ..quantize import is_quantized
+
+    model = load_onnx(onnx_path)
+    read_metadata(model, onnx_path)
+    precision = precision_of(model)["precision"]
+    if is_quantized(model) or precision != "fp32":
+        raise DSMError(f"{onnx_path!r} is already {precision if precision != 'fp32' else 'quantized'}: "
+                       "--backend openvino takes the fp32 file written by 'dsm-export export'")
+    contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if contrib:
+        raise DSMError(f"{onnx_path!r} holds ONNX Runtime-only ops ({', '.join(contrib)}): --backend openvino "
+                       "takes the fp32 file written by 'dsm-export export'")
+    return model
+
+
+def ignored_nodes(model: onnx.ModelProto, quantize_attention: bool = False) -> tuple[list[str], dict]:
+    """ONNX node names kept out of INT8: the matching and size path and, unless ``quantize_attention``,
+    the activation-by-activation MatMuls.
+
+    Returns:
+        ``(names, {"matching": n, "attention": m})``.
+    """
+    from ..quantize import _weight_inputs, matching_nodes
+
+    matching = set(matching_nodes(model))
+    weights = _weight_inputs(model)
+    attention = [] if quantize_attention else [
+        n.name for n in model.graph.node
+        if n.op_type == "MatMul" and n.name not in matching and not set(n.input) & weights]
+    return sorted(matching) + attention, {"matching": len(matching), "attention": len(attention)}
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    from ..validate import kl_divergence
+
+    return float(kl_divergence(p_logits, q_logits).mean())
+
+
+def _quantize(ov, nncf, onnx_path, dataset, count, names, alpha):
+    """NNCF post-training quantization of the ONNX file's OpenVINO model; ``count`` is in batches."""
+    import logging
+
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    nncf.set_log_level(logging.WARNING)  # not one INFO line per node left unquantized
+    model = ov.convert_model(onnx_path)
+    present = {op.get_friendly_name() for op in model.get_ordered_ops()}
+    scope = nncf.IgnoredScope(names=[n for n in names if n in present], validate=False)
+    smooth = AdvancedSmoothQuantParameters(matmul=-1 if alpha == 0 else alpha, convolution=-1)
+    return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=count,
+                         ignored_scope=scope,
+                         advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=smooth))
+
+
+def _batches(pixels: np.ndarray, batch: int) -> list[np.ndarray]:
+    out = []
+    for start in range(0, len(pixels), batch):
+        chunk = pixels[start:start + batch]
+        if len(chunk) < batch:  # a static-batch graph: pad with the last image
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        out.append(np.ascontiguousarray(chunk, dtype=np.float32))
+    return out
+
+
+def _run(compiled, batches: list[np.ndarray], n: int) -> np.ndarray:
+    return np.concatenate([compiled(b)[0] for b in batches])[:n]
+
+
+def _choose_smooth_alpha(ov, nncf, core, onnx_path, pixels, batch, names, hint, candidates, log):
+    """SmoothQuant strength by measurement: quantize on the first 3/4 of the calibration images with
+    each candidate, score each by KL to fp32 on the last 1/4 (images its calibration did not see:
+    scored on its own calibration images, alpha 0.95 read 0.007 where unseen photos gave 0.10)."""
+    if len(pixels) < 8:
+        raise DSMError(f"choosing SmoothQuant needs at least 8 calibration images, got {len(pixels)} "
+                       "(or give --smooth-alpha)")
+    cut = len(pixels) * 3 // 4
+    fit, held = _batches(pixels[:cut], batch), _batches(pixels[cut:], batch)
+    n = len(pixels) - cut
+    reference = _run(core.compile_model(ov.convert_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
+                     held, n)
+    trials = []
+    for alpha in candidates:
+        model = _quantize(ov, nncf, onnx_path, nncf.Dataset(fit), len(fit), names, alpha)
+        got = _run(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint}), held, n)
+        trials.append((alpha, _kl(reference, got)))
+        log(f"  SmoothQuant alpha {alpha:g}{' (none)' if alpha == 0 else ''}: KL {trials[-1][1]:.4f} to fp32 on "
+            f"{n} calibration images, calibrated on the other {cut}")
+    return min(trials, key=lambda t: t[1])[0], trials
+
+
+def build_openvino(onnx_path: str, output: str, options: OpenVINOOptions, pixels: np.ndarray | None = None,
+                   files: list[str] | None = None, log=print) -> dict:
+    """Write an OpenVINO IR (``output`` .xml and its .bin) from a dsm-export fp32 ONNX file.
+
+    Args:
+        onnx_path: fp32 ONNX file written by ``dsm-export export``.
+        output: the ``.xml`` path; the weights go next to it as ``.bin``. Both are written to
+            temporary names first, then renamed.
+        options: :class:`OpenVINOOptions`.
+        pixels: int8: calibration images, ``[N, 3, H, W]`` float32 through the model's timm eval
+            transform (:func:`dsm_export.quantize.calibration_pixels`).
+        files: the calibration image paths (their sha256 goes into the metadata).
+        log: where progress lines of the SmoothQuant choice go.
+
+    Returns:
+        ``{"backend", "precision", "inference_precision", "cpu_bf16", "output", "bin", "openvino_version"}``;
+        int8 adds ``nncf_version``, ``calibration_count``, ``calibration_sha256``, ``fp32_matching_nodes``,
+        ``fp32_attention_matmuls``, ``fake_quantize``, ``smooth_alpha`` and ``smooth_trials``
+        (``[(alpha, KL)]`` of :func:`_choose_smooth_alpha`, empty when ``smooth_alpha`` was given).
+
+    Raises:
+        DSMError: OpenVINO or NNCF missing, a bad input file, no calibration images for int8, an
+            output not ending in ``.xml`` or in a missing folder.
+    """
+    options.check()
+    if not output.endswith(".xml"):
+        raise DSMError(f"--output {output!r}: an OpenVINO IR is an .xml file (its weights go in the .bin beside it)")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise DSMError(f"output folder {folder!r} does not exist")
+    proto = check_openvino_input(onnx_path)
+    info = read_metadata(proto, onnx_path)
+    if options.precision == "int8" and (pixels is None or len(pixels) == 0):
+        raise DSMError("--backend openvino --precision int8 needs calibration images: --calibration DIR")
+    ov = import_openvino()
+    core = ov.Core()
+    hint = inference_hint(options.precision, core)
+    rec: dict = {"backend": "openvino", "precision": options.precision, "inference_precision": hint,
+                 "cpu_bf16": cpu_has_bf16(core), "output": output, "bin": output[:-4] + ".bin",
+                 "openvino_version": ov.__version__}
+    if options.precision == "int8":
+        try:
+            import nncf
+        except ImportError as exc:
+            raise DSMError(OPENVINO_INSTALL_HINT) from exc
+        from ..quantize import images_sha256
+
+        batch = info.batch or options.calibration_batch
+        names, counts = ignored_nodes(proto, options.quantize_attention)
+        trials = []
+        alpha = options.smooth_alpha
+        if alpha is None:
+            alpha, trials = _choose_smooth_alpha(ov, nncf, core, onnx_path, pixels, batch, names, hint,
+                                                 options.candidates, log)
+        batches = _batches(pixels, batch)
+        model = _quantize(ov, nncf, onnx_path, nncf.Dataset(batches), len(batches), names, alpha)
+        rec.update({"nncf_version": nncf.__version__, "calibration_count": len(pixels),
+                    "calibration_sha256": images_sha256(files) if files else "",
+                    "fp32_matching_nodes": counts["matching"], "fp32_attention_matmuls": counts["attention"],
+                    "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops()),
+                    "smooth_alpha": alpha, "smooth_trials": trials})
+    else:
+        model = ov.convert_model(onnx_path)
+    for p in proto.metadata_props:
+        if p.key.startswith(META_PREFIX):
+            model.set_rt_info(p.value, [RT_KEY, p.key[len(META_PREFIX):]])
+    model.set_rt_info(info.output, [RT_KEY, "output"])
+    for key in ("precision", "inference_precision", "openvino_version", "nncf_version", "calibration_count",
+                "calibration_sha256", "smooth_alpha", "fp32_matching_nodes", "fp32_attention_matmuls"):
+        if key in rec:
+            model.set_rt_info(str(rec[key]), [RT_KEY, key])
+    model.set_rt_info("openvino", [RT_KEY, "engine"])
+    tmp = os.path.join(folder, f".{os.path.basename(output)[:-4]}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        ov.save_model(model, tmp + ".xml", compress_to_fp16=False)
+        os.replace(tmp + ".bin", rec["bin"])
+        os.replace(tmp + ".xml", output)
+    finally:
+        for leftover in (tmp + ".xml", tmp + ".bin"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return rec
+
+
+def read_ir_metadata(xml_path: str, core=None):
+    """``(ExportInfo, meta)``: the dsm-export metadata an OpenVINO IR carries in ``rt_info``.
+
+    Raises:
+        DSMError: OpenVINO missing, an unreadable IR, or one not written by ``dsm-export build``.
+    """
+    ov = import_openvino()
+    core = core or ov.Core()
+    try:
+        model = core.read_model(xml_path)
+    except RuntimeError as exc:
+        raise DSMError(f"{xml_path!r} is not a readable OpenVINO IR: {str(exc).splitlines()[0]}") from exc
+    if not model.has_rt_info([RT_KEY]):
+        raise DSMError(f"{xml_path!r} has no dsm-export metadata (was it built by 'dsm-export build --backend openvino'?)")
+    meta = {k: str(v) for k, v in model.get_rt_info([RT_KEY]).value.items()}
+    proto = onnx.ModelProto()
+    for key, value in meta.items():
+        proto.metadata_props.add(key=META_PREFIX + key, value=value)
+    proto.graph.output.add(name=meta.get("output", "logits"))
+    return read_metadata(proto, xml_path), meta
+
+
+class OpenVINORunner:
+    """Run an OpenVINO IR built by :func:`build_openvino` on the CPU.
+
+    Args:
+        xml_path: the IR.
+        threads: ``INFERENCE_NUM_THREADS`` (default: OpenVINO's, all cores).
+        precision: ``INFERENCE_PRECISION_HINT`` (``f32``/``bf16``); default: the one the IR records,
+            else OpenVINO's default.
+
+    Calling it maps ``[B, 3, H, W]`` float32 to ``[B, classes]`` logits (or ``[B, dim]`` embeddings);
+    a graph with a static batch takes any B (padded chunks).
+
+    Raises:
+        DSMError: as :func:`read_ir_metadata`.
+    """
+
+    def __init__(self, xml_path: str, threads: int | None = None, precision: str | None = None):
+        from ..validate import batched_runner
+
+        ov = import_openvino()
+        self.core = ov.Core()
+        self.info, self.meta = read_ir_metadata(xml_path, self.core)
+        config = {}
+        hint = precision or self.meta.get("inference_precision")
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = self.core.compile_model(xml_path, "CPU", config)
+        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.request = self.compiled.create_infer_request()
+        shape = self.compiled.inputs[0].get_partial_shape()
+        self.static_batch = shape[0].get_length() if shape[0].is_static else None
+        self._run = batched_runner(lambda x: self.request.infer({0: x})[0].copy(), self.static_batch)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x)

@@ -1,0 +1,186 @@
+"""OpenVINO engines: real IR built from the DSM export, real inference, real NNCF quantization.
+
+Skipped only where the ``openvino`` extra is absent outside CI (``.ci/run`` installs it)."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from dsm_export.cli import main
+
+pytestmark = pytest.mark.openvino
+
+
+@pytest.fixture(scope="module")
+def ov():
+    try:
+        import nncf  # noqa: F401
+        import openvino
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("the openvino extra is not installed: pip install -e '.[openvino]'")
+        pytest.skip("the openvino extra is not installed: pip install -e '.[openvino]'")
+    return openvino
+
+
+@pytest.fixture(scope="module")
+def int8_ir(ov, dsm_onnx, images_dir, tmp_path_factory):
+    """DSM DeiT-Tiny as an OpenVINO INT8 IR (NNCF, 16 calibration images, no SmoothQuant)."""
+    out = str(tmp_path_factory.mktemp("ov") / "dsm_int8.xml")
+    code = main(["build", dsm_onnx, "--backend", "openvino", "--precision", "int8", "--calibration", images_dir,
+                 "--calibration-count", "16", "--smooth-alpha", "0", "--output", out])
+    assert code == 0
+    return out
+
+
+def _validate(xml, images_dir, tmp_path, limit=32):
+    import json
+
+    report = str(tmp_path / "report.json")
+    code = main(["validate", xml, "--images", images_dir, "--limit", str(limit), "--no-progress", "--json", report])
+    with open(report) as fh:
+        return code, json.load(fh)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fp32_and_bf16_ir_build_and_validate(ov, dsm_onnx, images_dir, tmp_path, capsys, precision):
+    from dsm_export.engines.openvino import cpu_has_bf16, read_ir_metadata
+    from dsm_export.export import load_onnx, read_metadata
+
+    out = str(tmp_path / f"dsm_{precision}.xml")
+    assert main(["build", dsm_onnx, "--backend", "openvino", "--precision", precision, "--output", out]) == 0
+    printed = capsys.readouterr().out
+    assert os.path.isfile(out) and os.path.isfile(out[:-4] + ".bin")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp.xml") or f.endswith(".tmp.bin")]
+    runs = "bf16" if precision == "bf16" and cpu_has_bf16(ov.Core()) else "f32"
+    assert f"runs in {runs} on this CPU" in printed
+    info, meta = read_ir_metadata(out)
+    source = read_metadata(load_onnx(dsm_onnx), dsm_onnx)
+    assert info.schedule.spec() == source.schedule.spec() and info.model == source.model
+    assert meta["precision"] == precision and meta["inference_precision"] == runs and meta["engine"] == "openvino"
+
+    code, report = _validate(out, images_dir, tmp_path)
+    assert code == 0 and report["passed"], report
+    assert report["inference_precision"] == runs
+    if runs == "f32":  # fp32 parity holds in OpenVINO as in ONNX Runtime
+        assert report["precision"] == "fp32" and report["max_abs_diff"] <= 1e-4
+    else:
+        assert report["precision"] == "bf16" and report["criterion"].startswith("bf16:")
+        assert report["kl_to_pytorch"] <= 0.02 and report["top1_match_pytorch"] >= 0.95
+
+
+def test_int8_keeps_the_matching_path_out_of_quantization(ov, int8_ir, dsm_onnx):
+    """Read the IR: FakeQuantize ops exist, feed the weight layers, and feed no matching or size op
+    and no attention MatMul."""
+    from dsm_export.engines.openvino import ignored_nodes, read_ir_metadata
+    from dsm_export.quantize import matching_nodes
+
+    model = ov.Core().read_model(int8_ir)
+    ops = model.get_ordered_ops()
+    fq = [op for op in ops if op.get_type_name() == "FakeQuantize"]
+    assert len(fq) > 40
+    names, counts = ignored_nodes(onnx.load(dsm_onnx))
+    matching = set(matching_nodes(onnx.load(dsm_onnx)))
+    assert counts["matching"] == len(matching) > 100 and counts["attention"] >= 2 * 12  # q@k, attn@v a block
+    kept = set(names)
+    checked = 0
+
+    def fed_by_fq(op):
+        for inp in op.inputs():
+            src = inp.get_source_output().get_node()
+            while src.get_type_name() in ("Convert", "Transpose", "Reshape"):  # weight decompression
+                src = src.input(0).get_source_output().get_node()
+            if src.get_type_name() == "FakeQuantize":
+                return True
+        return False
+
+    for op in ops:
+        if op.get_friendly_name() in kept:
+            checked += 1
+            assert not fed_by_fq(op), f"{op.get_friendly_name()} ({op.get_type_name()}) is quantized"
+    assert checked > 0.8 * len(kept)  # the rest were folded (Transposes into MatMuls)
+    quantized_matmuls = [op for op in ops if op.get_type_name() == "MatMul" and fed_by_fq(op)]
+    assert len(quantized_matmuls) >= 12 * 3  # qkv, fc1, fc2 (and proj) of every block
+    _, meta = read_ir_metadata(int8_ir)
+    assert meta["precision"] == "int8" and meta["calibration_count"] == "16" and len(meta["calibration_sha256"]) == 64
+    assert meta["smooth_alpha"] == "0.0" and meta["fp32_matching_nodes"] == str(len(matching))
+
+
+def test_int8_validates_by_the_int8_criterion(ov, int8_ir, images_dir, tmp_path):
+    code, report = _validate(int8_ir, images_dir, tmp_path)
+    assert report["precision"] == "int8" and report["criterion"].startswith("int8:")
+    assert code == 0 and report["passed"], report
+    assert report["kl_to_pytorch"] <= 0.05 and report["top1_match_pytorch"] >= 0.9
+
+
+def test_smoothquant_is_chosen_by_kl_on_held_apart_calibration_images(ov, dsm_onnx, images_dir, tmp_path):
+    from dsm_export.engines.openvino import OpenVINOOptions, build_openvino
+    from dsm_export.quantize import calibration_pixels
+
+    pixels, files = calibration_pixels("deit_tiny_patch16_224", images_dir, 16)
+    lines = []
+    rec = build_openvino(dsm_onnx, str(tmp_path / "auto.xml"), OpenVINOOptions("int8", candidates=(0.0, 0.95)),
+                         pixels, files, log=lines.append)
+    assert [a for a, _ in rec["smooth_trials"]] == [0.0, 0.95]
+    assert rec["smooth_alpha"] == min(rec["smooth_trials"], key=lambda t: t[1])[0]
+    assert all("on 4 calibration images, calibrated on the other 12" in line for line in lines) and len(lines) == 2
+    assert os.path.isfile(tmp_path / "auto.xml") and os.path.isfile(tmp_path / "auto.bin")
+
+
+def test_bench_times_the_ir_against_both_unmerged_baselines(ov, int8_ir, capsys):
+    code = main(["bench", int8_ir, "--batch", "4", "--repeats", "5", "--iters", "1", "--warmup", "1",
+                 "--latency-runs", "0", "--threads", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "unmerged, OpenVINO's default compile" in out and "(unmerged, ONNX Runtime fp32)" in out
+    rates = {}
+    for line in out.splitlines():
+        if "images/s" in line:
+            label, value = line.split(":", 1)
+            rates[label.strip()] = float(value.split()[0])
+    assert set(rates) == {"ort fp32", "openvino", "merged"} and all(v > 0 for v in rates.values())
+    assert "x against OpenVINO's baseline" in out and "x against ONNX Runtime fp32" in out
+
+
+def _one_line_exit_2(args, capsys, needle):
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_mistakes_exit_2_with_one_line_and_no_file(ov, dsm_onnx, images_dir, tmp_path, capsys):
+    out = str(tmp_path / "x.xml")
+    base = ["build", dsm_onnx, "--backend", "openvino", "--output", out]
+    _one_line_exit_2([*base, "--precision", "int8"], capsys, "needs calibration images: --calibration DIR")
+    _one_line_exit_2([*base, "--precision", "fp16"], capsys, "runs fp32, bf16 or int8")
+    _one_line_exit_2(["build", dsm_onnx, "--backend", "openvino", "--output", str(tmp_path / "x.onnx")], capsys,
+                     "an OpenVINO IR is an .xml file")
+    _one_line_exit_2([*base, "--precision", "int8", "--calibration", images_dir, "--quantization", "dynamic"],
+                     capsys, "OpenVINO INT8 is NNCF's static quantization")
+    _one_line_exit_2([*base, "--precision", "int8", "--calibration", images_dir, "--smooth-alpha", "1.5"],
+                     capsys, "--smooth-alpha must be in [0, 1]")
+    _one_line_exit_2(["build", dsm_onnx, "--backend", "onnxruntime", "--precision", "bf16", "--output",
+                      str(tmp_path / "y.onnx")], capsys, "--precision bf16 is for --backend openvino")
+    # an already-quantized file (ONNX Runtime dynamic INT8) is refused before OpenVINO runs
+    quantized = str(tmp_path / "dyn.onnx")
+    assert main(["build", dsm_onnx, "--backend", "onnxruntime", "--precision", "int8", "--quantization", "dynamic",
+                 "--output", quantized]) == 0
+    capsys.readouterr()
+    _one_line_exit_2(["build", quantized, "--backend", "openvino", "--precision", "int8", "--calibration",
+                      images_dir, "--output", out], capsys, "is already int8")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("x.") or f.endswith(".tmp.xml")]
+
+
+def test_validate_and_bench_refuse_a_foreign_ir(ov, tmp_path, images_dir, capsys):
+    """An IR that dsm-export did not build: one line, exit 2, before any image is read."""
+    import openvino as ov_mod
+
+    param = ov_mod.opset13.parameter([1, 3, 224, 224], np.float32, name="pixels")
+    model = ov_mod.Model([ov_mod.opset13.relu(param)], [param], "foreign")
+    xml = str(tmp_path / "foreign.xml")
+    ov_mod.save_model(model, xml)
+    _one_line_exit_2(["validate", xml, "--images", images_dir], capsys, "has no dsm-export metadata")
+    _one_line_exit_2(["bench", xml, "--batch", "1"], capsys, "has no dsm-export metadata")
