@@ -210,14 +210,20 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     from .data import eval_transform
     from .validate import onnx_runner
 
-    model = load_onnx(onnx_path)
-    info = read_metadata(model, onnx_path)
-    runner = onnx_runner(onnx_path, threads)
+    if onnx_path.endswith(".xml"):  # an OpenVINO IR, run in OpenVINO at the precision it records
+        from .engines.openvino import OpenVINORunner
+
+        runner = OpenVINORunner(onnx_path, threads)
+        info, in_name, out_name, dims = runner.info, runner.input_name, runner.output_name, runner.output_dims
+    else:
+        model = load_onnx(onnx_path)
+        info = read_metadata(model, onnx_path)
+        runner = onnx_runner(onnx_path, threads)
+        in_name = model.graph.input[0].name
+        out = model.graph.output[0]
+        out_name = out.name
+        dims = tuple(int(d.dim_value) for d in out.type.tensor_type.shape.dim[1:])
     transform = eval_transform(timm.create_model(info.model, pretrained=False))
-    in_name = model.graph.input[0].name
-    out = model.graph.output[0]
-    out_name = out.name
-    dims = tuple(int(d.dim_value) for d in out.type.tensor_type.shape.dim[1:])
     c, h, w = info.input_size
     limit = info.batch or max_batch
     from .models import sha256_file
@@ -273,11 +279,21 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
     if max_batch < 1 or top_k < 1 or image_instances < 1:
         raise DSMError("--max-batch, --top-k and --image-instances must be at least 1")
     for path in onnx_paths:
-        checks.input_file(path, "ONNX file")
-        model = load_onnx(path)
-        read_metadata(model, path)
-        classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        if model.graph.output[0].name == "logits" and top_k > classes:
+        if path.endswith(".xml"):
+            from .engines.openvino import import_openvino, read_ir_metadata
+
+            checks.input_file(path, "OpenVINO IR")
+            checks.input_file(path[:-4] + ".bin", "OpenVINO weights (.bin)")
+            read_ir_metadata(path)
+            ov_model = import_openvino().Core().read_model(path)
+            output_name, classes = ov_model.outputs[0].get_any_name(), ov_model.outputs[0].get_partial_shape()[-1].get_length()
+        else:
+            checks.input_file(path, "ONNX file")
+            model = load_onnx(path)
+            read_metadata(model, path)
+            output_name = model.graph.output[0].name
+            classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+        if output_name == "logits" and top_k > classes:
             raise DSMError(f"--top-k {top_k} is more than the {classes} classes of {path!r}")
     if not allow_random_init:
         refuse_random_init(onnx_paths, "serve")

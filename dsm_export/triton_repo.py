@@ -1,13 +1,19 @@
 """Triton Inference Server model repositories for DSM engines.
 
 Writes ``<repo>/<name>/config.pbtxt`` and ``<repo>/<name>/1/model.onnx`` (platform
-``onnxruntime_onnx``) or ``<repo>/<name>/1/model.plan`` (``tensorrt_plan``). The config is built as
+``onnxruntime_onnx``), ``<repo>/<name>/1/model.plan`` (``tensorrt_plan``) or, for an OpenVINO IR,
+``<repo>/<name>/1/model.xml`` with its ``model.bin`` (``backend: "openvino"``, CPU instances). The config is built as
 Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``) and printed with
 ``google.protobuf.text_format``: ``max_batch_size`` with dims that leave out the batch axis, dynamic
 batching with preferred batch sizes, and an instance group (``KIND_CPU`` or ``KIND_GPU``; plans
 are GPU-only); a fixed-batch export gets ``max_batch_size: 0`` and full dims. An ONNX model on GPU
 instances can have ONNX Runtime's TensorRT execution accelerator
 (``optimization.execution_accelerators.gpu_execution_accelerator``, Triton's onnxruntime backend).
+
+Triton's OpenVINO backend takes its precision from the config's ``parameters`` and can only ask
+for bf16 (``HINT_BF16: YES``; openvino_backend ``ParseParameterHelper``), not f32: an engine that
+records bf16 gets it; an fp32 IR runs at the CPU's default there, which is bf16 on a CPU with AVX-512
+BF16 or AMX, and :func:`model_config` says so (``notes_out``).
 
 Refused rather than written wrong: a TensorRT-RTX plan (Triton's TensorRT backend runs full
 TensorRT); a plan whose optimization profile starts above batch 1 under
@@ -91,6 +97,28 @@ def _io_from_plan(path: str):
     return [("pixel_values", "TYPE_FP32", [batch, c, h, w])], [(output, "TYPE_FP32", [batch, classes])], sidecar
 
 
+def _io_from_ir(path: str):
+    """Inputs, outputs (name, Triton type, dims with -1 for a dynamic batch) and the metadata of an IR."""
+    from .engines.openvino import import_openvino, read_ir_metadata
+
+    ov = import_openvino()
+    core = ov.Core()
+    info, meta = read_ir_metadata(path, core)
+    model = core.read_model(path)
+    types = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i64": "TYPE_INT64", "i32": "TYPE_INT32"}
+    spec = []
+    for ports in (model.inputs, model.outputs):
+        io = []
+        for port in ports:
+            kind = port.get_element_type().to_string()
+            if kind not in types:
+                raise DSMError(f"{path!r} tensor {port.get_any_name()!r} has element type {kind}, which Triton cannot express")
+            dims = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
+            io.append((port.get_any_name(), types[kind], dims))
+        spec.append(io)
+    return spec[0], spec[1], meta
+
+
 def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str) -> None:
     """Refuse a plan whose optimization profile cannot take every batch Triton's dynamic batcher
     may form (1 up to ``max_batch_size``): one with a minimum batch above 1.
@@ -109,7 +137,7 @@ def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str)
 
 def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32), instances: int = 1,
                  queue_delay_us: int = 2000, instance_kind: str | None = None,
-                 ort_tensorrt: str | None = None, workspace_mib: int = 1024):
+                 ort_tensorrt: str | None = None, workspace_mib: int = 1024, notes_out: list | None = None):
     """The ``ModelConfig`` protobuf for an ``.onnx`` or ``.plan`` file.
 
     Args:
@@ -123,6 +151,8 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         ort_tensorrt: ONNX only: ``fp32`` or ``fp16`` turns on ONNX Runtime's TensorRT execution
             accelerator with that ``precision_mode`` (needs ``gpu`` instances); None leaves it off.
         workspace_mib: the accelerator's ``max_workspace_size_bytes``, in MiB.
+        notes_out: where to append one-line notes on what the config cannot express (an fp32
+            OpenVINO IR, whose precision Triton's OpenVINO backend cannot pin to f32).
 
     Raises:
         DSMError: unknown file type, a file dsm-export did not write, a plan on CPU instances, the
@@ -136,7 +166,21 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         raise DSMError(f"ONNX Runtime TensorRT precision must be fp32 or fp16, got {ort_tensorrt!r}")
     cfg = pb2.ModelConfig(name=name)
     sidecar = None
-    if path.endswith(".plan"):
+    notes = []
+    if path.endswith(".xml"):
+        inputs, outputs, meta = _io_from_ir(path)
+        cfg.backend = "openvino"
+        if instance_kind == "gpu":
+            raise DSMError(f"{path!r}: dsm-export's OpenVINO engines run on CPU instances (--instance-kind cpu)")
+        if ort_tensorrt:
+            raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models, not OpenVINO IR")
+        instance_kind = "cpu"
+        if meta.get("inference_precision") == "bf16":
+            cfg.parameters["HINT_BF16"].string_value = "YES"
+        elif meta.get("precision") in ("fp32", None):
+            notes.append(f"{name}: Triton's OpenVINO backend cannot ask for f32 (only HINT_BF16); on a CPU with "
+                         "bf16 this fp32 engine runs in bf16 there, as OpenVINO's default compile does")
+    elif path.endswith(".plan"):
         inputs, outputs, sidecar = _io_from_plan(path)
         if sidecar.get("flavour") == "rtx":
             raise DSMError(f"{path!r} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) loads "
@@ -157,7 +201,7 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         if ort_tensorrt and instance_kind != "gpu":
             raise DSMError("the ONNX Runtime TensorRT accelerator needs --instance-kind gpu")
     else:
-        raise DSMError(f"{path!r}: expected an .onnx or .plan file")
+        raise DSMError(f"{path!r}: expected an .onnx, .plan or OpenVINO .xml file")
     kind = pb2.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb2.ModelInstanceGroup.KIND_CPU
     dynamic = inputs[0][2][0] == -1
     if sidecar is not None:
@@ -175,11 +219,17 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         acc.parameters["precision_mode"] = ort_tensorrt.upper()
         acc.parameters["max_workspace_size_bytes"] = str(workspace_mib << 20)
+    if notes_out is not None:
+        notes_out.extend(notes)
     return cfg
 
 
 def source_info(path: str):
-    """The dsm-export metadata of an ``.onnx`` file or of a ``.plan``'s source (:class:`ExportInfo`)."""
+    """The dsm-export metadata of an ``.onnx`` file, an OpenVINO ``.xml`` or a ``.plan``'s source (:class:`ExportInfo`)."""
+    if path.endswith(".xml"):
+        from .engines.openvino import read_ir_metadata
+
+        return read_ir_metadata(path)[0]
     if path.endswith(".plan"):
         from .engines import engine_info
 
@@ -204,10 +254,11 @@ def refuse_random_init(files: list[str], what: str) -> None:
 
 def write_repository(files: list[str], repo: str, max_batch: int = 64, instances: int = 1,
                      instance_kind: str | None = None, ort_tensorrt: str | None = None,
-                     allow_random_init: bool = False) -> list[str]:
+                     allow_random_init: bool = False, notes_out: list | None = None) -> list[str]:
     """Write a model repository holding ``files``; returns the model names.
 
-    Everything is read and checked before the first file is written.
+    Everything is read and checked before the first file is written; ``notes_out`` as for
+    :func:`model_config`.
 
     Raises:
         DSMError: missing files, duplicate model names, files dsm-export did not write, or (without
@@ -226,10 +277,12 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
     if not allow_random_init:
         refuse_random_init(files, "triton-repo")
     configs = [model_config(f, n, max_batch=max_batch, instances=instances, instance_kind=instance_kind,
-                            ort_tensorrt=ort_tensorrt) for f, n in zip(files, names)]
+                            ort_tensorrt=ort_tensorrt, notes_out=notes_out) for f, n in zip(files, names)]
     for f, name, cfg in zip(files, names, configs):
         os.makedirs(os.path.join(repo, name, "1"), exist_ok=True)
-        ext = "plan" if f.endswith(".plan") else "onnx"
+        ext = f.rsplit(".", 1)[-1]
+        if ext == "xml":  # the weights first: the .xml is what makes the model readable
+            copy_file(f[:-4] + ".bin", os.path.join(repo, name, "1", "model.bin"))
         copy_file(f, os.path.join(repo, name, "1", f"model.{ext}"))
         with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
             with open(tmp, "w", encoding="utf-8") as fh:

@@ -184,3 +184,69 @@ def test_validate_and_bench_refuse_a_foreign_ir(ov, tmp_path, images_dir, capsys
     ov_mod.save_model(model, xml)
     _one_line_exit_2(["validate", xml, "--images", images_dir], capsys, "has no dsm-export metadata")
     _one_line_exit_2(["bench", xml, "--batch", "1"], capsys, "has no dsm-export metadata")
+
+
+# ------------------------------------------------------------------ Triton: model repository and serving
+def test_triton_repo_writes_an_openvino_backend_model(ov, int8_ir, dsm_onnx, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    from dsm_export.engines.openvino import read_ir_metadata
+
+    fp32 = str(tmp_path / "dsm_fp32.xml")
+    assert main(["build", dsm_onnx, "--backend", "openvino", "--output", fp32]) == 0
+    repo = tmp_path / "repo"
+    capsys.readouterr()
+    assert main(["triton-repo", int8_ir, fp32, "--output", str(repo), "--max-batch", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "note: dsm_fp32: Triton's OpenVINO backend cannot ask for f32" in out
+    _, meta = read_ir_metadata(int8_ir)
+    for name, src, bf16 in (("dsm_int8", int8_ir, meta["inference_precision"] == "bf16"), ("dsm_fp32", fp32, False)):
+        cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), pb2.ModelConfig())
+        assert cfg.backend == "openvino" and not cfg.platform
+        assert cfg.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+        assert ("HINT_BF16" in cfg.parameters) == bf16
+        if bf16:
+            assert cfg.parameters["HINT_BF16"].string_value == "YES"
+        # the dynamic-batch export: the batch axis is left out of dims, the dynamic batcher is on
+        assert cfg.max_batch_size == 16 and list(cfg.input[0].dims) == [3, 224, 224]
+        assert list(cfg.output[0].dims) == [1000] and cfg.output[0].name == "logits"
+        for ext in ("xml", "bin"):
+            with open(src[:-4] + f".{ext}", "rb") as a, open(repo / name / "1" / f"model.{ext}", "rb") as b:
+                assert a.read() == b.read()
+    _one_line_exit_2(["triton-repo", int8_ir, "--output", str(tmp_path / "r2"), "--instance-kind", "gpu"], capsys,
+                     "run on CPU instances")
+    assert not (tmp_path / "r2").exists() or not os.listdir(tmp_path / "r2")
+
+
+def test_serve_answers_requests_from_an_openvino_ir(ov, int8_ir, images_dir, tmp_path):
+    """Real requests to a PyTriton server running the IR in OpenVINO: the logits equal local
+    OpenVINO's, and the image model answers with the same top-k."""
+    import tritonclient.http as httpclient
+    from servers import start_ready
+
+    from dsm_export.data import eval_transform, list_images, load_batch
+    from dsm_export.engines.openvino import OpenVINORunner
+    from dsm_export.models import create_model
+
+    images = list_images(images_dir, limit=3)
+    x = load_batch(images, range(3), eval_transform(create_model("deit_tiny_patch16_224", None, warn_random=False))).numpy()
+    local = OpenVINORunner(int8_ir)(x)
+    srv = start_ready([int8_ir], ["dsm"], str(tmp_path / "serve.log"), ["--threads", "1"])
+    try:
+        client = httpclient.InferenceServerClient(srv.url)
+        try:
+            inp = httpclient.InferInput("pixel_values", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            served = client.infer("dsm", [inp]).as_numpy("logits")
+            np.testing.assert_allclose(served, local, rtol=0, atol=1e-4)
+            with open(images.path(0), "rb") as fh:
+                data = fh.read()
+            img = httpclient.InferInput("image", [1], "BYTES")
+            img.set_data_from_numpy(np.array([data], dtype=object))
+            idx = client.infer("dsm_image", [img]).as_numpy("top_k_indices")
+            assert int(idx[0]) == int(local[0].argmax())
+        finally:
+            client.close()
+    finally:
+        srv.close()

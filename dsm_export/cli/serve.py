@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add(sub):
     p = sub.add_parser("serve", help="serve ONNX files with a real Triton server (PyTriton), on loopback by default")
-    p.add_argument("onnx", nargs="+", help="ONNX files (e.g. the DSM export and the none baseline)")
+    p.add_argument("onnx", nargs="+", help="ONNX files (e.g. the DSM export and the none baseline) or OpenVINO IRs (.xml)")
     p.add_argument("--name", action="append", help="model name per file (default: from the file name)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind HTTP, gRPC and metrics (default 127.0.0.1; 0.0.0.0 for every interface)")

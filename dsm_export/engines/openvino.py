@@ -27,6 +27,7 @@ Sources: OpenVINO docs, "Precision Control" and ``ov::hint::inference_precision`
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -314,7 +315,8 @@ class OpenVINORunner:
             else OpenVINO's default.
 
     Calling it maps ``[B, 3, H, W]`` float32 to ``[B, classes]`` logits (or ``[B, dim]`` embeddings);
-    a graph with a static batch takes any B (padded chunks).
+    a graph with a static batch takes any B (padded chunks). Calls from several threads (a server's)
+    take turns on the one infer request.
 
     Raises:
         DSMError: as :func:`read_ir_metadata`.
@@ -338,6 +340,12 @@ class OpenVINORunner:
         shape = self.compiled.inputs[0].get_partial_shape()
         self.static_batch = shape[0].get_length() if shape[0].is_static else None
         self._run = batched_runner(lambda x: self.request.infer({0: x})[0].copy(), self.static_batch)
+        self._lock = threading.Lock()
+        output = self.compiled.outputs[0]
+        self.input_name = self.compiled.inputs[0].get_any_name()
+        self.output_name = output.get_any_name()
+        self.output_dims = tuple(d.get_length() for d in list(output.get_partial_shape())[1:])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._run(x)
+        with self._lock:
+            return self._run(x)
