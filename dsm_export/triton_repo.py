@@ -135,6 +135,16 @@ def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str)
                        "Triton's dynamic batcher sends batches from 1 (rebuild with --min-batch 1)")
 
 
+def _engine_instances(path: str, what: str, kind: str, given: str | None, ort_tensorrt: str | None) -> str:
+    """``kind``, the only instance kind an engine file runs on; refuse another and the ONNX Runtime
+    TensorRT accelerator (an .onnx-only option)."""
+    if given not in (None, kind):
+        raise DSMError(f"{path!r}: {what} on {kind.upper()} instances only (--instance-kind {kind})")
+    if ort_tensorrt:
+        raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models only")
+    return kind
+
+
 def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32), instances: int = 1,
                  queue_delay_us: int = 2000, instance_kind: str | None = None,
                  ort_tensorrt: str | None = None, workspace_mib: int = 1024, notes_out: list | None = None):
@@ -170,11 +180,7 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
     if path.endswith(".xml"):
         inputs, outputs, meta = _io_from_ir(path)
         cfg.backend = "openvino"
-        if instance_kind == "gpu":
-            raise DSMError(f"{path!r}: dsm-export's OpenVINO engines run on CPU instances (--instance-kind cpu)")
-        if ort_tensorrt:
-            raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models, not OpenVINO IR")
-        instance_kind = "cpu"
+        instance_kind = _engine_instances(path, "dsm-export's OpenVINO engines run", "cpu", instance_kind, ort_tensorrt)
         if meta.get("inference_precision") == "bf16":
             cfg.parameters["HINT_BF16"].string_value = "YES"
         elif meta.get("precision") in ("fp32", None):
@@ -187,11 +193,7 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
                            "full-TensorRT plans only; give triton-repo the .onnx (ONNX Runtime backend) or build "
                            "the plan with --tensorrt enterprise on the serving GPU")
         cfg.platform = "tensorrt_plan"
-        if instance_kind == "cpu":
-            raise DSMError(f"{path!r}: a TensorRT plan runs on GPU instances only (--instance-kind gpu)")
-        if ort_tensorrt:
-            raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models, not plans")
-        instance_kind = "gpu"
+        instance_kind = _engine_instances(path, "a TensorRT plan runs", "gpu", instance_kind, ort_tensorrt)
         if sidecar.get("profile"):
             max_batch = min(max_batch, sidecar["profile"]["max"][0])
     elif path.endswith(".onnx"):
