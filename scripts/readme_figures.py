@@ -231,8 +231,18 @@ def tests_block(ctx: Context) -> str:
         raise RuntimeError(f"the test suite failed: {summary}\n{proc.stdout[-4000:]}")
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|skipped|failed|deselected)", summary))
     total = sum(counts.values())
+    start = time.monotonic()
+    fast = subprocess.run([sys.executable, "-m", "pytest", "-m", "fast", "-q", "-p", "no:cacheprovider"],
+                          cwd=ctx.root, capture_output=True, text=True, timeout=600)
+    fast_s = time.monotonic() - start
+    ctx.commands.append("python -m pytest -m fast -q")
+    fast_summary = fast.stdout.strip().splitlines()[-1] if fast.stdout.strip() else ""
+    if fast.returncode != 0:
+        raise RuntimeError(f"the fast tier failed: {fast_summary}\n{fast.stdout[-4000:]}")
+    fast_passed = int(re.search(r"(\d+) passed", fast_summary).group(1))
     return (f"On {os.cpu_count()} CPU cores the suite ({total} tests: {counts.get('passed', 0)} pass, "
-            f"{counts.get('skipped', 0)} skip) took {minutes:.1f} minutes.")
+            f"{counts.get('skipped', 0)} skip) took {minutes:.1f} minutes; the fast tier "
+            f"(`pytest -m fast`, {fast_passed} tests) took {fast_s:.0f} s.")
 
 
 @contextlib.contextmanager

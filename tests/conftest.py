@@ -75,3 +75,26 @@ def tensorrt():
     if trt is None:
         pytest.skip("TensorRT is not installed: pip install -e '.[tensorrt-rtx]'")
     return trt
+
+
+# ------------------------------------------------------------------ test tiers
+# Fixtures (requested directly or through other fixtures) that mean a test needs the shared data, an
+# engine toolkit or a server. A test with none of them and no explicit tier marker is ``fast``:
+# ``pytest -m fast`` runs the pure logic (schedules, merge maths, FLOPs, choice rules, TensorRT
+# settings) without data, in well under two minutes on 2 cores.
+DATA_FIXTURES = {"weights", "images_dir", "dsm_onnx", "deit", "pixels"}
+TIER_MARKERS = {"data", "server", "tensorrt", "openvino", "heavy"}
+SERVER_MODULES = {"test_serving", "test_faults"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(item.fixturenames)
+        if names & DATA_FIXTURES:
+            item.add_marker(pytest.mark.data)
+        if item.module.__name__.rsplit(".", 1)[-1] in SERVER_MODULES:
+            item.add_marker(pytest.mark.server)
+        if "tensorrt" in names:
+            item.add_marker(pytest.mark.tensorrt)
+        if not {m.name for m in item.iter_markers()} & TIER_MARKERS:
+            item.add_marker(pytest.mark.fast)

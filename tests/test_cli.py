@@ -128,6 +128,7 @@ def test_corrupt_onnx(tmp_path, images_dir, capsys):
     _bad(["inspect", str(bad)], capsys, "is not a valid ONNX model")
 
 
+@pytest.mark.heavy  # random-init exports or a subprocess: no data, but seconds
 def test_console_script_exit_code(tmp_path):
     """The installed entry point itself: one line on stderr, status 2."""
     proc = subprocess.run([sys.executable, "-m", "dsm_export", "export", "no_such_vit", "-o",

@@ -44,6 +44,7 @@ def dinov2():
     return model
 
 
+@pytest.mark.heavy  # random-init exports or a subprocess: no data, but seconds
 def test_dinov2_style_exports_embeddings_with_parity(dinov2, tmp_path):
     name, _, spec = FAMILIES["registers_cls"]
     path = str(tmp_path / "dinov2.onnx")
@@ -63,6 +64,7 @@ def test_dinov2_style_exports_embeddings_with_parity(dinov2, tmp_path):
     assert knn_overlap(got, ref, k=3) == 1.0
 
 
+@pytest.mark.heavy  # random-init exports or a subprocess: no data, but seconds
 def test_dinov2_style_tune_and_merge_cost_use_cosine(dinov2):
     torch.manual_seed(2)
     pixels = torch.randn(8, 3, 224, 224)

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.heavy  # random-init exports or a subprocess: no data, but seconds
 def test_bench_gpu_runs_on_cpu():
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "bench_gpu.py"), "--cpu", "--batch", "2",
