@@ -60,12 +60,17 @@ def _timed_runs(paths: dict[str, str], batch: int, repeats: int, warmup: int, th
     if reference is not None and reference not in paths:
         raise KeyError(f"reference {reference!r} is not one of the graphs")
     sessions, feeds = _warm_sessions(paths, batch, warmup, threads, provider)
-    order = timing_order(list(sessions), reference)
+    runs = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
+    yield from _alternate(runs, timing_order(list(sessions), reference), repeats, iters)
+
+
+def _alternate(runs: dict, order: list[str], repeats: int, iters: int):
+    """Yield ``(label, seconds for iters runs)`` of ``runs[label]()`` in ``order``, ``repeats`` times over."""
     for _ in range(repeats):
         for k in order:
             start = time.perf_counter()
             for _ in range(iters):
-                sessions[k].run(None, feeds[k])
+                runs[k]()
             yield k, time.perf_counter() - start
 
 
@@ -85,12 +90,8 @@ def alternating_throughput(runs: dict, batch: int, repeats: int = 5, warmup: int
         for run in runs.values():
             run()
     rates: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                run()
-            rates[k].append(batch * iters / (time.perf_counter() - start))
+    for k, took in _alternate(runs, list(runs), repeats, iters):
+        rates[k].append(batch * iters / took)
     return {k: statistics.median(v) for k, v in rates.items()}
 
 

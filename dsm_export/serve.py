@@ -280,12 +280,11 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
         raise DSMError("--max-batch, --top-k and --image-instances must be at least 1")
     for path in onnx_paths:
         if path.endswith(".xml"):
-            from .engines.openvino import import_openvino, read_ir_metadata
+            from .engines.openvino import read_ir
 
             checks.input_file(path, "OpenVINO IR")
             checks.input_file(path[:-4] + ".bin", "OpenVINO weights (.bin)")
-            read_ir_metadata(path)
-            ov_model = import_openvino().Core().read_model(path)
+            ov_model = read_ir(path)[0]
             output_name, classes = ov_model.outputs[0].get_any_name(), ov_model.outputs[0].get_partial_shape()[-1].get_length()
         else:
             checks.input_file(path, "ONNX file")

@@ -99,12 +99,9 @@ def _io_from_plan(path: str):
 
 def _io_from_ir(path: str):
     """Inputs, outputs (name, Triton type, dims with -1 for a dynamic batch) and the metadata of an IR."""
-    from .engines.openvino import import_openvino, read_ir_metadata
+    from .engines.openvino import read_ir
 
-    ov = import_openvino()
-    core = ov.Core()
-    info, meta = read_ir_metadata(path, core)
-    model = core.read_model(path)
+    model, _, meta = read_ir(path)
     types = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i64": "TYPE_INT64", "i32": "TYPE_INT32"}
     spec = []
     for ports in (model.inputs, model.outputs):

@@ -163,7 +163,6 @@ def _build_openvino(args) -> int:
         pixels, files = calibration_pixels(read_metadata(model, args.onnx).model, args.calibration,
                                            args.calibration_count)
     rec = build_openvino(args.onnx, args.output, options, pixels, files)
-    runs = {"f32": "f32", "bf16": "bf16"}[rec["inference_precision"]]
     note = "" if rec["cpu_bf16"] or args.precision == "fp32" else " (this CPU has no AVX-512 BF16 or AMX: f32)"
     line = f"wrote {args.output} and {rec['bin']}: OpenVINO {rec['openvino_version'].split('-')[0]} IR, {args.precision}"
     if args.precision == "int8":
@@ -174,7 +173,7 @@ def _build_openvino(args) -> int:
                  f"{rec['fp32_matching_nodes']} matching and size nodes and {rec['fp32_attention_matmuls']} "
                  "attention MatMuls kept out of quantization (which tokens merge is not decided in INT8)")
     print(line)
-    print(f"  runs in {runs} on this CPU{note}; other ops run at OpenVINO's inference precision")
+    print(f"  runs in {rec['inference_precision']} on this CPU{note}; other ops run at OpenVINO's inference precision")
     return 0
 
 
