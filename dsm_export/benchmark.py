@@ -75,22 +75,27 @@ def _alternate(runs: dict, order: list[str], repeats: int, iters: int):
 
 
 def alternating_throughput(runs: dict, batch: int, repeats: int = 5, warmup: int = 1,
-                           iters: int = 1) -> dict[str, float]:
+                           iters: int = 1, reference: str | None = None) -> dict[str, float]:
     """Median images/s of engines of any runtime, alternating in each repetition as :func:`ort_throughput`.
 
     Args:
         runs: label -> a no-argument callable that runs one batch of ``batch`` images (its input
             already bound, so that only inference is timed).
-        batch, repeats, warmup, iters: as for :func:`ort_throughput`.
+        batch, repeats, warmup, iters, reference: as for :func:`ort_throughput`.
 
     Returns:
         label -> images per second.
+
+    Raises:
+        KeyError: ``reference`` is not a label of ``runs``.
     """
+    if reference is not None and reference not in runs:
+        raise KeyError(f"reference {reference!r} is not one of the engines")
     for _ in range(warmup):
         for run in runs.values():
             run()
     rates: dict[str, list[float]] = {k: [] for k in runs}
-    for k, took in _alternate(runs, list(runs), repeats, iters):
+    for k, took in _alternate(runs, timing_order(list(runs), reference), repeats, iters):
         rates[k].append(batch * iters / took)
     return {k: statistics.median(v) for k, v in rates.items()}
 

@@ -2,15 +2,20 @@
 
 A FLOP ratio says little about INT8: quantization speeds the same schedule up by a factor that
 depends on the CPU, the kernels and the token counts. So this search measures every candidate
-engine with ONNX Runtime on this machine, against the fp32 unmerged export, in one alternating run.
+engine on this machine -- in ONNX Runtime against the fp32 unmerged export, or in OpenVINO against
+its default compile of it (:mod:`dsm_export.engine_runtimes`) -- in one alternating run.
 That baseline runs every block on every token, as timm's model does; every candidate, the unmerged
 one too, runs its last block for the prefix tokens alone where only they reach the head
 (:meth:`dsm_export.patch.MergedViT._last_block_prefix`), so the unmerged candidate measures above 1.
 
-1. a ladder of FLOP-ratio rungs (geometric, from ``target / 1.6`` -- where INT8 alone might
-   already reach the target -- to ``1.1 x target``, and 1.0, the unmerged model) ;
+1. FLOP-ratio rungs: the unmerged model (1.0) first, in every precision; then each rung placed
+   where a precision is predicted to reach the target from what was measured so far
+   (:func:`aim_rung`), until every precision has a rung within 3 % of its aim or ``rungs`` are
+   spent (each merged rung is one ONNX export, about a minute for DeiT-Tiny on 2 cores, so the
+   rungs are where a search's time goes); or, with ``aim=False``, a fixed geometric
+   :func:`ladder`;
 2. at each rung the least-KL schedule of :func:`dsm_export.tune.tune` (PyTorch, calibration
-   images) -- with ``strides`` also that schedule merging in fewer blocks (:func:`with_stride`, r
+   images; the merge-variant stage at the first merged rung only, its keys reused at the others) -- with ``strides`` also that schedule merging in fewer blocks (:func:`with_stride`, r
    raised back to the rung's FLOPs) -- exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
 3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
    median of ``repeats``, the baseline timed again before each engine), and scored by KL to the
@@ -224,13 +229,44 @@ def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
 
 
+def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05, hi: float = 4.0) -> float:
+    """The FLOP ratio at which one precision's engines are predicted to reach a speed-up ``target``,
+    from its measured ``(flops_ratio, speedup)`` points: a straight line in log-log through the two
+    points that bracket the target (or the two nearest it), its slope held to 0.5-1.2; from one
+    point, speed taken proportional to FLOPs (slope 1). Clipped to ``[lo, hi]``.
+
+    Args:
+        points: measured ``(flops_ratio, speedup)`` of one precision, at least one.
+        target: the speed-up to reach.
+
+    Raises:
+        ValueError: no points.
+    """
+    if not points:
+        raise ValueError("no measured points to aim from")
+    pts = sorted(set((float(f), float(v)) for f, v in points if v > 0))
+    below = [p for p in pts if p[1] < target]
+    above = [p for p in pts if p[1] >= target]
+    if below and above:
+        pair = [max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])]
+    else:
+        pair = sorted(pts, key=lambda p: abs(np.log(p[1] / target)))[:2]
+    (f0, s0) = pair[0]
+    slope = 1.0
+    if len(pair) == 2 and abs(np.log(pair[1][0] / f0)) > 1e-3:
+        (f1, s1) = pair[1]
+        slope = float(np.clip(np.log(s1 / s0) / np.log(f1 / f0), 0.5, 1.2))
+    return float(np.clip(f0 * (target / s0) ** (1.0 / slope), lo, hi))
+
+
 def search_engines(model: nn.Module, model_name: str, weights: str | None, pixels: torch.Tensor, target: float,
-                   workdir: str, precisions=PRECISIONS, rungs: int = 6, max_grid: int = 16,
+                   workdir: str, precisions=PRECISIONS, rungs: int = 4, max_grid: int = 16,
                    refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
                    repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                    pretrained: bool = False, num_classes: int | None = None,
                    progress: bool = True, confirm_margin: float = 0.08, strides=(1,),
-                   budget: Budget | None = None, mirror: bool = True) -> EngineSearchResult:
+                   budget: Budget | None = None, mirror: bool = True, runtime=None,
+                   aim: bool = True) -> EngineSearchResult:
     """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
 
     Args:
@@ -239,16 +275,25 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         weights: weights path recorded in the exports (None for random init).
         pixels: ``[N, 3, H, W]`` calibration images (preprocessed); the first ``quant_count`` also
             calibrate INT8.
-        target: measured ONNX Runtime speed-up over the fp32 unmerged export to reach (e.g. 2.5).
-        workdir: folder for the candidate files (``<precision>_<rung>.onnx``).
-        precisions: subset of :data:`PRECISIONS` (static QDQ, or ONNX Runtime's dynamic
-            quantization with the first block fp32 or every layer quantized: not TensorRT-parsable;
-            every INT8 form smoothed with SmoothQuant on the first ``quant_count`` images;
-            :func:`precision_options`).
-        rungs: FLOP-ratio rungs (see :func:`ladder`).
-        max_grid, refine_steps: budget of each rung's schedule search (:func:`dsm_export.tune.tune`).
-        quant_options: :class:`dsm_export.quantize.QuantizeOptions` of ``int8`` (default: static
-            QDQ smoothed at :data:`SMOOTH_ALPHA`).
+        target: measured speed-up over the runtime's unmerged baseline to reach (e.g. 2.5): ONNX
+            Runtime's fp32 unmerged export, or OpenVINO's default compile of it.
+        workdir: folder for the candidate files (``<precision>_<rung>.onnx``, ``ov_<precision>_<rung>.xml``).
+        precisions: precisions of ``runtime`` (ONNX Runtime: :data:`PRECISIONS`, static QDQ or
+            dynamic quantization with the first block fp32 or every layer quantized, every INT8
+            form smoothed with SmoothQuant on the first ``quant_count`` images,
+            :func:`precision_options`; OpenVINO: fp32, bf16, int8).
+        rungs: merged FLOP-ratio rungs measured at most (each is one export, about a minute for
+            DeiT-Tiny on 2 cores). With ``aim`` each rung after the first is placed where a
+            precision is predicted to reach the target (:func:`aim_rung`, from what was measured so
+            far), and the search stops early once every precision has a rung within 3 % of its
+            aim; a precision dominated at every rung measured (:func:`dominated_precisions`) is
+            no longer built or aimed for. Without ``aim``, the rungs of :func:`ladder`.
+        max_grid, refine_steps: budget of the schedule search (:func:`dsm_export.tune.tune`) at the
+            first merged rung, which also runs the merge-variant stage; the other rungs search a
+            third of ``max_grid`` and half of ``refine_steps`` with the variant keys found there,
+            nearest first from its grid schedule.
+        quant_options: :class:`dsm_export.quantize.QuantizeOptions` of ONNX Runtime's ``int8``
+            (default: static QDQ smoothed at :data:`SMOOTH_ALPHA`).
         batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
         pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.export.export_model`.
         confirm_margin: engines within this fraction below the target that could be chosen
@@ -258,48 +303,67 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             schedule merging in every second merging block, r raised back to the rung's FLOP ratio
             (fewer matchings at the same FLOPs), timed in the same run; each stride adds a rung's
             worth of engines. Default ``(1,)``: on DeiT-Tiny stride 2 measured within noise of the
-            every-block speed and less accurate on held-apart photos (the README's frontier).
+            every-block speed and less accurate on held-apart photos (docs, frontier).
         budget: an accuracy :class:`Budget` the chosen engine must keep within on the calibration
             images (None: any accuracy). Rows outside it are still measured and on the front.
         mirror: each rung's schedule search also scores the horizontal mirror images
             (:func:`dsm_export.tune.with_mirrors`); the engines are then measured on ``pixels``.
+        runtime: a runtime of :mod:`dsm_export.engine_runtimes` (default: ONNX Runtime with
+            ``provider``, ``threads``, ``batch``, ``repeats`` and ``quant_options``).
+        aim: place the rungs by prediction (above); False: the fixed :func:`ladder`.
+
+    The unmerged model (rung 1.0) is measured first, in every precision. The first merged rung is
+    aimed from it with speed taken proportional to FLOPs, at the median of the precisions' aims.
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
-    ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models).
+    ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models), and
+    with OpenVINO ``speedup_onnxruntime``, the speed-up over ONNX Runtime's fp32 unmerged model.
 
     Returns:
         An :class:`EngineSearchResult`; ``best`` is None if nothing reached ``target`` within ``budget``.
 
     Raises:
-        DSMError: an unknown precision or a target of 1 or less.
+        DSMError: an unknown precision, a target of 1 or less, or fewer than one rung.
     """
     from tqdm import tqdm
 
-    from .benchmark import cpu_name, ort_throughput
-    from .evaluate import model_logits, schedule_metrics
+    from .engine_runtimes import OnnxRuntimeEngines
+    from .evaluate import flops_ratio, model_logits, schedule_metrics
     from .export import export_model
-    from .quantize import quantize_int8
-    from .tune import reach_target, tune
     from .models import is_embedding_model
+    from .patch import prefix_only_last_block
+    from .tune import N_VARIANT_STAGE, reach_target, tune, with_mirrors
     from .validate import output_metrics, per_image_divergence
 
+    if runtime is None:
+        runtime = OnnxRuntimeEngines(provider, threads, batch, repeats, quant_options)
     precisions = tuple(precisions)
-    if not precisions or any(p not in PRECISIONS for p in precisions):
-        raise DSMError(f"precisions must be among {PRECISIONS}, got {precisions}")
+    if not precisions or any(p not in runtime.precisions for p in precisions):
+        raise DSMError(f"{runtime.label} precisions must be among {runtime.precisions}, got {precisions}")
     if target <= 1.0:
         raise DSMError(f"the speed-up target must be above 1, got {target}")
+    if rungs < 1:
+        raise DSMError(f"at least one rung, got {rungs}")
+    strides = tuple(strides)
+    if not strides or any(int(k) != k or k < 1 for k in strides):
+        raise DSMError(f"strides must be positive integers, got {strides}")
     embeddings = is_embedding_model(model)
-    base = model_logits(model, pixels)
+    depth = len(model.blocks)
+    views = with_mirrors(pixels) if mirror else pixels
+    view_base = model_logits(model, views)  # the unmerged outputs, computed once for every rung
+    base = view_base[:len(pixels)]
     np_pixels = pixels.numpy()
     calib = np_pixels[:quant_count]
-    plan = [1.0] + ladder(target, rungs)
-    bar = tqdm(total=len(plan), desc="tune engines", unit="rung", disable=not progress, leave=False)
-    from .evaluate import flops_ratio
-    from .patch import prefix_only_last_block
+    rung_grid, rung_refine = max(2, max_grid // 3), refine_steps // 2
+    n_engines = len(precisions) * len(strides)
+    first_rung = max_grid + 2 * N_VARIANT_STAGE + max_grid + refine_steps
+    bar = tqdm(total=first_rung + (rungs - 1) * (rung_grid + rung_refine) + 3 * n_engines * (rungs + 1) + 1,
+               desc=f"tune {runtime.name}", unit="step", disable=not progress,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} left]{postfix}")
 
     none_path = os.path.join(workdir, "fp32_none.onnx")
     # The baseline: timm's model (every block on every token). Where the export already computes
-    # that for the unmerged schedule, the unmerged fp32 engine is the baseline itself.
+    # that for the unmerged schedule, the unmerged fp32 export is the baseline itself.
     separate_baseline = prefix_only_last_block(model)
     base_path = os.path.join(workdir, "baseline.onnx") if separate_baseline else none_path
     if separate_baseline:
@@ -307,89 +371,141 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                      num_classes=num_classes, full_last_block=True)
     rows: list[dict] = []
     per_image: dict[str, np.ndarray] = {}  # path -> [N] divergences, for choose()'s ties
-    import onnxruntime as ort
+    state: dict = {"keys": None, "anchor": None}  # the first merged rung's variant keys and grid schedule
 
-    strides = tuple(strides)
-    if not strides or any(int(k) != k or k < 1 for k in strides):
-        raise DSMError(f"strides must be positive integers, got {strides}")
-    for rung in plan:
+    def candidates(rung: float) -> list[tuple[int, Schedule, dict]]:
+        """``(stride, schedule, calibration metrics)`` searched at ``rung`` (empty: none reaches it)."""
         if rung == 1.0:
             none = Schedule.parse("none")
-            variants = [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
-        else:
-            try:
-                found = tune(model, pixels, rung, max_grid=max_grid, refine_steps=refine_steps, progress=False,
-                             mirror=mirror)
-            except DSMError:  # no schedule reaches this FLOP ratio on this model
-                bar.update()
+            return [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
+        fixed = state["keys"] is not None
+        try:
+            found = tune(model, pixels, rung, max_grid=rung_grid if fixed else max_grid,
+                         refine_steps=rung_refine if fixed else refine_steps, progress=False, mirror=mirror,
+                         keys=state["keys"], anchor=state["anchor"], base=view_base, bar=bar)
+        except DSMError:  # no schedule reaches this FLOP ratio on this model
+            return []
+        if not fixed:
+            state["keys"] = found.best.variant_keys(sum(1 for b in found.best.plan(depth) if b.mode == "prune"))
+            state["anchor"] = Schedule.parse(found.variants[0]["spec"]) if found.variants else None
+            state["rung"] = rung
+        out = []
+        for k in strides:
+            if k == 1:
+                out.append((1, found.best, found.best_metrics))
                 continue
-            variants = []
-            for k in strides:
-                if k == 1:
-                    variants.append((1, found.best, found.best_metrics))
-                    continue
-                try:
-                    strided = reach_target(model, with_stride(found.best, k, len(model.blocks)), rung)
-                except (DSMError, ValueError):  # cannot merge this rung's tokens in fewer blocks
-                    continue
-                metrics = schedule_metrics(model, strided, pixels, base)
-                variants.append((k, strided, metrics))
-        # One alternating timing per rung: the strides' engines are compared in the same run.
-        timed, meta = {}, {}
-        for k, schedule, metrics in variants:
+            try:
+                strided = reach_target(model, with_stride(found.best, k, depth), rung)
+            except (DSMError, ValueError):  # cannot merge this rung's tokens in fewer blocks
+                continue
+            out.append((k, strided, schedule_metrics(model, strided, pixels, base)))
+        return out
+
+    def measure(rung: float) -> None:
+        """Export, build, time (one alternating run: the strides' engines compared in the same run) and
+        score the engines of ``rung``; appends to ``rows``."""
+        bar.set_postfix_str(f"rung {rung:.2f}x")
+        meta = {}
+        for k, schedule, metrics in candidates(rung):
             tag = "none" if rung == 1.0 else f"{rung:.2f}x" + (f"_stride{k}" if k > 1 else "")
             fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
             export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
                          num_classes=num_classes)
-            files = {"fp32": fp32_path}
-            for precision in [p for p in PRECISIONS[1:] if p in precisions]:
-                files[precision] = os.path.join(workdir, f"{precision.replace('-', '_')}_{tag}.onnx")
-                quantize_int8(fp32_path, files[precision], calib, precision_options(precision, quant_options))
-            for precision, path in files.items():
-                # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
-                if precision in precisions and path != base_path:
-                    timed[f"{precision} {tag}"] = path
-                    meta[f"{precision} {tag}"] = (k, schedule, metrics, precision)
-        rates = ort_throughput({"baseline": base_path, **timed}, batch=batch, repeats=repeats, threads=threads,
-                               provider=provider, reference="baseline")
-        if rung == 1.0 and "fp32" in precisions and not separate_baseline:
-            timed = {"fp32 none": none_path, **timed}
-            meta["fp32 none"] = (1, variants[0][1], variants[0][2], "fp32")
-            rates["fp32 none"] = rates["baseline"]
-        for label, path in timed.items():
-            k, schedule, metrics, precision = meta[label]
-            outputs = None if schedule.is_none and precision == "fp32" else ort_logits(path, np_pixels)
+            for precision in [p for p in runtime.precisions if p in live]:
+                meta[f"{precision} {tag}"] = (k, schedule, metrics, precision, runtime.build(fp32_path, precision, calib))
+                bar.update()
+        # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
+        timed = {label: m[4] for label, m in meta.items()
+                 if not runtime.is_baseline(m[3], m[1].is_none, separate_baseline)}
+        rates = runtime.throughput(timed, base_path)
+        bar.update(len(meta))
+        for label, (k, schedule, metrics, precision, path) in meta.items():
+            rate = rates.get(label, rates["baseline"])
+            exact = runtime.exact(precision)
+            outputs = None if schedule.is_none and exact else runtime.outputs(path, np_pixels)
+            bar.update()
             per_image[path] = (np.zeros(len(np_pixels)) if outputs is None
                                else per_image_divergence(outputs, base, embeddings))
-            if precision == "fp32":
+            if exact:
                 quality = {"divergence": metrics["divergence"], "agreement": metrics["agreement"]}
             else:
                 quality = output_metrics(outputs, base, embeddings=embeddings)
-            rows.append({"spec": schedule.spec(), "schedule_json": schedule.to_dict(len(model.blocks)),
+            rows.append({"spec": schedule.spec(), "schedule_json": schedule.to_dict(depth),
                          "precision": precision, "flops_ratio": metrics["flops_ratio"],
-                         "speedup": rates[label] / rates["baseline"], "images_per_s": rates[label],
+                         "speedup": rate / rates["baseline"], "images_per_s": rate,
                          "divergence": quality["divergence"], "agreement": quality["agreement"], "path": path,
                          "rung": rung, "stride": k})
+            if "onnxruntime" in rates:
+                rows[-1]["speedup_onnxruntime"] = rate / rates["onnxruntime"]
             if not embeddings:
                 rows[-1].update(kl=quality["divergence"], top1_agreement=quality["agreement"])
-        bar.update()
-    bar.close()
+        runtime.release()
+
+    live = list(precisions)  # the precisions still built: one dominated at every rung is dropped
+    notes: list[str] = []
+    measure(1.0)
+    done: list[float] = []
+    if aim:
+        for _ in range(rungs):
+            if done:
+                for p in dominated_precisions(rows, live):
+                    live.remove(p)
+                    notes.append(f"{p} dropped after the {done[-1]:.2f}x rung: at every rung measured another "
+                                 "precision was as fast or faster at an equal or lower divergence")
+            aims = sorted(aim_rung([(r["flops_ratio"], r["speedup"]) for r in rows if r["precision"] == p], target)
+                          for p in live)
+            if not done:  # the first merged rung: the median aim; it runs the variant stage
+                wanted = [aims[len(aims) // 2]]
+            else:  # the aims no measured rung is within 3 % of, the nearest to the target's first
+                wanted = [a for a in aims if all(abs(a / d - 1) > 0.03 for d in done)]
+            if not wanted:
+                break
+            done.append(round(wanted[0], 3))
+            measure(done[-1])
+    else:
+        for rung in ladder(target, rungs):
+            done.append(rung)
+            measure(rung)
     # Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on a
     # shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
     # the target -- on the Pareto front, within `confirm_margin` below it, KL within one standard
     # error of the least there -- are timed again together in one alternating run; each keeps the mean of its
     # two measurements (``speedup_runs``) and the choice is made again.
+    bar.set_postfix_str("confirming")
     contenders = confirmation_contenders(rows, target, confirm_margin, budget, per_image)
     if len(contenders) > 1 or (contenders and choose(rows, target, budget, per_image) is None):
-        again = ort_throughput({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(contenders)}},
-                               batch=batch, repeats=repeats, threads=threads, provider=provider,
-                               reference="baseline")
+        again = runtime.throughput({str(i): r["path"] for i, r in enumerate(contenders)}, base_path)
+        runtime.release()
         for i, r in enumerate(contenders):
             r["speedup_runs"] = [r["speedup"], again[str(i)] / again["baseline"]]
             r["speedup"] = float(np.mean(r["speedup_runs"]))
-    machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
-               "batch": batch, "repeats": repeats}
+            if "onnxruntime" in again:
+                r["speedup_onnxruntime"] = float(np.mean([r["speedup_onnxruntime"],
+                                                          again[str(i)] / again["onnxruntime"]]))
+    bar.update(max(0, bar.total - bar.n))
+    bar.close()
+    machine = {**runtime.machine(), "rungs": done, "variant_rung": state.get("rung"),
+               "variant_keys": state["keys"], "notes": list(runtime.notes) + notes}
     return EngineSearchResult(choose(rows, target, budget, per_image), rows, speed_pareto(rows), machine)
+
+
+def dominated_precisions(rows: list[dict], precisions) -> list[str]:
+    """The precisions among ``precisions`` that another one dominates at every rung of ``rows``: at
+    each rung, each of their rows has a row of another precision at least as fast (``speedup``)
+    with no higher ``divergence``. A search stops building those (on a CPU without VNNI, OpenVINO's
+    int8 can be slower and less accurate than f32 at every rung). Never all of them.
+    """
+    out = []
+    for p in precisions:
+        others = [q for q in precisions if q != p and q not in out]
+        mine = [r for r in rows if r["precision"] == p]
+        if not others or not mine:
+            continue
+        if all(any(o["speedup"] >= m["speedup"] and o["divergence"] <= m["divergence"]
+                   for o in rows if o["precision"] in others and o["rung"] == m["rung"]
+                   and o.get("stride", 1) == m.get("stride", 1)) for m in mine):
+            out.append(p)
+    return out
 
 
 def with_stride(schedule: Schedule, stride: int, depth: int) -> Schedule:

@@ -84,6 +84,9 @@ FORM_OPTIONS = (("heads", "mean"), ("tokens", "mean"), ("keys", "mlerp"), ("head
                 ("tokens", "mlerp"))  # (metric, merge)
 
 
+N_VARIANT_STAGE = len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + len(FORM_OPTIONS) + 2  # candidates per variant stage
+
+
 def variant_label(schedule: Schedule) -> str:
     """``plain``, or the variant keys of ``schedule`` (``protect=16,prune=2``,
     ``metric=heads,merge=mlerp``)."""
@@ -286,7 +289,9 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
 
 
 def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
-         slack: float = 0.05, progress: bool = True, variants: bool = True, mirror: bool = True) -> TuneResult:
+         slack: float = 0.05, progress: bool = True, variants: bool = True, mirror: bool = True,
+         keys: dict | None = None, anchor: Schedule | None = None, base: np.ndarray | None = None,
+         bar=None) -> TuneResult:
     """Search for the schedule with the least divergence (KL, or 1 - cosine for embedding models) at
     ``target``-fold fewer FLOPs (see module doc).
 
@@ -303,6 +308,16 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         mirror: score every candidate on ``pixels`` and their horizontal mirror images
             (:func:`with_mirrors`, ``2N`` views; twice the time); the metrics in the result are
             over those ``2N`` views.
+        keys: merge-variant keys chosen beforehand (:meth:`dsm_export.schedule.Schedule.variant_keys`
+            of another search's winner, e.g. ``{"protect": 16, "merge": "mlerp"}``): every grid
+            candidate is evaluated with them (raised to the target, :func:`reach_target`) and no
+            variant stage runs. The engine search uses this to run the variant stage at one FLOP
+            rung only (:func:`dsm_export.engine_search.search_engines`).
+        anchor: with ``keys``: a schedule the grid search starts nearest to (:func:`grid_distance`)
+            instead of spreading over the grid, e.g. the winner at a neighbouring FLOP ratio.
+        base: the unmerged outputs on the scored views (``[2N, classes]`` with ``mirror``), when the
+            caller has them already; computed otherwise.
+        bar: a tqdm bar of the caller's to advance by one per candidate, instead of a bar of its own.
 
     Returns:
         A :class:`TuneResult`.
@@ -317,19 +332,34 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
     prefix = int(model.num_prefix_tokens)
     if mirror:
         pixels = with_mirrors(pixels)
-    base = model_logits(model, pixels)
+    if base is None:
+        base = model_logits(model, pixels)
+    elif len(base) != len(pixels):
+        raise ValueError(f"base holds {len(base)} outputs for {len(pixels)} views")
     cands = grid_candidates(model, target, slack)
     if not cands:
         raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
     evaluated: list[dict] = []
     best, best_m = None, None
-    n_stage = len(PROTECT_OPTIONS) + len(PRUNE_OPTIONS) + len(FORM_OPTIONS) + 2
+    n_stage = N_VARIANT_STAGE
+    variants = variants and keys is None
     n_variants = 2 * n_stage + max_grid if variants else 0
-    bar = tqdm(total=min(len(cands), max_grid) + n_variants + refine_steps, desc="tune", unit="schedule",
-               disable=not progress, leave=False)
-    # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
-    # unevaluated candidates nearest the best so far (grid_distance), one at a time.
-    best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=min(len(cands), max_grid) + n_variants + refine_steps, desc="tune", unit="schedule",
+                   disable=not progress, leave=False)
+    if keys is not None:  # variant keys chosen elsewhere: the grid with them, nearest first from `anchor`
+        def with_keys(s: Schedule) -> Schedule:
+            return reach_target(model, dataclasses.replace(s, **keys), target)
+
+        best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar,
+                                               decorate=with_keys, anchor=anchor)
+        if best is None:
+            raise DSMError(f"no schedule with {keys} reaches {target:.2f}x fewer FLOPs on this model")
+    else:
+        # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
+        # unevaluated candidates nearest the best so far (grid_distance), one at a time.
+        best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar)
 
     variant_rows: list[dict] = []
     if variants:
@@ -419,5 +449,6 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         evaluated.append(m)
         if _better(m, best_m):
             best, best_m, plan = s, m, trial
-    bar.close()
+    if own_bar:
+        bar.close()
     return TuneResult(best, best_m, evaluated, pareto_front(evaluated), variant_rows)

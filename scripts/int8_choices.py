@@ -2,7 +2,7 @@
 """How `build --precision int8` chose its defaults: calibration method x activation type x mode x smoothing.
 
 Quantizes the unmerged export and a DSM export every way `build` offers, calibrating on the first
---quant-count images of the calibration split of `dsm-export tune --calibration 128` and scoring on
+--quant-count images of the calibration split of `dsm-export tune --calibration-count 128` and scoring on
 the rest of that split (KL to and top-1 agreement with the fp32 unmerged model). The held-apart
 photos that `scripts/frontier.py` reports on are never used here. Prints a Markdown table.
 

@@ -17,7 +17,7 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
   least-KL candidates timed with ONNX Runtime on this machine, the least-KL one whose speed-up is at
   least 0.9 of its FLOP ratio in its lower quartile kept (with ``--no-bench``: the least-KL schedule, untimed).
 
-Every row is scored on the held-apart photos (the split of ``tune --calibration 128``): top-1,
+Every row is scored on the held-apart photos (the split of ``tune --calibration-count 128``): top-1,
 top-1 agreement and KL to the unmerged model; then exported to ONNX and timed with ONNX Runtime in
 one alternating run with the unmerged export, which runs right before every schedule (batch 32,
 ``--repeats`` pairs, :func:`dsm_export.benchmark.ort_speedups`; the median of the paired

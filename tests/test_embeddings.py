@@ -98,7 +98,7 @@ def test_real_deit_num_classes_0_validate_tune_analyze(weights, images_dir, tmp_
     # Merging 1.7x fewer FLOPs keeps trained DeiT-Tiny features close to the unmerged ones.
     assert report["cosine"]["unmerged"]["mean"] > 0.9
     assert main(["tune", DEIT, "--weights", weights, "--num-classes", "0", "--images", images_dir,
-                 "--target-flops-ratio", "1.5", "--calibration", "12", "--holdout", "12",
+                 "--target-flops-ratio", "1.5", "--calibration-count", "12", "--holdout", "12",
                  "--max-grid", "3", "--refine-steps", "2", "--no-progress",
                  "--report", str(tmp_path / "tune.json")]) == 0
     out = capsys.readouterr().out

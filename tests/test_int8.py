@@ -209,7 +209,7 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
     """A target out of reach within an accuracy budget: the front is printed, the report written with
     the fastest engine that kept within the budget, no engine or schedule file, exit 1, one line."""
     out, report, sched = (str(tmp_path / n) for n in ("tuned.onnx", "report.json", "schedule.json"))
-    common = [DEIT, "--weights", weights, "--images", images_dir, "--calibration", "8", "--holdout", "4",
+    common = [DEIT, "--weights", weights, "--images", images_dir, "--calibration-count", "8", "--holdout", "4",
               "--max-grid", "2", "--refine-steps", "0", "--no-progress", "--export", out, "--output", sched]
     # KL 0 admits only the unmerged fp32 engines (the baseline, and dsm-export's unmerged export,
     # whose last block runs for the class token alone: about 1.05x), which cannot reach 1.5x; on a
@@ -222,7 +222,8 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
     assert "no engine reached a 1.50x measured speed-up within KL <= 0" in captured.err
     assert re.search(r"the fastest within it: \d\.\d\dx, KL 0\.0000, agreement 100\.0 % \(fp32, none\)", captured.err)
     assert "Pareto front (calibration KL against measured speed-up)" in captured.out
-    front = captured.out.splitlines()[1:]
+    lines = captured.out.splitlines()
+    front = lines[1 + next(i for i, line in enumerate(lines) if line.startswith("Pareto front")):]
     assert front and all(line.endswith("(outside the budget)") != line.endswith("fp32  none") for line in front)
     data = json.loads(open(report).read())
     assert data["schedule"] is None and data["fastest_within_budget"]["spec"] == "none"
@@ -319,7 +320,7 @@ def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path
 def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys, precision):
     out = str(tmp_path / "tuned.onnx")
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
-                 "--calibration", "16", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
+                 "--calibration-count", "16", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
                  "--precision", precision, "--export", out, "--min-speed-per-flop", "0", "--no-progress"])
     assert code == 0 and f"wrote {out}: {precision}," in capsys.readouterr().out
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}

@@ -250,3 +250,34 @@ def test_serve_answers_requests_from_an_openvino_ir(ov, int8_ir, images_dir, tmp
             client.close()
     finally:
         srv.close()
+
+
+def test_tune_searches_openvino_engines_and_exports_an_ir(ov, weights, images_dir, tmp_path, capsys):
+    """``tune --backend openvino``: bf16 and int8 IR of each rung, timed in OpenVINO against its
+    default compile of timm's unmerged model, ONNX Runtime's fp32 unmerged model timed in the same
+    runs; the chosen IR is written (.xml and .bin) and scored on held-apart photos in OpenVINO."""
+    import json
+
+    from dsm_export.engines.openvino import OpenVINORunner, read_ir_metadata
+
+    out, report = str(tmp_path / "tuned.xml"), str(tmp_path / "report.json")
+    code = main(["tune", "deit_tiny_patch16_224", "--weights", weights, "--images", images_dir, "--backend", "openvino",
+                 "--target-speedup", "1.1", "--calibration-count", "8", "--holdout", "8", "--rungs", "1",
+                 "--max-grid", "2", "--refine-steps", "0", "--no-progress", "--export", out, "--report", report])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "measured OpenVINO speed-up: " in captured.out and "over OpenVINO's default compile" in captured.out
+    assert "over ONNX Runtime's fp32 unmerged model, timed in the same runs" in captured.out
+    assert "SmoothQuant alpha" in captured.out  # chosen once by KL, then reused
+    data = json.loads(open(report).read())
+    assert data["machine"]["runtime"] == "openvino" and data["precision"] in ("bf16", "int8")
+    assert {r["precision"] for r in data["evaluated"]} == {"bf16", "int8"}
+    assert all(r["speedup"] > 0 and r["speedup_onnxruntime"] > 0 for r in data["evaluated"])
+    assert data["calibration"]["speedup"] >= 1.1 and len(data["machine"]["rungs"]) == 1
+    assert os.path.exists(out[:-4] + ".bin") and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    info, meta = read_ir_metadata(out)
+    assert meta["precision"] == data["precision"] and info.schedule.spec() == data["schedule"]
+    held = data["held_apart"]
+    assert 0 <= held["divergence"] and 0 <= held["agreement"] <= 1
+    x = np.zeros((2, 3, 224, 224), dtype=np.float32)
+    assert OpenVINORunner(out)(x).shape == (2, 1000)

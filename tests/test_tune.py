@@ -63,7 +63,7 @@ def test_pareto_front():
 def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
     out = tmp_path / "schedule.json"
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
-                 "--calibration", "8", "--holdout", "8", "--max-grid", "4", "--refine-steps", "2",
+                 "--calibration-count", "8", "--holdout", "8", "--max-grid", "4", "--refine-steps", "2",
                  "--output", str(out), "--no-progress"])
     assert code == 0
     text = capsys.readouterr().out
@@ -140,7 +140,7 @@ def test_speed_check_times_real_exports(deit, weights, pixels, tmp_path):
 def test_tune_export_speed_check_cli(weights, images_dir, tmp_path, capsys):
     out, report = tmp_path / "tuned.onnx", tmp_path / "report.json"
     code = main(["tune", DEIT, "--weights", weights, "--images", images_dir, "--target-flops-ratio", "1.5",
-                 "--calibration", "8", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
+                 "--calibration-count", "8", "--holdout", "8", "--max-grid", "2", "--refine-steps", "0",
                  "--speed-candidates", "2", "--export", str(out), "--report", str(report), "--no-progress",
                  "--no-mirror"])
     text = capsys.readouterr().out
@@ -176,3 +176,73 @@ def test_bootstrap_interval():
                 dict(values=[1.0], resamples=10)):
         with pytest.raises(ValueError):
             bootstrap_interval(**bad)
+
+
+def test_aimed_rungs_follow_the_measured_speed():
+    """The engine search places each rung where a precision is predicted to reach the target: a
+    log-log line through the points that bracket it, or speed proportional to FLOPs from one point."""
+    from dsm_export.engine_search import aim_rung
+
+    assert aim_rung([(1.0, 1.0)], 1.6) == pytest.approx(1.6)  # one point: speed in proportion to FLOPs
+    assert aim_rung([(1.0, 1.5)], 1.6) == pytest.approx(1.6 / 1.5)
+    assert aim_rung([(1.0, 2.0)], 1.6) == 1.05  # INT8 alone already reaches it: the gentlest rung
+    # bracketed by 1.5x FLOPs -> 1.3x speed and 2.0x -> 1.8x (slope 1.13); the unmerged point is not used
+    got = aim_rung([(1.0, 1.0), (2.0, 1.8), (1.5, 1.3)], 1.6)
+    slope = np.log(1.8 / 1.3) / np.log(2.0 / 1.5)
+    assert got == pytest.approx(1.5 * (1.6 / 1.3) ** (1 / slope))
+    # a slope outside 0.5-1.2 (timing noise between close rungs) is held there
+    assert aim_rung([(1.0, 1.0), (1.1, 1.5)], 2.0) == pytest.approx(1.1 * (2.0 / 1.5) ** (1 / 1.2))
+    assert aim_rung([(1.0, 1.0)], 9.0) == 4.0
+    with pytest.raises(ValueError):
+        aim_rung([], 1.6)
+
+
+def test_tune_backend_and_precision_mistakes_exit_2_before_any_work(tmp_path, capsys):
+    """Refused from the arguments alone: no weights, images or runtime are looked at first."""
+    common = ["tune", DEIT, "--weights", str(tmp_path / "missing.pth"), "--images", str(tmp_path / "none")]
+    cases = [
+        (["--target-flops-ratio", "1.5", "--backend", "openvino"], "--backend openvino needs --target-speedup"),
+        (["--target-speedup", "1.6", "--backend", "openvino", "--export", str(tmp_path / "x.onnx")], "give a .xml"),
+        (["--target-speedup", "1.6", "--backend", "openvino", "--precision", "int8-dynamic"],
+         "not an OpenVINO precision"),
+        (["--target-speedup", "1.6", "--precision", "bf16"], "not an ONNX Runtime precision"),
+        (["--target-speedup", "1.6", "--export", str(tmp_path / "x.xml")], "needs --backend openvino"),
+        (["--target-speedup", "1.6", "--backend", "openvino", "--provider", "cuda"], "--provider"),
+        (["--target-flops-ratio", "1.5", "--mirror"], "--mirror is for --target-speedup"),
+        (["--target-flops-ratio", "1.5", "--calibration", "8", "--calibration-count", "8"], "--calibration-count only"),
+        (["--target-flops-ratio", "1.5", "--calibration-count", "500"], "--calibration-count must be"),
+    ]
+    for flags, needle in cases:
+        assert main([*common, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_alternating_throughput_times_the_reference_before_every_engine():
+    from dsm_export.benchmark import alternating_throughput
+
+    calls = []
+    runs = {k: (lambda k=k: calls.append(k)) for k in ("baseline", "a", "b")}
+    rates = alternating_throughput(runs, batch=4, repeats=5, warmup=0, reference="baseline")
+    assert calls == ["baseline", "a", "baseline", "b"] * 5 and set(rates) == set(runs)
+    with pytest.raises(KeyError):
+        alternating_throughput(runs, batch=4, reference="c")
+
+
+def test_a_precision_dominated_at_every_rung_is_dropped_and_never_all():
+    from dsm_export.engine_search import dominated_precisions
+
+    def row(p, rung, speed, kl):
+        return {"precision": p, "rung": rung, "speedup": speed, "divergence": kl, "stride": 1}
+
+    # int8 slower and less accurate than fp32 at both rungs: dropped
+    rows = [row("fp32", 1.0, 1.0, 0.0), row("int8", 1.0, 0.9, 0.01),
+            row("fp32", 1.8, 1.6, 0.03), row("int8", 1.8, 1.4, 0.06)]
+    assert dominated_precisions(rows, ["fp32", "int8"]) == ["int8"]
+    # faster at one rung: kept
+    rows[3]["speedup"] = 1.7
+    assert dominated_precisions(rows, ["fp32", "int8"]) == []
+    # two identical precisions dominate each other: only one goes
+    twins = [row("a", 1.0, 1.0, 0.0), row("b", 1.0, 1.0, 0.0)]
+    assert dominated_precisions(twins, ["a", "b"]) == ["a"]

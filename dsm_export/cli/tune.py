@@ -3,6 +3,7 @@ models) at a FLOP or speed-up target."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,14 +22,16 @@ def add(sub):
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops-ratio", type=float, help="e.g. 1.7 for 1.7x fewer FLOPs")
     target.add_argument("--target-speedup", type=float,
-                        help="ONNX Runtime speed-up over the fp32 unmerged model (timm's arithmetic: every block on every "
-                             "token), measured on this machine")
-    p.add_argument("--precision", choices=("fp32", "int8", "int8-dynamic", "int8-dynamic-all", "auto"),
-                   default="fp32",
-                   help="engine precision: fp32, int8 (static QDQ, TensorRT-compatible), int8-dynamic (ONNX "
-                        "Runtime dynamic quantization, first block fp32), int8-dynamic-all (dynamic, every "
-                        "layer quantized), or auto (search all four; --target-speedup only); every INT8 "
-                        "form is smoothed first (SmoothQuant)")
+                        help="speed-up measured on this machine over the fastest unmerged engine of --backend: ONNX "
+                             "Runtime's fp32 unmerged model (timm's arithmetic: every block on every token), or "
+                             "OpenVINO's default compile of it")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8-dynamic", "int8-dynamic-all", "auto"),
+                   default=None,
+                   help="engine precision. onnxruntime (default fp32): fp32, int8 (static QDQ, TensorRT-compatible), "
+                        "int8-dynamic (dynamic quantization, first block fp32), int8-dynamic-all (dynamic, every "
+                        "layer quantized), or auto (all four; --target-speedup only), every INT8 form smoothed "
+                        "first (SmoothQuant). openvino (default auto: bf16, or fp32 on a CPU without BF16, and int8): fp32 (f32 forced), bf16 "
+                        "(OpenVINO's default on a CPU with BF16), int8 (NNCF, matching path kept out)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the chosen engine here, ready to serve")
     p.add_argument("--min-speed-per-flop", type=float, default=None, metavar="Q",
                    help="--target-flops-ratio with --export: time the least-KL candidates with ONNX Runtime "
@@ -44,21 +47,34 @@ def add(sub):
     p.add_argument("--max-kl", type=float, metavar="K",
                    help="accuracy budget: choose only an engine whose KL to the unmerged model (1 - cosine "
                         "for embedding models) on the calibration images (as --min-agreement) is at most K")
-    p.add_argument("--backend", default="onnxruntime", help="engine measured for --target-speedup and the speed check")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                   help="runtime the engines are built and measured in with --target-speedup (openvino: an IR, "
+                        "--export X.xml; needs the openvino extra)")
+    p.add_argument("--quick", action="store_true",
+                   help="a faster search that gives up: half the calibration images (64: a noisier KL, a choice "
+                        "fitted to fewer photos), their mirror images (--target-flops-ratio), one of the four "
+                        "rungs (--target-speedup) and half the schedules searched")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider timed by --target-speedup and the speed check: cpu, cuda, tensorrt, openvino "
                         "or a full name (default cpu)")
-    p.add_argument("--calibration", type=int, default=128, help="calibration images (at most 128)")
+    p.add_argument("--calibration-count", type=int, default=None,
+                   help="calibration images taken from --images (at most 128; default 128, 64 with --quick)")
+    p.add_argument("--calibration", type=int, default=None, help=argparse.SUPPRESS)  # the old name of --calibration-count
     p.add_argument("--no-mirror", action="store_true",
-                   help="score schedules on the calibration images only, not also on their horizontal mirror "
-                        "images (half the search time; the choice fits the calibration photos more closely "
-                        "and new photos less)")
+                   help="--target-flops-ratio: score schedules on the calibration images only, not also on their "
+                        "horizontal mirror images (half the search time; the choice fits the calibration photos "
+                        "more closely and new photos less)")
+    p.add_argument("--mirror", action="store_true",
+                   help="--target-speedup: also score schedules on the mirror images (off by default there: every "
+                        "engine's KL is measured on the calibration images, and mirrors double the search time)")
     p.add_argument("--holdout", type=int, default=None, help="held-apart images (default: all the rest)")
     p.add_argument("--max-grid", type=int, default=None,
                    help="grid schedules per search, half spread over the grid and half nearest the best "
                         "so far (default 48; 16 per rung with --target-speedup)")
     p.add_argument("--refine-steps", type=int, default=None, help="per-block moves (default 24; 8 per rung)")
-    p.add_argument("--rungs", type=int, default=6, help="FLOP-ratio rungs measured (--target-speedup)")
+    p.add_argument("--rungs", type=int, default=None,
+                   help="merged FLOP-ratio rungs measured at most, each placed where a precision is predicted to "
+                        "reach the target (--target-speedup; default 4, 3 with --quick; each is one export)")
     p.add_argument("--repeats", type=int, default=5, help="timing repetitions, median taken (at least 5)")
     p.add_argument("--strides", default="1",
                    help="merge strides tried at each rung with --target-speedup (default 1, every merging "
@@ -77,10 +93,41 @@ def _check(args) -> None:
     target = args.target_flops_ratio or args.target_speedup
     if not 1.0 < target < 10:
         raise DSMError(f"the target must be above 1, got {target}")
-    if args.backend != "onnxruntime":
-        raise DSMError(f"--backend {args.backend}: only onnxruntime can be measured here")
-    if not 1 <= args.calibration <= 128:
-        raise DSMError("--calibration must be between 1 and 128 images")
+    if args.calibration is not None:  # the old spelling: a count, where build's --calibration is a folder
+        if args.calibration_count is not None:
+            raise DSMError("give --calibration-count only (--calibration N is its old name)")
+        args.calibration_count = args.calibration
+    openvino = args.backend == "openvino"
+    if args.precision is None:
+        args.precision = "auto" if openvino and args.target_speedup else "fp32"
+    ov_precisions, ort_precisions = ("fp32", "bf16", "int8", "auto"), ("fp32", "int8", "int8-dynamic",
+                                                                       "int8-dynamic-all", "auto")
+    if args.precision not in (ov_precisions if openvino else ort_precisions):
+        raise DSMError(f"--precision {args.precision} is not a{'n OpenVINO' if openvino else 'n ONNX Runtime'} "
+                       f"precision: choose one of {', '.join(ov_precisions if openvino else ort_precisions)}")
+    if openvino:
+        if not args.target_speedup:
+            raise DSMError("--backend openvino needs --target-speedup (it measures OpenVINO engines)")
+        if args.export and not args.export.endswith(".xml"):
+            raise DSMError(f"--export {args.export!r}: an OpenVINO engine is an IR, give a .xml path")
+        if args.provider != "cpu":
+            raise DSMError("--provider is an ONNX Runtime execution provider: not with --backend openvino")
+    elif args.export and args.export.endswith(".xml"):
+        raise DSMError(f"--export {args.export!r}: an .xml engine needs --backend openvino")
+    if args.calibration_count is None:
+        args.calibration_count = 64 if args.quick else 128
+    if args.rungs is None:
+        args.rungs = 3 if args.quick else 4
+    if args.mirror and not args.target_speedup:
+        raise DSMError("--mirror is for --target-speedup (--target-flops-ratio scores mirror images unless --no-mirror)")
+    if args.target_speedup:
+        args.no_mirror = not args.mirror
+    if args.quick:
+        args.no_mirror = True
+        args.max_grid = args.max_grid or (8 if args.target_speedup else 24)
+        args.refine_steps = args.refine_steps if args.refine_steps is not None else (4 if args.target_speedup else 12)
+    if not 1 <= args.calibration_count <= 128:
+        raise DSMError("--calibration-count must be between 1 and 128 images")
     if args.precision == "auto" and not args.target_speedup:
         raise DSMError("--precision auto needs --target-speedup (FLOPs do not change with precision)")
     if args.repeats < 5:
@@ -133,15 +180,24 @@ def run(args) -> int:
     for path, what in ((args.output, "--output"), (args.report, "--report"), (args.export, "--export")):
         checks.output_file(path, what)  # fail before minutes of search, not after
     checks.input_file(args.weights, "weights file")
-    if args.target_speedup or _speed_floor(args):
+    args.runtime = None
+    if args.target_speedup:
+        from ..engine_runtimes import make_runtime
+
+        # OpenVINO missing or an unavailable provider: fail before minutes of search, not after
+        args.runtime = make_runtime(args.backend, args.provider, batch=32, repeats=args.repeats)
+        if args.precision == "bf16" and not args.runtime.bf16:
+            raise DSMError("--precision bf16: this CPU has no BF16 (AVX-512 BF16 or AMX), OpenVINO would run "
+                           "it as f32; tune fp32 here, or on the CPU that will serve it")
+    if _speed_floor(args):
         from ..providers import resolve_providers
 
-        resolve_providers(args.provider)  # fail before minutes of search, not after
+        resolve_providers(args.provider)
     images, skipped = checks.readable_images(list_images(args.images), args.skip_unreadable)
     model = model_from_args(args, args.model, require_weights=True)
-    if len(images) < args.calibration + 1:
-        raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration")
-    calib, held = split_calibration(images, args.calibration)
+    if len(images) < args.calibration_count + 1:
+        raise DSMError(f"{args.images} holds {len(images)} images: need more than --calibration-count")
+    calib, held = split_calibration(images, args.calibration_count)
     if args.holdout:
         held = held.subset(range(min(args.holdout, len(held))))
     calib_pixels = load_pixels(calib, model)
@@ -163,8 +219,9 @@ def run(args) -> int:
             from ..models import is_embedding_model
             from ..validate import output_metrics
 
-            held_metrics = output_metrics(ort_logits(chosen_path, held_pixels.numpy()), base, held.labels,
-                                          embeddings=is_embedding_model(model))
+            outputs = (args.runtime.outputs(chosen_path, held_pixels.numpy()) if args.runtime
+                       else ort_logits(chosen_path, held_pixels.numpy()))
+            held_metrics = output_metrics(outputs, base, held.labels, embeddings=is_embedding_model(model))
             held_metrics["flops_ratio"] = report["calibration"]["flops_ratio"]
         else:
             held_metrics = schedule_metrics(model, schedule, held_pixels, base, held.labels)
@@ -181,8 +238,12 @@ def run(args) -> int:
             runs = cal.get("speedup_runs")
             timing = (f"mean of two runs timed apart, {runs[0]:.2f}x and {runs[1]:.2f}x, each the median of "
                       f"{args.repeats}" if runs else f"median of {args.repeats}")
-            print(f"measured ONNX Runtime speed-up: {cal['speedup']:.2f}x over the fp32 unmerged model (timm's arithmetic) "
+            rt = args.runtime
+            print(f"measured {rt.label} speed-up: {cal['speedup']:.2f}x over {rt.baseline_label} "
                   f"(batch 32, {timing}, {report['machine']['cpu']}, {report['machine']['threads']} threads)")
+            if "speedup_onnxruntime" in cal:
+                print(f"  and {cal['speedup_onnxruntime']:.2f}x over ONNX Runtime's fp32 unmerged model, timed in "
+                      f"the same runs (OpenVINO's baseline runs {report['machine']['baseline_precision']})")
         elif "speed_per_flop" in cal:
             print(f"measured ONNX Runtime speed-up (fp32): {cal['speedup']:.2f}x, {cal['speed_per_flop']:.2f} of "
                   f"the FLOP ratio, lower quartile {cal['speed_per_flop_low']:.2f} (speed check above)")
@@ -216,6 +277,9 @@ def run(args) -> int:
         if args.export:
             from ..fileio import atomic_path
 
+            if chosen_path.endswith(".xml"):  # the weights first: a .xml never names a missing .bin
+                with atomic_path(args.export[:-4] + ".bin") as tmp:
+                    shutil.copyfile(chosen_path[:-4] + ".bin", tmp)
             with atomic_path(args.export) as tmp:
                 shutil.copyfile(chosen_path, tmp)
             print(f"wrote {args.export}: {report['precision']}, {schedule.spec()}")
@@ -242,10 +306,12 @@ def _print_front(report: dict, measured: bool, div: str, agree: str, budget) -> 
         return "" if budget.admits(row) else "  (outside the budget)"
 
     if measured:
-        print(f"Pareto front (calibration {div} against measured speed-up): speed-up, {div}, {agree}, "
-              "precision, schedule")
+        ort = any("speedup_onnxruntime" in row for row in report["pareto"])
+        print(f"Pareto front (calibration {div} against measured speed-up): speed-up"
+              f"{' (over ONNX Runtime fp32)' if ort else ''}, {div}, {agree}, precision, schedule")
         for row in report["pareto"]:
-            print(f"  {row['speedup']:.2f}x  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
+            also = f" ({row['speedup_onnxruntime']:.2f}x)" if "speedup_onnxruntime" in row else ""
+            print(f"  {row['speedup']:.2f}x{also}  {div} {row['divergence']:.4f}  {100 * row['agreement']:.1f} %  "
                   f"{row['precision']}  {row['spec']}{outside(row)}")
     else:
         print(f"Pareto front (calibration): FLOPs reduction, {div}, {agree}, schedule")
@@ -391,15 +457,22 @@ def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[
 
 def _search_engines(args, model, calib_pixels, work: str) -> tuple[dict, str]:
     """``--target-speedup``: schedule x precision measured with ONNX Runtime (:mod:`..engine_search`)."""
-    from ..engine_search import PRECISIONS, fastest_within, row_schedule, search_engines
+    from ..engine_search import fastest_within, row_schedule, search_engines
 
-    precisions = PRECISIONS if args.precision == "auto" else (args.precision,)
+    runtime = args.runtime
+    precisions = runtime.auto if args.precision == "auto" else (args.precision,)
     result = search_engines(model, args.model, args.weights, calib_pixels, args.target_speedup, work,
                             precisions=precisions, rungs=args.rungs, max_grid=args.max_grid or 16,
                             refine_steps=args.refine_steps if args.refine_steps is not None else 8,
                             repeats=args.repeats, provider=args.provider, pretrained=args.pretrained,
                             num_classes=args.num_classes, progress=not args.no_progress, strides=args.strides,
-                            budget=args.budget, mirror=not args.no_mirror)
+                            budget=args.budget, mirror=not args.no_mirror, runtime=runtime)
+    for note in result.machine.get("notes", ()):
+        print(note)
+    if result.machine.get("variant_keys") is not None:
+        keys = ",".join(f"{k}={v}" for k, v in result.machine["variant_keys"].items()) or "none"
+        print(f"merge variants searched at the {result.machine['variant_rung']:.2f}x rung; every rung uses "
+              f"its keys: {keys}")
     strip = [{k: v for k, v in r.items() if k != "path"} for r in result.candidates]
     pareto = [{k: v for k, v in r.items() if k != "path"} for r in result.pareto]
     best = result.best

@@ -1,0 +1,221 @@
+"""The runtimes the engine search builds, times and scores candidates in: ONNX Runtime and OpenVINO.
+
+:func:`dsm_export.engine_search.search_engines` is the same search for both. What differs is held
+here, behind one small interface:
+
+- ``precisions`` and ``auto``: what can be built, and what ``--precision auto`` searches;
+- ``build(fp32_path, precision, calib)``: the engine file of one precision from the fp32 export;
+- ``throughput(engines, baseline_onnx)``: images/s of each engine and of ``"baseline"`` in one
+  alternating run (:func:`dsm_export.benchmark.ort_throughput` and
+  :func:`dsm_export.benchmark.alternating_throughput`);
+- ``outputs(path, pixels)``: the engine's logits (or embeddings), to score its KL;
+- ``exact(precision)``: whether that precision's outputs are the PyTorch reference's to 1e-4, so
+  the search may score it in PyTorch;
+- ``machine()``: what a report prints about the measurement.
+
+The baseline is the fastest unmerged engine of the same runtime: ONNX Runtime's fp32 unmerged
+model, or OpenVINO's default compile of it (bf16 on a CPU with AVX-512 BF16 or AMX, f32 elsewhere).
+OpenVINO's runs also time ONNX Runtime's fp32 unmerged model (``"onnxruntime"``), so a report gives
+the speed-up against both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import DSMError
+
+
+class OnnxRuntimeEngines:
+    """ONNX Runtime engines: fp32 and the INT8 forms of :data:`dsm_export.engine_search.PRECISIONS`.
+
+    Args:
+        provider: execution provider (:func:`dsm_export.providers.resolve_providers`).
+        threads: intra-op threads (default: all cores).
+        batch, repeats: the timing (images per run; repetitions, median taken).
+        quant_options: :class:`dsm_export.quantize.QuantizeOptions` of ``int8`` (default:
+            :func:`dsm_export.engine_search.precision_options`).
+    """
+
+    name = "onnxruntime"
+    label = "ONNX Runtime"
+    baseline_label = "the fp32 unmerged model (timm's arithmetic)"
+
+    def __init__(self, provider: str | None = "cpu", threads: int | None = None, batch: int = 32,
+                 repeats: int = 5, quant_options=None):
+        from .engine_search import PRECISIONS
+
+        self.precisions = PRECISIONS
+        self.auto = PRECISIONS
+        self.provider, self.threads, self.batch, self.repeats = provider, threads, batch, repeats
+        self.quant_options = quant_options
+        self.notes: list[str] = []
+
+    def build(self, fp32_path: str, precision: str, calib: np.ndarray) -> str:
+        """The ``precision`` engine of ``fp32_path``: the file itself for fp32, else quantized
+        (:func:`dsm_export.quantize.quantize_int8`) beside it."""
+        if precision == "fp32":
+            return fp32_path
+        from .engine_search import precision_options
+        from .quantize import quantize_int8
+
+        folder, stem = os.path.split(fp32_path)
+        path = os.path.join(folder, precision.replace("-", "_") + stem[len("fp32"):])
+        quantize_int8(fp32_path, path, calib, precision_options(precision, self.quant_options))
+        return path
+
+    def is_baseline(self, precision: str, schedule_is_none: bool, separate_baseline: bool) -> bool:
+        """Whether this engine is the baseline itself (its speed-up is 1 by definition)."""
+        return precision == "fp32" and schedule_is_none and not separate_baseline
+
+    def throughput(self, engines: dict[str, str], baseline_onnx: str) -> dict[str, float]:
+        """images/s of ``engines`` and ``"baseline"`` (``baseline_onnx``, timed before each engine)."""
+        from .benchmark import ort_throughput
+
+        return ort_throughput({"baseline": baseline_onnx, **engines}, batch=self.batch, repeats=self.repeats,
+                              threads=self.threads, provider=self.provider, reference="baseline")
+
+    def outputs(self, path: str, pixels: np.ndarray) -> np.ndarray:
+        """``[N, classes]`` outputs of an ONNX file over ``pixels`` ``[N, 3, H, W]``."""
+        from .engine_search import ort_logits
+
+        return ort_logits(path, pixels)
+
+    def release(self) -> None:
+        """Nothing held between rungs."""
+
+    @staticmethod
+    def exact(precision: str) -> bool:
+        return precision == "fp32"
+
+    def machine(self) -> dict:
+        import onnxruntime as ort
+
+        from .benchmark import cpu_name
+
+        return {"cpu": cpu_name(), "runtime": self.name, "onnxruntime": ort.__version__,
+                "threads": self.threads or os.cpu_count(), "batch": self.batch, "repeats": self.repeats}
+
+
+class OpenVINOEngines:
+    """OpenVINO engines (IR ``.xml`` + ``.bin``, :func:`dsm_export.engines.openvino.build_openvino`):
+    ``fp32`` (f32 forced), ``bf16`` (OpenVINO's default on a CPU with BF16; f32 elsewhere) and
+    ``int8`` (NNCF, the matching path and the attention MatMuls kept out).
+
+    The first int8 engine chooses its SmoothQuant strength by KL on held calibration images (as
+    ``build`` does); every later one reuses that strength, so a search pays the choice once.
+
+    Args:
+        threads: ``INFERENCE_NUM_THREADS`` (and ONNX Runtime's threads for its baseline).
+        batch, repeats: the timing.
+
+    Raises:
+        DSMError: OpenVINO or NNCF not installed.
+    """
+
+    name = "openvino"
+    label = "OpenVINO"
+    baseline_label = "OpenVINO's default compile of the unmerged model"
+
+    def __init__(self, threads: int | None = None, batch: int = 32, repeats: int = 5):
+        from .engines.openvino import PRECISIONS, cpu_has_bf16, import_openvino
+
+        self.ov = import_openvino()
+        try:
+            import nncf  # noqa: F401
+        except ImportError as exc:
+            from .engines.openvino import OPENVINO_INSTALL_HINT
+
+            raise DSMError(OPENVINO_INSTALL_HINT) from exc
+        self.core = self.ov.Core()
+        self.precisions = PRECISIONS
+        self.threads, self.batch, self.repeats = threads, batch, repeats
+        self.bf16 = cpu_has_bf16(self.core)
+        # without BF16 in the CPU, a bf16 engine compiles to f32: searching both would time one engine twice
+        self.auto = ("bf16", "int8") if self.bf16 else ("fp32", "int8")
+        self.smooth_alpha: float | None = None
+        self.notes: list[str] = []
+        self._runners: dict[str, object] = {}
+
+    def build(self, fp32_path: str, precision: str, calib: np.ndarray) -> str:
+        """The ``precision`` IR of ``fp32_path``, beside it (``<precision>_<tag>.xml``)."""
+        from .engines.openvino import OpenVINOOptions, build_openvino
+
+        folder, stem = os.path.split(fp32_path)
+        path = os.path.join(folder, f"ov_{precision}{stem[len('fp32'):-len('.onnx')]}.xml")
+        lines: list[str] = []
+        rec = build_openvino(fp32_path, path, OpenVINOOptions(precision, smooth_alpha=self.smooth_alpha),
+                             pixels=calib if precision == "int8" else None, log=lines.append)
+        if precision == "int8" and self.smooth_alpha is None:
+            self.smooth_alpha = float(rec["smooth_alpha"])
+            trials = ", ".join(f"{a:g}: {kl:.4f}" for a, kl in rec["smooth_trials"])
+            self.notes.append(f"SmoothQuant alpha {self.smooth_alpha:g} for every int8 engine, chosen on "
+                              f"{os.path.basename(fp32_path)} by KL to fp32 on held calibration images ({trials})")
+        return path
+
+    def is_baseline(self, precision: str, schedule_is_none: bool, separate_baseline: bool) -> bool:
+        return False  # the baseline is OpenVINO's default compile of timm's model: every engine is timed
+
+    def _runner(self, path: str):
+        from .engines.openvino import OpenVINORunner
+
+        if path not in self._runners:
+            self._runners[path] = OpenVINORunner(path, self.threads)
+        return self._runners[path]
+
+    def throughput(self, engines: dict[str, str], baseline_onnx: str) -> dict[str, float]:
+        """images/s of ``engines`` (IR files), of ``"baseline"`` (OpenVINO's default compile of
+        ``baseline_onnx``, timed before each engine) and of ``"onnxruntime"`` (ONNX Runtime fp32 on
+        ``baseline_onnx``), in one alternating run."""
+        from .benchmark import alternating_throughput, make_session
+
+        config = {"INFERENCE_NUM_THREADS": int(self.threads)} if self.threads else {}
+        base = self.core.compile_model(self.ov.convert_model(baseline_onnx), "CPU", config).create_infer_request()
+        session = make_session(baseline_onnx, self.threads)
+        shape = [self.batch] + list(session.get_inputs()[0].shape[1:])
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        feed = {session.get_inputs()[0].name: x}
+        runs = {"baseline": lambda: base.infer({0: x}), "onnxruntime": lambda: session.run(None, feed)}
+        for label, path in engines.items():
+            request = self._runner(path).request
+            runs[label] = lambda r=request: r.infer({0: x})
+        return alternating_throughput(runs, self.batch, self.repeats, reference="baseline")
+
+    def outputs(self, path: str, pixels: np.ndarray) -> np.ndarray:
+        """``[N, classes]`` outputs of an IR over ``pixels`` ``[N, 3, H, W]``, at its recorded precision."""
+        run = self._runner(path)
+        return np.concatenate([run(pixels[i:i + self.batch]) for i in range(0, len(pixels), self.batch)])
+
+    def release(self) -> None:
+        """Drop the compiled engines (memory) once a rung is scored."""
+        self._runners.clear()
+
+    @staticmethod
+    def exact(precision: str) -> bool:
+        return precision == "fp32"
+
+    def machine(self) -> dict:
+        import onnxruntime as ort
+
+        from .benchmark import cpu_name
+
+        return {"cpu": cpu_name(), "runtime": self.name, "openvino": self.ov.__version__.split("-")[0],
+                "onnxruntime": ort.__version__, "cpu_bf16": self.bf16,
+                "baseline_precision": "bf16" if self.bf16 else "f32",
+                "threads": self.threads or os.cpu_count(), "batch": self.batch, "repeats": self.repeats}
+
+
+def make_runtime(backend: str, provider: str | None = "cpu", threads: int | None = None, batch: int = 32,
+                 repeats: int = 5, quant_options=None):
+    """The runtime of ``backend`` (``onnxruntime`` or ``openvino``).
+
+    Raises:
+        DSMError: another backend, or OpenVINO not installed.
+    """
+    if backend == "onnxruntime":
+        return OnnxRuntimeEngines(provider, threads, batch, repeats, quant_options)
+    if backend == "openvino":
+        return OpenVINOEngines(threads, batch, repeats)
+    raise DSMError(f"--backend {backend}: the search measures onnxruntime or openvino")
