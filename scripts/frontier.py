@@ -10,8 +10,9 @@ rest of its Pareto front. Writes a Markdown table (with a generated check of eve
 from 1.5x up against INT8 alone and the fp32 schedules at the same or a higher speed-up), a JSON
 file and a PNG plot (KL against measured speed-up, one line per family, the tuned engines'
 held-apart Pareto front in red). `python scripts/readme_figures.py frontier` runs it and puts the
-table into the README. `--render` rewrites the table and plot from the frontier.json of --output
-without measuring anything (after a change to how they are drawn or judged).
+table into docs/results.md (its figures:frontier block). `--render` rewrites the table and plot from
+the frontier.json of --output without measuring anything (after a change to how they are drawn or
+judged).
 
     python scripts/frontier.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\

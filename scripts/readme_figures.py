@@ -1,23 +1,25 @@
 #!/usr/bin/env python3
 """Regenerate the README's quoted output: rerun the quoted commands, rewrite the marked blocks.
 
-A block of the README between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->`` is the output
-of the generator registered as NAME, followed by a line saying on which machine and when it was
-made. Run from the repository root (the README's commands use ``../shared`` and ``out/``):
+A block between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->`` is the output of the
+generator registered as NAME, followed by a line saying on which machine and when it was made. The
+blocks live in README.md and the docs/*.md pages; each is rewritten in place, in whichever of those
+files holds it (``--file`` names other files). Run from the repository root (the quoted commands use
+``../shared`` and ``out/``):
 
     python scripts/readme_figures.py                 # every generator
     python scripts/readme_figures.py validate inspect
     python scripts/readme_figures.py --list
 
 Adding a block takes a few lines: a function that returns the Markdown to put between the markers,
-registered with :func:`figure`, and the two markers in the README::
+registered with :func:`figure`, and the two markers in the README or a docs/ page::
 
     @figure("frontier", "INT8 frontier table (scripts/frontier.py)")
     def frontier(ctx: Context) -> str:
         return ctx.run("python", "scripts/frontier.py", "--markdown")
 
 Generators run in the order given on the command line (default: registration order); a command
-that fails stops the script with its output and leaves the README unchanged.
+that fails stops the script with its output and leaves every file unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import glob
 import json
 import os
 import platform
@@ -307,6 +310,29 @@ def load_test_block(ctx: Context) -> str:
 MARKER = re.compile(r"(<!-- figures:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
 
 
+def default_documents() -> list[str]:
+    """The files the blocks live in: README.md, then every docs/*.md page."""
+    return [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+
+def find_blocks(paths: list[str]) -> dict[str, str]:
+    """Which of ``paths`` holds each ``figures:NAME`` block: ``{name: path}``.
+
+    Raises:
+        ValueError: a name with two blocks (in one file or in two).
+    """
+    where: dict[str, str] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        for m in MARKER.finditer(text):
+            name = m.group("name")
+            if name in where:
+                raise ValueError(f"two <!-- figures:{name} --> blocks: in {where[name]} and {path}")
+            where[name] = path
+    return where
+
+
 def rewrite(readme: str, blocks: dict[str, str]) -> str:
     """Replace the body of each ``figures:NAME`` block named in ``blocks``.
 
@@ -326,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="generators to run (default: all); see --list")
     parser.add_argument("--list", action="store_true", help="list the generators and exit")
-    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--file", "--readme", dest="files", action="append", metavar="FILE",
+                        help="a Markdown file to find the blocks in (repeatable; default: README.md and docs/*.md)")
     parser.add_argument("--load-seconds", type=float, default=60.0, help="load-test time per model")
     parser.add_argument("--load-clients", type=int, default=8, help="load-test concurrent clients")
     return parser
@@ -342,13 +369,16 @@ def main(argv=None) -> int:
     if unknown:
         print(f"readme_figures: error: unknown generator {unknown[0]!r} (see --list)", file=sys.stderr)
         return 2
-    with open(args.readme, encoding="utf-8") as fh:
-        readme = fh.read()
+    paths = args.files or default_documents()
+    try:
+        where = find_blocks(paths)
+    except (OSError, ValueError) as exc:
+        print(f"readme_figures: error: {exc}", file=sys.stderr)
+        return 2
     names = args.names or list(FIGURES)
-    present = {m.group("name") for m in MARKER.finditer(readme)}
-    if any(n not in present for n in names):
-        missing = [n for n in names if n not in present]
-        print(f"readme_figures: error: {args.readme} has no block for {', '.join(missing)}", file=sys.stderr)
+    missing = [n for n in names if n not in where]
+    if missing:
+        print(f"readme_figures: error: no block for {', '.join(missing)} in {', '.join(paths)}", file=sys.stderr)
         return 2
     ctx = Context(load_seconds=args.load_seconds, load_clients=args.load_clients)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -363,14 +393,17 @@ def main(argv=None) -> int:
             print(f"readme_figures: error: {name}: {exc}", file=sys.stderr)
             return 1
         blocks[name] = f"{body.rstrip()}\n\n<sub>Generated by `python scripts/readme_figures.py {name}` on {machine()}, {stamp}, load average {load:.1f} at the start.</sub>\n"
-    with open(args.readme, encoding="utf-8") as fh:  # again: it may have been edited meanwhile
-        readme = fh.read()
-    updated = rewrite(readme, blocks)
-    tmp = args.readme + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(updated)
-    os.replace(tmp, args.readme)
-    print(f"rewrote {', '.join(blocks)} in {args.readme}", file=sys.stderr)
+    updated = {}
+    for path in dict.fromkeys(where[name] for name in blocks):
+        with open(path, encoding="utf-8") as fh:  # again: it may have been edited meanwhile
+            text = fh.read()
+        updated[path] = rewrite(text, {n: body for n, body in blocks.items() if where[n] == path})
+    for path, text in updated.items():  # every file rewritten, or (on an error above) none
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+        print(f"rewrote {', '.join(n for n in blocks if where[n] == path)} in {path}", file=sys.stderr)
     return 0
 
 
