@@ -3,26 +3,40 @@
 Heo, Azizi, Fayyazi, Pedram, "Training-Free Acceleration of ViTs with Delayed Spatial Merging",
 arXiv 2303.02331; token merging after Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023.
 
-Main entry points:
+The Python API, one call per step of the main job (:mod:`dsm_export.api`):
 
-* :func:`dsm_export.apply` -- run a timm ViT under a merge schedule (PyTorch).
-* :class:`dsm_export.Schedule` -- parse and resolve merge schedules.
-* :func:`dsm_export.export.export_onnx` -- static-shape ONNX export.
-* :func:`dsm_export.validate.validate` -- ONNX Runtime parity and accuracy report.
+* :func:`dsm_export.export` -- a static-shape ONNX file of a timm ViT under a merge schedule.
+* :func:`dsm_export.validate` -- an engine against PyTorch: parity, KL and agreement.
+* :func:`dsm_export.quantize` -- INT8 with the matching path kept in fp32.
+* :func:`dsm_export.build` -- an engine: ONNX Runtime, OpenVINO or TensorRT.
+* :func:`dsm_export.tune` -- the schedule (and precision) with the least KL at a target; a
+  :class:`TuneReport`.
+* :class:`dsm_export.Schedule`, :func:`dsm_export.apply` -- schedules, and a timm ViT running one
+  in PyTorch (the reference form).
+
+Layers, lowest first (``tests/test_layers.py`` keeps them): ``core`` (schedule, merge maths, patch,
+FLOPs), ``graph`` (ONNX export, graph facts) and ``metrics``, ``engines``, ``check``, ``search``,
+``serving``, then ``cli`` and this API.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
+from ._version import __version__
+from .core.patch import MergedViT, apply
+from .core.schedule import BlockPlan, Schedule, resolve
 from .errors import DSMError, ScheduleError, UnsupportedModelError
-from .patch import MergedViT, apply
-from .schedule import BlockPlan, Schedule, resolve
 
-try:
-    __version__ = _version("dsm-export")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0+source"
+_API = ("build", "export", "quantize", "tune", "validate", "TuneOptions", "TuneReport", "QuantizeOptions")
 
 __all__ = [
-    "BlockPlan", "DSMError", "MergedViT", "Schedule", "ScheduleError", "UnsupportedModelError",
-    "__version__", "apply", "resolve",
+    "BlockPlan", "DSMError", "MergedViT", "QuantizeOptions", "Schedule", "ScheduleError", "TuneOptions",
+    "TuneReport", "UnsupportedModelError", "__version__", "apply", "build", "export", "quantize", "resolve",
+    "tune", "validate",
 ]
+
+
+def __getattr__(name: str):
+    """The API calls, imported on first use (``import dsm_export`` stays light: no ONNX, no runtime)."""
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dsm_export' has no attribute {name!r}")

@@ -49,14 +49,14 @@ def main(argv=None) -> int:
 
     import timm
 
-    from dsm_export.patch import apply
+    from dsm_export.core.patch import apply
 
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if cuda else [torch.float32]
     modes = args.modes.split(",") if cuda else ["eager"]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    from dsm_export.benchmark import cpu_name
+    from dsm_export.search.timing import cpu_name
 
     name = torch.cuda.get_device_name() if cuda else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__} | schedule {args.schedule} | median of {args.repeats}")
@@ -97,7 +97,7 @@ def ort_cuda(model_name: str, args) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         print(f"| {model_name} | - | fp32 | onnxruntime-cuda | not installed | - | - |")
         return
-    from dsm_export.export import export_onnx
+    from dsm_export.graph.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = []

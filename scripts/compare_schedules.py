@@ -36,13 +36,13 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from dsm_export.benchmark import cpu_name, ort_throughput
+    from dsm_export.search.timing import cpu_name, ort_throughput
     from dsm_export.data import list_images, split_calibration
     from dsm_export.errors import DSMError
-    from dsm_export.evaluate import load_pixels, model_logits, schedule_metrics
-    from dsm_export.export import export_onnx
-    from dsm_export.models import create_model
-    from dsm_export.schedule import Schedule
+    from dsm_export.check.evaluate import load_pixels, model_logits, schedule_metrics
+    from dsm_export.graph.export import export_onnx
+    from dsm_export.core.models import create_model
+    from dsm_export.core.schedule import Schedule
 
     try:
         model = create_model(args.model, args.weights)

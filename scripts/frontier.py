@@ -71,15 +71,15 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from dsm_export.benchmark import cpu_name, ort_throughput
+    from dsm_export.search.timing import cpu_name, ort_throughput
     from dsm_export.data import list_images
-    from dsm_export.engine_search import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options, row_schedule, search_engines
-    from dsm_export.evaluate import flops_ratio, model_logits, split_pixels
-    from dsm_export.export import export_model
-    from dsm_export.models import create_model
-    from dsm_export.quantize import QuantizeOptions, quantize_int8
-    from dsm_export.schedule import Schedule
-    from dsm_export.validate import agreement_metrics
+    from dsm_export.search.engine_search import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options, row_schedule, search_engines
+    from dsm_export.check.evaluate import flops_ratio, model_logits, split_pixels
+    from dsm_export.graph.export import export_model
+    from dsm_export.core.models import create_model
+    from dsm_export.engines.int8.quantize import QuantizeOptions, quantize_int8
+    from dsm_export.core.schedule import Schedule
+    from dsm_export.check.validate import agreement_metrics
 
     model = create_model(args.model, args.weights)
     calib, held, calib_pixels, held_pixels = split_pixels(model, list_images(args.images), args.calibration,
@@ -213,7 +213,7 @@ def _export_timm(model, path: str) -> None:
 
     import torch
 
-    from dsm_export.patch import input_size
+    from dsm_export.core.patch import input_size
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")

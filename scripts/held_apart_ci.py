@@ -6,7 +6,7 @@ chosen kinds again on the same held-apart photos (the split of ``tune --calibrat
 reference implementation, as that script does) and reports, for each row:
 
 * KL to the unmerged model and top-1 agreement with it, each with a 95 % percentile bootstrap
-  interval over the photos (:func:`dsm_export.evaluate.bootstrap_interval`);
+  interval over the photos (:func:`dsm_export.check.evaluate.bootstrap_interval`);
 * the paired KL difference to the exact ToMe row of the same target (same photos, so the photos'
   shared difficulty cancels), with its interval: an interval below zero means the row beats ToMe
   beyond what resampling the photos explains.
@@ -87,11 +87,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from dsm_export.data import list_images
-    from dsm_export.evaluate import bootstrap_interval, model_logits, split_pixels
-    from dsm_export.models import create_model
-    from dsm_export.patch import apply
-    from dsm_export.schedule import Schedule
-    from dsm_export.validate import kl_divergence
+    from dsm_export.check.evaluate import bootstrap_interval, model_logits, split_pixels
+    from dsm_export.core.models import create_model
+    from dsm_export.core.patch import apply
+    from dsm_export.core.schedule import Schedule
+    from dsm_export.check.validate import kl_divergence
 
     model = create_model(args.model, args.weights)
     _, held, _, held_px = split_pixels(model, list_images(args.images), args.calibration, args.holdout,

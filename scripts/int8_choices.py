@@ -42,12 +42,12 @@ def main(argv=None) -> int:
         parser.error("need 0 < --quant-count < --calibration (the rest of the split scores the choice)")
 
     from dsm_export.data import list_images, split_calibration
-    from dsm_export.engine_search import ort_logits
-    from dsm_export.evaluate import load_pixels, model_logits
-    from dsm_export.export import export_model
-    from dsm_export.models import create_model
-    from dsm_export.quantize import QuantizeOptions, quantize_int8
-    from dsm_export.validate import agreement_metrics
+    from dsm_export.search.engine_search import ort_logits
+    from dsm_export.check.evaluate import load_pixels, model_logits
+    from dsm_export.graph.export import export_model
+    from dsm_export.core.models import create_model
+    from dsm_export.engines.int8.quantize import QuantizeOptions, quantize_int8
+    from dsm_export.check.validate import agreement_metrics
 
     model = create_model(args.model, args.weights)
     calib, _ = split_calibration(list_images(args.images), args.calibration)

@@ -16,7 +16,7 @@ matrices run less efficiently and where ONNX Runtime fuses less. The gap between
 is the merges' own cost, printed as its share of the merged graph's time (``1 - twin time /
 merged time``, the median over repetitions; both graphs run seconds apart in each). Speed-ups are
 medians of ``--repeats`` paired ratios, the unmerged baseline timed right before each graph
-(:func:`dsm_export.benchmark.ort_speedups`).
+(:func:`dsm_export.search.timing.ort_speedups`).
 
     python scripts/merge_overhead.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth
@@ -40,9 +40,9 @@ SCHEDULES = ["r=13,mode=tome", "r=33,r_end=0,delay=3,local=1,windows=1x2",
 
 @contextlib.contextmanager
 def merges_as_slices():
-    """Inside the ``with`` block, :class:`dsm_export.patch.MergedViT` keeps the first ``n - r`` tokens of
+    """Inside the ``with`` block, :class:`dsm_export.core.patch.MergedViT` keeps the first ``n - r`` tokens of
     each merging block instead of merging (``[B, n, C]`` -> ``[B, n - r, C]``) and tracks no sizes."""
-    from dsm_export.patch import MergedViT
+    from dsm_export.core.patch import MergedViT
 
     def keep_first(self, x, size, keys, t, importance=None):
         return x[:, :x.shape[1] - t.removed], None
@@ -57,7 +57,7 @@ def merges_as_slices():
 
 def export_twin(model, name: str, path: str, schedule, weights: str | None = None, batch: int | None = None):
     """Export the token-count twin of ``schedule`` (see the module doc) to ``path``."""
-    from dsm_export.export import export_model
+    from dsm_export.graph.export import export_model
 
     with merges_as_slices():
         export_model(model, name, path, schedule, weights=weights, batch=batch)
@@ -77,13 +77,13 @@ def main(argv=None) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from dsm_export.benchmark import cpu_name, ort_speedups
+    from dsm_export.search.timing import cpu_name, ort_speedups
     from dsm_export.errors import DSMError
-    from dsm_export.export import export_model
-    from dsm_export.flops import schedule_flops
-    from dsm_export.models import create_model
-    from dsm_export.schedule import Schedule
-    from dsm_export.speed_check import WARMUP, speed_stats
+    from dsm_export.graph.export import export_model
+    from dsm_export.core.flops import schedule_flops
+    from dsm_export.core.models import create_model
+    from dsm_export.core.schedule import Schedule
+    from dsm_export.search.speed_check import WARMUP, speed_stats
 
     flops = {}
     try:

@@ -8,19 +8,19 @@ For each FLOP target (default 1.5, 1.7, 2.0 and 2.3x fewer FLOPs):
   the target (ToMe's own clipping lets r exceed half the tokens late in the network);
 * **paper-style DSM**: constant r, ``delay=1,local=2`` (2x2 windows), the smallest r that reaches it;
 * **tune's variant stage**: ``dsm-export tune --target-flops-ratio`` on the 128 calibration photos
-  and their mirror images (``--no-mirror``: the photos alone; :func:`dsm_export.tune.with_mirrors`)
+  and their mirror images (``--no-mirror``: the photos alone; :func:`dsm_export.search.schedule_search.with_mirrors`)
   (the search's best grid schedule, then each variant on it: plain, the best ``protect=P``, the best
   ``prune=K``, the best of ``metric=heads`` / ``metric=tokens`` / ``merge=mlerp``, and the best
   combination of the groups' winners);
 * **tuned**: the schedule ``tune --target-flops-ratio --export`` writes: the search (variant
-  stage, then per-block refinement), then its speed check (:mod:`dsm_export.speed_check`): the
+  stage, then per-block refinement), then its speed check (:mod:`dsm_export.search.speed_check`): the
   least-KL candidates timed with ONNX Runtime on this machine, the least-KL one whose speed-up is at
   least 0.9 of its FLOP ratio in its lower quartile kept (with ``--no-bench``: the least-KL schedule, untimed).
 
 Every row is scored on the held-apart photos (the split of ``tune --calibration-count 128``): top-1,
 top-1 agreement and KL to the unmerged model; then exported to ONNX and timed with ONNX Runtime in
 one alternating run with the unmerged export, which runs right before every schedule (batch 32,
-``--repeats`` pairs, :func:`dsm_export.benchmark.ort_speedups`; the median of the paired
+``--repeats`` pairs, :func:`dsm_export.search.timing.ort_speedups`; the median of the paired
 speed-ups, so that load on a shared machine hits both runs of a pair alike), giving the measured
 speed-up and its quotient by the FLOP ratio (the JSON also keeps every pair, the lower quartile,
 and for each tuned row the speed check's own timings). Writes Markdown and JSON.
@@ -46,8 +46,8 @@ import tempfile
 def smallest_reaching(model, target: float, make) -> str | None:
     """The spec ``make(r)`` with the smallest r whose FLOP ratio reaches ``target``."""
     from dsm_export.errors import ScheduleError
-    from dsm_export.evaluate import flops_ratio
-    from dsm_export.schedule import Schedule
+    from dsm_export.check.evaluate import flops_ratio
+    from dsm_export.core.schedule import Schedule
 
     for r in range(1, 99):
         try:
@@ -80,14 +80,14 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from dsm_export.benchmark import cpu_name, ort_speedups
+    from dsm_export.search.timing import cpu_name, ort_speedups
     from dsm_export.data import list_images
-    from dsm_export.evaluate import model_logits, schedule_metrics, split_pixels
-    from dsm_export.export import export_model
-    from dsm_export.models import create_model
-    from dsm_export.schedule import Schedule
-    from dsm_export.speed_check import WARMUP, speed_check, speed_stats
-    from dsm_export.tune import tune, variant_group, variant_label
+    from dsm_export.check.evaluate import model_logits, schedule_metrics, split_pixels
+    from dsm_export.graph.export import export_model
+    from dsm_export.core.models import create_model
+    from dsm_export.core.schedule import Schedule
+    from dsm_export.search.speed_check import WARMUP, speed_check, speed_stats
+    from dsm_export.search.schedule_search import search_schedules, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
     calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             entries.append(("exact ToMe", tome))
         if paper:
             entries.append(("paper-style DSM", paper))
-        result = tune(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps,
+        result = search_schedules(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps,
                       mirror=not args.no_mirror)
         best_of: dict[str, dict] = {}
         for row in result.variants:

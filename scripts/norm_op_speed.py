@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How ONNX Runtime runs a row L2 norm: ``ReduceL2`` against ``Mul`` + ``ReduceSum`` + ``Sqrt``.
 
-``Tensor.norm(dim=-1, keepdim=True)`` exports to ``ReduceL2``; :func:`dsm_export.merge.l2_norm`
+``Tensor.norm(dim=-1, keepdim=True)`` exports to ``ReduceL2``; :func:`dsm_export.core.merge.l2_norm`
 writes ``sqrt(sum(x * x))``, which exports to the three-op form. The variants that take token norms
 (``metric=heads``: per-head keys; ``merge=mlerp``: source, destination and merged tokens) use the
 latter. This script times both forms on DeiT-Tiny token shapes (batch 32) in one alternating run
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from dsm_export.benchmark import cpu_name
+    from dsm_export.search.timing import cpu_name
 
     threads = args.threads or os.cpu_count()
     print(f"{cpu_name()}, {threads} threads, ONNX Runtime {ort.__version__} CPU, {platform.system()} "

@@ -28,9 +28,9 @@ def main(argv=None) -> int:
 
     from dsm_export.data import list_images
     from dsm_export.errors import ScheduleError
-    from dsm_export.evaluate import flops_ratio, load_pixels, model_logits, schedule_metrics
-    from dsm_export.models import create_model
-    from dsm_export.schedule import Schedule
+    from dsm_export.check.evaluate import flops_ratio, load_pixels, model_logits, schedule_metrics
+    from dsm_export.core.models import create_model
+    from dsm_export.core.schedule import Schedule
 
     model = create_model(args.model, args.weights)
     images = list_images(args.images)

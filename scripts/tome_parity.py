@@ -38,10 +38,10 @@ def main(argv=None) -> int:
     import torch
 
     from dsm_export.data import list_images
-    from dsm_export.evaluate import load_pixels, model_logits
-    from dsm_export.export import export_model
-    from dsm_export.models import create_model
-    from dsm_export.patch import apply
+    from dsm_export.check.evaluate import load_pixels, model_logits
+    from dsm_export.graph.export import export_model
+    from dsm_export.core.models import create_model
+    from dsm_export.core.patch import apply
 
     model = create_model(args.model, args.weights)
     images = list_images(args.images)

@@ -42,7 +42,7 @@ def images_dir():
 @pytest.fixture(scope="session")
 def dsm_onnx(tmp_path_factory, weights):
     """DeiT-Tiny exported with :data:`DSM_17` (dynamic batch), shared by the serving tests."""
-    from dsm_export.export import export_onnx
+    from dsm_export.graph.export import export_onnx
 
     path = str(tmp_path_factory.mktemp("dsm_onnx") / "deit_dsm.onnx")
     export_onnx(DEIT, path, DSM_17, weights)
@@ -51,7 +51,7 @@ def dsm_onnx(tmp_path_factory, weights):
 
 @pytest.fixture(scope="session")
 def deit(weights):
-    from dsm_export.models import create_model
+    from dsm_export.core.models import create_model
 
     return create_model(DEIT, weights)
 
@@ -60,7 +60,7 @@ def deit(weights):
 def pixels(deit, images_dir):
     """The first 16 shared photos through DeiT-Tiny's eval transform: [16, 3, 224, 224]."""
     from dsm_export.data import list_images
-    from dsm_export.evaluate import load_pixels
+    from dsm_export.check.evaluate import load_pixels
 
     return load_pixels(list_images(images_dir, limit=16), deit)
 

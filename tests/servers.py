@@ -9,7 +9,7 @@ import sys
 import time
 
 from dsm_export.checks import free_ports  # noqa: F401  (re-exported for the tests)
-from dsm_export.serve import descendants  # noqa: F401
+from dsm_export.serving.serve import descendants  # noqa: F401
 
 PYTRITON_HOME = os.path.join(os.path.expanduser("~"), ".cache", "pytriton")
 

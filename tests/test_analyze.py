@@ -5,7 +5,7 @@ import math
 
 from PIL import Image
 
-from dsm_export.analyze import PLOTS, recommend_delay
+from dsm_export.check.analyze import PLOTS, recommend_delay
 from dsm_export.cli import main
 
 from conftest import DEIT

@@ -9,15 +9,15 @@ import onnx
 import pytest
 import torch
 
-from dsm_export.analyze import merge_cost
+from dsm_export.check.analyze import merge_cost
 from dsm_export.cli import main
-from dsm_export.evaluate import model_logits, schedule_metrics
-from dsm_export.export import export_model, read_metadata
-from dsm_export.models import create_model, is_embedding_model
-from dsm_export.patch import apply
-from dsm_export.schedule import Schedule
-from dsm_export.tune import tune
-from dsm_export.validate import cosine_similarity, embedding_metrics, knn_overlap, onnx_runner
+from dsm_export.check.evaluate import model_logits, schedule_metrics
+from dsm_export.graph.export import export_model, read_metadata
+from dsm_export.core.models import create_model, is_embedding_model
+from dsm_export.core.patch import apply
+from dsm_export.core.schedule import Schedule
+from dsm_export.search.schedule_search import search_schedules
+from dsm_export.check.validate import cosine_similarity, embedding_metrics, knn_overlap, onnx_runner
 
 from conftest import DEIT
 from families import FAMILIES, build
@@ -78,7 +78,7 @@ def test_dinov2_style_tune_and_merge_cost_use_cosine(dinov2):
     # sign is the rounding's: -2.8e-17 with torch 2.14.1 on 2 cores).
     assert len(cost["merge_cost"]) == 4 and all(c > 0 for c in cost["merge_cost"][:3])
     assert abs(cost["merge_cost"][3]) < 1e-9
-    result = tune(dinov2, pixels, 1.3, max_grid=3, refine_steps=2, progress=False)
+    result = search_schedules(dinov2, pixels, 1.3, max_grid=3, refine_steps=2, progress=False)
     assert result.best_metrics["divergence"] == min(r["divergence"] for r in result.evaluated)
     assert result.best_metrics["flops_ratio"] >= 1.3
 

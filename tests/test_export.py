@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsm_export.export import export_model, export_onnx, load_onnx, read_metadata
-from dsm_export.onnx_graph import graph_problems, unknown_shapes
-from dsm_export.patch import apply
-from dsm_export.schedule import Schedule
+from dsm_export.graph.export import export_model, export_onnx, load_onnx, read_metadata
+from dsm_export.graph.onnx_graph import graph_problems, unknown_shapes
+from dsm_export.core.patch import apply
+from dsm_export.core.schedule import Schedule
 
 from conftest import DEIT, DSM_17
 from families import FAMILIES, build

@@ -305,7 +305,7 @@ def test_bad_requests_during_good_load(live, photos, dsm_onnx):
     """Concurrent good requests all succeed and are right; every bad one gets an error; the server stays up."""
     import tritonclient.http as httpclient
 
-    from dsm_export.validate import onnx_runner
+    from dsm_export.check.validate import onnx_runner
 
     data, x = photos
     local = onnx_runner(dsm_onnx)(x)
@@ -372,7 +372,7 @@ def test_bad_requests_during_good_load(live, photos, dsm_onnx):
 def test_embedding_output_is_passed_through(live, photos, emb_onnx):
     import tritonclient.http as httpclient
 
-    from dsm_export.validate import onnx_runner
+    from dsm_export.check.validate import onnx_runner
 
     data, x = photos
     local = onnx_runner(emb_onnx)(x)
@@ -392,7 +392,7 @@ def test_embedding_output_is_passed_through(live, photos, emb_onnx):
 def test_config_names_the_served_file(live, dsm_onnx):
     import tritonclient.http as httpclient
 
-    from dsm_export.models import sha256_file as sha256_of
+    from dsm_export.core.models import sha256_file as sha256_of
 
     client = httpclient.InferenceServerClient(live.url)
     try:
@@ -455,7 +455,7 @@ def test_micro_batcher_batches_concurrent_callers():
     its own row back, and a failing run fails only the callers of that run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dsm_export.serve import MicroBatcher
+    from dsm_export.serving.serve import MicroBatcher
 
     sizes = []
 
@@ -480,7 +480,7 @@ def test_micro_batcher_batches_concurrent_callers():
 
 _STUCK = r"""
 import subprocess, sys, threading, time
-from dsm_export.serve import ShutdownGuard
+from dsm_export.serving.serve import ShutdownGuard
 
 def never_ends():  # a non-daemon thread that never joins, as a stuck PyTriton handler would be
     threading.Event().wait()

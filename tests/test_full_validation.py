@@ -2,8 +2,8 @@
 
 import pytest
 
-from dsm_export.export import export_onnx
-from dsm_export.validate import validate
+from dsm_export.graph.export import export_onnx
+from dsm_export.check.validate import validate
 
 from conftest import DEIT, DSM_17
 

@@ -31,8 +31,8 @@ def int8_file(fp32_file, images_dir):
 
 
 def test_int8_file_is_standard_static_symmetric_qdq(int8_file, fp32_file):
-    from dsm_export.onnx_graph import graph_problems, unknown_shapes
-    from dsm_export.quantize import matching_nodes
+    from dsm_export.graph.onnx_graph import graph_problems, unknown_shapes
+    from dsm_export.engines.int8.quantize import matching_nodes
 
     model = onnx.load(int8_file)
     onnx.checker.check_model(model, full_check=True)
@@ -64,8 +64,8 @@ def test_a_block_of_width_plus_one_tokens_is_still_quantized(deit, weights, tmp_
     """``r=4`` leaves 193 = 192 + 1 tokens in block 1, so its attention logits ``[B, 193, 193]``
     have the shape of features with their sizes appended; they are not sizes, and the block's
     qkv layer must not be kept fp32 as if it fed only the matching path."""
-    from dsm_export.export import export_model
-    from dsm_export.quantize import layer_labels, matching_nodes
+    from dsm_export.graph.export import export_model
+    from dsm_export.engines.int8.quantize import layer_labels, matching_nodes
 
     path = str(tmp_path / "r4.onnx")
     export_model(deit, DEIT, path, "r=4", weights=weights)
@@ -120,7 +120,7 @@ def test_int8_bad_inputs_exit_2_without_output(fp32_file, int8_file, tmp_path, c
 
 
 def test_dynamic_int8_keeps_matching_fp32(fp32_file, tmp_path):
-    from dsm_export.quantize import QuantizeOptions, quantize_int8
+    from dsm_export.engines.int8.quantize import QuantizeOptions, quantize_int8
 
     out = str(tmp_path / "dyn.onnx")
     rec = quantize_int8(fp32_file, out, None, QuantizeOptions(mode="dynamic"))
@@ -135,7 +135,7 @@ def test_dynamic_int8_keeps_matching_fp32(fp32_file, tmp_path):
 
 def test_tensorrt_int8_input_checks(fp32_file, int8_file, tmp_path):
     from dsm_export.engines.tensorrt import check_tensorrt_int8_input
-    from dsm_export.quantize import QuantizeOptions, quantize_int8
+    from dsm_export.engines.int8.quantize import QuantizeOptions, quantize_int8
 
     check_tensorrt_int8_input(onnx.load(int8_file), int8_file, "int8")
     check_tensorrt_int8_input(onnx.load(fp32_file), fp32_file, "fp16")
@@ -157,7 +157,7 @@ def test_tensorrt_int8_build(int8_file, tmp_path, tensorrt):
 
 
 def test_layer_labels_follow_timm(fp32_file):
-    from dsm_export.quantize import layer_labels, plan_quantization, QuantizeOptions
+    from dsm_export.engines.int8.quantize import layer_labels, plan_quantization, QuantizeOptions
 
     model = onnx.load(fp32_file)
     labels = list(layer_labels(model).values())
@@ -169,7 +169,7 @@ def test_layer_labels_follow_timm(fp32_file):
 
 
 def test_speed_pareto_and_choice():
-    from dsm_export.engine_search import choose, ladder, speed_pareto
+    from dsm_export.search.engine_search import choose, ladder, speed_pareto
 
     rows = [{"speedup": 1.3, "divergence": 0.008, "agreement": 0.96},
             {"speedup": 2.1, "divergence": 0.06, "agreement": 0.92},
@@ -183,7 +183,7 @@ def test_speed_pareto_and_choice():
 
 
 def test_accuracy_budget_limits_the_choice():
-    from dsm_export.engine_search import Budget, choose, confirmation_contenders, fastest_within
+    from dsm_export.search.engine_search import Budget, choose, confirmation_contenders, fastest_within
 
     def row(speedup, kl, agreement):
         return {"speedup": speedup, "divergence": kl, "agreement": agreement, "precision": "int8-dynamic",
@@ -242,7 +242,7 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
 
 
 def test_confirmation_contenders_are_the_rows_that_could_be_chosen():
-    from dsm_export.engine_search import confirmation_contenders
+    from dsm_export.search.engine_search import confirmation_contenders
 
     def row(speedup, kl, precision="int8-dynamic", flops=1.5):
         return {"speedup": speedup, "divergence": kl, "agreement": 0.9, "precision": precision, "flops_ratio": flops}
@@ -259,7 +259,7 @@ def test_choice_takes_the_fastest_engine_within_one_standard_error_of_the_least_
     """Two engines whose KL differs by less than the calibration images can resolve (one standard
     error of the paired per-image difference) are tied: the faster is chosen, and both are timed
     again; a clearly worse KL is never chosen for its speed."""
-    from dsm_export.engine_search import choose, confirmation_contenders, within_one_se
+    from dsm_export.search.engine_search import choose, confirmation_contenders, within_one_se
 
     rng = np.random.default_rng(0)
     least = rng.gamma(2.0, 0.005, 128)  # per-image KL of the least-KL engine, mean about 0.01
@@ -288,8 +288,8 @@ def _integer_matmuls(path: str) -> int:
 
 
 def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path):
-    from dsm_export.engine_search import PRECISIONS, search_engines
-    from dsm_export.export import read_metadata
+    from dsm_export.search.engine_search import PRECISIONS, search_engines
+    from dsm_export.graph.export import read_metadata
 
     result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
                             refine_steps=0, quant_count=8, repeats=5, progress=False, strides=(1, 2))
@@ -329,9 +329,9 @@ def test_tune_flops_target_exports_int8(weights, images_dir, tmp_path, capsys, p
         assert _integer_matmuls(out) == 48
         record = json.loads(meta["dsm.quantization"])
         assert record["mode"] == "dynamic" and record["keep_fp32"] == []
-    from dsm_export.evaluate import flops_ratio
-    from dsm_export.export import read_metadata
-    from dsm_export.models import create_model
+    from dsm_export.check.evaluate import flops_ratio
+    from dsm_export.graph.export import read_metadata
+    from dsm_export.core.models import create_model
 
     info = read_metadata(onnx.load(out))
     assert flops_ratio(create_model(DEIT, weights), info.schedule) >= 1.5
@@ -364,15 +364,15 @@ def test_tune_refuses_bad_precision_target(weights, images_dir, tmp_path, capsys
 
 
 def test_smoothing_is_exact_in_fp32_and_evens_out_activation_ranges(fp32_file, weights, images_dir, tmp_path):
-    """SmoothQuant folded into the graph (dsm_export.smoothing): the fp32 model is unchanged, every
+    """SmoothQuant folded into the graph (dsm_export.engines.int8.smoothing): the fp32 model is unchanged, every
     block's qkv/proj/fc1 input is smoothed, and the ranges INT8 must cover even out."""
     import onnxruntime as ort
 
     from dsm_export.data import list_images
-    from dsm_export.evaluate import load_pixels
-    from dsm_export.models import create_model
-    from dsm_export.quantize import _name_nodes
-    from dsm_export.smoothing import activation_ranges, smooth_graph, smoothing_pairs, smoothing_scales
+    from dsm_export.check.evaluate import load_pixels
+    from dsm_export.core.models import create_model
+    from dsm_export.engines.int8.quantize import _name_nodes
+    from dsm_export.engines.int8.smoothing import activation_ranges, smooth_graph, smoothing_pairs, smoothing_scales
 
     pixels = load_pixels(list_images(images_dir, limit=48), create_model(DEIT, weights)).numpy()
     calib, held = pixels[:32], pixels[32:]
@@ -405,10 +405,10 @@ def test_smoothed_dynamic_int8_is_closer_to_fp32(weights, images_dir, tmp_path, 
     """build --smooth-alpha: dynamic INT8 of the unmerged model with SmoothQuant has less KL to the
     fp32 model than without, on photos the smoothing did not calibrate on; refused without images."""
     from dsm_export.data import list_images
-    from dsm_export.engine_search import SMOOTH_ALPHA, ort_logits
-    from dsm_export.evaluate import load_pixels
-    from dsm_export.models import create_model
-    from dsm_export.validate import agreement_metrics
+    from dsm_export.search.engine_search import SMOOTH_ALPHA, ort_logits
+    from dsm_export.check.evaluate import load_pixels
+    from dsm_export.core.models import create_model
+    from dsm_export.check.validate import agreement_metrics
 
     none = str(tmp_path / "none.onnx")
     assert main(["export", DEIT, "--weights", weights, "--schedule", "none", "--output", none]) == 0

@@ -1,10 +1,10 @@
-"""The merge maths against brute-force loops written independently of dsm_export.merge."""
+"""The merge maths against brute-force loops written independently of dsm_export.core.merge."""
 
 import numpy as np
 import pytest
 import torch
 
-from dsm_export.merge import (
+from dsm_export.core.merge import (
     bipartite_soft_matching,
     merge_wavg_onehot,
     merge_wavg_scatter,

@@ -47,7 +47,7 @@ def _validate(xml, images_dir, tmp_path, limit=32):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fp32_and_bf16_ir_build_and_validate(ov, dsm_onnx, images_dir, tmp_path, capsys, precision):
     from dsm_export.engines.openvino import cpu_has_bf16, read_ir_metadata
-    from dsm_export.export import load_onnx, read_metadata
+    from dsm_export.graph.export import load_onnx, read_metadata
 
     out = str(tmp_path / f"dsm_{precision}.xml")
     assert main(["build", dsm_onnx, "--backend", "openvino", "--precision", precision, "--output", out]) == 0
@@ -75,7 +75,7 @@ def test_int8_keeps_the_matching_path_out_of_quantization(ov, int8_ir, dsm_onnx)
     """Read the IR: FakeQuantize ops exist, feed the weight layers, and feed no matching or size op
     and no attention MatMul."""
     from dsm_export.engines.openvino import ignored_nodes, read_ir_metadata
-    from dsm_export.quantize import matching_nodes
+    from dsm_export.engines.int8.quantize import matching_nodes
 
     model = ov.Core().read_model(int8_ir)
     ops = model.get_ordered_ops()
@@ -117,7 +117,7 @@ def test_int8_validates_by_the_int8_criterion(ov, int8_ir, images_dir, tmp_path)
 
 def test_smoothquant_is_chosen_by_kl_on_held_apart_calibration_images(ov, dsm_onnx, images_dir, tmp_path):
     from dsm_export.engines.openvino import OpenVINOOptions, build_openvino
-    from dsm_export.quantize import calibration_pixels
+    from dsm_export.engines.int8.quantize import calibration_pixels
 
     pixels, files = calibration_pixels("deit_tiny_patch16_224", images_dir, 16)
     lines = []
@@ -227,7 +227,7 @@ def test_serve_answers_requests_from_an_openvino_ir(ov, int8_ir, images_dir, tmp
 
     from dsm_export.data import eval_transform, list_images, load_batch
     from dsm_export.engines.openvino import OpenVINORunner
-    from dsm_export.models import create_model
+    from dsm_export.core.models import create_model
 
     images = list_images(images_dir, limit=3)
     x = load_batch(images, range(3), eval_transform(create_model("deit_tiny_patch16_224", None, warn_random=False))).numpy()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dsm_export.errors import UnsupportedModelError
-from dsm_export.patch import apply
+from dsm_export.core.patch import apply
 
 from conftest import DSM_17
 from families import FAMILIES, build
@@ -56,7 +56,7 @@ def test_reference_and_export_agree_per_family(family, pixels):
 def test_last_block_for_the_prefix_tokens_alone(family, pixels):
     """The export form's last block runs for the prefix tokens alone where only they reach the head
     (global_pool='token'): the same outputs as the full block; average pooling keeps every token."""
-    from dsm_export.patch import prefix_only_last_block
+    from dsm_export.core.patch import prefix_only_last_block
 
     model = build(family)
     x = images_for(model, pixels[:4])

@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from dsm_export.cli import main
-from dsm_export.export import read_metadata
+from dsm_export.graph.export import read_metadata
 
 from conftest import DEIT, ROOT
 

@@ -9,7 +9,7 @@ import pytest
 
 from dsm_export.cli import main
 from dsm_export.errors import DSMError
-from dsm_export.providers import PROVIDER_ALIASES, create_session, resolve_providers
+from dsm_export.engines.providers import PROVIDER_ALIASES, create_session, resolve_providers
 
 from conftest import DEIT, ROOT
 
@@ -52,7 +52,7 @@ def test_unknown_provider():
 
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory, weights):
-    from dsm_export.export import export_onnx
+    from dsm_export.graph.export import export_onnx
 
     path = str(tmp_path_factory.mktemp("prov") / "m.onnx")
     export_onnx(DEIT, path, "r=13", weights, batch=2)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dsm_export.errors import ScheduleError
-from dsm_export.schedule import BlockPlan, Schedule, resolve
+from dsm_export.core.schedule import BlockPlan, Schedule, resolve
 
 GRID = (14, 14)
 
@@ -54,7 +54,7 @@ def test_json_file_with_per_block_r(tmp_path):
 
 
 def test_stride_merges_each_run_of_blocks_at_once():
-    from dsm_export.schedule import stride_blocks
+    from dsm_export.core.schedule import stride_blocks
 
     s = Schedule.parse("r=27,r_end=9,delay=3,stride=2")
     every = Schedule.parse("r=27,r_end=9,delay=3").plan(12)

@@ -21,7 +21,7 @@ def test_bench_gpu_runs_on_cpu():
 
 
 def test_bench_ort_runs(tmp_path, weights):
-    from dsm_export.export import export_onnx
+    from dsm_export.graph.export import export_onnx
 
     merged = str(tmp_path / "m.onnx")
     export_onnx("deit_tiny_patch16_224", merged, "r=13", weights, batch=2)
@@ -60,7 +60,7 @@ def test_frontier_dominance_compares_only_at_equal_or_higher_speed(monkeypatch):
 def test_ort_throughput_with_a_reference_graph(dsm_onnx):
     import pytest
 
-    from dsm_export.benchmark import ort_speedups, ort_throughput, timing_order
+    from dsm_export.search.timing import ort_speedups, ort_throughput, timing_order
 
     assert timing_order(["a", "b", "c"], "a") == ["a", "b", "a", "c"]
     assert timing_order(["b", "a", "c"], "a") == ["a", "b", "a", "c"]
@@ -93,9 +93,9 @@ def _token_counts(path: str) -> list[int]:
 def test_merge_overhead_twin_has_the_token_counts_and_no_merge_work(tmp_path, deit, weights, monkeypatch):
     import onnx
 
-    from dsm_export.export import export_model
-    from dsm_export.patch import MergedViT
-    from dsm_export.schedule import Schedule
+    from dsm_export.graph.export import export_model
+    from dsm_export.core.patch import MergedViT
+    from dsm_export.core.schedule import Schedule
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     import merge_overhead

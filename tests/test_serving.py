@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from dsm_export.cli import main
-from dsm_export.export import export_onnx
-from dsm_export.validate import onnx_runner, validate
+from dsm_export.graph.export import export_onnx
+from dsm_export.check.validate import onnx_runner, validate
 
 from conftest import DEIT
 from servers import start_ready

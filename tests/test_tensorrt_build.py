@@ -18,7 +18,7 @@ import timm
 import torch
 
 from dsm_export.cli import main
-from dsm_export.export import export_model
+from dsm_export.graph.export import export_model
 
 from conftest import DEIT
 from trt_checks import assert_engine

@@ -23,7 +23,7 @@ from dsm_export.engines.tensorrt import (
     where_it_runs,
 )
 from dsm_export.errors import DSMError
-from dsm_export.onnx_graph import graph_problems
+from dsm_export.graph.onnx_graph import graph_problems
 
 TRT10_FLAGS = ("FP16", "INT8", "TF32", "BF16", "FP8", "REFIT", "OBEY_PRECISION_CONSTRAINTS")
 TRT11_FLAGS = ("TF32", "REFIT", "STRIP_PLAN")  # no FP16/INT8/BF16: weak typing is gone
@@ -201,7 +201,7 @@ def test_fp32_islands_without_layernorm():
 
 # ------------------------------------------------------------------ Triton configs
 def test_plan_profile_and_dynamic_batching():
-    from dsm_export.triton_repo import check_plan_batching
+    from dsm_export.serving.triton_repo import check_plan_batching
 
     profile = {"min": [4, 3, 224, 224], "opt": [32, 3, 224, 224], "max": [64, 3, 224, 224]}
     with pytest.raises(DSMError, match="starts at batch 4"):
@@ -212,7 +212,7 @@ def test_plan_profile_and_dynamic_batching():
 
 
 def test_unmapped_element_type_is_refused():
-    from dsm_export.triton_repo import triton_dtype
+    from dsm_export.serving.triton_repo import triton_dtype
 
     assert triton_dtype(TensorProto.FLOAT, "x") == "TYPE_FP32"
     assert triton_dtype(TensorProto.INT64, "x") == "TYPE_INT64"
@@ -222,7 +222,7 @@ def test_unmapped_element_type_is_refused():
 
 @pytest.fixture(scope="module")
 def small_onnx(tmp_path_factory, weights):
-    from dsm_export.export import export_onnx
+    from dsm_export.graph.export import export_onnx
 
     path = str(tmp_path_factory.mktemp("trt") / "emb.onnx")
     export_onnx("deit_tiny_patch16_224", path, "r=13", weights, num_classes=0)

@@ -36,7 +36,7 @@ def test_exact_ties_merge_the_same_tokens(tmp_path, weights, tensorrt):
     import onnxruntime as ort
 
     from dsm_export.engines import TensorRTOptions, TensorRTRunner, build_tensorrt
-    from dsm_export.export import export_onnx
+    from dsm_export.graph.export import export_onnx
 
     src = str(tmp_path / "dsm.onnx")
     export_onnx("deit_tiny_patch16_224", src, "r=13,delay=1,local=2", weights, batch=4)

@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from dsm_export.cli import main
-from dsm_export.evaluate import flops_ratio, model_logits, schedule_metrics
-from dsm_export.schedule import Schedule
-from dsm_export.tune import pareto_front, tune
+from dsm_export.check.evaluate import flops_ratio, model_logits, schedule_metrics
+from dsm_export.core.schedule import Schedule
+from dsm_export.search.schedule_search import pareto_front, search_schedules
 
 from conftest import DEIT
 
 
 def test_tune_meets_target_and_beats_constant_r(deit, pixels):
-    from dsm_export.tune import with_mirrors
+    from dsm_export.search.schedule_search import with_mirrors
 
     views = with_mirrors(pixels)  # the photos, then each one mirrored left to right
     assert views.shape == (2 * len(pixels), *pixels.shape[1:])
     assert torch.equal(views[:len(pixels)], pixels) and torch.equal(views[len(pixels):, :, :, 0], pixels[:, :, :, -1])
-    result = tune(deit, pixels, 1.7, max_grid=10, refine_steps=4, progress=False)
+    result = search_schedules(deit, pixels, 1.7, max_grid=10, refine_steps=4, progress=False)
     assert flops_ratio(deit, result.best) >= 1.7
     # Scored on both views of every photo; the mirror images change what merges, so the KL differs.
     base = model_logits(deit, views)
@@ -36,14 +36,14 @@ def test_tune_meets_target_and_beats_constant_r(deit, pixels):
 def test_tune_grid_goes_coarse_to_fine(deit, pixels):
     """Past ``max_grid`` candidates: half spread over the grid with ToMe's constant r among them,
     then each next schedule the unevaluated one nearest the best so far."""
-    from dsm_export.tune import grid_candidates, grid_distance, spread_sample
+    from dsm_export.search.schedule_search import grid_candidates, grid_distance, spread_sample
 
     cands = grid_candidates(deit, 1.7, 0.05)
     first, rest = spread_sample(cands, 4)
     assert len(cands) > 8 and len(first) + len(rest) == len(cands)
     tome = [s for s in cands if s.spec() == f"r={s.r}"]
     assert tome and all(s in first for s in tome)
-    result = tune(deit, pixels[:4], 1.7, max_grid=8, refine_steps=0, progress=False, variants=False)
+    result = search_schedules(deit, pixels[:4], 1.7, max_grid=8, refine_steps=0, progress=False, variants=False)
     specs = [m["spec"] for m in result.evaluated]
     assert len(specs) == 8 and specs[:len(first)] == [s.spec() for s in first]
     by_spec = {s.spec(): s for s in cands}
@@ -75,10 +75,10 @@ def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
 
 def test_speed_check_candidates_confirmation_and_choice():
     """Which schedules the speed check times, which it times twice, and which it keeps."""
-    from dsm_export.engine_search import Budget
+    from dsm_export.search.engine_search import Budget
     import pytest
 
-    from dsm_export.speed_check import confirmation_round, first_fast_enough, speed_candidates, speed_stats
+    from dsm_export.search.speed_check import confirmation_round, first_fast_enough, speed_candidates, speed_stats
 
     def row(spec, kl, fr=1.71, agree=0.9):
         return {"spec": spec, "divergence": kl, "agreement": agree, "flops_ratio": fr}
@@ -118,8 +118,8 @@ def test_speed_check_candidates_confirmation_and_choice():
 
 def test_speed_check_times_real_exports(deit, weights, pixels, tmp_path):
     """Two real candidates exported and timed against timm's unmerged model in ONNX Runtime."""
-    from dsm_export.export import read_metadata
-    from dsm_export.speed_check import first_fast_enough, speed_check
+    from dsm_export.graph.export import read_metadata
+    from dsm_export.search.speed_check import first_fast_enough, speed_check
 
     import onnx
 
@@ -149,14 +149,14 @@ def test_tune_export_speed_check_cli(weights, images_dir, tmp_path, capsys):
     assert len(timed) == 2 and all(0 < r["speed_per_flop_low"] <= r["speed_per_flop"] for r in timed)
     kept = next((r for r in timed if r["speed_per_flop_low"] >= 0.9), timed[0])
     import onnx
-    from dsm_export.export import read_metadata
+    from dsm_export.graph.export import read_metadata
 
     assert read_metadata(onnx.load(out)).schedule.to_dict(12) == Schedule.parse(kept["spec"]).to_dict(12)
     assert json.loads(report.read_text())["schedule"] == kept["spec"]
 
 
 def test_bootstrap_interval():
-    from dsm_export.evaluate import bootstrap_interval
+    from dsm_export.check.evaluate import bootstrap_interval
 
     assert bootstrap_interval(np.full(50, 0.25)) == (0.25, 0.25)
     agree = (np.arange(372) % 100 < 91).astype(float)  # 91 % agreement on 372 photos
@@ -181,7 +181,7 @@ def test_bootstrap_interval():
 def test_aimed_rungs_follow_the_measured_speed():
     """The engine search places each rung where a precision is predicted to reach the target: a
     log-log line through the points that bracket it, or speed proportional to FLOPs from one point."""
-    from dsm_export.engine_search import aim_rung
+    from dsm_export.search.engine_search import aim_rung
 
     assert aim_rung([(1.0, 1.0)], 1.6) == pytest.approx(1.6)  # one point: speed in proportion to FLOPs
     assert aim_rung([(1.0, 1.5)], 1.6) == pytest.approx(1.6 / 1.5)
@@ -220,7 +220,7 @@ def test_tune_backend_and_precision_mistakes_exit_2_before_any_work(tmp_path, ca
 
 
 def test_alternating_throughput_times_the_reference_before_every_engine():
-    from dsm_export.benchmark import alternating_throughput
+    from dsm_export.search.timing import alternating_throughput
 
     calls = []
     runs = {k: (lambda k=k: calls.append(k)) for k in ("baseline", "a", "b")}
@@ -231,7 +231,7 @@ def test_alternating_throughput_times_the_reference_before_every_engine():
 
 
 def test_a_precision_dominated_at_every_rung_is_dropped_and_never_all():
-    from dsm_export.engine_search import dominated_precisions
+    from dsm_export.search.engine_search import dominated_precisions
 
     def row(p, rung, speed, kl):
         return {"precision": p, "rung": rung, "speedup": speed, "divergence": kl, "stride": 1}

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from dsm_export.errors import ScheduleError, UnsupportedModelError
-from dsm_export.export import export_model
-from dsm_export.flops import schedule_flops
-from dsm_export.merge import bipartite_soft_matching, token_mask, tome_distill_order, top_tokens
-from dsm_export.onnx_graph import graph_problems
-from dsm_export.patch import apply
-from dsm_export.schedule import Schedule, resolve, tome_parse_r
-from dsm_export.tune import tune, variant_label
+from dsm_export.graph.export import export_model
+from dsm_export.core.flops import schedule_flops
+from dsm_export.core.merge import bipartite_soft_matching, token_mask, tome_distill_order, top_tokens
+from dsm_export.graph.onnx_graph import graph_problems
+from dsm_export.core.patch import apply
+from dsm_export.core.schedule import Schedule, resolve, tome_parse_r
+from dsm_export.search.schedule_search import search_schedules, variant_label
 
 from conftest import DEIT
 from families import build
@@ -148,7 +148,7 @@ def test_protected_tokens_never_merge():
 
 
 def test_mlerp_keeps_direction_and_takes_the_largest_norm():
-    from dsm_export.merge import Matching, heads_metric, merge_wavg_onehot, merge_wavg_scatter
+    from dsm_export.core.merge import Matching, heads_metric, merge_wavg_onehot, merge_wavg_scatter
 
     # A = tokens 0, 2, 4; B = tokens 1, 3. A0 and A2 merge into B0 (sizes 1, 2, 1); A1 stays.
     x = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 5.0], [2.0, 2.0], [1.0, 1.0]]])
@@ -164,7 +164,7 @@ def test_mlerp_keeps_direction_and_takes_the_largest_norm():
         assert new_size[0, :, 0].tolist() == [1.0, 4.0, 3.0]
     # heads metric: unit rows whose dot product is the mean over heads of per-head key cosines,
     # in both forms (the export form takes the heads one by one)
-    from dsm_export.merge import heads_metric_of, l2_norm
+    from dsm_export.core.merge import heads_metric_of, l2_norm
 
     k = torch.randn(2, 3, 7, 8)
     f = heads_metric(k)
@@ -174,7 +174,7 @@ def test_mlerp_keeps_direction_and_takes_the_largest_norm():
     per_head = torch.nn.functional.cosine_similarity(k[:, :, 0:1], k[:, :, 1:2], dim=-1).mean(1)[:, 0]
     assert torch.allclose((f[:, 0] * f[:, 1]).sum(-1), per_head, atol=1e-6)
     # tokens metric: unit rows whose dot products are the tokens' cosine similarities
-    from dsm_export.merge import tokens_metric
+    from dsm_export.core.merge import tokens_metric
 
     t = torch.randn(2, 7, 12)
     u = tokens_metric(t)
@@ -274,7 +274,7 @@ def test_sources_follow_every_variant(deit, pixels):
 
 
 def test_tune_tries_the_variants(deit, pixels):
-    result = tune(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
+    result = search_schedules(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
     labels = [r["variant"] for r in result.variants]
     assert labels[0] == "plain"
     assert {"protect=8", "prune=1", "metric=heads", "metric=tokens", "merge=mlerp",

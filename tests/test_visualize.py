@@ -6,9 +6,9 @@ import numpy as np
 from PIL import Image
 
 from dsm_export.cli import main
-from dsm_export.patch import apply
-from dsm_export.schedule import Schedule
-from dsm_export.visualize import merge_groups
+from dsm_export.core.patch import apply
+from dsm_export.core.schedule import Schedule
+from dsm_export.check.visualize import merge_groups
 
 from conftest import DEIT, DSM_17
 

@@ -22,7 +22,7 @@ SUBCOMMANDS = ("export", "validate", "inspect", "build", "bench", "triton_repo",
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand."""
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="dsm-export",

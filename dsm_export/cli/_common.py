@@ -24,13 +24,13 @@ def add_weights_args(p, num_classes: bool = True) -> None:
 
 def model_from_args(args, name: str, require_weights: bool = False):
     """The timm model for ``name`` with the weights the options name (see
-    :func:`dsm_export.models.create_model`).
+    :func:`dsm_export.core.models.create_model`).
 
     Raises:
         DSMError: both or (with ``require_weights``) neither of --weights and --pretrained, and
             everything ``create_model`` raises.
     """
-    from ..models import create_model
+    from ..core.models import create_model
 
     check_weights_args(args, require_weights)
     return create_model(name, args.weights, pretrained=args.pretrained,

@@ -22,9 +22,9 @@ def add(sub):
 
 
 def run(args) -> int:
-    from ..analyze import analyze, plot_analysis
+    from ..check.analyze import analyze, plot_analysis
     from ..data import list_images
-    from ..evaluate import load_pixels
+    from ..check.evaluate import load_pixels
     from ..fileio import write_json
 
     from .. import checks

@@ -103,9 +103,9 @@ def _bench_openvino(args) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from ..benchmark import alternating_throughput, cpu_name, make_session
+    from ..search.timing import alternating_throughput, cpu_name, make_session
     from ..engines.openvino import OpenVINORunner, import_openvino, read_ir_metadata
-    from ..export import export_onnx, weights_path
+    from ..graph.export import export_onnx, weights_path
 
     ov = import_openvino()
     info, meta = read_ir_metadata(args.merged)
@@ -148,9 +148,9 @@ def _bench_openvino(args) -> int:
 def _bench_onnx(args) -> int:
     import onnxruntime as ort
 
-    from ..benchmark import cpu_name, ort_latency, ort_throughput
-    from ..export import export_onnx, load_onnx, read_metadata, weights_path
-    from ..providers import resolve_providers
+    from ..search.timing import cpu_name, ort_latency, ort_throughput
+    from ..graph.export import export_onnx, load_onnx, read_metadata, weights_path
+    from ..engines.providers import resolve_providers
 
     providers = resolve_providers(args.provider)
     proto = load_onnx(args.merged)

@@ -57,9 +57,9 @@ def add(sub):
 
 def _check_int8_args(args) -> None:
     """Refuse INT8 mistakes before any work (one line, exit 2)."""
-    from ..export import load_onnx, read_metadata
-    from ..inspection import precision_of
-    from ..quantize import is_quantized
+    from ..graph.export import load_onnx, read_metadata
+    from ..check.inspection import precision_of
+    from ..engines.int8.quantize import is_quantized
 
     model = load_onnx(args.onnx)
     read_metadata(model, args.onnx)
@@ -137,8 +137,8 @@ def _build_openvino(args) -> int:
     """``--backend openvino``: every check (options, the file, the calibration images) before OpenVINO runs."""
     from .. import checks
     from ..engines.openvino import OpenVINOOptions, build_openvino, check_openvino_input
-    from ..export import read_metadata
-    from ..quantize import calibration_pixels
+    from ..graph.export import read_metadata
+    from ..engines.int8.quantize import calibration_pixels
 
     if args.precision == "fp16":
         raise DSMError("--backend openvino runs fp32, bf16 or int8 (fp16 is for onnxruntime and tensorrt)")
@@ -178,8 +178,8 @@ def _build_openvino(args) -> int:
 
 
 def _build_int8(args) -> None:
-    from ..export import load_onnx, read_metadata
-    from ..quantize import QuantizeOptions, calibration_pixels, quantize_int8
+    from ..graph.export import load_onnx, read_metadata
+    from ..engines.int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
 
     keep = tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip()) or None  # None: the mode's default
     if keep == ("none",):

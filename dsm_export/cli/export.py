@@ -24,7 +24,7 @@ def add(sub):
 
 def run(args) -> int:
     from .. import checks
-    from ..export import export_onnx, parse_input_size
+    from ..graph.export import export_onnx, parse_input_size
 
     check_weights_args(args)
     checks.output_file(args.output, "--output")

@@ -18,12 +18,12 @@ def add(sub):
 def run(args) -> int:
     from .. import checks
     from ..fileio import write_json
-    from ..inspection import format_inspection, inspect_schedule, precision_of
+    from ..check.inspection import format_inspection, inspect_schedule, precision_of
 
     checks.output_file(args.json_path, "--json")
 
     if args.target.lower().endswith(".onnx") or os.path.isfile(args.target):
-        from ..export import load_onnx, read_metadata
+        from ..graph.export import load_onnx, read_metadata
 
         model = load_onnx(args.target)
         info = read_metadata(model, args.target)

@@ -21,7 +21,7 @@ def add(sub):
 
 def run(args) -> int:
     from .. import checks
-    from ..triton_repo import write_repository
+    from ..serving.triton_repo import write_repository
 
     for f in args.files:
         checks.input_file(f, "model file")

@@ -42,7 +42,7 @@ def run(args) -> int:
     from .. import checks
     from ..data import list_images
     from ..fileio import write_json
-    from ..validate import validate, validate_engine, validate_openvino
+    from ..check.validate import validate, validate_engine, validate_openvino
 
     if bool(args.onnx) == bool(args.engine):
         raise DSMError("give either an ONNX file or --engine PLAN")

@@ -20,8 +20,8 @@ def add(sub):
 
 
 def run(args) -> int:
-    from ..schedule import Schedule
-    from ..visualize import visualize
+    from ..core.schedule import Schedule
+    from ..check.visualize import visualize
 
     try:
         blocks = [int(b) for b in args.blocks.split(",") if b.strip()]

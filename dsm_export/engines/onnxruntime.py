@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Callable
 
+import numpy as np
 import onnx
 
 from ..errors import DSMError
-from ..export import META_PREFIX, load_onnx, read_metadata
+from ..graph.export import META_PREFIX, load_onnx, read_metadata
 from ..fileio import atomic_path
 
 
@@ -177,3 +179,21 @@ def _unshare_initializers(model: onnx.ModelProto, keep: set[str]) -> None:
             for k, name in enumerate(node.input):
                 if name in shared:
                     node.input[k] = name + "__fp32"
+
+
+def batched_runner(run: Callable[[np.ndarray], np.ndarray], static_batch: int | None):
+    """Wrap ``run`` so that a graph with a fixed batch size takes any number of images."""
+
+    def runner(x: np.ndarray) -> np.ndarray:
+        if static_batch is None:
+            return run(np.ascontiguousarray(x, dtype=np.float32))
+        outs = []
+        for start in range(0, len(x), static_batch):
+            chunk = x[start:start + static_batch]
+            n = len(chunk)
+            if n < static_batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static_batch - n, axis=0)])
+            outs.append(run(np.ascontiguousarray(chunk, dtype=np.float32))[:n])
+        return np.concatenate(outs)
+
+    return runner

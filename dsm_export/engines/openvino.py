@@ -6,7 +6,7 @@
 * ``int8``: NNCF post-training quantization (``nncf.quantize``, ``ModelType.TRANSFORMER``) on
   calibration images, with the matching and size path (key mean, normalisation, similarity MatMul,
   ArgMax/TopK, one-hot assignment, sizes, ``log(size)``; the same node list the ONNX Runtime INT8 and
-  fp16 paths keep in fp32, :func:`dsm_export.quantize.matching_nodes`) and the attention MatMuls
+  fp16 paths keep in fp32, :func:`dsm_export.engines.int8.quantize.matching_nodes`) and the attention MatMuls
   (``q @ k^T``, ``attn @ v``) in NNCF's ignored scope. SmoothQuant's migration strength is chosen by
   measurement (:func:`_choose_smooth_alpha`: KL to fp32 on calibration images the trial did not
   calibrate on), not by default: on DeiT-Tiny's r=24,r_end=8,delay=3,protect=16,merge=mlerp graph
@@ -19,7 +19,7 @@ OpenVINO's inference precision is a compile-time property, not part of the IR (`
 ``rt_info["dsm_export"]["inference_precision"]`` with the rest of the export's metadata, and
 :class:`OpenVINORunner` compiles with it. The CPU plugin has no per-node fp32 pin that survives in IR
 (``disable_fp16_compression`` rt_info had no effect under bf16): in bf16 and int8 engines the
-matching ops run in bf16 too; the bf16 criterion of :mod:`dsm_export.validate` covers it.
+matching ops run in bf16 too; the bf16 criterion of :mod:`dsm_export.check.validate` covers it.
 
 Sources: OpenVINO docs, "Precision Control" and ``ov::hint::inference_precision``; NNCF docs,
 "Post-training Quantization" (``IgnoredScope``, ``AdvancedSmoothQuantParameters``).
@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from ..errors import DSMError
-from ..export import META_PREFIX, load_onnx, read_metadata
+from ..graph.export import META_PREFIX, load_onnx, read_metadata
 
 OPENVINO_INSTALL_HINT = "OpenVINO is not installed: pip install 'dsm-export[openvino]' (openvino, nncf)"
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -110,8 +110,7 @@ def check_openvino_input(onnx_path: str) -> onnx.ModelProto:
     Raises:
         DSMError: one line naming the file to give instead.
     """
-    from ..inspection import precision_of
-    from ..quantize import is_quantized
+    from ..graph.facts import is_quantized, precision_of
 
     model = load_onnx(onnx_path)
     read_metadata(model, onnx_path)
@@ -133,7 +132,8 @@ def ignored_nodes(model: onnx.ModelProto, quantize_attention: bool = False) -> t
     Returns:
         ``(names, {"matching": n, "attention": m})``.
     """
-    from ..quantize import _weight_inputs, matching_nodes
+    from ..graph.facts import weight_inputs as _weight_inputs
+    from .int8.quantize import matching_nodes
 
     matching = set(matching_nodes(model))
     weights = _weight_inputs(model)
@@ -144,7 +144,7 @@ def ignored_nodes(model: onnx.ModelProto, quantize_attention: bool = False) -> t
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    from ..validate import kl_divergence
+    from ..metrics import kl_divergence
 
     return float(kl_divergence(p_logits, q_logits).mean())
 
@@ -211,7 +211,7 @@ def build_openvino(onnx_path: str, output: str, options: OpenVINOOptions, pixels
             temporary names first, then renamed.
         options: :class:`OpenVINOOptions`.
         pixels: int8: calibration images, ``[N, 3, H, W]`` float32 through the model's timm eval
-            transform (:func:`dsm_export.quantize.calibration_pixels`).
+            transform (:func:`dsm_export.engines.int8.quantize.calibration_pixels`).
         files: the calibration image paths (their sha256 goes into the metadata).
         log: where progress lines of the SmoothQuant choice go.
 
@@ -246,7 +246,7 @@ def build_openvino(onnx_path: str, output: str, options: OpenVINOOptions, pixels
             import nncf
         except ImportError as exc:
             raise DSMError(OPENVINO_INSTALL_HINT) from exc
-        from ..quantize import images_sha256
+        from .int8.quantize import images_sha256
 
         batch = info.batch or options.calibration_batch
         names, counts = ignored_nodes(proto, options.quantize_attention)
@@ -335,7 +335,7 @@ class OpenVINORunner:
     """
 
     def __init__(self, xml_path: str, threads: int | None = None, precision: str | None = None):
-        from ..validate import batched_runner
+        from .onnxruntime import batched_runner
 
         ov = import_openvino()
         self.core = ov.Core()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import onnx
 
 from ...errors import DSMError
-from ...export import load_onnx, read_metadata
+from ...graph.export import load_onnx, read_metadata
 from ...fileio import atomic_path, write_json
 from ..onnxruntime import convert_fp16
 from .common import build_log, gpu_info
@@ -95,8 +95,7 @@ def check_tensorrt_input(model: onnx.ModelProto, path: str, precision: str) -> N
         DSMError: one line naming what the file is and the ``build`` command that makes a
             TensorRT-ready file.
     """
-    from ...inspection import precision_of
-    from ...quantize import is_quantized, quantization_record
+    from ...graph.facts import is_quantized, precision_of, quantization_record
 
     export_hint = f"'dsm-export build EXPORT.onnx --backend tensorrt --precision {precision}' with the file of 'dsm-export export'"
     int8_hint = ("'dsm-export build EXPORT.onnx --backend onnxruntime --precision int8 --calibration DIR' "

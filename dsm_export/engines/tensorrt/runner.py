@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from ...errors import DSMError
-from ...export import read_metadata
+from ...graph.export import read_metadata
 from ...fileio import atomic_path
 from .common import build_log, require_gpu
 from .flavours import import_tensorrt, version_tuple

@@ -1,6 +1,6 @@
 """Static-shape ONNX export of a timm ViT under a merge schedule.
 
-The model runs the ``export`` implementation of :mod:`dsm_export.patch` (merges as Gather plus a
+The model runs the ``export`` implementation of :mod:`dsm_export.core.patch` (merges as Gather plus a
 one-hot assignment MatMul) and is exported with PyTorch's ``torch.export``-based ONNX exporter.
 Every shape is static except an optional dynamic batch axis; the graph is cleaned with onnxslim
 (constant folding, dead nodes), passes the full ``onnx.checker`` check and shape inference, and
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import onnx
 import torch
 
-from .errors import DSMError
-from .fileio import atomic_path
-from .models import create_model, is_embedding_model, pretrained_file, pretrained_name, sha256_file
+from ..errors import DSMError
+from ..fileio import atomic_path
+from ..core.models import create_model, is_embedding_model, pretrained_file, pretrained_name, sha256_file
 from .onnx_graph import graph_problems, unknown_shapes
-from .patch import apply, input_size
-from .schedule import Schedule
+from ..core.patch import apply, input_size
+from ..core.schedule import Schedule
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -52,7 +52,7 @@ class ExportInfo:
         num_classes: the ``num_classes`` the model was created with (None: timm's default).
         output: the graph output, ``logits`` or ``embeddings`` (identity head).
         last_block: ``"prefix"`` if the last block runs for the prefix tokens alone (see
-            :meth:`dsm_export.patch.MergedViT._last_block_prefix`), ``"full"`` if for every token
+            :meth:`dsm_export.core.patch.MergedViT._last_block_prefix`), ``"full"`` if for every token
             (as timm's model; files without ``dsm.last_block`` metadata are ``"full"``).
     """
 
@@ -186,7 +186,7 @@ def export_model(
     Raises:
         DSMError: unsupported model, impossible schedule, or a graph that fails its checks.
     """
-    from . import __version__
+    from .._version import __version__
 
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)

@@ -14,7 +14,7 @@ Search (on calibration images, PyTorch reference implementation):
    importance-protected matching (``protect=P``), prune-then-merge (``prune=K``), per-head
    similarity, token similarity and norm-preserving merging (``metric=heads``, ``metric=tokens``,
    ``merge=mlerp``), then the best of each group combined, best group first; the best of these
-   and the plain schedule goes on (see :mod:`dsm_export.schedule`);
+   and the plain schedule goes on (see :mod:`dsm_export.core.schedule`);
 3. if a variant won, the grid again with its variant keys and each similarity metric
    (``max_grid`` candidates, nearest first from the winner), since the delay, local blocks, r
    shape and metric that suit a variant differ from the plain schedule's (on DeiT-Tiny at 2x the
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DSMError, ScheduleError
-from .evaluate import flops_ratio, model_logits, schedule_metrics
-from .schedule import METRICS, BlockPlan, Schedule, resolve
+from ..errors import DSMError, ScheduleError
+from ..check.evaluate import flops_ratio, model_logits, schedule_metrics
+from ..core.schedule import METRICS, BlockPlan, Schedule, resolve
 
 
 @dataclass
@@ -288,7 +288,7 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
     return best, best_m, near
 
 
-def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
+def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
          slack: float = 0.05, progress: bool = True, variants: bool = True, mirror: bool = True,
          keys: dict | None = None, anchor: Schedule | None = None, base: np.ndarray | None = None,
          bar=None) -> TuneResult:
@@ -308,11 +308,11 @@ def tune(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 
         mirror: score every candidate on ``pixels`` and their horizontal mirror images
             (:func:`with_mirrors`, ``2N`` views; twice the time); the metrics in the result are
             over those ``2N`` views.
-        keys: merge-variant keys chosen beforehand (:meth:`dsm_export.schedule.Schedule.variant_keys`
+        keys: merge-variant keys chosen beforehand (:meth:`dsm_export.core.schedule.Schedule.variant_keys`
             of another search's winner, e.g. ``{"protect": 16, "merge": "mlerp"}``): every grid
             candidate is evaluated with them (raised to the target, :func:`reach_target`) and no
             variant stage runs. The engine search uses this to run the variant stage at one FLOP
-            rung only (:func:`dsm_export.engine_search.search_engines`).
+            rung only (:func:`dsm_export.search.engine_search.search_engines`).
         anchor: with ``keys``: a schedule the grid search starts nearest to (:func:`grid_distance`)
             instead of spreading over the grid, e.g. the winner at a neighbouring FLOP ratio.
         base: the unmerged outputs on the scored views (``[2N, classes]`` with ``mirror``), when the

@@ -28,9 +28,9 @@ import re
 
 import onnx
 
-from .errors import DSMError
-from .export import load_onnx, read_metadata
-from .fileio import atomic_path
+from ..errors import DSMError
+from ..graph.export import load_onnx, read_metadata
+from ..fileio import atomic_path
 
 # ONNX element type -> Triton data type (model_config.proto DataType).
 _DTYPES = {
@@ -87,7 +87,7 @@ def _io_from_onnx(path: str):
 
 
 def _io_from_plan(path: str):
-    from .engines import engine_info
+    from ..engines import engine_info
 
     info, sidecar = engine_info(path)
     c, h, w = info.input_size
@@ -99,7 +99,7 @@ def _io_from_plan(path: str):
 
 def _io_from_ir(path: str):
     """Inputs, outputs (name, Triton type, dims with -1 for a dynamic batch) and the metadata of an IR."""
-    from .engines.openvino import read_ir
+    from ..engines.openvino import read_ir
 
     model, _, meta = read_ir(path)
     types = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i64": "TYPE_INT64", "i32": "TYPE_INT32"}
@@ -226,11 +226,11 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
 def source_info(path: str):
     """The dsm-export metadata of an ``.onnx`` file, an OpenVINO ``.xml`` or a ``.plan``'s source (:class:`ExportInfo`)."""
     if path.endswith(".xml"):
-        from .engines.openvino import read_ir_metadata
+        from ..engines.openvino import read_ir_metadata
 
         return read_ir_metadata(path)[0]
     if path.endswith(".plan"):
-        from .engines import engine_info
+        from ..engines import engine_info
 
         return engine_info(path)[0]
     return read_metadata(load_onnx(path), path)
@@ -264,7 +264,7 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
             ``allow_random_init``) a file exported from random weights, and what :func:`model_config`
             refuses.
     """
-    from .engines import copy_file
+    from ..engines import copy_file
 
     _, text_format = _pb2()
     names = [model_name_for(f) for f in files]

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSet, eval_transform, load_batch
-from .flops import schedule_flops
-from .patch import apply
-from .schedule import Schedule
-from .models import is_embedding_model
-from .validate import output_metrics
+from ..data import ImageSet, eval_transform, load_batch
+from ..core.flops import schedule_flops
+from ..core.patch import apply
+from ..core.schedule import Schedule
+from ..core.models import is_embedding_model
+from ..metrics import output_metrics
 
 
 def load_pixels(images: ImageSet, model: nn.Module, progress: bool = False) -> torch.Tensor:
@@ -38,7 +38,7 @@ def split_pixels(model: nn.Module, images: ImageSet, calibration: int, holdout: 
         ``(calib, held, calib_pixels, held_pixels)``: the two :class:`ImageSet` splits (held-apart
         cut to its first ``holdout`` photos if given) and their ``[N, 3, H, W]`` pixels.
     """
-    from .data import split_calibration
+    from ..data import split_calibration
 
     calib, held = split_calibration(images, calibration)
     if holdout:
@@ -55,8 +55,8 @@ def model_logits(module: nn.Module, pixels: torch.Tensor, batch_size: int = 50) 
 
 
 def flops_ratio(model: nn.Module, schedule: Schedule, last_block: str | None = None) -> float:
-    """timm's unmerged FLOPs over the FLOPs under ``schedule`` (analytic, see :mod:`dsm_export.flops`;
-    ``last_block`` as for :func:`dsm_export.flops.schedule_flops`).
+    """timm's unmerged FLOPs over the FLOPs under ``schedule`` (analytic, see :mod:`dsm_export.core.flops`;
+    ``last_block`` as for :func:`dsm_export.core.flops.schedule_flops`).
 
     Raises:
         ScheduleError: if the schedule does not fit the model.
@@ -80,7 +80,7 @@ def schedule_metrics(model: nn.Module, schedule: Schedule, pixels: torch.Tensor,
         ``{"schedule", "flops_ratio", "divergence", "agreement", ...}``; classifiers add ``kl``,
         ``top1_agreement`` (and ``top1_accuracy``, ``baseline_top1_accuracy`` with labels), embedding
         models ``cosine_distance``, ``min_cosine``, ``mean_cosine``, ``knn_overlap``, ``knn_k``
-        (see :func:`dsm_export.validate.output_metrics`).
+        (see :func:`dsm_export.check.validate.output_metrics`).
     """
     logits = model_logits(apply(model, schedule).eval(), pixels, batch_size)
     return {"schedule": schedule.spec(), "flops_ratio": flops_ratio(model, schedule),

@@ -1,13 +1,13 @@
 """The runtimes the engine search builds, times and scores candidates in: ONNX Runtime and OpenVINO.
 
-:func:`dsm_export.engine_search.search_engines` is the same search for both. What differs is held
+:func:`dsm_export.search.engine_search.search_engines` is the same search for both. What differs is held
 here, behind one small interface:
 
 - ``precisions`` and ``auto``: what can be built, and what ``--precision auto`` searches;
 - ``build(fp32_path, precision, calib)``: the engine file of one precision from the fp32 export;
 - ``throughput(engines, baseline_onnx)``: images/s of each engine and of ``"baseline"`` in one
-  alternating run (:func:`dsm_export.benchmark.ort_throughput` and
-  :func:`dsm_export.benchmark.alternating_throughput`);
+  alternating run (:func:`dsm_export.search.timing.ort_throughput` and
+  :func:`dsm_export.search.timing.alternating_throughput`);
 - ``outputs(path, pixels)``: the engine's logits (or embeddings), to score its KL;
 - ``exact(precision)``: whether that precision's outputs are the PyTorch reference's to 1e-4, so
   the search may score it in PyTorch;
@@ -25,18 +25,26 @@ import os
 
 import numpy as np
 
-from .errors import DSMError
+from ..errors import DSMError
+
+# int8: static QDQ (TensorRT-compatible); int8-dynamic: ONNX Runtime dynamic quantization, the first
+# block kept fp32 (the dynamic default); int8-dynamic-all: dynamic, every weight MatMul quantized.
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
+# SmoothQuant migration strength of the search's INT8 engines (dsm_export.engines.int8.smoothing), chosen on
+# calibration-split photos by scripts/int8_choices.py (README, INT8 section): 0.7 lowered the KL of
+# 5 of the 6 mode x schedule pairs it was tried on, 0.5 raised it on the merged model.
+SMOOTH_ALPHA = 0.7
 
 
 class OnnxRuntimeEngines:
-    """ONNX Runtime engines: fp32 and the INT8 forms of :data:`dsm_export.engine_search.PRECISIONS`.
+    """ONNX Runtime engines: fp32 and the INT8 forms of :data:`PRECISIONS`.
 
     Args:
-        provider: execution provider (:func:`dsm_export.providers.resolve_providers`).
+        provider: execution provider (:func:`dsm_export.engines.providers.resolve_providers`).
         threads: intra-op threads (default: all cores).
         batch, repeats: the timing (images per run; repetitions, median taken).
-        quant_options: :class:`dsm_export.quantize.QuantizeOptions` of ``int8`` (default:
-            :func:`dsm_export.engine_search.precision_options`).
+        quant_options: :class:`dsm_export.engines.int8.quantize.QuantizeOptions` of ``int8`` (default:
+            :func:`precision_options`).
     """
 
     name = "onnxruntime"
@@ -45,7 +53,6 @@ class OnnxRuntimeEngines:
 
     def __init__(self, provider: str | None = "cpu", threads: int | None = None, batch: int = 32,
                  repeats: int = 5, quant_options=None):
-        from .engine_search import PRECISIONS
 
         self.precisions = PRECISIONS
         self.auto = PRECISIONS
@@ -55,11 +62,10 @@ class OnnxRuntimeEngines:
 
     def build(self, fp32_path: str, precision: str, calib: np.ndarray) -> str:
         """The ``precision`` engine of ``fp32_path``: the file itself for fp32, else quantized
-        (:func:`dsm_export.quantize.quantize_int8`) beside it."""
+        (:func:`dsm_export.engines.int8.quantize.quantize_int8`) beside it."""
         if precision == "fp32":
             return fp32_path
-        from .engine_search import precision_options
-        from .quantize import quantize_int8
+        from ..engines.int8.quantize import quantize_int8
 
         folder, stem = os.path.split(fp32_path)
         path = os.path.join(folder, precision.replace("-", "_") + stem[len("fp32"):])
@@ -72,14 +78,13 @@ class OnnxRuntimeEngines:
 
     def throughput(self, engines: dict[str, str], baseline_onnx: str) -> dict[str, float]:
         """images/s of ``engines`` and ``"baseline"`` (``baseline_onnx``, timed before each engine)."""
-        from .benchmark import ort_throughput
+        from .timing import ort_throughput
 
         return ort_throughput({"baseline": baseline_onnx, **engines}, batch=self.batch, repeats=self.repeats,
                               threads=self.threads, provider=self.provider, reference="baseline")
 
     def outputs(self, path: str, pixels: np.ndarray) -> np.ndarray:
         """``[N, classes]`` outputs of an ONNX file over ``pixels`` ``[N, 3, H, W]``."""
-        from .engine_search import ort_logits
 
         return ort_logits(path, pixels)
 
@@ -93,7 +98,7 @@ class OnnxRuntimeEngines:
     def machine(self) -> dict:
         import onnxruntime as ort
 
-        from .benchmark import cpu_name
+        from .timing import cpu_name
 
         return {"cpu": cpu_name(), "runtime": self.name, "onnxruntime": ort.__version__,
                 "threads": self.threads or os.cpu_count(), "batch": self.batch, "repeats": self.repeats}
@@ -120,13 +125,13 @@ class OpenVINOEngines:
     baseline_label = "OpenVINO's default compile of the unmerged model"
 
     def __init__(self, threads: int | None = None, batch: int = 32, repeats: int = 5):
-        from .engines.openvino import PRECISIONS, cpu_has_bf16, import_openvino
+        from ..engines.openvino import PRECISIONS, cpu_has_bf16, import_openvino
 
         self.ov = import_openvino()
         try:
             import nncf  # noqa: F401
         except ImportError as exc:
-            from .engines.openvino import OPENVINO_INSTALL_HINT
+            from ..engines.openvino import OPENVINO_INSTALL_HINT
 
             raise DSMError(OPENVINO_INSTALL_HINT) from exc
         self.core = self.ov.Core()
@@ -141,7 +146,7 @@ class OpenVINOEngines:
 
     def build(self, fp32_path: str, precision: str, calib: np.ndarray) -> str:
         """The ``precision`` IR of ``fp32_path``, beside it (``<precision>_<tag>.xml``)."""
-        from .engines.openvino import OpenVINOOptions, build_openvino
+        from ..engines.openvino import OpenVINOOptions, build_openvino
 
         folder, stem = os.path.split(fp32_path)
         path = os.path.join(folder, f"ov_{precision}{stem[len('fp32'):-len('.onnx')]}.xml")
@@ -159,7 +164,7 @@ class OpenVINOEngines:
         return False  # the baseline is OpenVINO's default compile of timm's model: every engine is timed
 
     def _runner(self, path: str):
-        from .engines.openvino import OpenVINORunner
+        from ..engines.openvino import OpenVINORunner
 
         if path not in self._runners:
             self._runners[path] = OpenVINORunner(path, self.threads)
@@ -169,7 +174,7 @@ class OpenVINOEngines:
         """images/s of ``engines`` (IR files), of ``"baseline"`` (OpenVINO's default compile of
         ``baseline_onnx``, timed before each engine) and of ``"onnxruntime"`` (ONNX Runtime fp32 on
         ``baseline_onnx``), in one alternating run."""
-        from .benchmark import alternating_throughput, make_session
+        from .timing import alternating_throughput, make_session
 
         config = {"INFERENCE_NUM_THREADS": int(self.threads)} if self.threads else {}
         base = self.core.compile_model(self.ov.convert_model(baseline_onnx), "CPU", config).create_infer_request()
@@ -199,7 +204,7 @@ class OpenVINOEngines:
     def machine(self) -> dict:
         import onnxruntime as ort
 
-        from .benchmark import cpu_name
+        from .timing import cpu_name
 
         return {"cpu": cpu_name(), "runtime": self.name, "openvino": self.ov.__version__.split("-")[0],
                 "onnxruntime": ort.__version__, "cpu_bf16": self.bf16,
@@ -219,3 +224,37 @@ def make_runtime(backend: str, provider: str | None = "cpu", threads: int | None
     if backend == "openvino":
         return OpenVINOEngines(threads, batch, repeats)
     raise DSMError(f"--backend {backend}: the search measures onnxruntime or openvino")
+
+
+def precision_options(precision: str, static_options=None):
+    """The :class:`dsm_export.engines.int8.quantize.QuantizeOptions` of an INT8 ``precision`` of :data:`PRECISIONS`
+    (``static_options`` for ``int8``, None meaning the static defaults with SmoothQuant at
+    :data:`SMOOTH_ALPHA`). Every precision smooths with :data:`SMOOTH_ALPHA`, so every one needs
+    calibration images.
+
+    ``int8-dynamic`` keeps the first block fp32 (ONNX Runtime's dynamic mode with dsm-export's
+    default, more accurate); ``int8-dynamic-all`` quantizes it too (faster: the first block's four
+    fp32 MatMuls run on every token, before any merge, so they weigh more in a merged engine; the
+    README's frontier times both). Which one pays at a speed target is for the search to measure.
+
+    Raises:
+        DSMError: ``precision`` is not an INT8 precision of :data:`PRECISIONS`.
+    """
+    from ..engines.int8.quantize import QuantizeOptions
+
+    if precision == "int8":
+        return static_options or QuantizeOptions(smooth_alpha=SMOOTH_ALPHA)
+    if precision == "int8-dynamic":
+        return QuantizeOptions(mode="dynamic", smooth_alpha=SMOOTH_ALPHA)
+    if precision == "int8-dynamic-all":
+        return QuantizeOptions(mode="dynamic", keep_fp32=(), smooth_alpha=SMOOTH_ALPHA)
+    raise DSMError(f"{precision!r} is not an INT8 precision (one of {PRECISIONS[1:]})")
+
+
+def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Outputs ``[N, classes]`` (or ``[N, dim]``) of an ONNX file over ``pixels`` ``[N, 3, H, W]``
+    (ONNX Runtime CPU)."""
+    from ..check.validate import onnx_runner
+
+    run = onnx_runner(path)
+    return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])

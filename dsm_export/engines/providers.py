@@ -10,7 +10,7 @@ fallbacks for the nodes it does not take), ``openvino``; any full provider name
 
 from __future__ import annotations
 
-from .errors import DSMError
+from ..errors import DSMError
 
 CPU = "CPUExecutionProvider"
 PROVIDER_ALIASES = {

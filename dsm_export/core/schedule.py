@@ -24,7 +24,7 @@ A JSON file holds the explicit list, so per-block r may vary freely::
     {"blocks": ["none", "none", "local 16", "local 16", "global 12", ..., "prune 8"], "windows": "2x2"}
     {"mode": "tome", "r": [16, 16, 8]}   ToMe's r list (padded with zeros to the depth, as ToMe does)
 
-Merge variants (DSM mode only; see :mod:`dsm_export.merge` for the maths and sources):
+Merge variants (DSM mode only; see :mod:`dsm_export.core.merge` for the maths and sources):
 
 * ``protect=P``: importance-protected matching. In global blocks the ``P`` mergeable tokens with
   the most class-token attention (mean over heads) are neither merged away nor merged into, in the
@@ -68,7 +68,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .errors import ScheduleError
+from ..errors import ScheduleError
 
 MODES = ("none", "local", "global", "prune")
 SCHEDULE_MODES = ("dsm", "tome")

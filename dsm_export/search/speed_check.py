@@ -12,13 +12,13 @@ whose speed-up is at least ``min_quotient`` (default :data:`SPEED_PER_FLOP`) tim
 in about three timings in four:
 
 1. the candidates: the evaluated schedules that reach the target (and keep within an optional
-   :class:`~dsm_export.engine_search.Budget`), least divergence first, at most
+   :class:`~dsm_export.search.engine_search.Budget`), least divergence first, at most
    :data:`PER_VARIANT` per variant label (so that one slow variant's per-block refinements cannot
    fill every place), ``count`` in all (:func:`speed_candidates`);
 2. each exported to fp32 ONNX and timed in one alternating run against timm's unmerged model (the
    baseline FLOP ratios are counted against: every block on every token), timed again right
    before every candidate: ``repeats`` paired speed-ups per candidate
-   (:func:`dsm_export.benchmark.ort_speedups`, batch 32), summed up by :func:`speed_stats`: the
+   (:func:`dsm_export.search.timing.ort_speedups`, batch 32), summed up by :func:`speed_stats`: the
    median (``speedup``, ``speed_per_flop``) and the lower quartile (``speed_per_flop_low``);
 3. a confirmation round: candidates whose lower-quartile quotient lies within ``confirm_margin``
    below the floor, up to the first that clears it, are timed again together and their pairs
@@ -52,11 +52,11 @@ def _key(row: dict):
 
 def speed_candidates(rows: list[dict], target: float, count: int = 6, budget=None) -> list[dict]:
     """The rows worth timing: distinct ``spec``, ``flops_ratio`` at least ``target``, within
-    ``budget`` (:class:`~dsm_export.engine_search.Budget`, None for any), least ``divergence`` first
+    ``budget`` (:class:`~dsm_export.search.engine_search.Budget`, None for any), least ``divergence`` first
     (ties: higher ``agreement``), at most :data:`PER_VARIANT` per variant label
-    (:func:`dsm_export.tune.variant_label`), ``count`` rows at most."""
-    from .schedule import Schedule
-    from .tune import variant_label
+    (:func:`dsm_export.search.schedule_search.variant_label`), ``count`` rows at most."""
+    from ..core.schedule import Schedule
+    from .schedule_search import variant_label
 
     out, seen, per_label = [], set(), {}
     for row in sorted(rows, key=_key):
@@ -74,7 +74,7 @@ def speed_candidates(rows: list[dict], target: float, count: int = 6, budget=Non
 
 
 def speed_stats(ratios: list[float], flops_ratio: float) -> dict:
-    """Sum up paired speed-ups (:func:`dsm_export.benchmark.ort_speedups`) of one schedule.
+    """Sum up paired speed-ups (:func:`dsm_export.search.timing.ort_speedups`) of one schedule.
 
     Args:
         ratios: the per-repetition speed-ups (unmerged time / merged time), at least one.
@@ -145,15 +145,15 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     Args:
         model: unmerged timm ViT (eval mode), its weights loaded.
         model_name, weights, pretrained, num_classes: recorded in the exports
-            (:func:`dsm_export.export.export_model`).
+            (:func:`dsm_export.graph.export.export_model`).
         rows: the search's evaluated rows (``spec``, ``flops_ratio``, ``divergence``, ``agreement``;
-            :attr:`dsm_export.tune.TuneResult.evaluated`).
+            :attr:`dsm_export.search.schedule_search.TuneResult.evaluated`).
         target: the FLOP ratio the candidates must reach.
         workdir: folder for the fp32 exports (``speed_<i>.onnx``, ``speed_baseline.onnx``).
         min_quotient: the least measured speed-up per unit of FLOP ratio.
         count: candidates timed at most (:func:`speed_candidates`).
-        batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_speedups`).
-        budget: optional accuracy :class:`~dsm_export.engine_search.Budget` the candidates keep within.
+        batch, repeats, threads, provider: the timing (:func:`dsm_export.search.timing.ort_speedups`).
+        budget: optional accuracy :class:`~dsm_export.search.engine_search.Budget` the candidates keep within.
         confirm_margin: lower-quartile quotients within this below the floor are timed a second
             time (:func:`confirmation_round`).
         warmup: untimed runs of every graph before the pairs. With one, a candidate's first pair
@@ -168,9 +168,9 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     """
     import onnxruntime as ort
 
-    from .benchmark import cpu_name, ort_speedups
-    from .export import export_model
-    from .schedule import Schedule
+    from .timing import cpu_name, ort_speedups
+    from ..graph.export import export_model
+    from ..core.schedule import Schedule
 
     cands = [dict(r) for r in speed_candidates(rows, target, count, budget)]
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),

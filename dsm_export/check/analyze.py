@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from .evaluate import divergence_name, model_logits
-from .merge import split_ab
-from .patch import apply
-from .schedule import BlockPlan, Schedule
-from .models import is_embedding_model
-from .validate import output_metrics
+from ..core.merge import split_ab
+from ..core.patch import apply
+from ..core.schedule import BlockPlan, Schedule
+from ..core.models import is_embedding_model
+from ..metrics import output_metrics
 
 
 @torch.inference_mode()
@@ -140,7 +140,7 @@ def plot_analysis(report: dict, folder: str, model_name: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_path
+    from ..fileio import atomic_path
 
     paths = []
     for key, label in PLOTS.items():

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import eval_transform, load_image
-from .errors import DSMError
-from .fileio import atomic_path
-from .patch import apply
-from .schedule import Schedule
+from ..data import eval_transform, load_image
+from ..errors import DSMError
+from ..fileio import atomic_path
+from ..core.patch import apply
+from ..core.schedule import Schedule
 
 
 def merge_groups(model: nn.Module, schedule: Schedule, pixels: torch.Tensor, blocks: list[int]) -> dict[int, np.ndarray]:

@@ -17,7 +17,7 @@ keeps its ops and its speed:
 ``fc2`` (after GELU) has no linear producer to fold into and is left alone. Which tokens merge is
 unchanged up to fp32 rounding: queries and keys see the same products.
 
-This module holds the graph rewrite and the range collection; :func:`dsm_export.quantize.quantize_int8`
+This module holds the graph rewrite and the range collection; :func:`dsm_export.engines.int8.quantize.quantize_int8`
 applies it (``QuantizeOptions.smooth_alpha``).
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import DSMError
+from ...errors import DSMError
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def smoothing_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float
 
 
 def smoothing_pairs(model: onnx.ModelProto) -> list[SmoothPair]:
-    """Find the pairs :mod:`dsm_export.smoothing` can fold, per block (``qkv``, ``proj``, ``fc1``).
+    """Find the pairs :mod:`dsm_export.engines.int8.smoothing` can fold, per block (``qkv``, ``proj``, ``fc1``).
 
     A pair is taken only when the graph has the shape the fold needs: ``LayerNormalization`` (scale
     and bias initializers, output read by the linear layer alone) -> ``MatMul`` with an initializer
@@ -92,12 +92,12 @@ def smoothing_pairs(model: onnx.ModelProto) -> list[SmoothPair]:
 
     Args:
         model: fp32 ViT graph written by ``dsm-export export`` (nodes named, see
-            :func:`dsm_export.quantize.layer_labels`).
+            :func:`dsm_export.graph.facts.layer_labels`).
 
     Returns:
         The pairs in graph order.
     """
-    from .quantize import layer_labels
+    from ...graph.facts import layer_labels
 
     labels = layer_labels(model)
     inits = {i.name: i for i in model.graph.initializer}

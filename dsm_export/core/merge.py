@@ -218,7 +218,7 @@ def merge_wavg_onehot(x: torch.Tensor, size: torch.Tensor | None, m: Matching,
     token is the token), only the ``r`` merged and the B tokens are weighted by size, rows are
     gathered from ``x`` itself, features and sizes stay apart (no ``C + 1`` wide tensor) and prefix
     tokens are passed through in place. (The row gathers export as ``GatherElements`` over an
-    expanded index; :func:`dsm_export.export.gathers_as_gathernd` turns them into row copies.)
+    expanded index; :func:`dsm_export.graph.export.gathers_as_gathernd` turns them into row copies.)
 
     Args:
         x: ``[..., prefix + n, c]`` tokens; the first ``prefix`` are never merged.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .merge import (
     bipartite_soft_matching,
     heads_metric,
@@ -104,7 +104,7 @@ class MergedViT(nn.Module):
 
     Args:
         model: a timm ``VisionTransformer`` in eval mode; its parameters are shared, not copied.
-        schedule: the merge schedule (see :mod:`dsm_export.schedule`).
+        schedule: the merge schedule (see :mod:`dsm_export.core.schedule`).
         impl: ``"reference"`` or ``"export"`` (see module docstring).
         name: model name for error messages.
         full_last_block: export form only: run the last block on every token, as timm does, instead
@@ -224,9 +224,9 @@ class MergedViT(nn.Module):
         Returns:
             ``(out [B, N, C], metric, importance [B, N] or None)``: the metric is the keys averaged
             over heads ``[B, N, head_dim]``, or for ``metric=heads`` each head's normalised keys
-            ``[B, N, H * head_dim]`` (:func:`~dsm_export.merge.heads_metric`), or for
+            ``[B, N, H * head_dim]`` (:func:`~dsm_export.core.merge.heads_metric`), or for
             ``metric=tokens`` the normalised input ``x`` itself, unit rows ``[B, N, C]``
-            (:func:`~dsm_export.merge.tokens_metric`); importance is the
+            (:func:`~dsm_export.core.merge.tokens_metric`); importance is the
             class token's attention to each token (mean over heads), or for models without a class
             token the mean attention each token receives.
         """

@@ -14,7 +14,7 @@ what it quantizes and feeds it calibration images:
   the same islands :func:`dsm_export.engines.onnxruntime.fp32_island_nodes` keeps for fp16. Which
   tokens merge is decided in fp32, on keys computed from INT8 MatMuls.
 * **Smoothing** (optional, ``QuantizeOptions.smooth_alpha``): SmoothQuant scales folded into the
-  LayerNorms and value weights first (:mod:`dsm_export.smoothing`), exact in fp32, so that one INT8
+  LayerNorms and value weights first (:mod:`dsm_export.engines.int8.smoothing`), exact in fp32, so that one INT8
   scale per activation tensor covers evener channel ranges.
 * **Format**: standard ``QuantizeLinear``/``DequantizeLinear`` of the default ONNX domain (no
   contrib ops), so TensorRT builds it with explicit quantization. Default activations are signed
@@ -38,20 +38,18 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from .errors import DSMError
+from ...errors import DSMError
+from ...graph.facts import QUANTIZED_OPS, is_quantized, layer_labels, quantization_record  # noqa: F401  (here before graph/facts.py)
+from ...graph.facts import name_nodes as _name_nodes
+from ...graph.facts import weight_inputs as _weight_inputs
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv")
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv",
-                           "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat",
-                           "QGemm", "DynamicQuantizeMatMul"})
-
-
 # Layers kept fp32 unless the caller says otherwise. Dynamic mode: the first block's four MatMuls
 # (keeping them cuts the KL of the unmerged DeiT-Tiny from 0.0035 to 0.0022, and of a merged one
 # from 0.0550 to 0.0446, in scripts/int8_choices.py; the frontier times the result). Static mode:
@@ -82,7 +80,7 @@ class QuantizeOptions:
             mode's default (:data:`DEFAULT_KEEP_FP32`: ``blocks.0`` in dynamic mode, nothing in
             static mode; see :meth:`kept`).
         smooth_alpha: fold SmoothQuant scales with this migration strength into the graph before
-            quantizing (:mod:`dsm_export.smoothing`; needs calibration images in either mode), or
+            quantizing (:mod:`dsm_export.engines.int8.smoothing`; needs calibration images in either mode), or
             None for no smoothing.
         batch_size: calibration batch size.
     """
@@ -119,11 +117,6 @@ class QuantizeOptions:
             raise DSMError(f"--calibration-count must be at least 1, got {self.calibration_count}")
 
 
-def is_quantized(model: onnx.ModelProto) -> bool:
-    """True if the graph already holds quantization ops (QDQ, QOperator or dynamic-quantized)."""
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
-
-
 def images_sha256(paths: list[str]) -> str:
     """sha256 over the calibration images' names and bytes, in order (recorded in the metadata)."""
     h = hashlib.sha256()
@@ -137,71 +130,10 @@ def images_sha256(paths: list[str]) -> str:
 def matching_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes of the matching and size path (kept fp32): see
     :func:`dsm_export.engines.onnxruntime.fp32_island_nodes`. Unnamed nodes are named first."""
-    from .engines.onnxruntime import fp32_island_nodes
+    from ..onnxruntime import fp32_island_nodes
 
     _name_nodes(model)
     return fp32_island_nodes(model)
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"node_{i}"
-
-
-def _weight_inputs(model: onnx.ModelProto) -> set[str]:
-    """Initializer names (also those produced by Constant nodes) usable as MatMul/Gemm weights."""
-    names = {i.name for i in model.graph.initializer}
-    names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return names
-
-
-def layer_labels(model: onnx.ModelProto) -> dict[str, str]:
-    """Name the weight layers of a ViT graph the way timm names its modules.
-
-    Labels, in graph order: ``patch_embed`` (the Conv), ``blocks.{i}.qkv`` (weight ``[D, 3D]``),
-    ``blocks.{i}.proj`` (``[D, D]``), ``blocks.{i}.fc1`` (``[D, hidden]``), ``blocks.{i}.fc2``
-    (``[hidden, D]``) and ``head`` (the last weight layer with another output width). The block
-    index counts qkv layers. Used to keep chosen layers fp32 (``keep_fp32``).
-
-    Returns:
-        node name -> label, for Conv/Gemm/MatMul nodes with a constant weight.
-    """
-    _name_nodes(model)
-    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    inits[n.output[0]] = tuple(a.t.dims)
-    width = next((inits.get(n.input[1], (0,))[0] for n in model.graph.node
-                  if n.op_type == "LayerNormalization"), 0)
-    labels: dict[str, str] = {}
-    block = -1
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            labels[node.name] = "patch_embed"
-            continue
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        shape = inits[node.input[1]]
-        if len(shape) != 2:
-            continue
-        k, n = shape
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            k, n = n, k
-        if k == width and n == 3 * width:
-            block += 1
-            labels[node.name] = f"blocks.{block}.qkv"
-        elif k == width and n == width:
-            labels[node.name] = f"blocks.{block}.proj"
-        elif k == width and n > width and block >= 0 and n != 3 * width:
-            labels[node.name] = f"blocks.{block}.fc1" if n % width == 0 else "head"
-        elif n == width and k > width:
-            labels[node.name] = f"blocks.{block}.fc2"
-        else:
-            labels[node.name] = "head"
-    return labels
 
 
 def _label_matches(label: str, patterns) -> bool:
@@ -284,8 +216,8 @@ def calibration_pixels(model_name: str, images_dir: str, count: int) -> tuple[np
     """
     import torch
 
-    from .data import eval_transform, list_images, load_batch
-    from .models import create_model
+    from ...data import eval_transform, list_images, load_batch
+    from ...core.models import create_model
 
     if count < 1:
         raise DSMError(f"--calibration-count must be at least 1, got {count}")
@@ -333,8 +265,8 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
         quantize_static,
     )
 
-    from .export import META_PREFIX, load_onnx, read_metadata
-    from .fileio import atomic_path
+    from ...graph.export import META_PREFIX, load_onnx, read_metadata
+    from ...fileio import atomic_path
 
     options = options or QuantizeOptions()
     options.check()
@@ -457,13 +389,3 @@ def _quiet():
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def quantization_record(model: onnx.ModelProto) -> dict | None:
-    """The quantization record :func:`quantize_int8` stored in the metadata, or None."""
-    from .export import META_PREFIX
-
-    for p in model.metadata_props:
-        if p.key == META_PREFIX + "quantization":
-            return json.loads(p.value)
-    return None

@@ -24,13 +24,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import ImageSet, eval_transform, iter_batches, list_images
-from .errors import DSMError
-from .export import ExportInfo, load_onnx, read_metadata, weights_path
-from .flops import schedule_flops
-from .models import create_model, is_embedding_model, pretrained_file, sha256_file
-from .patch import apply, input_size
-from .schedule import Schedule
+from ..data import ImageSet, eval_transform, iter_batches, list_images
+from ..errors import DSMError
+from ..graph.export import ExportInfo, load_onnx, read_metadata, weights_path
+from ..core.flops import schedule_flops
+from ..core.models import create_model, is_embedding_model, pretrained_file, sha256_file
+from ..core.patch import apply, input_size
+from ..core.schedule import Schedule
+from ..engines.onnxruntime import batched_runner
+from ..metrics import (  # noqa: F401  (the metrics, here since before metrics.py)
+    KNN_K, agreement_metrics, cosine_similarity, embedding_metrics, kl_divergence, knn_indices, knn_overlap,
+    output_metrics, per_image_divergence,
+)
 
 DEFAULT_ATOL = 1e-4  # fp32 logits
 FP16_MEDIAN_ATOL = 0.1  # fp16 engines: median over images of the max |logit difference|
@@ -39,7 +44,6 @@ COSINE_ATOL = 1e-5  # fp32 embeddings: 1 - cosine similarity to PyTorch-with-sch
 FP16_COSINE_ATOL = 1e-3  # fp16 embeddings: median over images of 1 - cosine similarity
 MIN_KNN_OVERLAP = 0.98  # embeddings: retrieval overlap@k with PyTorch-with-schedule (fp16: 0.9)
 FP16_MIN_KNN_OVERLAP = 0.9
-KNN_K = 5  # neighbours in the retrieval overlap
 # INT8 engines, against the fp32 model with the same schedule. Measured on the shared DeiT-Tiny (500
 # photos, static QDQ, symmetric, percentile calibration on 64): unmerged 96 % top-1 match, KL 0.008;
 # r=34,r_end=0,delay=3,local=1 93.8 %, KL 0.033 (INT8 noise in the keys also flips some merges).
@@ -63,127 +67,21 @@ class Logits:
     unmerged: np.ndarray
 
 
-def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """Per-image ``KL(softmax(p) || softmax(q))`` in nats, computed in float64.
-
-    Args:
-        p_logits, q_logits: ``[images, classes]``; p is the reference (the unmerged model).
-
-    Returns:
-        ``[images]``.
-    """
-    p = torch.from_numpy(np.asarray(p_logits, dtype=np.float64)).log_softmax(-1)
-    q = torch.from_numpy(np.asarray(q_logits, dtype=np.float64)).log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1).numpy()
-
-
-def agreement_metrics(logits: np.ndarray, unmerged: np.ndarray, labels=None) -> dict:
-    """Top-1 agreement with and mean KL to the unmerged model, plus accuracy if labels are given."""
-    top, base_top = logits.argmax(-1), unmerged.argmax(-1)
-    out = {
-        "top1_agreement": float((top == base_top).mean()),
-        "kl": float(kl_divergence(unmerged, logits).mean()),
-    }
-    if labels is not None:
-        labels = np.asarray(labels)
-        out["top1_accuracy"] = float((top == labels).mean())
-        out["baseline_top1_accuracy"] = float((base_top == labels).mean())
-    return out
-
-
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine similarity of ``[N, D]`` arrays, in float64: ``[N]``."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return num / np.maximum(den, 1e-300)
-
-
-def knn_indices(embeddings: np.ndarray, k: int) -> np.ndarray:
-    """Each row's ``k`` nearest other rows by cosine similarity: ``[N, k]`` indices (ties broken by
-    index, stable sort)."""
-    x = np.asarray(embeddings, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    return np.argsort(-sim, axis=-1, kind="stable")[:, :k]
-
-
-def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = KNN_K) -> float:
-    """Retrieval overlap@k: mean over images of |kNN_a ∩ kNN_b| / k, the neighbours found among the
-    other images of the set by cosine similarity of embeddings ``a`` and of ``b`` (``[N, D]`` each).
-    1.0 for fewer than two images."""
-    k = min(k, len(a) - 1)
-    if k < 1:
-        return 1.0
-    na, nb = knn_indices(a, k), knn_indices(b, k)
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na.tolist(), nb.tolist())]))
-
-
-def embedding_metrics(embeddings: np.ndarray, unmerged: np.ndarray, k: int = KNN_K) -> dict:
-    """Agreement of embeddings ``[N, D]`` with the unmerged model's: ``cosine_distance`` (mean of
-    1 - cosine), ``min_cosine``, ``mean_cosine``, ``knn_overlap`` (overlap@k, see :func:`knn_overlap`),
-    plus the generic ``divergence`` (= ``cosine_distance``) and ``agreement`` (= ``knn_overlap``)
-    that ``tune`` ranks by."""
-    cos = cosine_similarity(embeddings, unmerged)
-    overlap = knn_overlap(embeddings, unmerged, k)
-    dist = float((1 - cos).mean())
-    return {"cosine_distance": dist, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "knn_overlap": overlap, "knn_k": min(k, max(len(cos) - 1, 0)),
-            "divergence": dist, "agreement": overlap}
-
-
-def per_image_divergence(outputs: np.ndarray, unmerged: np.ndarray, embeddings: bool = False) -> np.ndarray:
-    """The per-image terms whose mean is :func:`output_metrics`' ``divergence``: ``[N]`` KL in nats
-    (:func:`kl_divergence`, the unmerged model as reference) for logits, 1 - cosine for embeddings."""
-    if embeddings:
-        return 1.0 - cosine_similarity(outputs, unmerged)
-    return kl_divergence(unmerged, outputs)
-
-
-def output_metrics(outputs: np.ndarray, unmerged: np.ndarray, labels=None, embeddings: bool = False) -> dict:
-    """:func:`agreement_metrics` for logits, :func:`embedding_metrics` for embeddings; both carry
-    ``divergence`` (KL, or mean 1 - cosine) and ``agreement`` (top-1 agreement, or overlap@k)."""
-    if embeddings:
-        return embedding_metrics(outputs, unmerged)
-    m = agreement_metrics(outputs, unmerged, labels)
-    return {**m, "divergence": m["kl"], "agreement": m["top1_agreement"]}
-
-
 def onnx_runner(path: str, threads: int | None = None, provider: str | None = "cpu") -> Callable[[np.ndarray], np.ndarray]:
     """An ONNX Runtime runner for ``path``: ``[B, 3, H, W]`` float32 -> ``[B, classes]`` (or
-    ``[B, dim]`` embeddings), on ``provider`` (see :func:`dsm_export.providers.resolve_providers`).
+    ``[B, dim]`` embeddings), on ``provider`` (see :func:`dsm_export.engines.providers.resolve_providers`).
 
     A graph with a static batch axis is fed in chunks of that size, the last one padded.
 
     Raises:
         DSMError: if ONNX Runtime cannot load the file, or the provider is not available.
     """
-    from .providers import create_session
+    from ..engines.providers import create_session
 
     session = create_session(path, provider, threads, optimization="default")
     inp = session.get_inputs()[0]
     static = inp.shape[0] if isinstance(inp.shape[0], int) else None
     return batched_runner(lambda x: session.run(None, {inp.name: x})[0], static)
-
-
-def batched_runner(run: Callable[[np.ndarray], np.ndarray], static_batch: int | None):
-    """Wrap ``run`` so that a graph with a fixed batch size takes any number of images."""
-
-    def runner(x: np.ndarray) -> np.ndarray:
-        if static_batch is None:
-            return run(np.ascontiguousarray(x, dtype=np.float32))
-        outs = []
-        for start in range(0, len(x), static_batch):
-            chunk = x[start:start + static_batch]
-            n = len(chunk)
-            if n < static_batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static_batch - n, axis=0)])
-            outs.append(run(np.ascontiguousarray(chunk, dtype=np.float32))[:n])
-        return np.concatenate(outs)
-
-    return runner
 
 
 def resolve_weights(info: ExportInfo, weights: str | None = None, pretrained: bool = False,
@@ -195,7 +93,7 @@ def resolve_weights(info: ExportInfo, weights: str | None = None, pretrained: bo
     The pretrained file's sha256 is checked after loading (:func:`check_weights`).
 
     Returns:
-        ``(weights file or None, pretrained)`` for :func:`dsm_export.models.create_model`.
+        ``(weights file or None, pretrained)`` for :func:`dsm_export.core.models.create_model`.
 
     Raises:
         DSMError: if none is available, the file is missing, or its sha256 differs from the file
@@ -437,7 +335,7 @@ def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = N
     """
     model = load_onnx(onnx_path)
     info = read_metadata(model, onnx_path)
-    from .inspection import precision_of
+    from ..graph.facts import precision_of
 
     precision = precision_of(model)["precision"]
     kwargs.setdefault("fp16", precision == "fp16")
@@ -451,7 +349,7 @@ def validate_engine(plan_path: str, images_dir: str | ImageSet, flavour: str = "
     """Validate a TensorRT engine built by ``dsm-export build`` (needs an NVIDIA GPU, and the TensorRT
     flavour and release that built it); ``flavour`` and ``runtime_cache`` as for
     :class:`dsm_export.engines.TensorRTRunner`, the rest as for :func:`validate_runner`."""
-    from .engines import TensorRTRunner, engine_info
+    from ..engines import TensorRTRunner, engine_info
 
     info, sidecar = engine_info(plan_path)
     runner = TensorRTRunner(plan_path, flavour, runtime_cache)
@@ -473,7 +371,7 @@ def validate_openvino(xml_path: str, images_dir: str | ImageSet, threads: int | 
     Raises:
         DSMError: OpenVINO missing, a foreign IR, and everything :func:`validate_runner` raises.
     """
-    from .engines.openvino import OpenVINORunner
+    from ..engines.openvino import OpenVINORunner
 
     runner = OpenVINORunner(xml_path, threads)
     precision = runner.meta.get("precision", "fp32")

@@ -3,10 +3,10 @@
 A FLOP ratio says little about INT8: quantization speeds the same schedule up by a factor that
 depends on the CPU, the kernels and the token counts. So this search measures every candidate
 engine on this machine -- in ONNX Runtime against the fp32 unmerged export, or in OpenVINO against
-its default compile of it (:mod:`dsm_export.engine_runtimes`) -- in one alternating run.
+its default compile of it (:mod:`dsm_export.search.runtimes`) -- in one alternating run.
 That baseline runs every block on every token, as timm's model does; every candidate, the unmerged
 one too, runs its last block for the prefix tokens alone where only they reach the head
-(:meth:`dsm_export.patch.MergedViT._last_block_prefix`), so the unmerged candidate measures above 1.
+(:meth:`dsm_export.core.patch.MergedViT._last_block_prefix`), so the unmerged candidate measures above 1.
 
 1. FLOP-ratio rungs: the unmerged model (1.0) first, in every precision; then each rung placed
    where a precision is predicted to reach the target from what was measured so far
@@ -14,9 +14,9 @@ one too, runs its last block for the prefix tokens alone where only they reach t
    spent (each merged rung is one ONNX export, about a minute for DeiT-Tiny on 2 cores, so the
    rungs are where a search's time goes); or, with ``aim=False``, a fixed geometric
    :func:`ladder`;
-2. at each rung the least-KL schedule of :func:`dsm_export.tune.tune` (PyTorch, calibration
+2. at each rung the least-KL schedule of :func:`dsm_export.search.schedule_search.search_schedules` (PyTorch, calibration
    images; the merge-variant stage at the first merged rung only, its keys reused at the others) -- with ``strides`` also that schedule merging in fewer blocks (:func:`with_stride`, r
-   raised back to the rung's FLOPs) -- exported to ONNX, and with INT8 also quantized (:func:`dsm_export.quantize.quantize_int8`);
+   raised back to the rung's FLOPs) -- exported to ONNX, and with INT8 also quantized (:func:`dsm_export.engines.int8.quantize.quantize_int8`);
 3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
    median of ``repeats``, the baseline timed again before each engine), and scored by KL to the
    unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
@@ -39,59 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DSMError
-from .schedule import Schedule, stride_blocks
+from ..errors import DSMError
+from ..core.schedule import Schedule, stride_blocks
+from .runtimes import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options  # noqa: F401  (the search's names)
 
-# int8: static QDQ (TensorRT-compatible); int8-dynamic: ONNX Runtime dynamic quantization, the first
-# block kept fp32 (the dynamic default); int8-dynamic-all: dynamic, every weight MatMul quantized.
-PRECISIONS = ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
-# SmoothQuant migration strength of the search's INT8 engines (dsm_export.smoothing), chosen on
-# calibration-split photos by scripts/int8_choices.py (README, INT8 section): 0.7 lowered the KL of
-# 5 of the 6 mode x schedule pairs it was tried on, 0.5 raised it on the merged model.
-SMOOTH_ALPHA = 0.7
-
-
-def precision_options(precision: str, static_options=None):
-    """The :class:`dsm_export.quantize.QuantizeOptions` of an INT8 ``precision`` of :data:`PRECISIONS`
-    (``static_options`` for ``int8``, None meaning the static defaults with SmoothQuant at
-    :data:`SMOOTH_ALPHA`). Every precision smooths with :data:`SMOOTH_ALPHA`, so every one needs
-    calibration images.
-
-    ``int8-dynamic`` keeps the first block fp32 (ONNX Runtime's dynamic mode with dsm-export's
-    default, more accurate); ``int8-dynamic-all`` quantizes it too (faster: the first block's four
-    fp32 MatMuls run on every token, before any merge, so they weigh more in a merged engine; the
-    README's frontier times both). Which one pays at a speed target is for the search to measure.
-
-    Raises:
-        DSMError: ``precision`` is not an INT8 precision of :data:`PRECISIONS`.
-    """
-    from .quantize import QuantizeOptions
-
-    if precision == "int8":
-        return static_options or QuantizeOptions(smooth_alpha=SMOOTH_ALPHA)
-    if precision == "int8-dynamic":
-        return QuantizeOptions(mode="dynamic", smooth_alpha=SMOOTH_ALPHA)
-    if precision == "int8-dynamic-all":
-        return QuantizeOptions(mode="dynamic", keep_fp32=(), smooth_alpha=SMOOTH_ALPHA)
-    raise DSMError(f"{precision!r} is not an INT8 precision (one of {PRECISIONS[1:]})")
-
-
-@dataclass
-class EngineSearchResult:
-    """Outcome of :func:`search_engines`.
-
-    Attributes:
-        best: the chosen candidate (a dict: ``spec``, ``precision``, ``flops_ratio``, ``speedup``,
-            ``kl``, ``top1_agreement``, ``path``), or None when no candidate reached the target.
-        candidates: every measured candidate.
-        pareto: candidates not dominated in (higher ``speedup``, lower ``kl``), by speed-up.
-        machine: CPU, ONNX Runtime version and threads of the measurement.
-    """
-
-    best: dict | None
-    candidates: list[dict] = field(default_factory=list)
-    pareto: list[dict] = field(default_factory=list)
-    machine: dict = field(default_factory=dict)
 
 
 def ladder(target: float, rungs: int) -> list[float]:
@@ -154,7 +105,7 @@ def within_one_se(least: np.ndarray, other: np.ndarray) -> bool:
 
     Args:
         least, other: ``[N]`` per-image divergences of two engines on the same N images
-            (:func:`dsm_export.validate.per_image_divergence`).
+            (:func:`dsm_export.check.validate.per_image_divergence`).
 
     Raises:
         ValueError: the two arrays differ in length.
@@ -220,13 +171,22 @@ def row_schedule(row: dict) -> Schedule:
     return Schedule.from_dict(row["schedule_json"]) if row["spec"].startswith("{") else Schedule.parse(row["spec"])
 
 
-def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Outputs ``[N, classes]`` (or ``[N, dim]``) of an ONNX file over ``pixels`` ``[N, 3, H, W]``
-    (ONNX Runtime CPU)."""
-    from .validate import onnx_runner
+@dataclass
+class EngineSearchResult:
+    """Outcome of :func:`search_engines`.
 
-    run = onnx_runner(path)
-    return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+    Attributes:
+        best: the chosen candidate (a dict: ``spec``, ``precision``, ``flops_ratio``, ``speedup``,
+            ``kl``, ``top1_agreement``, ``path``), or None when no candidate reached the target.
+        candidates: every measured candidate.
+        pareto: candidates not dominated in (higher ``speedup``, lower ``kl``), by speed-up.
+        machine: CPU, ONNX Runtime version and threads of the measurement.
+    """
+
+    best: dict | None
+    candidates: list[dict] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
 
 
 def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05, hi: float = 4.0) -> float:
@@ -288,14 +248,14 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             far), and the search stops early once every precision has a rung within 3 % of its
             aim; a precision dominated at every rung measured (:func:`dominated_precisions`) is
             no longer built or aimed for. Without ``aim``, the rungs of :func:`ladder`.
-        max_grid, refine_steps: budget of the schedule search (:func:`dsm_export.tune.tune`) at the
+        max_grid, refine_steps: budget of the schedule search (:func:`dsm_export.search.schedule_search.search_schedules`) at the
             first merged rung, which also runs the merge-variant stage; the other rungs search a
             third of ``max_grid`` and half of ``refine_steps`` with the variant keys found there,
             nearest first from its grid schedule.
-        quant_options: :class:`dsm_export.quantize.QuantizeOptions` of ONNX Runtime's ``int8``
+        quant_options: :class:`dsm_export.engines.int8.quantize.QuantizeOptions` of ONNX Runtime's ``int8``
             (default: static QDQ smoothed at :data:`SMOOTH_ALPHA`).
-        batch, repeats, threads, provider: the timing (:func:`dsm_export.benchmark.ort_throughput`).
-        pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.export.export_model`.
+        batch, repeats, threads, provider: the timing (:func:`dsm_export.search.timing.ort_throughput`).
+        pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.graph.export.export_model`.
         confirm_margin: engines within this fraction below the target that could be chosen
             (:func:`confirmation_contenders`) are timed a second time, together, before the choice;
             0 confirms only those at or above the target.
@@ -307,8 +267,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         budget: an accuracy :class:`Budget` the chosen engine must keep within on the calibration
             images (None: any accuracy). Rows outside it are still measured and on the front.
         mirror: each rung's schedule search also scores the horizontal mirror images
-            (:func:`dsm_export.tune.with_mirrors`); the engines are then measured on ``pixels``.
-        runtime: a runtime of :mod:`dsm_export.engine_runtimes` (default: ONNX Runtime with
+            (:func:`dsm_export.search.schedule_search.with_mirrors`); the engines are then measured on ``pixels``.
+        runtime: a runtime of :mod:`dsm_export.search.runtimes` (default: ONNX Runtime with
             ``provider``, ``threads``, ``batch``, ``repeats`` and ``quant_options``).
         aim: place the rungs by prediction (above); False: the fixed :func:`ladder`.
 
@@ -327,13 +287,13 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     """
     from tqdm import tqdm
 
-    from .engine_runtimes import OnnxRuntimeEngines
-    from .evaluate import flops_ratio, model_logits, schedule_metrics
-    from .export import export_model
-    from .models import is_embedding_model
-    from .patch import prefix_only_last_block
-    from .tune import N_VARIANT_STAGE, reach_target, tune, with_mirrors
-    from .validate import output_metrics, per_image_divergence
+    from .runtimes import OnnxRuntimeEngines
+    from ..check.evaluate import flops_ratio, model_logits, schedule_metrics
+    from ..graph.export import export_model
+    from ..core.models import is_embedding_model
+    from ..core.patch import prefix_only_last_block
+    from .schedule_search import N_VARIANT_STAGE, reach_target, search_schedules, with_mirrors
+    from ..metrics import output_metrics, per_image_divergence
 
     if runtime is None:
         runtime = OnnxRuntimeEngines(provider, threads, batch, repeats, quant_options)
@@ -380,7 +340,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             return [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
         fixed = state["keys"] is not None
         try:
-            found = tune(model, pixels, rung, max_grid=rung_grid if fixed else max_grid,
+            found = search_schedules(model, pixels, rung, max_grid=rung_grid if fixed else max_grid,
                          refine_steps=rung_refine if fixed else refine_steps, progress=False, mirror=mirror,
                          keys=state["keys"], anchor=state["anchor"], base=view_base, bar=bar)
         except DSMError:  # no schedule reaches this FLOP ratio on this model
@@ -509,7 +469,7 @@ def dominated_precisions(rows: list[dict], precisions) -> list[str]:
 
 
 def with_stride(schedule: Schedule, stride: int, depth: int) -> Schedule:
-    """``schedule`` merging in every ``stride``-th merging block (:func:`dsm_export.schedule.stride_blocks`):
+    """``schedule`` merging in every ``stride``-th merging block (:func:`dsm_export.core.schedule.stride_blocks`):
     the ``stride`` key of a parameter-form schedule, the strided block list of an explicit one.
 
     Raises:

@@ -24,12 +24,12 @@ def cpu_name() -> str:
 
 def make_session(path: str, threads: int | None = None, provider: str | None = "cpu"):
     """An ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads on
-    ``provider`` (see :func:`dsm_export.providers.resolve_providers`).
+    ``provider`` (see :func:`dsm_export.engines.providers.resolve_providers`).
 
     Raises:
         DSMError: an unavailable provider or an unloadable file.
     """
-    from .providers import create_session
+    from ..engines.providers import create_session
 
     return create_session(path, provider, threads, optimization="all")
 

@@ -46,9 +46,9 @@ import time
 
 import numpy as np
 
-from . import checks
-from .errors import DSMError
-from .export import load_onnx, read_metadata
+from .. import checks
+from ..errors import DSMError
+from ..graph.export import load_onnx, read_metadata
 from .triton_repo import model_name_for, refuse_random_init
 
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
@@ -207,11 +207,11 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
-    from .data import eval_transform
-    from .validate import onnx_runner
+    from ..data import eval_transform
+    from ..check.validate import onnx_runner
 
     if onnx_path.endswith(".xml"):  # an OpenVINO IR, run in OpenVINO at the precision it records
-        from .engines.openvino import OpenVINORunner
+        from ..engines.openvino import OpenVINORunner
 
         runner = OpenVINORunner(onnx_path, threads)
         info, in_name, out_name, dims = runner.info, runner.input_name, runner.output_name, runner.output_dims
@@ -226,7 +226,7 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     transform = eval_transform(timm.create_model(info.model, pretrained=False))
     c, h, w = info.input_size
     limit = info.batch or max_batch
-    from .models import sha256_file
+    from ..core.models import sha256_file
 
     params = {"dsm.file": os.path.abspath(onnx_path), "dsm.sha256": sha256_file(onnx_path), "dsm.model": info.model,
               "dsm.schedule": info.schedule.spec(), "dsm.weights_sha256": info.weights_sha256,
@@ -280,7 +280,7 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
         raise DSMError("--max-batch, --top-k and --image-instances must be at least 1")
     for path in onnx_paths:
         if path.endswith(".xml"):
-            from .engines.openvino import read_ir
+            from ..engines.openvino import read_ir
 
             checks.input_file(path, "OpenVINO IR")
             checks.input_file(path[:-4] + ".bin", "OpenVINO weights (.bin)")

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import DSMError
+from ..errors import DSMError
 from .patch import check_supported
 
 HF_SAFE_WEIGHTS = "model.safetensors"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .flops import schedule_flops
-from .models import create_model
-from .patch import apply, last_block_form
-from .schedule import Schedule
+from ..core.flops import schedule_flops
+from ..core.models import create_model
+from ..core.patch import apply, last_block_form
+from ..core.schedule import Schedule
+from ..graph.facts import precision_of  # noqa: F401  (inspect reports it; here before graph/facts.py)
 
 
 def plan_label(t) -> str:
@@ -23,7 +24,7 @@ def inspect_schedule(model_name: str, schedule: Schedule | str, last_block: str 
     """Token counts and FLOPs per block for ``model_name`` under ``schedule`` (random weights).
 
     ``last_block``: ``"prefix"``, ``"full"`` or None (as an export of ``schedule`` runs it), see
-    :func:`dsm_export.flops.schedule_flops`. The unmerged FLOPs are timm's model's.
+    :func:`dsm_export.core.flops.schedule_flops`. The unmerged FLOPs are timm's model's.
 
     Returns:
         ``{"model", "schedule", "blocks": [{"block", "plan", "tokens_in", "tokens_out",
@@ -61,20 +62,6 @@ def inspect_schedule(model_name: str, schedule: Schedule | str, last_block: str 
         "flops_ratio": base / total,
         "last_block": last_block,
     }
-
-
-def precision_of(model) -> dict:
-    """The precision of a dsm-export ONNX file from its metadata: ``{"precision": "fp32" | "fp16" |
-    "int8"}``, plus ``"quantization"`` (the record :func:`dsm_export.quantize.quantize_int8` stored:
-    mode, activations, SmoothQuant alpha, layers quantized and kept fp32) for an INT8 file."""
-    from .export import META_PREFIX
-    from .quantize import quantization_record
-
-    out = {"precision": next((p.value for p in model.metadata_props if p.key == META_PREFIX + "precision"), "fp32")}
-    record = quantization_record(model)
-    if record is not None:
-        out["quantization"] = record
-    return out
 
 
 def _precision_line(report: dict) -> str:

@@ -11,7 +11,7 @@ at 224 px is about 1.26 GFLOPs). Counted per block, from the token counts of the
 * MLP on the tokens leaving the block (every ``nn.Linear`` in ``blk.mlp``);
 
 plus the patch embedding and the classifier head(s). A last block that runs for the prefix tokens
-alone (``prefix_only_last``, :meth:`dsm_export.patch.MergedViT._last_block_prefix`) counts ``qkv``
+alone (``prefix_only_last``, :meth:`dsm_export.core.patch.MergedViT._last_block_prefix`) counts ``qkv``
 on every token, ``QK^T``, ``attn @ V``, the output projection and the MLP on the prefix tokens,
 and no merge. FLOP ratios compare with timm's model (every block on every token). Norms, softmax, GELU and adds are left out,
 as fvcore leaves them out.
@@ -58,7 +58,7 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
 
     Args:
         model: timm ``VisionTransformer``.
-        tokens: from :func:`dsm_export.schedule.resolve`.
+        tokens: from :func:`dsm_export.core.schedule.resolve`.
         windows: window grid used by local blocks.
         metric: ``"heads"`` matches on all ``H * head_dim`` key features (normalised per head)
             instead of the ``head_dim`` of the head-averaged keys; ``"tokens"`` on the ``C``
@@ -126,8 +126,8 @@ def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None 
     """FLOPs of ``model`` under ``schedule`` and of timm's unmerged model.
 
     Args:
-        last_block: ``"prefix"`` or ``"full"`` (see :class:`dsm_export.export.ExportInfo`); None:
-            as :func:`dsm_export.export.export_model` exports ``schedule`` by default.
+        last_block: ``"prefix"`` or ``"full"`` (see :class:`dsm_export.graph.export.ExportInfo`); None:
+            as :func:`dsm_export.graph.export.export_model` exports ``schedule`` by default.
 
     Returns:
         ``(merged_total, unmerged_total, merged_per_block)``, multiply-adds for one image; the

@@ -1,0 +1,2 @@
+"""Serving: a Triton model repository for an engine (:mod:`.triton_repo`) and a live Triton server
+on this machine through PyTriton (:mod:`.serve`)."""
