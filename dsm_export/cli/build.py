@@ -136,9 +136,7 @@ def _build_tensorrt(args) -> int:
 def _build_openvino(args) -> int:
     """``--backend openvino``: every check (options, the file, the calibration images) before OpenVINO runs."""
     from .. import checks
-    from ..engines.openvino import OpenVINOOptions, build_openvino, check_openvino_input
-    from ..graph.export import read_metadata
-    from ..engines.int8.quantize import calibration_pixels
+    from ..api import build
 
     if args.precision == "fp16":
         raise DSMError("--backend openvino runs fp32, bf16 or int8 (fp16 is for onnxruntime and tensorrt)")
@@ -155,14 +153,9 @@ def _build_openvino(args) -> int:
             raise DSMError("--backend openvino --precision int8 needs calibration images: --calibration DIR")
         if not os.path.isdir(args.calibration):
             raise DSMError(f"calibration folder {args.calibration!r} does not exist")
-    options = OpenVINOOptions(precision=args.precision, smooth_alpha=args.smooth_alpha)
-    options.check()
-    model = check_openvino_input(args.onnx)
-    pixels = files = None
-    if args.precision == "int8":
-        pixels, files = calibration_pixels(read_metadata(model, args.onnx).model, args.calibration,
-                                           args.calibration_count)
-    rec = build_openvino(args.onnx, args.output, options, pixels, files)
+    rec = build(args.onnx, args.output, backend="openvino", precision=args.precision,
+                calibration=args.calibration if args.precision == "int8" else None,
+                calibration_count=args.calibration_count, smooth_alpha=args.smooth_alpha)
     note = "" if rec["cpu_bf16"] or args.precision == "fp32" else " (this CPU has no AVX-512 BF16 or AMX: f32)"
     line = f"wrote {args.output} and {rec['bin']}: OpenVINO {rec['openvino_version'].split('-')[0]} IR, {args.precision}"
     if args.precision == "int8":
@@ -178,8 +171,7 @@ def _build_openvino(args) -> int:
 
 
 def _build_int8(args) -> None:
-    from ..graph.export import load_onnx, read_metadata
-    from ..engines.int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
+    from ..api import QuantizeOptions, quantize
 
     keep = tuple(k.strip() for k in args.keep_fp32.split(",") if k.strip()) or None  # None: the mode's default
     if keep == ("none",):
@@ -187,12 +179,8 @@ def _build_int8(args) -> None:
     options = QuantizeOptions(mode=args.quantization, calibration_method=args.calibration_method,
                               calibration_count=args.calibration_count, activations=args.activations,
                               keep_fp32=keep, smooth_alpha=args.smooth_alpha)
-    options.check()
-    pixels, files = None, None
-    if args.quantization == "static" or args.smooth_alpha is not None:
-        info = read_metadata(load_onnx(args.onnx), args.onnx)
-        pixels, files = calibration_pixels(info.model, args.calibration, args.calibration_count)
-    rec = quantize_int8(args.onnx, args.output, pixels, options, files)
+    calibration = args.calibration if args.quantization == "static" or args.smooth_alpha is not None else None
+    rec = quantize(args.onnx, args.output, calibration, options)
     quantized = ", ".join(f"{v} {k}" for k, v in rec["quantized"].items())
     how = (f"static QDQ, {rec['activations']} activations, {rec['calibration_method']} calibration on "
            f"{rec['calibration_count']} images" if rec["mode"] == "static" else
