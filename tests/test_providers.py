@@ -11,7 +11,7 @@ from dsm_export.cli import main
 from dsm_export.errors import DSMError
 from dsm_export.engines.providers import PROVIDER_ALIASES, create_session, resolve_providers
 
-from conftest import DEIT, ROOT
+from conftest import DEIT
 
 MISSING = [alias for alias, full in PROVIDER_ALIASES.items() if full not in ort.get_available_providers()]
 
@@ -82,7 +82,41 @@ def test_tune_and_bench_refuse_a_missing_provider(small_export, weights, images_
                  "--provider", MISSING[0], "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "installed: " in err
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_ort.py"), small_export,
+    proc = subprocess.run([sys.executable, "-m", "dsm_export", "bench", small_export,
                            small_export, "--provider", MISSING[0]], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "installed: " in proc.stderr
+
+
+def test_create_session_is_the_only_session_constructor():
+    """dsm_export builds ``SessionOptions``/``InferenceSession`` in create_session alone."""
+    import glob
+    import re
+
+    from conftest import ROOT
+
+    found = []
+    for path in glob.glob(os.path.join(ROOT, "dsm_export", "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        if re.search(r"\b(InferenceSession|SessionOptions)\(", text):
+            found.append(os.path.relpath(path, ROOT))
+    assert found == [os.path.join("dsm_export", "engines", "providers.py")]
+
+
+def test_create_session_errors(tmp_path):
+    with pytest.raises(DSMError, match="ONNX Runtime cannot load .*missing.onnx"):
+        create_session(str(tmp_path / "missing.onnx"))
+    with pytest.raises(DSMError, match="cannot load an in-memory ONNX model"):
+        create_session(b"not a model")
+    with pytest.raises(ValueError, match="optimization 'fast'"):
+        create_session(str(tmp_path / "missing.onnx"), optimization="fast")
+
+
+def test_create_session_options(small_export, tmp_path):
+    optimized = str(tmp_path / "opt.onnx")
+    session = create_session(small_export, "cpu", threads=1, optimization="extended", optimized_path=optimized)
+    assert os.path.getsize(optimized) > 0 and session.get_providers() == ["CPUExecutionProvider"]
+    with open(small_export, "rb") as fh:
+        from_bytes = create_session(fh.read(), optimization="default", log_severity=3)
+    assert from_bytes.get_inputs()[0].name == session.get_inputs()[0].name

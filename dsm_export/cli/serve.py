@@ -40,7 +40,7 @@ def run(args) -> int:
                  threads=args.threads, image_instances=args.image_instances,
                  allow_random_init=args.allow_random_init)
     if getattr(args, "owns_process", False):
-        from ..serving.serve import EXIT_LIMIT_S, ShutdownGuard
+        from ..serving.lifecycle import EXIT_LIMIT_S, ShutdownGuard
 
         # The process ends once main returns; a PyTriton thread left running would hold that exit
         # (the interpreter joins non-daemon threads), so the exit is bounded too. Never cancelled:

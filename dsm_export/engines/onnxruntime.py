@@ -18,6 +18,7 @@ import onnx
 from ..errors import DSMError
 from ..graph.export import META_PREFIX, load_onnx, read_metadata
 from ..fileio import atomic_path
+from .providers import create_session
 
 
 def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, extra: dict | None = None) -> None:
@@ -37,10 +38,8 @@ def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
         ``{"backend", "precision", "output", "fp32_nodes"}``.
 
     Raises:
-        DSMError: bad input file or output folder.
+        DSMError: bad input file or output folder, or a graph ONNX Runtime cannot load.
     """
-    import onnxruntime as ort
-
     model = load_onnx(onnx_path)
     read_metadata(model, onnx_path)
     kept = 0
@@ -53,12 +52,10 @@ def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
             half, kept = convert_fp16(model)
             onnx.save(half, tmp)
             src = tmp
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         optimized = tmp + ".opt"
-        opts.optimized_model_filepath = optimized
         try:
-            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            create_session(src, "cpu", optimization="extended", optimized_path=optimized,
+                           label=f"{onnx_path!r}" + (" (fp16)" if fp16 else ""))
             result = onnx.load(optimized)
         finally:
             if os.path.exists(optimized):

@@ -1,5 +1,6 @@
-"""ONNX Runtime execution providers: one place that turns a user's ``--provider`` into the provider
-list of an ``InferenceSession`` and creates sessions with it.
+"""ONNX Runtime sessions and execution providers: one place that turns a user's ``--provider`` into
+the provider list of an ``InferenceSession``, and :func:`create_session`, the package's only
+constructor of ``onnxruntime.SessionOptions`` and ``InferenceSession``.
 
 Short names: ``cpu``, ``cuda``, ``tensorrt`` (ONNX Runtime's TensorRT provider, with CUDA and CPU as
 fallbacks for the nodes it does not take), ``openvino``; any full provider name
@@ -61,38 +62,75 @@ def resolve_providers(name: str | None = "cpu") -> list[str]:
     return chain
 
 
-def create_session(path: str, provider: str | None = "cpu", threads: int | None = None,
-                   optimization: str = "all"):
-    """An ``onnxruntime.InferenceSession`` for ``path`` on the provider ``provider``.
+# ``optimization`` of :func:`create_session` -> the ``onnxruntime.GraphOptimizationLevel`` set (None:
+# leave ONNX Runtime's default, which is ``ORT_ENABLE_ALL`` in the Python API).
+OPTIMIZATION_LEVELS = {
+    "default": None,
+    "disabled": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def create_session(model: str | bytes, provider: str | None = "cpu", threads: int | None = None,
+                   optimization: str = "all", *, optimized_path: str | None = None,
+                   log_severity: int | None = None, label: str | None = None):
+    """An ``onnxruntime.InferenceSession`` for ``model`` on the provider ``provider``.
+
+    The package's only place that builds ``onnxruntime.SessionOptions`` or an ``InferenceSession``
+    (validation, timing, the ONNX Runtime engine build and the SmoothQuant probe all come here).
+    Every option left at its default is ONNX Runtime's own (execution mode, inter-op threads, ...).
 
     Args:
-        path: ONNX file.
-        provider: as for :func:`resolve_providers`.
-        threads: intra-op threads (default: ONNX Runtime's, all cores).
-        optimization: graph optimization level: ``all`` (``ORT_ENABLE_ALL``) or ``default``
-            (ONNX Runtime's default).
+        model: ONNX file path, or a serialized ``ModelProto`` (``bytes``).
+        provider: as for :func:`resolve_providers` (``cpu``, ``cuda``, ``tensorrt``, ``openvino`` or
+            a full provider name; None means ``cpu``); its fallbacks and CPU follow it.
+        threads: intra-op threads (``SessionOptions.intra_op_num_threads``); None or 0: ONNX
+            Runtime's default (one per physical core).
+        optimization: graph optimization level, a key of :data:`OPTIMIZATION_LEVELS`: ``all``
+            (``ORT_ENABLE_ALL``), ``extended``, ``basic``, ``disabled``, or ``default`` (leave
+            ``SessionOptions``' own level).
+        optimized_path: where ONNX Runtime writes the optimized graph
+            (``SessionOptions.optimized_model_filepath``) while creating the session; None: nowhere.
+        log_severity: ``SessionOptions.log_severity_level`` (0 verbose ... 4 fatal); None: ONNX
+            Runtime's default (2, warnings).
+        label: how error messages name the model (default: the path, or "an in-memory ONNX model").
+
+    Returns:
+        The session, its providers checked: the chosen provider is the first one it runs on.
 
     Raises:
-        DSMError: an unusable provider (see :func:`resolve_providers`), a provider that ONNX Runtime
-            could not start (it fell back to another: e.g. CUDA libraries or the GPU missing), or a
-            file ONNX Runtime cannot load.
+        DSMError: an unknown or uninstalled provider (see :func:`resolve_providers`); a file or
+            model ONNX Runtime cannot load (missing path, not ONNX, unsupported operator: the
+            message has ONNX Runtime's first line); a provider that ONNX Runtime could not start
+            (it fell back to another: e.g. CUDA libraries or the GPU missing).
+        ValueError: an ``optimization`` not in :data:`OPTIMIZATION_LEVELS` (a caller's mistake).
     """
     import onnxruntime as ort
 
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization {optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
+    name = label or (repr(model) if isinstance(model, str) else "an in-memory ONNX model")
     providers = resolve_providers(provider)
     opts = ort.SessionOptions()
-    if optimization == "all":
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = OPTIMIZATION_LEVELS[optimization]
+    if level is not None:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if threads:
         opts.intra_op_num_threads = threads
+    if optimized_path is not None:
+        opts.optimized_model_filepath = optimized_path
+    if log_severity is not None:
+        opts.log_severity_level = log_severity
     try:
-        session = ort.InferenceSession(path, opts, providers=providers)
+        session = ort.InferenceSession(model, opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad files and providers
         text = str(exc).strip().splitlines()
-        raise DSMError(f"ONNX Runtime cannot load {path!r} on {providers[0]}: "
+        raise DSMError(f"ONNX Runtime cannot load {name} on {providers[0]}: "
                        f"{text[0] if text else type(exc).__name__}") from None
     used = session.get_providers()
     if providers[0] not in used:
-        raise DSMError(f"ONNX Runtime could not start {providers[0]} for {path!r} (it fell back to "
+        raise DSMError(f"ONNX Runtime could not start {providers[0]} for {name} (it fell back to "
                        f"{', '.join(used)}): check the GPU, driver and CUDA/cuDNN libraries")
     return session

@@ -23,24 +23,20 @@ own shutdown hang (a thread that never joins), :class:`ShutdownGuard` dumps ever
 stderr after ``SHUTDOWN_LIMIT_S``, ends the child processes, removes what they leave and ends the
 process with the status it would have had.
 
-PyTriton's Python-backend stub loads the system's libpython, so the server is started with
-``LD_LIBRARY_PATH`` led by ``sysconfig.get_config_var("LIBDIR")``.
+The process side of that (signal handlers, ``LD_LIBRARY_PATH`` for PyTriton's Python-backend stub,
+ending Triton's child processes and removing what they leave, :class:`ShutdownGuard`) lives in
+:mod:`dsm_export.serving.lifecycle`; this module binds the models and runs the server.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import faulthandler
 import io
 import logging
 import os
 import queue
 import secrets
-import shutil
-import signal
 import sys
-import sysconfig
-import tempfile
 import threading
 import time
 
@@ -49,20 +45,14 @@ import numpy as np
 from .. import checks
 from ..errors import DSMError
 from ..graph.export import load_onnx, read_metadata
+from .lifecycle import (  # noqa: F401  (EXIT_LIMIT_S, ShutdownGuard, descendants: the names callers import from here)
+    EXIT_LIMIT_S, SHUTDOWN_LIMIT_S, ShutdownGuard, descendants, end_children, prepend_libdir, stop_on_signals,
+    stub_folders)
 from .triton_repo import model_name_for, refuse_random_init
 
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
 EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests when stopping
 START_ATTEMPTS = 3  # starts tried when a model fails to load (a PyTriton race under CPU load)
-SHUTDOWN_LIMIT_S = 60.0  # longest stop before ShutdownGuard ends the process (PyTriton waits <= 2 x 30 s)
-EXIT_LIMIT_S = 20.0  # longest interpreter exit after serve() returned, run as the command
-
-
-def _prepend_libdir() -> None:
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if libdir and not current.startswith(libdir):
-        os.environ["LD_LIBRARY_PATH"] = libdir + (os.pathsep + current if current else "")
 
 
 class MicroBatcher:
@@ -336,68 +326,62 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
         DSMError: everything :func:`check_serve_args` raises, or Triton failing to start.
     """
     stop = stop or threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    # Handlers first: a signal at any later point is seen at the next step, nothing is half done.
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     workspace = None
     triton = None
     batchers: list[MicroBatcher] = []
-    try:
-        ports = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
-        names = check_serve_args(onnx_paths, names, host, ports, max_batch, top_k, image_instances,
-                                 allow_random_init)
-        from pytriton.constants import PYTRITON_HOME
-        from pytriton.triton import Triton, TritonConfig
+    # Handlers first: a signal at any later point is seen at the next step, nothing is half done.
+    with stop_on_signals(stop):
+        try:
+            ports = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
+            names = check_serve_args(onnx_paths, names, host, ports, max_batch, top_k, image_instances,
+                                     allow_random_init)
+            from pytriton.constants import PYTRITON_HOME
+            from pytriton.triton import Triton, TritonConfig
 
-        _prepend_libdir()
-        logging.getLogger("pytriton.proxy.inference").addFilter(_BadRequestLogFilter())
-        config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                              metrics_address=host, metrics_port=metrics_port, log_verbose=0,
-                              exit_timeout_secs=EXIT_TIMEOUT_S)
-        os.makedirs(PYTRITON_HOME, exist_ok=True)
-        for attempt in range(START_ATTEMPTS):
-            # Our own workspace path, so that it is removed whatever phase a signal interrupts.
-            workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
-            triton = Triton(config=config, workspace=workspace)
-            served = []
-            for p, n in zip(onnx_paths, names):
+            prepend_libdir()
+            logging.getLogger("pytriton.proxy.inference").addFilter(_BadRequestLogFilter())
+            config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                                  metrics_address=host, metrics_port=metrics_port, log_verbose=0,
+                                  exit_timeout_secs=EXIT_TIMEOUT_S)
+            os.makedirs(PYTRITON_HOME, exist_ok=True)
+            for attempt in range(START_ATTEMPTS):
+                # Our own workspace path, so that it is removed whatever phase a signal interrupts.
+                workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
+                triton = Triton(config=config, workspace=workspace)
+                served = []
+                for p, n in zip(onnx_paths, names):
+                    if stop.is_set():
+                        break
+                    served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
                 if stop.is_set():
                     break
-                served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
+                try:
+                    _start(triton, stop, (http_port, grpc_port, metrics_port), host)
+                    break
+                except DSMError as exc:
+                    # PyTriton's later instances of a model wait 1 s for the first one's handshake
+                    # socket; on a loaded machine that can fail a model load. Start again.
+                    if "load failed" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                        raise
+                    print(f"a model failed to load ({str(exc)[:120]}...): starting again", flush=True)
+                    _teardown(triton, batchers, workspace)
+                    triton, workspace, batchers = None, None, []
             if stop.is_set():
-                break
-            try:
-                _start(triton, stop, (http_port, grpc_port, metrics_port), host)
-                break
-            except DSMError as exc:
-                # PyTriton's later instances of a model wait 1 s for the first one's handshake
-                # socket; on a loaded machine that can fail a model load. Start again.
-                if "load failed" not in str(exc) or attempt == START_ATTEMPTS - 1:
-                    raise
-                print(f"a model failed to load ({str(exc)[:120]}...): starting again", flush=True)
-                _teardown(triton, batchers, workspace)
-                triton, workspace, batchers = None, None, []
-        if stop.is_set():
-            print("interrupted while starting: shutting down", flush=True)
-        else:
-            print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
-                  f"and grpc {host}:{grpc_port}: ready", flush=True)
-            while not stop.wait(0.2):
-                if not triton.is_alive():
-                    raise DSMError("Triton stopped on its own (see its log above)")
-            print("shutting down", flush=True)
-    finally:
-        # 0 after a signal; 1 when an error is on its way out (Triton died, or failed to start).
-        guard = ShutdownGuard(SHUTDOWN_LIMIT_S, 0 if stop.is_set() else 1, workspace, "stopping Triton")
-        try:
-            _teardown(triton, batchers, workspace)
+                print("interrupted while starting: shutting down", flush=True)
+            else:
+                print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
+                      f"and grpc {host}:{grpc_port}: ready", flush=True)
+                while not stop.wait(0.2):
+                    if not triton.is_alive():
+                        raise DSMError("Triton stopped on its own (see its log above)")
+                print("shutting down", flush=True)
         finally:
-            guard.cancel()
-        for s, handler in old.items():
-            signal.signal(s, handler)
+            # 0 after a signal; 1 when an error is on its way out (Triton died, or failed to start).
+            guard = ShutdownGuard(SHUTDOWN_LIMIT_S, 0 if stop.is_set() else 1, workspace, "stopping Triton")
+            try:
+                _teardown(triton, batchers, workspace)
+            finally:
+                guard.cancel()
     if batchers and any(b.runs for b in batchers):
         runs, items = sum(b.runs for b in batchers), sum(b.items for b in batchers)
         print(f"image models: {items} images in {runs} network runs ({items / runs:.2f} per run)", flush=True)
@@ -406,58 +390,11 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     return 0
 
 
-class ShutdownGuard:
-    """Bound a shutdown: unless :meth:`cancel` is called within ``limit_s`` seconds, end the process.
-
-    When the limit passes, a daemon thread prints one line and every thread's stack (Python's
-    ``faulthandler``) to stderr, sends SIGTERM then SIGKILL to every descendant process, removes
-    ``workspace``, Triton's stub folders and this process's PyTriton shared memory, flushes stdout and
-    stderr and calls ``os._exit(code)``. It exists because PyTriton joins its inference threads without
-    a timeout: one that never ends would otherwise keep ``serve`` (or the interpreter's exit, which
-    joins non-daemon threads) waiting for ever.
-
-    Args:
-        limit_s: seconds the shutdown may take.
-        code: exit status to end with (that of the shutdown being guarded).
-        workspace: PyTriton workspace folder to remove, or None.
-        what: what is being waited for, for the message (e.g. "stopping Triton").
-    """
-
-    def __init__(self, limit_s: float, code: int, workspace: str | None = None, what: str = "shutdown"):
-        self.limit_s, self.code, self.workspace, self.what = limit_s, code, workspace, what
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="dsm-shutdown-guard", daemon=True)
-        self._thread.start()
-
-    def cancel(self) -> None:
-        """The shutdown finished in time: the guard does nothing."""
-        self._done.set()
-
-    def _watch(self) -> None:
-        if self._done.wait(self.limit_s):
-            return
-        print(f"dsm-export: {self.what} did not finish in {self.limit_s:.0f} s: ending child processes "
-              "and exiting (every thread's stack follows)", file=sys.stderr, flush=True)
-        try:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        except (OSError, ValueError, AttributeError):  # stderr without a file descriptor
-            pass
-        children = descendants(os.getpid())
-        _end_children(children, _stub_folders(children), self.workspace, grace_s=2.0)
-        print("stopped (forced)", flush=True)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(self.code)
-
-
 def _teardown(triton, batchers: list, workspace: str | None) -> None:
     """Stop Triton, the micro-batchers and every child process; remove the workspace and what
     Triton leaves in /tmp and /dev/shm."""
     children = descendants(os.getpid())
-    folders = _stub_folders(children)
+    folders = stub_folders(children)
     if triton is not None:
         try:
             triton.stop()
@@ -465,18 +402,7 @@ def _teardown(triton, batchers: list, workspace: str | None) -> None:
             pass
     for b in batchers:
         b.close()
-    _end_children(children, folders, workspace)
-
-
-def _end_children(children: list[int], folders: set[str], workspace: str | None, grace_s: float = 3.0) -> None:
-    """Remove ``workspace``, end ``children`` (all but our resource tracker) and remove the stub
-    ``folders``, the workspace's model folders and our PyTriton shared memory."""
-    if workspace:
-        shutil.rmtree(workspace, ignore_errors=True)
-    _end_processes([p for p in children if not _own_resource_tracker(p)], grace_s=grace_s)
-    if workspace:
-        folders = folders | _model_folders(workspace)
-    _remove_leftovers(folders)
+    end_children(children, folders, workspace)
 
 
 def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str) -> None:
@@ -512,114 +438,3 @@ def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str
         why = f": {str(failure[0]).splitlines()[0]}" if failure and str(failure[0]) else ""
         raise DSMError(f"Triton exited while starting{why} (see its log above; are ports "
                        f"{', '.join(map(str, ports))} on {host} free?)")
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids of every descendant of ``pid`` (from ``/proc``; empty where there is no ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _own_resource_tracker(pid: int) -> bool:
-    """Whether ``pid`` is this process's multiprocessing resource tracker (it ends with us, and
-    unlinks what we leave in shared memory)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read()
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return False
-    return ppid == os.getpid() and b"multiprocessing.resource_tracker" in cmd
-
-
-def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
-    """End what is left of this server's child processes after Triton stopped: a Python-backend
-    stub busy with a request when Triton hit its exit timeout outlives Triton. SIGTERM, then SIGKILL
-    after ``grace_s``."""
-    left = [p for p in pids if _running(p)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [p for p in left if _running(p)]
-        if not left:
-            return
-
-
-def _stub_folders(pids: list[int]) -> set[str]:
-    """Temporary model folders Triton made for PyTriton's stubs (``/tmp/folderXXXX/1/model.py``)."""
-    tmp = os.path.realpath(tempfile.gettempdir())
-    folders = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                args = fh.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        for arg in args:
-            if arg.endswith("/1/model.py"):
-                folder = os.path.dirname(os.path.dirname(arg))
-                if os.path.dirname(folder) == tmp and os.path.basename(folder).startswith("folder"):
-                    folders.add(folder)
-    return folders
-
-
-def _model_folders(workspace: str) -> set[str]:
-    """Triton's temporary model folders (``/tmp/folderXXXX``) whose config names ``workspace``
-    (those of models whose stubs were not running when Triton stopped)."""
-    tmp = tempfile.gettempdir()
-    found = set()
-    try:
-        entries = [e for e in os.listdir(tmp) if e.startswith("folder")]
-    except OSError:
-        return found
-    for entry in entries:
-        try:
-            with open(os.path.join(tmp, entry, "config.pbtxt"), encoding="utf-8", errors="replace") as fh:
-                if workspace in fh.read():
-                    found.add(os.path.join(tmp, entry))
-        except OSError:
-            continue
-    return found
-
-
-def _remove_leftovers(folders: set[str]) -> None:
-    """Remove what a Triton stopped by its exit timeout leaves: its stubs' model folders and this
-    process's PyTriton shared-memory segments (``/dev/shm/pytrtion<pid>-*``)."""
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-    shm = "/dev/shm"
-    if os.path.isdir(shm):
-        for entry in os.listdir(shm):
-            if entry.startswith(f"pytrtion{os.getpid()}-"):
-                try:
-                    os.unlink(os.path.join(shm, entry))
-                except OSError:
-                    pass

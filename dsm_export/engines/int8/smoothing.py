@@ -149,16 +149,15 @@ def activation_ranges(model: onnx.ModelProto, tensors: list[str], pixels: np.nda
     Returns:
         name -> ``[D]`` float32.
     """
-    import onnxruntime as ort
+    from ..providers import create_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
     for name in tensors:
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = create_session(probe.SerializeToString(), "cpu", optimization="default", log_severity=3,
+                             label="the SmoothQuant activation probe")
     feed = model.graph.input[0].name
     out: dict[str, np.ndarray] = {}
     for i in range(0, len(pixels), batch):
