@@ -169,13 +169,14 @@ def test_layer_labels_follow_timm(fp32_file):
 
 
 def test_speed_pareto_and_choice():
-    from dsm_export.search.engine_search import choose, ladder, speed_pareto
+    from dsm_export.search.candidates import choose, pareto_front
+    from dsm_export.search.engine_search import ladder
 
     rows = [{"speedup": 1.3, "divergence": 0.008, "agreement": 0.96},
             {"speedup": 2.1, "divergence": 0.06, "agreement": 0.92},
             {"speedup": 2.0, "divergence": 0.03, "agreement": 0.95},
             {"speedup": 1.6, "divergence": 0.05, "agreement": 0.93}]
-    assert speed_pareto(rows) == [rows[0], rows[2], rows[1]]
+    assert pareto_front(rows) == [rows[0], rows[2], rows[1]]
     assert choose(rows, 1.9) is rows[2] and choose(rows, 2.05) is rows[1] and choose(rows, 3.0) is None
     steps = ladder(2.5, 5)
     assert len(steps) == 5 and abs(steps[0] - 2.5 / 1.6) < 1e-3 and abs(steps[-1] - 2.75) < 1e-6
@@ -183,7 +184,7 @@ def test_speed_pareto_and_choice():
 
 
 def test_accuracy_budget_limits_the_choice():
-    from dsm_export.search.engine_search import Budget, choose, confirmation_contenders, fastest_within
+    from dsm_export.search.candidates import Budget, choose, confirmation_contenders, fastest_within
 
     def row(speedup, kl, agreement):
         return {"speedup": speedup, "divergence": kl, "agreement": agreement, "precision": "int8-dynamic",
@@ -242,7 +243,7 @@ def test_tune_exits_1_when_no_engine_keeps_within_the_budget(weights, images_dir
 
 
 def test_confirmation_contenders_are_the_rows_that_could_be_chosen():
-    from dsm_export.search.engine_search import confirmation_contenders
+    from dsm_export.search.candidates import confirmation_contenders
 
     def row(speedup, kl, precision="int8-dynamic", flops=1.5):
         return {"speedup": speedup, "divergence": kl, "agreement": 0.9, "precision": precision, "flops_ratio": flops}
@@ -259,7 +260,7 @@ def test_choice_takes_the_fastest_engine_within_one_standard_error_of_the_least_
     """Two engines whose KL differs by less than the calibration images can resolve (one standard
     error of the paired per-image difference) are tied: the faster is chosen, and both are timed
     again; a clearly worse KL is never chosen for its speed."""
-    from dsm_export.search.engine_search import choose, confirmation_contenders, within_one_se
+    from dsm_export.search.candidates import choose, confirmation_contenders, within_one_se
 
     rng = np.random.default_rng(0)
     least = rng.gamma(2.0, 0.005, 128)  # per-image KL of the least-KL engine, mean about 0.01
@@ -292,7 +293,7 @@ def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path
     from dsm_export.graph.export import read_metadata
 
     result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
-                            refine_steps=0, quant_count=8, repeats=5, progress=False, strides=(1, 2))
+                            refine_steps=0, quant_count=8, progress=False, strides=(1, 2))
     kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
     assert kinds == {(p, none) for p in PRECISIONS for none in (True, False)}
     assert PRECISIONS == ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")

@@ -9,7 +9,8 @@ import torch
 from dsm_export.cli import main
 from dsm_export.check.evaluate import flops_ratio, model_logits, schedule_metrics
 from dsm_export.core.schedule import Schedule
-from dsm_export.search.schedule_search import pareto_front, search_schedules
+from dsm_export.search.candidates import Candidate, pareto_front
+from dsm_export.search.schedule_search import search_schedules
 
 from conftest import DEIT
 
@@ -55,9 +56,10 @@ def test_tune_grid_goes_coarse_to_fine(deit, pixels):
 
 
 def test_pareto_front():
-    rows = [{"flops_ratio": 1.5, "kl": 0.02}, {"flops_ratio": 1.7, "kl": 0.05},
-            {"flops_ratio": 1.6, "kl": 0.06}, {"flops_ratio": 1.7, "kl": 0.04}]
-    assert pareto_front(rows) == [rows[0], rows[3]]
+    rows = [Candidate(flops_ratio=1.5, kl=0.02, agreement=0.9), Candidate(flops_ratio=1.7, kl=0.05, agreement=0.9),
+            Candidate(flops_ratio=1.6, kl=0.06, agreement=0.9), Candidate(flops_ratio=1.7, kl=0.04, agreement=0.9)]
+    assert pareto_front(rows, "flops_ratio") == [rows[0], rows[3]]
+    assert rows[0].divergence == 0.02 and rows[0]["kl"] == 0.02  # a classifier's KL is its divergence
 
 
 def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
@@ -75,10 +77,11 @@ def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
 
 def test_speed_check_candidates_confirmation_and_choice():
     """Which schedules the speed check times, which it times twice, and which it keeps."""
-    from dsm_export.search.engine_search import Budget
+    from dsm_export.search.candidates import Budget
     import pytest
 
-    from dsm_export.search.speed_check import confirmation_round, first_fast_enough, speed_candidates, speed_stats
+    from dsm_export.search.candidates import first_fast_enough, near_floor
+    from dsm_export.search.speed_check import speed_candidates, speed_stats
 
     def row(spec, kl, fr=1.71, agree=0.9):
         return {"spec": spec, "divergence": kl, "agreement": agree, "flops_ratio": fr}
@@ -111,15 +114,16 @@ def test_speed_check_candidates_confirmation_and_choice():
     assert first_fast_enough(timed, 0.9, key="speed_per_flop")["spec"] == "b"
     assert first_fast_enough(timed, 1.0) is None
     # within 0.05 below the floor, up to the first at or above it: only b could still rise over it
-    assert [r["spec"] for r in confirmation_round(timed, 0.9, 0.05)] == ["b"]
-    assert [r["spec"] for r in confirmation_round(timed, 0.95, 0.05)] == ["c"]
-    assert confirmation_round(timed, 0.7, 0.05) == []
+    assert [r["spec"] for r in near_floor(timed, 0.9, 0.05)] == ["b"]
+    assert [r["spec"] for r in near_floor(timed, 0.95, 0.05)] == ["c"]
+    assert near_floor(timed, 0.7, 0.05) == []
 
 
 def test_speed_check_times_real_exports(deit, weights, pixels, tmp_path):
     """Two real candidates exported and timed against timm's unmerged model in ONNX Runtime."""
     from dsm_export.graph.export import read_metadata
-    from dsm_export.search.speed_check import first_fast_enough, speed_check
+    from dsm_export.search.candidates import first_fast_enough
+    from dsm_export.search.speed_check import speed_check
 
     import onnx
 

@@ -21,8 +21,7 @@ def add(sub):
                         help="speed-up measured on this machine over the fastest unmerged engine of --backend: ONNX "
                              "Runtime's fp32 unmerged model (timm's arithmetic: every block on every token), or "
                              "OpenVINO's default compile of it")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8-dynamic", "int8-dynamic-all", "auto"),
-                   default=None,
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8-dynamic", "int8-dynamic-all", "auto"), default=None,
                    help="engine precision. onnxruntime (default fp32): fp32, int8 (static QDQ, TensorRT-compatible), "
                         "int8-dynamic (dynamic quantization, first block fp32), int8-dynamic-all (dynamic, every "
                         "layer quantized), or auto (all four; --target-speedup only), every INT8 form smoothed "
@@ -133,6 +132,8 @@ def run(args) -> int:
 
 def _print_variants(variants: list[dict], div: str, agree: str) -> None:
     """The variant stage: calibration and held-apart scores of each merge variant, and the winner."""
+    from ..search.candidates import least
+
     if not variants:
         return
     print(f"merge variants on the best grid schedule ({div}: calibration / held apart):")
@@ -140,7 +141,7 @@ def _print_variants(variants: list[dict], div: str, agree: str) -> None:
         held_div = f"{row['held_divergence']:.4f}" if "held_divergence" in row else "-"
         print(f"  {row['variant']:<22} {div} {row['divergence']:.4f} / {held_div}  "
               f"{agree} {100 * row['agreement']:.1f} %  {row['spec']}")
-    winner = min(variants, key=lambda r: (r["divergence"], -r["agreement"]))
+    winner = least(variants)
     plain = variants[0]
     if winner is not plain and "held_divergence" in winner:
         print(f"variant {winner['variant']} won: held-apart {div} {winner['held_divergence']:.4f} against "
@@ -156,9 +157,8 @@ def _print_skipped(skipped: list[str]) -> None:
 
 
 def _print_front(rep, budget) -> None:
-    """The search's Pareto front, one row per line; the rows outside the accuracy ``budget``
-    (:class:`~dsm_export.search.engine_search.Budget`) are marked (a row printed at 93.0 % may hold
-    92.97 %)."""
+    """The search's Pareto front, one row per line; rows outside the accuracy ``budget``
+    (:class:`~dsm_export.search.candidates.Budget`) are marked (one printed at 93.0 % may hold 92.97 %)."""
     div, agree = rep.divergence, rep.agreement_name
 
     def outside(row) -> str:

@@ -22,9 +22,9 @@ one too, runs its last block for the prefix tokens alone where only they reach t
    unmerged model on the calibration images (INT8 through ONNX Runtime, since quantization moves
    the logits; fp32 by the PyTorch reference, which the export matches to 1e-4);
 4. the Pareto front (higher measured speed-up, lower KL) and the choice at the target: among the
-   engines whose measured speed-up reaches it (and that keep within an optional :class:`Budget`:
+   engines whose measured speed-up reaches it (and that keep within an optional :class:`~.candidates.Budget`:
    a least top-1 agreement, a most KL), the fastest whose KL is within one standard error of the
-   least (paired per-image differences on the calibration images, :func:`within_one_se`; exact
+   least (paired per-image differences on the calibration images, :func:`~.candidates.within_one_se`; exact
    ties: top-1 agreement) -- after a confirmation round: the engines that could be chosen (on the
    front, up to 8 % below the target, KL within one standard error of the least there) are timed
    again together, and each keeps the mean of its two measurements.
@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import DSMError
 from ..core.schedule import Schedule, stride_blocks
+from .candidates import Budget, Candidate, choose, confirmation_contenders, confirmation_round, pareto_front
 from .runtimes import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options  # noqa: F401  (the search's names)
 
 
@@ -53,122 +54,6 @@ def ladder(target: float, rungs: int) -> list[float]:
     if rungs <= 1:
         return [round(hi, 3)]
     return [round(float(v), 3) for v in np.geomspace(lo, hi, rungs)]
-
-
-def speed_pareto(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (higher ``speedup``, lower ``divergence``), sorted by ``speedup``."""
-    front = [r for r in rows if not any(
-        o["speedup"] >= r["speedup"] and o["divergence"] <= r["divergence"]
-        and (o["speedup"] > r["speedup"] or o["divergence"] < r["divergence"]) for o in rows)]
-    return sorted(front, key=lambda r: r["speedup"])
-
-
-@dataclass(frozen=True)
-class Budget:
-    """An accuracy budget on the calibration images: the least top-1 ``agreement`` (a fraction, 0-1;
-    retrieval overlap for embedding models) and the most ``divergence`` (KL; 1 - cosine for
-    embedding models) an engine may have to be chosen. None leaves a side open.
-
-    Raises:
-        DSMError: a bound outside its range (agreement 0-1, divergence >= 0).
-    """
-
-    min_agreement: float | None = None
-    max_divergence: float | None = None
-
-    def __post_init__(self):
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            raise DSMError(f"the least agreement must be between 0 and 100 %, got {100 * self.min_agreement:g} %")
-        if self.max_divergence is not None and not self.max_divergence >= 0.0:
-            raise DSMError(f"the most KL must be 0 or more, got {self.max_divergence:g}")
-
-    def admits(self, row: dict) -> bool:
-        """Whether a candidate row (``agreement``, ``divergence``) keeps within the budget."""
-        return ((self.min_agreement is None or row["agreement"] >= self.min_agreement)
-                and (self.max_divergence is None or row["divergence"] <= self.max_divergence))
-
-    def describe(self, divergence: str = "KL", agreement: str = "agreement") -> str:
-        """The budget in words, e.g. ``agreement >= 93.0 %, KL <= 0.03``; empty without bounds."""
-        parts = []
-        if self.min_agreement is not None:
-            parts.append(f"{agreement} >= {100 * self.min_agreement:.1f} %")
-        if self.max_divergence is not None:
-            parts.append(f"{divergence} <= {self.max_divergence:g}")
-        return ", ".join(parts)
-
-
-def within_one_se(least: np.ndarray, other: np.ndarray) -> bool:
-    """Whether ``other``'s per-image divergences exceed ``least``'s by at most one standard error of
-    their paired difference: a KL difference the calibration images cannot resolve. This is the
-    one-standard-error rule of model selection (Hastie, Tibshirani, Friedman, *The Elements of
-    Statistical Learning*, 2nd ed., section 7.10), applied to engines instead of model sizes.
-
-    Args:
-        least, other: ``[N]`` per-image divergences of two engines on the same N images
-            (:func:`dsm_export.check.validate.per_image_divergence`).
-
-    Raises:
-        ValueError: the two arrays differ in length.
-    """
-    least, other = np.asarray(least, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    if least.shape != other.shape:
-        raise ValueError(f"per-image divergences of {least.shape} and {other.shape} images")
-    diff = other - least
-    if diff.size < 2:
-        return bool(diff.sum() <= 0)
-    return bool(diff.mean() <= diff.std(ddof=1) / np.sqrt(diff.size))
-
-
-def _reaching(rows: list[dict], target: float, budget: Budget | None) -> list[dict]:
-    """The rows whose measured ``speedup`` reaches ``target`` and that keep within ``budget``."""
-    return [r for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))]
-
-
-def _least(rows: list[dict]) -> dict | None:
-    """The least-``divergence`` row (ties: higher ``agreement``); None for no rows."""
-    return min(rows, key=lambda r: (r["divergence"], -r["agreement"])) if rows else None
-
-
-def _tied(row: dict, least: dict, per_image: dict | None) -> bool:
-    """``row``'s divergence is ``least``'s or lower, or within one standard error above it
-    (:func:`within_one_se`, where ``per_image`` has both rows' ``path``)."""
-    if row["divergence"] <= least["divergence"]:
-        return True
-    a, b = (per_image or {}).get(least.get("path")), (per_image or {}).get(row.get("path"))
-    return a is not None and b is not None and within_one_se(a, b)
-
-
-def choose(rows: list[dict], target: float, budget: Budget | None = None,
-           per_image: dict | None = None) -> dict | None:
-    """The engine chosen at ``target``: among the rows whose measured ``speedup`` reaches it and that
-    keep within ``budget``, the least ``divergence`` (ties: higher ``agreement``); None if no row does.
-
-    With ``per_image`` (row ``path`` -> ``[N]`` per-image divergences on the calibration images), the
-    fastest of the rows whose divergence is within one standard error of that least one
-    (:func:`within_one_se`) is chosen instead: a KL difference the images cannot resolve does not
-    outweigh a measured speed margin over the target. (In the 2.0x search of the README's frontier
-    at commit b4fec89, one schedule's dynamic INT8 with the first block fp32 scored calibration KL
-    0.0103 at 2.14x and with every layer INT8 0.0105 at 2.21x; the first was chosen.)
-    """
-    ok = _reaching(rows, target, budget)
-    least = _least(ok)
-    if least is None or not per_image:
-        return least
-    return max((r for r in ok if _tied(r, least, per_image)),
-               key=lambda r: (r["speedup"], -r["divergence"], r["agreement"]))
-
-
-def fastest_within(rows: list[dict], budget: Budget | None = None) -> dict | None:
-    """The row with the highest measured ``speedup`` among those within ``budget`` (ties: lower
-    ``divergence``): the most speed the budget allowed in a search. None if no row keeps within it."""
-    ok = [r for r in rows if budget is None or budget.admits(r)]
-    return max(ok, key=lambda r: (r["speedup"], -r["divergence"])) if ok else None
-
-
-def row_schedule(row: dict) -> Schedule:
-    """The schedule of a candidate row: its compact ``spec`` where it has one, else its per-block
-    ``schedule_json``."""
-    return Schedule.from_dict(row["schedule_json"]) if row["spec"].startswith("{") else Schedule.parse(row["spec"])
 
 
 @dataclass
@@ -221,9 +106,7 @@ def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05,
 
 def search_engines(model: nn.Module, model_name: str, weights: str | None, pixels: torch.Tensor, target: float,
                    workdir: str, precisions=PRECISIONS, rungs: int = 4, max_grid: int = 16,
-                   refine_steps: int = 8, quant_options=None, quant_count: int = 64, batch: int = 32,
-                   repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
-                   pretrained: bool = False, num_classes: int | None = None,
+                   refine_steps: int = 8, quant_count: int = 64, pretrained: bool = False, num_classes: int | None = None,
                    progress: bool = True, confirm_margin: float = 0.08, strides=(1,),
                    budget: Budget | None = None, mirror: bool = True, runtime=None,
                    aim: bool = True) -> EngineSearchResult:
@@ -252,24 +135,22 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             first merged rung, which also runs the merge-variant stage; the other rungs search a
             third of ``max_grid`` and half of ``refine_steps`` with the variant keys found there,
             nearest first from its grid schedule.
-        quant_options: :class:`dsm_export.engines.int8.quantize.QuantizeOptions` of ONNX Runtime's ``int8``
-            (default: static QDQ smoothed at :data:`SMOOTH_ALPHA`).
-        batch, repeats, threads, provider: the timing (:func:`dsm_export.search.timing.ort_throughput`).
         pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.graph.export.export_model`.
         confirm_margin: engines within this fraction below the target that could be chosen
-            (:func:`confirmation_contenders`) are timed a second time, together, before the choice;
+            (:func:`~.candidates.confirmation_contenders`) are timed a second time, together, before the choice;
             0 confirms only those at or above the target.
         strides: merge strides tried at every rung (:func:`with_stride`): 2 also tries the rung's
             schedule merging in every second merging block, r raised back to the rung's FLOP ratio
             (fewer matchings at the same FLOPs), timed in the same run; each stride adds a rung's
             worth of engines. Default ``(1,)``: on DeiT-Tiny stride 2 measured within noise of the
             every-block speed and less accurate on held-apart photos (docs, frontier).
-        budget: an accuracy :class:`Budget` the chosen engine must keep within on the calibration
+        budget: an accuracy :class:`~.candidates.Budget` the chosen engine must keep within on the calibration
             images (None: any accuracy). Rows outside it are still measured and on the front.
         mirror: each rung's schedule search also scores the horizontal mirror images
             (:func:`dsm_export.search.schedule_search.with_mirrors`); the engines are then measured on ``pixels``.
         runtime: a runtime of :mod:`dsm_export.search.runtimes` (default: ONNX Runtime with
-            ``provider``, ``threads``, ``batch``, ``repeats`` and ``quant_options``).
+            its defaults: CPU, every core, batch 32, median of 5, static QDQ INT8 smoothed at
+            :data:`SMOOTH_ALPHA`). The runtime holds the timing settings and the INT8 options.
         aim: place the rungs by prediction (above); False: the fixed :func:`ladder`.
 
     The unmerged model (rung 1.0) is measured first, in every precision. The first merged rung is
@@ -296,7 +177,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     from ..metrics import output_metrics, per_image_divergence
 
     if runtime is None:
-        runtime = OnnxRuntimeEngines(provider, threads, batch, repeats, quant_options)
+        runtime = OnnxRuntimeEngines()
     precisions = tuple(precisions)
     if not precisions or any(p not in runtime.precisions for p in precisions):
         raise DSMError(f"{runtime.label} precisions must be among {runtime.precisions}, got {precisions}")
@@ -390,15 +271,15 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                 quality = {"divergence": metrics["divergence"], "agreement": metrics["agreement"]}
             else:
                 quality = output_metrics(outputs, base, embeddings=embeddings)
-            rows.append({"spec": schedule.spec(), "schedule_json": schedule.to_dict(depth),
-                         "precision": precision, "flops_ratio": metrics["flops_ratio"],
-                         "speedup": rate / rates["baseline"], "images_per_s": rate,
-                         "divergence": quality["divergence"], "agreement": quality["agreement"], "path": path,
-                         "rung": rung, "stride": k})
+            row = Candidate(spec=schedule.spec(), schedule_json=schedule.to_dict(depth), precision=precision,
+                            flops_ratio=metrics["flops_ratio"], speedup=rate / rates["baseline"],
+                            images_per_s=rate, divergence=quality["divergence"], agreement=quality["agreement"],
+                            path=path, rung=rung, stride=k)
             if "onnxruntime" in rates:
-                rows[-1]["speedup_onnxruntime"] = rate / rates["onnxruntime"]
+                row["speedup_onnxruntime"] = rate / rates["onnxruntime"]
             if not embeddings:
-                rows[-1].update(kl=quality["divergence"], top1_agreement=quality["agreement"])
+                row.update(kl=quality["divergence"], top1_agreement=quality["agreement"])
+            rows.append(row)
         runtime.release()
 
     live = list(precisions)  # the precisions still built: one dominated at every rung is dropped
@@ -434,19 +315,21 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     bar.set_postfix_str("confirming")
     contenders = confirmation_contenders(rows, target, confirm_margin, budget, per_image)
     if len(contenders) > 1 or (contenders and choose(rows, target, budget, per_image) is None):
-        again = runtime.throughput({str(i): r["path"] for i, r in enumerate(contenders)}, base_path)
-        runtime.release()
-        for i, r in enumerate(contenders):
-            r["speedup_runs"] = [r["speedup"], again[str(i)] / again["baseline"]]
-            r["speedup"] = float(np.mean(r["speedup_runs"]))
-            if "onnxruntime" in again:
-                r["speedup_onnxruntime"] = float(np.mean([r["speedup_onnxruntime"],
-                                                          again[str(i)] / again["onnxruntime"]]))
+        def time_again(group: list[dict]) -> list[list[float]]:
+            again = runtime.throughput({str(i): r["path"] for i, r in enumerate(group)}, base_path)
+            runtime.release()
+            for i, r in enumerate(group):
+                if "onnxruntime" in again:
+                    r["speedup_onnxruntime"] = float(np.mean([r["speedup_onnxruntime"],
+                                                              again[str(i)] / again["onnxruntime"]]))
+            return [[again[str(i)] / again["baseline"]] for i in range(len(group))]
+
+        confirmation_round(contenders, time_again, lambda row, runs: {"speedup": float(np.mean(runs))})
     bar.update(max(0, bar.total - bar.n))
     bar.close()
     machine = {**runtime.machine(), "rungs": done, "variant_rung": state.get("rung"),
                "variant_keys": state["keys"], "notes": list(runtime.notes) + notes}
-    return EngineSearchResult(choose(rows, target, budget, per_image), rows, speed_pareto(rows), machine)
+    return EngineSearchResult(choose(rows, target, budget, per_image), rows, pareto_front(rows), machine)
 
 
 def dominated_precisions(rows: list[dict], precisions) -> list[str]:
@@ -480,18 +363,3 @@ def with_stride(schedule: Schedule, stride: int, depth: int) -> Schedule:
     if schedule.blocks is None:
         return replace(schedule, stride=stride)
     return replace(schedule, blocks=stride_blocks(schedule.plan(depth), stride), prune=0)
-
-
-def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.08,
-                             budget: Budget | None = None, per_image: dict | None = None) -> list[dict]:
-    """The rows a second timing could make the choice at ``target``: within ``budget``, on the
-    speed/KL Pareto front of the rows within it, measured at least ``target * (1 - margin)``, and
-    with ``divergence`` no higher than the least-KL row at the target -- or, with ``per_image``,
-    within one standard error of it (:func:`choose`) -- (all such rows when nothing reached the
-    target). The unmerged fp32 baseline is never one."""
-    least = _least(_reaching(rows, target, budget))
-    admitted = [r for r in rows if budget is None or budget.admits(r)]
-    return [r for r in speed_pareto(admitted)
-            if not (r["precision"] == "fp32" and r["flops_ratio"] <= 1.0)
-            and r["speedup"] >= target * (1 - margin)
-            and (least is None or _tied(r, least, per_image))]

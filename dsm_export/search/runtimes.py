@@ -31,7 +31,7 @@ from ..errors import DSMError
 # block kept fp32 (the dynamic default); int8-dynamic-all: dynamic, every weight MatMul quantized.
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
 # SmoothQuant migration strength of the search's INT8 engines (dsm_export.engines.int8.smoothing), chosen on
-# calibration-split photos by scripts/int8_choices.py (README, INT8 section): 0.7 lowered the KL of
+# calibration-split photos by research/int8_choices.py (README, INT8 section): 0.7 lowered the KL of
 # 5 of the 6 mode x schedule pairs it was tried on, 0.5 raised it on the merged model.
 SMOOTH_ALPHA = 0.7
 

@@ -45,6 +45,7 @@ from torch import nn
 from ..errors import DSMError, ScheduleError
 from ..check.evaluate import flops_ratio, model_logits, schedule_metrics
 from ..core.schedule import METRICS, BlockPlan, Schedule, resolve
+from .candidates import Candidate, better, pareto_front, quality_key
 
 
 @dataclass
@@ -226,27 +227,6 @@ def grid_distance(a: Schedule, b: Schedule) -> float:
             + (a.metric != b.metric))
 
 
-def _div(row: dict) -> float:
-    return row["divergence"] if "divergence" in row else row["kl"]
-
-
-def _agree(row: dict) -> float:
-    return row["agreement"] if "agreement" in row else row["top1_agreement"]
-
-
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (higher ``flops_ratio``, lower ``divergence``, or ``kl`` where a row has
-    no ``divergence``), sorted by ``flops_ratio``."""
-    front = [r for r in rows if not any(
-        o["flops_ratio"] >= r["flops_ratio"] and _div(o) <= _div(r)
-        and (o["flops_ratio"] > r["flops_ratio"] or _div(o) < _div(r)) for o in rows)]
-    return sorted(front, key=lambda r: r["flops_ratio"])
-
-
-def _better(a: dict, b: dict | None) -> bool:
-    return b is None or (_div(a), -_agree(a)) < (_div(b), -_agree(b))
-
-
 def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evaluated: list[dict], bar,
                  decorate=None, best: tuple | None = None,
                  anchor: Schedule | None = None) -> tuple[Schedule, dict, Schedule]:
@@ -280,10 +260,10 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
         seen.add(s.spec())
         done += 1
         bar.update()
-        m = schedule_metrics(model, s, pixels, base)
+        m = Candidate(schedule_metrics(model, s, pixels, base))
         m["spec"] = s.spec()
         evaluated.append(m)
-        if _better(m, best_m):
+        if better(m, best_m):
             best, best_m, near = s, m, g
     return best, best_m, near
 
@@ -371,7 +351,7 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
             variant = s
             try:
                 s = reach_target(model, s, target)
-                m = schedule_metrics(model, s, pixels, base)
+                m = Candidate(schedule_metrics(model, s, pixels, base))
             except ScheduleError:  # e.g. more prune blocks than global blocks
                 return None
             m["spec"], m["variant"] = s.spec(), label
@@ -390,18 +370,18 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
                 m = attempt(v, variant_label(v), rows, tried)
                 bar.update()
                 g = variant_group(v.variant_keys())
-                if m is not None and (g not in singles or _better(m, singles[g][1])):
+                if m is not None and (g not in singles or better(m, singles[g][1])):
                     singles[g] = (v, m)
             # Combine the groups' best singles, best group first
-            order = sorted(singles, key=lambda g: (_div(singles[g][1]), -_agree(singles[g][1])))
+            order = sorted(singles, key=lambda g: quality_key(singles[g][1]))
             for k in range(2, len(order) + 1):
                 combo = _combine(grid_s, [singles[g][0] for g in order[:k]])
                 attempt(combo, variant_label(combo), rows, tried)
                 bar.update()
-            return min(tried, key=lambda t: (_div(t[1]), -_agree(t[1])), default=None)
+            return min(tried, key=lambda t: quality_key(t[1]), default=None)
 
         found = variant_stage(best, variant_rows)
-        if found is not None and _better(found[1], best_m):
+        if found is not None and better(found[1], best_m):
             best, best_m, winner = found
             # The grid again with the winning variant keys, nearest first from the plain winner;
             # if another grid schedule wins, the variant stage once more on it. Every similarity
@@ -419,7 +399,7 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
                                                 decorate=with_variant, best=(best, best_m), anchor=first[0])
             if regrid is not first[0]:
                 found = variant_stage(dataclasses.replace(regrid, metric="keys"), None)
-                if found is not None and _better(found[1], best_m):
+                if found is not None and better(found[1], best_m):
                     best, best_m = found[0], found[1]
 
     # Per-block refinement: move `step` merged tokens from block i to block j.
@@ -444,11 +424,11 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
                 continue
         except ScheduleError:
             continue
-        m = schedule_metrics(model, s, pixels, base)
+        m = Candidate(schedule_metrics(model, s, pixels, base))
         m["spec"] = s.spec()
         evaluated.append(m)
-        if _better(m, best_m):
+        if better(m, best_m):
             best, best_m, plan = s, m, trial
     if own_bar:
         bar.close()
-    return TuneResult(best, best_m, evaluated, pareto_front(evaluated), variant_rows)
+    return TuneResult(best, best_m, evaluated, pareto_front(evaluated, "flops_ratio"), variant_rows)

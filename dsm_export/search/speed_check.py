@@ -12,7 +12,7 @@ whose speed-up is at least ``min_quotient`` (default :data:`SPEED_PER_FLOP`) tim
 in about three timings in four:
 
 1. the candidates: the evaluated schedules that reach the target (and keep within an optional
-   :class:`~dsm_export.search.engine_search.Budget`), least divergence first, at most
+   :class:`~dsm_export.search.candidates.Budget`), least divergence first, at most
    :data:`PER_VARIANT` per variant label (so that one slow variant's per-block refinements cannot
    fill every place), ``count`` in all (:func:`speed_candidates`);
 2. each exported to fp32 ONNX and timed in one alternating run against timm's unmerged model (the
@@ -23,7 +23,7 @@ in about three timings in four:
 3. a confirmation round: candidates whose lower-quartile quotient lies within ``confirm_margin``
    below the floor, up to the first that clears it, are timed again together and their pairs
    pooled (a burst of load on a shared machine moves one run's figures by 5-10 %);
-4. the choice (:func:`first_fast_enough`): the least-KL candidate whose *lower quartile* reaches
+4. the choice (:func:`~.candidates.first_fast_enough`): the least-KL candidate whose *lower quartile* reaches
    the floor, i.e. at least about three pairs in four do. A median at the floor would be one
    coin-flip from missing it in the next measurement; the file a user deploys should keep up
    again when they time it. None if no candidate does: the caller keeps the least-KL schedule and
@@ -41,26 +41,24 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from .candidates import Candidate, admitted, confirmation_round, first_fast_enough, near_floor, quality_key
+
 SPEED_PER_FLOP = 0.9  # the least measured speed-up per unit of FLOP ratio tune --export accepts
 PER_VARIANT = 2  # candidates timed per variant label at most
 WARMUP = 3  # untimed runs of every graph before the timed pairs (see speed_check's warmup)
 
 
-def _key(row: dict):
-    return (row["divergence"], -row["agreement"])
-
-
 def speed_candidates(rows: list[dict], target: float, count: int = 6, budget=None) -> list[dict]:
     """The rows worth timing: distinct ``spec``, ``flops_ratio`` at least ``target``, within
-    ``budget`` (:class:`~dsm_export.search.engine_search.Budget`, None for any), least ``divergence`` first
+    ``budget`` (:class:`~dsm_export.search.candidates.Budget`, None for any), least ``divergence`` first
     (ties: higher ``agreement``), at most :data:`PER_VARIANT` per variant label
     (:func:`dsm_export.search.schedule_search.variant_label`), ``count`` rows at most."""
     from ..core.schedule import Schedule
     from .schedule_search import variant_label
 
     out, seen, per_label = [], set(), {}
-    for row in sorted(rows, key=_key):
-        if row["spec"] in seen or row["flops_ratio"] < target or (budget is not None and not budget.admits(row)):
+    for row in sorted(admitted(rows, budget), key=quality_key):
+        if row["spec"] in seen or row["flops_ratio"] < target:
             continue
         label = variant_label(Schedule.parse(row["spec"]))
         if per_label.get(label, 0) >= PER_VARIANT:
@@ -94,27 +92,6 @@ def speed_stats(ratios: list[float], flops_ratio: float) -> dict:
     med = float(np.median(runs))
     return {"speedup_runs": runs, "speedup": med, "speed_per_flop": med / flops_ratio,
             "speed_per_flop_low": float(np.quantile(runs, 0.25)) / flops_ratio}
-
-
-def first_fast_enough(rows: list[dict], min_quotient: float, key: str = "speed_per_flop_low") -> dict | None:
-    """The first row (``rows`` in least-divergence order) whose ``key`` (by default the lower
-    quartile of its measured speed-ups over its FLOP ratio) is at least ``min_quotient``; None if
-    no row's is."""
-    return next((r for r in rows if r[key] >= min_quotient), None)
-
-
-def confirmation_round(rows: list[dict], min_quotient: float, margin: float,
-                       key: str = "speed_per_flop_low") -> list[dict]:
-    """The rows (least-divergence order) a second timing could lift over the floor: those whose
-    ``key`` lies within ``margin`` below ``min_quotient``, up to and including the first at or above
-    the floor (no row after it can be chosen)."""
-    out = []
-    for r in rows:
-        if r[key] >= min_quotient:
-            break
-        if r[key] >= min_quotient - margin:
-            out.append(r)
-    return out
 
 
 @dataclass
@@ -153,12 +130,11 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
         min_quotient: the least measured speed-up per unit of FLOP ratio.
         count: candidates timed at most (:func:`speed_candidates`).
         batch, repeats, threads, provider: the timing (:func:`dsm_export.search.timing.ort_speedups`).
-        budget: optional accuracy :class:`~dsm_export.search.engine_search.Budget` the candidates keep within.
+        budget: optional accuracy :class:`~dsm_export.search.candidates.Budget` the candidates keep within.
         confirm_margin: lower-quartile quotients within this below the floor are timed a second
-            time (:func:`confirmation_round`).
+            time (:func:`~.candidates.near_floor`, :func:`~.candidates.confirmation_round`).
         warmup: untimed runs of every graph before the pairs. With one, a candidate's first pair
-            was often its lowest (the ``speed_check`` timings in ``docs/merge_variants.json`` as of
-            commit d6b256c).
+            was often its lowest (the ``speed_check`` timings in ``docs/merge_variants.json``).
 
     Returns:
         A :class:`SpeedCheck`.
@@ -172,7 +148,7 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     from ..graph.export import export_model
     from ..core.schedule import Schedule
 
-    cands = [dict(r) for r in speed_candidates(rows, target, count, budget)]
+    cands = [Candidate(r) for r in speed_candidates(rows, target, count, budget)]
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
                "batch": batch, "repeats": repeats, "provider": provider}
     if not cands:
@@ -193,9 +169,6 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
 
     for row, runs in zip(cands, measure(cands)):
         row.update(speed_stats(runs, row["flops_ratio"]))
-    again = confirmation_round(cands, min_quotient, confirm_margin)
-    if again:
-        for row, runs in zip(again, measure(again)):
-            row.update(speed_stats(row["speedup_runs"] + runs, row["flops_ratio"]))
-            row["timed_twice"] = True
+    confirmation_round(near_floor(cands, min_quotient, confirm_margin), measure,
+                       lambda row, runs: speed_stats(runs, row["flops_ratio"]))
     return SpeedCheck(first_fast_enough(cands, min_quotient), cands, machine)

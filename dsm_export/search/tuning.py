@@ -69,7 +69,7 @@ class TuneOptions:
     strides: str | tuple = "1"
     skip_unreadable: bool = False
     no_progress: bool = False
-    budget: object = field(default=None, repr=False)  # set by check(): an engine_search.Budget
+    budget: object = field(default=None, repr=False)  # set by check(): a candidates.Budget
     runtime: object = field(default=None, repr=False)  # set by tune(): an engine_runtimes runtime
 
     def check(self) -> None:
@@ -144,7 +144,7 @@ class TuneOptions:
             raise DSMError("give either --weights FILE or --pretrained, not both")
         if not (self.weights or self.pretrained):
             raise DSMError("give --weights FILE or --pretrained (the search needs trained weights)")
-        from .engine_search import Budget
+        from .candidates import Budget
 
         self.budget = Budget(None if self.min_agreement is None else self.min_agreement / 100.0, self.max_kl)
         for path in (self.output, self.report, self.export):
@@ -399,11 +399,12 @@ def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[
     """The variant stage's rows, with the plain schedule and the calibration winner also scored on
     the held-apart images (``held_divergence``, ``held_agreement``)."""
     from ..check.evaluate import schedule_metrics
+    from .candidates import least
 
     if not rows:
         return []
     rows = [dict(r) for r in rows]
-    winner = min(rows, key=lambda r: (r["divergence"], -r["agreement"]))
+    winner = least(rows)
     for row in {id(rows[0]): rows[0], id(winner): winner}.values():
         m = schedule_metrics(model, Schedule.parse(row["spec"]), held_pixels, base, labels)
         row["held_divergence"], row["held_agreement"] = m["divergence"], m["agreement"]
@@ -413,14 +414,15 @@ def _judge_variants(rows: list[dict], model, held_pixels, base, labels) -> list[
 def _search_engines(opts: TuneOptions, model, calib_pixels, work: str, out: TuneReport, echo) -> str | None:
     """``target_speedup``: schedule x precision measured in ``opts.runtime`` (:mod:`.engine_search`).
     Fills ``out``; returns the chosen engine's path (None: nothing reached the target)."""
-    from .engine_search import fastest_within, row_schedule, search_engines
+    from .candidates import fastest_within, schedule_of
+    from .engine_search import search_engines
 
     runtime = opts.runtime
     precisions = runtime.auto if opts.precision == "auto" else (opts.precision,)
     result = search_engines(model, opts.model, opts.weights, calib_pixels, opts.target_speedup, work,
                             precisions=precisions, rungs=opts.rungs, max_grid=opts.max_grid or 16,
                             refine_steps=opts.refine_steps if opts.refine_steps is not None else 8,
-                            repeats=opts.repeats, provider=opts.provider, pretrained=opts.pretrained,
+                            pretrained=opts.pretrained,
                             num_classes=opts.num_classes, progress=not opts.no_progress, strides=opts.strides,
                             budget=opts.budget, mirror=not opts.no_mirror, runtime=runtime)
     for note in result.machine.get("notes", ()):
@@ -437,5 +439,5 @@ def _search_engines(opts: TuneOptions, model, calib_pixels, work: str, out: Tune
         fastest = fastest_within(result.candidates, opts.budget)
         out.fastest_within_budget = fastest and _without_path(fastest)
         return None
-    out.schedule, out.precision, out.calibration = row_schedule(best), best["precision"], _without_path(best)
+    out.schedule, out.precision, out.calibration = schedule_of(best), best["precision"], _without_path(best)
     return best["path"]
