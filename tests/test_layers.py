@@ -119,3 +119,13 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert find_cycle(bad) is not None  # graph.export imports core.patch, which imports core.merge
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"p": {"p.sub"}, "p.sub": set()}) is None
+
+
+def test_the_test_tree_follows_the_layers():
+    """tests/<layer>/ holds the tests of one layer (package-wide tests, the CLI's and the API's sit in
+    tests/ itself), so a layer's tests are found where its code is."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folders = sorted(d for d in os.listdir(here) if os.path.isdir(os.path.join(here, d)) and not d.startswith(("_", ".")))
+    assert folders and all(d in LAYER for d in folders), folders
+    names = [f for _, _, files in os.walk(here) for f in files if f.startswith("test_") and f.endswith(".py")]
+    assert len(names) == len(set(names)), "two test files share a name (pytest's rootdir imports need unique names)"

@@ -1,4 +1,5 @@
-"""The benchmark scripts keep working (run small; their figures are not asserted)."""
+"""The user tools of scripts/, ``dsm-export bench`` and the research/ generators keep working (run small;
+their figures are not asserted)."""
 
 import os
 import subprocess
@@ -26,14 +27,14 @@ def test_bench_ort_runs(tmp_path, weights):
     merged = str(tmp_path / "m.onnx")
     export_onnx("deit_tiny_patch16_224", merged, "r=13", weights, batch=2)
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "bench_ort.py"), merged, "--batch", "2",
+        [sys.executable, "-m", "dsm_export", "bench", merged, "--batch", "2",
          "--repeats", "5", "--iters", "1", "--warmup", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "intra-op threads" in proc.stdout and "ratio" in proc.stdout
 
 
 def test_frontier_dominance_compares_only_at_equal_or_higher_speed(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "research"))
     import frontier
 
     def engine(family, speedup, kl):
@@ -97,7 +98,7 @@ def test_merge_overhead_twin_has_the_token_counts_and_no_merge_work(tmp_path, de
     from dsm_export.core.patch import MergedViT
     from dsm_export.core.schedule import Schedule
 
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "research"))
     import merge_overhead
 
     spec = Schedule.parse("r=33,r_end=0,delay=3,local=1,windows=1x2,protect=16,metric=heads,merge=mlerp")
@@ -110,7 +111,7 @@ def test_merge_overhead_twin_has_the_token_counts_and_no_merge_work(tmp_path, de
     ops = {n.op_type for n in onnx.load(twin).graph.node}
     assert not ops & {"TopK", "ArgMax", "Equal", "ReduceL2", "Sqrt", "ReduceMax", "Log", "GatherND"}  # no merge work
 
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_overhead.py"), "deit_tiny_patch16_224",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "research", "merge_overhead.py"), "deit_tiny_patch16_224",
                            "--weights", weights, "--schedules", "r=13,delay=99"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
 
@@ -126,7 +127,7 @@ def test_held_apart_ci_intervals(tmp_path, weights, images_dir):
     other = tmp_path / "previous.json"  # another run's choice: a paired comparison of the tuned rows
     other.write_text(json.dumps({"rows": [
         {"target": 1.7, "kind": "tuned (variant: protect=16)", "spec": "r=13,protect=16", "kl": 0.0}]}))
-    script = os.path.join(ROOT, "scripts", "held_apart_ci.py")
+    script = os.path.join(ROOT, "research", "held_apart_ci.py")
     proc = subprocess.run(
         [sys.executable, script, "deit_tiny_patch16_224", "--weights", weights, "--images", images_dir,
          "--json", str(table), "--holdout", "24", "--resamples", "200", "--previous", str(other)],
@@ -156,3 +157,30 @@ def test_held_apart_ci_intervals(tmp_path, weights, images_dir):
                            "--images", images_dir, "--json", str(other), "--previous", str(table)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "has no tuned row" in proc.stderr
+
+
+def test_every_dsm_export_name_the_tools_import_exists():
+    """scripts/ and research/ import dsm_export inside their functions, where a renamed module or
+    function would fail only when someone runs them: check every such import resolves."""
+    import ast
+    import importlib
+    import importlib.util
+
+    missing = []
+    for folder in ("scripts", "research"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(ROOT, folder, name), encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "dsm_export":
+                    module = importlib.import_module(node.module)
+                    missing += [f"{folder}/{name}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(module, a.name)
+                                and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        if a.name.split(".")[0] == "dsm_export" and importlib.util.find_spec(a.name) is None:
+                            missing.append(f"{folder}/{name}: {a.name}")
+    assert not missing, missing

@@ -304,7 +304,7 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
 
     The export then runs Mul, ReduceSum and Sqrt, which ONNX Runtime's CPU provider computes faster
     than its ReduceL2 (what ``Tensor.norm`` exports to) on token-sized rows
-    (``scripts/norm_op_speed.py`` times both). The
+    (``research/norm_op_speed.py`` times both). The
     variants' norms (``metric=heads``, ``merge=mlerp``) use it in both forms; ToMe's cosine
     similarity keeps ``Tensor.norm``, as ToMe writes it.
     """

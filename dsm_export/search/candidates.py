@@ -193,7 +193,7 @@ def choose(rows: list[dict], target: float, budget: Budget | None = None,
     With ``per_image`` (row ``path`` -> ``[N]`` per-image divergences on the calibration images), the
     fastest of the rows whose divergence is within one standard error of that best one
     (:func:`within_one_se`) is chosen instead: a KL difference the images cannot resolve does not
-    outweigh a measured speed margin over the target (docs/tuning.md, "How tune chooses").
+    outweigh a measured speed margin over the target (docs/tuning.md, "Measured speed-ups").
     """
     ok = reaching(rows, target, budget)
     best = least(ok)

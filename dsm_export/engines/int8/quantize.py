@@ -52,7 +52,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv")
 # Layers kept fp32 unless the caller says otherwise. Dynamic mode: the first block's four MatMuls
 # (keeping them cuts the KL of the unmerged DeiT-Tiny from 0.0035 to 0.0022, and of a merged one
-# from 0.0550 to 0.0446, in scripts/int8_choices.py; the frontier times the result). Static mode:
+# from 0.0550 to 0.0446, in research/int8_choices.py; the frontier times the result). Static mode:
 # none (keeping fc2 helps the unmerged model only and costs 12 layers).
 DEFAULT_KEEP_FP32 = {"static": (), "dynamic": ("blocks.0",)}
 

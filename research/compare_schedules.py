@@ -5,7 +5,7 @@ Each schedule is evaluated in PyTorch (reference implementation) against the unm
 image folder, then exported to ONNX and timed with ONNX Runtime on the CPU against the `none`
 export (batch 32, graphs alternating, median of several repetitions). Prints a Markdown table.
 
-    python scripts/compare_schedules.py deit_tiny_patch16_224 \\
+    python research/compare_schedules.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample \\
         r=13 r=34,r_end=0,delay=3,local=1

@@ -18,7 +18,7 @@ merged time``, the median over repetitions; both graphs run seconds apart in eac
 medians of ``--repeats`` paired ratios, the unmerged baseline timed right before each graph
 (:func:`dsm_export.search.timing.ort_speedups`).
 
-    python scripts/merge_overhead.py deit_tiny_patch16_224 \\
+    python research/merge_overhead.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth
 
 Never time while another CPU job runs.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How far chance moves the merge-variants table: bootstrap intervals on its held-apart photos.
 
-Reads ``merge_variants.json`` (written by ``scripts/merge_variants.py``), scores the rows of the
+Reads ``merge_variants.json`` (written by ``research/merge_variants.py``), scores the rows of the
 chosen kinds again on the same held-apart photos (the split of ``tune --calibration N``, PyTorch
 reference implementation, as that script does) and reports, for each row:
 
@@ -18,7 +18,7 @@ change to ``tune``), a second table pairs each target's tuned row with OTHER's: 
 agreement differences, this run minus OTHER, with their intervals. An interval containing zero
 means the two runs' choices differ by no more than resampling the photos explains.
 
-    python scripts/held_apart_ci.py deit_tiny_patch16_224 \\
+    python research/held_apart_ci.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample --json docs/merge_variants.json
 """

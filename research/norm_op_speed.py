@@ -7,7 +7,7 @@ writes ``sqrt(sum(x * x))``, which exports to the three-op form. The variants th
 latter. This script times both forms on DeiT-Tiny token shapes (batch 32) in one alternating run
 on the CPU execution provider, median of ``--repeats`` runs each, and prints the ratio.
 
-    python scripts/norm_op_speed.py
+    python research/norm_op_speed.py
 
 Never time while another CPU job runs.
 """

@@ -7,16 +7,16 @@ blocks live in README.md and the docs/*.md pages; each is rewritten in place, in
 files holds it (``--file`` names other files). Run from the repository root (the quoted commands use
 ``../shared`` and ``out/``):
 
-    python scripts/readme_figures.py                 # every generator
-    python scripts/readme_figures.py validate inspect
-    python scripts/readme_figures.py --list
+    python research/readme_figures.py                 # every generator
+    python research/readme_figures.py validate inspect
+    python research/readme_figures.py --list
 
 Adding a block takes a few lines: a function that returns the Markdown to put between the markers,
 registered with :func:`figure`, and the two markers in the README or a docs/ page::
 
-    @figure("frontier", "INT8 frontier table (scripts/frontier.py)")
+    @figure("frontier", "INT8 frontier table (research/frontier.py)")
     def frontier(ctx: Context) -> str:
-        return ctx.run("python", "scripts/frontier.py", "--markdown")
+        return ctx.run("python", "research/frontier.py", "--markdown")
 
 Generators run in the order given on the command line (default: registration order); a command
 that fails stops the script with its output and leaves every file unchanged.
@@ -138,13 +138,13 @@ def inspect_block(ctx: Context) -> str:
 
 @figure("int8-choices", "INT8 calibration x activation choices, scored on calibration-split photos")
 def int8_choices_block(ctx: Context) -> str:
-    return ctx.run("python", "scripts/int8_choices.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+    return ctx.run("python", "research/int8_choices.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
                    "--images", IMAGES).strip()
 
 
-@figure("frontier", "INT8 / merge / stacked frontier on held-apart photos (scripts/frontier.py; ~25 min)")
+@figure("frontier", "INT8 / merge / stacked frontier on held-apart photos (research/frontier.py; ~25 min)")
 def frontier_block(ctx: Context) -> str:
-    ctx.run("python", "scripts/frontier.py", "deit_tiny_patch16_224", "--weights", WEIGHTS, "--images", IMAGES,
+    ctx.run("python", "research/frontier.py", "deit_tiny_patch16_224", "--weights", WEIGHTS, "--images", IMAGES,
             "--tuned", "2.0", "2.5", "--output", "docs", timeout=7200)
     with open(os.path.join(ctx.root, "docs", "frontier.md"), encoding="utf-8") as fh:
         return fh.read().strip()
@@ -156,13 +156,19 @@ def tome_parity_block(ctx: Context) -> str:
     if not src:
         raise RuntimeError("set DSM_TOME_SRC to a folder holding the official `tome` package "
                            "(a checkout of facebookresearch/ToMe)")
-    return ctx.run("python", "scripts/tome_parity.py", "deit_tiny_patch16_224", "--tome-src", src,
+    return ctx.run("python", "research/tome_parity.py", "deit_tiny_patch16_224", "--tome-src", src,
                    "--weights", WEIGHTS, "--images", IMAGES).strip()
+
+
+@figure("tie-flips", "photos on which a near-tie flips a merge between ONNX Runtime and PyTorch (~8 min)")
+def tie_flips_block(ctx: Context) -> str:
+    return ctx.run("python", "research/tie_flips.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+                   "--images", IMAGES).strip()
 
 
 @figure("merge-variants", "merge variants at 1.5-2.3x fewer FLOPs on held-apart photos (~75 min)")
 def merge_variants_block(ctx: Context) -> str:
-    ctx.run("python", "scripts/merge_variants.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+    ctx.run("python", "research/merge_variants.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
             "--images", IMAGES, "--output", "docs", "--repeats", "11", timeout=7200)
     with open(os.path.join(ctx.root, "docs", "merge_variants.md"), encoding="utf-8") as fh:
         return fh.read().strip()
@@ -172,20 +178,20 @@ PREVIOUS_VARIANTS = "9ad4f5e"  # the last merge-variants run before tune scored 
 
 
 @figure("held-apart-ci", "bootstrap intervals of the merge-variants table's exact ToMe and tuned rows, and "
-                        "its tuned rows paired with those of commit " + PREVIOUS_VARIANTS + " (scripts/held_apart_ci.py; ~4 min)")
+                        "its tuned rows paired with those of commit " + PREVIOUS_VARIANTS + " (research/held_apart_ci.py; ~4 min)")
 def held_apart_ci_block(ctx: Context) -> str:
     os.makedirs(os.path.join(ctx.root, "out"), exist_ok=True)
     previous = f"out/merge_variants_{PREVIOUS_VARIANTS}.json"
     text = ctx.run("git", "show", f"{PREVIOUS_VARIANTS}:docs/merge_variants.json")
     with open(os.path.join(ctx.root, previous), "w", encoding="utf-8") as fh:
         fh.write(text)
-    return ctx.run("python", "scripts/held_apart_ci.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+    return ctx.run("python", "research/held_apart_ci.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
                    "--images", IMAGES, "--json", "docs/merge_variants.json", "--previous", previous).strip()
 
 
-@figure("merge-overhead", "merged graphs against their token-count twins (scripts/merge_overhead.py; ~7 min)")
+@figure("merge-overhead", "merged graphs against their token-count twins (research/merge_overhead.py; ~7 min)")
 def merge_overhead_block(ctx: Context) -> str:
-    return ctx.run("python", "scripts/merge_overhead.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+    return ctx.run("python", "research/merge_overhead.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
                    "--repeats", "21").strip()
 
 
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             print(f"readme_figures: error: {name}: {exc}", file=sys.stderr)
             return 1
-        blocks[name] = f"{body.rstrip()}\n\n<sub>Generated by `python scripts/readme_figures.py {name}` on {machine()}, {stamp}, load average {load:.1f} at the start.</sub>\n"
+        blocks[name] = f"{body.rstrip()}\n\n<sub>Generated by `python research/readme_figures.py {name}` on {machine()}, {stamp}, load average {load:.1f} at the start.</sub>\n"
     updated = {}
     for path in dict.fromkeys(where[name] for name in blocks):
         with open(path, encoding="utf-8") as fh:  # again: it may have been edited meanwhile

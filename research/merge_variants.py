@@ -25,7 +25,7 @@ speed-ups, so that load on a shared machine hits both runs of a pair alike), giv
 speed-up and its quotient by the FLOP ratio (the JSON also keeps every pair, the lower quartile,
 and for each tuned row the speed check's own timings). Writes Markdown and JSON.
 
-    python scripts/merge_variants.py deit_tiny_patch16_224 \\
+    python research/merge_variants.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample --output docs
 

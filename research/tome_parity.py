@@ -7,7 +7,7 @@ official ``tome.patch.timm`` model (PyTorch) and dsm-export's ``r=R,mode=tome`` 
 Runtime, CPU) score every photo; prints max |Δlogit| and the share of photos with the same top-1,
 and the same for dsm-export's eager PyTorch export form (no ONNX Runtime in between).
 
-    python scripts/tome_parity.py deit_tiny_patch16_224 --tome-src ../ToMe \\
+    python research/tome_parity.py deit_tiny_patch16_224 --tome-src ../ToMe \\
         --weights ../shared/models/deit_tiny_patch16_224.pth --images ../shared/data/imagenet-sample
 """
 

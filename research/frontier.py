@@ -9,12 +9,12 @@ each speed-up rests on a well-sampled baseline). Each tuned search adds its chos
 rest of its Pareto front. Writes a Markdown table (with a generated check of every tuned engine
 from 1.5x up against INT8 alone and the fp32 schedules at the same or a higher speed-up), a JSON
 file and a PNG plot (KL against measured speed-up, one line per family, the tuned engines'
-held-apart Pareto front in red). `python scripts/readme_figures.py frontier` runs it and puts the
+held-apart Pareto front in red). `python research/readme_figures.py frontier` runs it and puts the
 table into docs/results.md (its figures:frontier block). `--render` rewrites the table and plot from
 the frontier.json of --output without measuring anything (after a change to how they are drawn or
 judged).
 
-    python scripts/frontier.py deit_tiny_patch16_224 \\
+    python research/frontier.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample --tuned 2.0 2.5 \\
         --output docs
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
 
     from dsm_export.search.timing import cpu_name, ort_throughput
     from dsm_export.data import list_images
-    from dsm_export.search.engine_search import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options, row_schedule, search_engines
+    from dsm_export.search.candidates import schedule_of
+    from dsm_export.search.engine_search import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options, search_engines
     from dsm_export.check.evaluate import flops_ratio, model_logits, split_pixels
     from dsm_export.graph.export import export_model
     from dsm_export.core.models import create_model
@@ -138,13 +139,13 @@ def main(argv=None) -> int:
             folder = os.path.join(work, f"tuned_{target}")
             os.makedirs(folder)
             result = search_engines(model, args.model, args.weights, calib_pixels, target, folder,
-                                    precisions=PRECISIONS, rungs=args.rungs, repeats=5)
+                                    precisions=PRECISIONS, rungs=args.rungs)  # median of 5
             tuned_reports.append({"target": target, "best": _strip(result.best), "pareto": [_strip(r) for r in result.pareto]})
             if result.best is None:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
                 continue
             b = result.best
-            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", row_schedule(b),
+            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", schedule_of(b),
                 _precision(b["precision"]), b["path"])
             # The rest of the search's Pareto front (calibration photos) is the tuned engine at other
             # speeds: scored and timed here too, so the plot shows a tuned curve, not two points.
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
                     continue
                 stride = f", stride={row['stride']}" if row.get("stride", 1) > 1 else ""
                 add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
-                    f"{row['rung']:.2f}x-FLOP rung{stride}", row_schedule(row), _precision(row["precision"]),
+                    f"{row['rung']:.2f}x-FLOP rung{stride}", schedule_of(row), _precision(row["precision"]),
                     row["path"])
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
@@ -289,7 +290,7 @@ def _strip(row):
 
 
 def _table(engines, machine, args) -> str:
-    cmd = (f"python scripts/frontier.py {args.model} --weights {args.weights} --images {args.images}"
+    cmd = (f"python research/frontier.py {args.model} --weights {args.weights} --images {args.images}"
            + (f" --tuned {' '.join(f'{t:g}' for t in args.tuned)}" if args.tuned else "")
            + f" --output {args.output}")
     lines = [

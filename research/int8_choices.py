@@ -4,9 +4,9 @@
 Quantizes the unmerged export and a DSM export every way `build` offers, calibrating on the first
 --quant-count images of the calibration split of `dsm-export tune --calibration-count 128` and scoring on
 the rest of that split (KL to and top-1 agreement with the fp32 unmerged model). The held-apart
-photos that `scripts/frontier.py` reports on are never used here. Prints a Markdown table.
+photos that `research/frontier.py` reports on are never used here. Prints a Markdown table.
 
-    python scripts/int8_choices.py deit_tiny_patch16_224 \\
+    python research/int8_choices.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth --images ../shared/data/imagenet-sample
 """
 

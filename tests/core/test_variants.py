@@ -206,7 +206,7 @@ def test_tome_mode_equals_official_tome(deit, pixels):
     tome = _official_tome()
     if tome is None:
         pytest.skip("set DSM_TOME_SRC to a checkout of facebookresearch/ToMe (CC-BY-NC, not vendored); "
-                    "scripts/tome_parity.py runs the same check on all 500 photos")
+                    "research/tome_parity.py runs the same check on all 500 photos")
     for r, spec in ((13, "r=13,mode=tome"), ((16, -0.5), "r=16,inflect=-0.5,mode=tome"), (60, "r=60,mode=tome")):
         official = copy.deepcopy(deit)
         tome.patch.timm(official)

@@ -6,7 +6,7 @@ keeps the schedules whose analytic FLOP reduction lies in [LO, HI], takes three 
 pair (the smallest, middle and largest r - r_end, ties by FLOP reduction), evaluates each in PyTorch against the unmerged
 model on all images and prints KL, agreement and top-1, best KL first.
 
-    python scripts/sweep_schedules.py 1.70 1.74 --weights ../shared/models/deit_tiny_patch16_224.pth \\
+    python research/sweep_schedules.py 1.70 1.74 --weights ../shared/models/deit_tiny_patch16_224.pth \\
         --images ../shared/data/imagenet-sample
 """
 
