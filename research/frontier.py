@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dsm", nargs="*", default=list(DSM), help="DSM schedules")
     parser.add_argument("--tuned", nargs="*", type=float, default=[],
                         help="speed-up targets for `tune --precision auto` engines, e.g. 2.0 2.5")
-    parser.add_argument("--calibration", type=int, default=128, help="images held out of the evaluation")
+    parser.add_argument("--calibration-count", type=int, default=128, help="images held out of the evaluation")
     parser.add_argument("--quant-count", type=int, default=64, help="INT8 calibration images (of those)")
     parser.add_argument("--holdout", type=int, help="evaluate on the first N held-apart images only")
     parser.add_argument("--repeats", type=int, default=9)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from dsm_export.check.validate import agreement_metrics
 
     model = create_model(args.model, args.weights)
-    calib, held, calib_pixels, held_pixels = split_pixels(model, list_images(args.images), args.calibration,
+    calib, held, calib_pixels, held_pixels = split_pixels(model, list_images(args.images), args.calibration_count,
                                                           args.holdout)
     quant_pixels = calib_pixels.numpy()[:args.quant_count]
     base = model_logits(model, held_pixels)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--images", required=True)
     parser.add_argument("--json", default="docs/merge_variants.json", help="merge_variants.py's JSON")
-    parser.add_argument("--calibration", type=int, default=128, help="the split merge_variants.py used")
+    parser.add_argument("--calibration-count", type=int, default=128, help="the split merge_variants.py used")
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS),
                         help="rows whose kind starts with one of these (default: exact ToMe, tuned)")
     parser.add_argument("--resamples", type=int, default=2000)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from dsm_export.check.validate import kl_divergence
 
     model = create_model(args.model, args.weights)
-    _, held, _, held_px = split_pixels(model, list_images(args.images), args.calibration, args.holdout,
+    _, held, _, held_px = split_pixels(model, list_images(args.images), args.calibration_count, args.holdout,
                                        progress=True)
     base = model_logits(model, held_px)
     base_top = base.argmax(-1)

@@ -35,10 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--images", required=True)
     parser.add_argument("--schedules", nargs="+", default=["none", "r=34,r_end=0,delay=3,local=1"])
-    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--calibration-count", type=int, default=128)
     parser.add_argument("--quant-count", type=int, default=64)
     args = parser.parse_args(argv)
-    if not 0 < args.quant_count < args.calibration:
+    if not 0 < args.quant_count < args.calibration_count:
         parser.error("need 0 < --quant-count < --calibration (the rest of the split scores the choice)")
 
     from dsm_export.data import list_images, split_calibration
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from dsm_export.check.validate import agreement_metrics
 
     model = create_model(args.model, args.weights)
-    calib, _ = split_calibration(list_images(args.images), args.calibration)
+    calib, _ = split_calibration(list_images(args.images), args.calibration_count)
     pixels = load_pixels(calib, model)
     quant, score = pixels.numpy()[:args.quant_count], pixels[args.quant_count:]
     base = model_logits(model, score)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--images", required=True)
     parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 1.7, 2.0, 2.3])
-    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--calibration-count", type=int, default=128)
     parser.add_argument("--holdout", type=int, help="evaluate on the first N held-apart photos only")
     parser.add_argument("--max-grid", type=int, default=48)
     parser.add_argument("--refine-steps", type=int, default=24)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from dsm_export.search.schedule_search import search_schedules, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
-    calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration,
+    calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration_count,
                                                   args.holdout, progress=True)
     base = model_logits(model, held_px)
 

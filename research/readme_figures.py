@@ -150,6 +150,11 @@ def frontier_block(ctx: Context) -> str:
         return fh.read().strip()
 
 
+@figure("frontier-summary", "the README's result table, from docs/frontier.json (times nothing)")
+def frontier_summary_block(ctx: Context) -> str:
+    return ctx.run("python", "research/frontier_summary.py", "docs/frontier.json").strip()
+
+
 @figure("tome-parity", "mode=tome ONNX against the official ToMe patch (needs DSM_TOME_SRC)")
 def tome_parity_block(ctx: Context) -> str:
     src = os.environ.get("DSM_TOME_SRC")
