@@ -322,6 +322,8 @@ def _plot(engines, path, machine) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dsm_export.search.candidates import Candidate, pareto_front
+
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
               "merge + INT8 static": ("tab:green", "^"), "merge + INT8 dynamic": ("tab:purple", "v"),
@@ -341,9 +343,8 @@ def _plot(engines, path, machine) -> None:
                 "tuned (chosen at a target)", markersize=12 if marker == "*" else 6, zorder=3 if marker == "*" else 2)
     # The tuned curve: every engine tune measured on its searches' Pareto fronts, re-scored on the
     # held-apart photos, reduced to those not beaten in both speed-up and KL.
-    tuned = [e for e in engines if e["family"] in _TUNED]
-    front = sorted((e for e in tuned if not any(o["speedup"] >= e["speedup"] and o["kl"] < e["kl"] for o in tuned)),
-                   key=lambda e: e["speedup"])
+    tuned = [Candidate(e) for e in engines if e["family"] in _TUNED]
+    front = pareto_front(tuned)
     if front:
         ax.plot([e["speedup"] for e in front], [max(e["kl"], 1e-4) for e in front], "-", color="tab:red",
                 linewidth=2, label="tune's engines (held-apart Pareto front)")

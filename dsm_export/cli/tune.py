@@ -102,8 +102,8 @@ def run(args) -> int:
         print(f"accuracy budget on the calibration images: {rep.budget} (kept)")
     if rep.measured:
         runs, mach = cal.get("speedup_runs"), rep.machine
-        timing = (f"mean of two runs timed apart, {runs[0]:.2f}x and {runs[1]:.2f}x, each the median of "
-                  f"{opts.repeats}" if runs else f"median of {opts.repeats}")
+        timing = (f"mean of {len(runs)} runs timed apart, {', '.join(f'{x:.2f}x' for x in runs)}, each the median "
+                  f"of {opts.repeats}" if runs else f"median of {opts.repeats}")
         print(f"measured {opts.runtime.label} speed-up: {cal['speedup']:.2f}x over {opts.runtime.baseline_label} "
               f"(batch 32, {timing}, {mach['cpu']}, {mach['threads']} threads)")
         if "speedup_onnxruntime" in cal:

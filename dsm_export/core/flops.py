@@ -20,6 +20,7 @@ as fvcore leaves them out.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 from torch import nn
@@ -43,12 +44,20 @@ class BlockFlops:
         return self.attention + self.merge + self.mlp
 
 
-def _linears(module: nn.Module) -> list[nn.Linear]:
-    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+# Multiply-adds per token of every nn.Linear under a module, by module. A search counts the FLOPs
+# of tens of thousands of candidate schedules, and walking the module tree for each one cost more
+# than the search's own model runs. Weak keys: an entry goes with its module. A module's linears
+# are read once: replacing them afterwards (nothing in dsm-export does) would keep the old count.
+_MACS_PER_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _linear_macs(module: nn.Module, tokens: int) -> int:
-    return sum(tokens * lin.in_features * lin.out_features for lin in _linears(module))
+    """Multiply-adds of every ``nn.Linear`` under ``module`` on ``tokens`` tokens."""
+    per_token = _MACS_PER_TOKEN.get(module)
+    if per_token is None:
+        per_token = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+        _MACS_PER_TOKEN[module] = per_token
+    return tokens * per_token
 
 
 def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int, int] = (2, 2),
@@ -145,5 +154,11 @@ def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None 
     merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
                                     schedule.metric, schedule.merge,
                                     prefix_only_last=last_block == "prefix")
-    base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
+    base = _UNMERGED.get(model)
+    if base is None:
+        base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
+        _UNMERGED[model] = base
     return merged, base, per_block
+
+
+_UNMERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> timm's FLOPs, as _MACS_PER_TOKEN

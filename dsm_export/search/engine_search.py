@@ -46,6 +46,10 @@ from .runtimes import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options  #
 
 
 
+CLEAR_MARGIN = 0.10  # after the unmerged rung alone, a precision is dropped only if another is this much faster
+STEP_PAST = 0.05  # a further rung when every aim was measured: this far past the highest FLOP ratio measured
+
+
 def ladder(target: float, rungs: int) -> list[float]:
     """FLOP-ratio rungs for a speed-up target: ``rungs`` geometric steps from ``max(1.1, target/1.6)``
     to ``1.1 * target`` (INT8 alone runs up to about 1.5x faster, so a merge of ``target/1.6``
@@ -129,8 +133,12 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             DeiT-Tiny on 2 cores). With ``aim`` each rung after the first is placed where a
             precision is predicted to reach the target (:func:`aim_rung`, from what was measured so
             far), and the search stops early once every precision has a rung within 3 % of its
-            aim; a precision dominated at every rung measured (:func:`dominated_precisions`) is
-            no longer built or aimed for. Without ``aim``, the rungs of :func:`ladder`.
+            aim -- unless no engine reaches the target after the confirmation round, when the
+            rungs left are aimed again from the pooled timings (or placed :data:`STEP_PAST`
+            beyond the highest measured); a precision dominated at every rung measured
+            (:func:`dominated_precisions`; after the unmerged rung alone, only by a
+            :data:`CLEAR_MARGIN` in speed) is no longer built or aimed for. Without ``aim``, the
+            rungs of :func:`ladder`.
         max_grid, refine_steps: budget of the schedule search (:func:`dsm_export.search.schedule_search.search_schedules`) at the
             first merged rung, which also runs the merge-variant stage; the other rungs search a
             third of ``max_grid`` and half of ``refine_steps`` with the variant keys found there,
@@ -154,7 +162,10 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         aim: place the rungs by prediction (above); False: the fixed :func:`ladder`.
 
     The unmerged model (rung 1.0) is measured first, in every precision. The first merged rung is
-    aimed from it with speed taken proportional to FLOPs, at the median of the precisions' aims.
+    aimed from it with speed taken proportional to FLOPs, at the lowest of the precisions' aims:
+    the fastest unmerged precision's, which needs the least merging to reach the target and so
+    usually gives the least KL there (on a CPU where a precision runs slower than fp32 -- OpenVINO's
+    int8 without VNNI -- a higher aim would spend the variant stage on a rung no choice uses).
 
     Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
     ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models), and
@@ -286,35 +297,41 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     notes: list[str] = []
     measure(1.0)
     done: list[float] = []
-    if aim:
-        for _ in range(rungs):
-            if done:
-                for p in dominated_precisions(rows, live):
-                    live.remove(p)
-                    notes.append(f"{p} dropped after the {done[-1]:.2f}x rung: at every rung measured another "
-                                 "precision was as fast or faster at an equal or lower divergence")
+
+    def drop_dominated() -> None:
+        """Stop building the precisions another one beats at every rung measured (after the unmerged
+        rung alone: only those beaten by :data:`CLEAR_MARGIN` in speed, one timing being noisy)."""
+        for p in dominated_precisions(rows, live, 0.0 if done else CLEAR_MARGIN):
+            live.remove(p)
+            after = f"the {done[-1]:.2f}x rung" if done else "the unmerged rung"
+            notes.append(f"{p} dropped after {after}: at every rung measured another precision was as fast or "
+                         f"faster{'' if done else f' by {CLEAR_MARGIN:.0%} or more'} at an equal or lower divergence")
+
+    def place(count: int) -> None:
+        """Measure up to ``count`` more rungs, each where a live precision is predicted to reach the
+        target (:func:`aim_rung`): the lowest aim first; after the first, the aims no measured rung is
+        within 3 % of. Stops early when every aim has a rung within 3 %."""
+        for _ in range(count):
+            drop_dominated()
             aims = sorted(aim_rung([(r["flops_ratio"], r["speedup"]) for r in rows if r["precision"] == p], target)
                           for p in live)
-            if not done:  # the first merged rung: the median aim; it runs the variant stage
-                wanted = [aims[len(aims) // 2]]
-            else:  # the aims no measured rung is within 3 % of, the nearest to the target's first
-                wanted = [a for a in aims if all(abs(a / d - 1) > 0.03 for d in done)]
+            wanted = [a for a in aims if all(abs(a / d - 1) > 0.03 for d in done)]
             if not wanted:
-                break
+                return
             done.append(round(wanted[0], 3))
             measure(done[-1])
-    else:
-        for rung in ladder(target, rungs):
-            done.append(rung)
-            measure(rung)
-    # Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on a
-    # shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
-    # the target -- on the Pareto front, within `confirm_margin` below it, KL within one standard
-    # error of the least there -- are timed again together in one alternating run; each keeps the mean of its
-    # two measurements (``speedup_runs``) and the choice is made again.
-    bar.set_postfix_str("confirming")
-    contenders = confirmation_contenders(rows, target, confirm_margin, budget, per_image)
-    if len(contenders) > 1 or (contenders and choose(rows, target, budget, per_image) is None):
+
+    def confirm() -> None:
+        """Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on
+        a shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
+        the target -- on the Pareto front, within `confirm_margin` below it, KL within one standard
+        error of the least there -- are timed again together in one alternating run; each keeps the
+        mean of its measurements (``speedup_runs``) and the choice is made again."""
+        bar.set_postfix_str("confirming")
+        contenders = confirmation_contenders(rows, target, confirm_margin, budget, per_image)
+        if not (len(contenders) > 1 or (contenders and choose(rows, target, budget, per_image) is None)):
+            return
+
         def time_again(group: list[dict]) -> list[list[float]]:
             again = runtime.throughput({str(i): r["path"] for i, r in enumerate(group)}, base_path)
             runtime.release()
@@ -325,6 +342,28 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             return [[again[str(i)] / again["baseline"]] for i in range(len(group))]
 
         confirmation_round(contenders, time_again, lambda row, runs: {"speedup": float(np.mean(runs))})
+
+    if aim:
+        drop_dominated()
+        place(rungs)
+        confirm()
+        # A rung aimed at the target can land just under it once confirmed (its first timing over
+        # the target, the second under). While no engine reaches the target's speed and rungs are
+        # left, aim again from the pooled measurements -- or, where every aim is a rung measured
+        # already, step past the highest rung measured -- and confirm again. (Engines that reach
+        # it outside the accuracy budget are not helped by more merging.)
+        while len(done) < rungs and not any(r["speedup"] >= target for r in rows):
+            before = len(done)
+            place(1)
+            if len(done) == before:
+                done.append(round(max(done) * (1 + STEP_PAST), 3))
+                measure(done[-1])
+            confirm()
+    else:
+        for rung in ladder(target, rungs):
+            done.append(rung)
+            measure(rung)
+        confirm()
     bar.update(max(0, bar.total - bar.n))
     bar.close()
     machine = {**runtime.machine(), "rungs": done, "variant_rung": state.get("rung"),
@@ -332,11 +371,11 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     return EngineSearchResult(choose(rows, target, budget, per_image), rows, pareto_front(rows), machine)
 
 
-def dominated_precisions(rows: list[dict], precisions) -> list[str]:
+def dominated_precisions(rows: list[dict], precisions, margin: float = 0.0) -> list[str]:
     """The precisions among ``precisions`` that another one dominates at every rung of ``rows``: at
-    each rung, each of their rows has a row of another precision at least as fast (``speedup``)
-    with no higher ``divergence``. A search stops building those (on a CPU without VNNI, OpenVINO's
-    int8 can be slower and less accurate than f32 at every rung). Never all of them.
+    each rung, each of their rows has a row of another precision at least ``1 + margin`` times as
+    fast (``speedup``) with no higher ``divergence``. A search stops building those (on a CPU without
+    VNNI, OpenVINO's int8 can be slower and less accurate than f32 at every rung). Never all of them.
     """
     out = []
     for p in precisions:
@@ -344,7 +383,7 @@ def dominated_precisions(rows: list[dict], precisions) -> list[str]:
         mine = [r for r in rows if r["precision"] == p]
         if not others or not mine:
             continue
-        if all(any(o["speedup"] >= m["speedup"] and o["divergence"] <= m["divergence"]
+        if all(any(o["speedup"] >= (1 + margin) * m["speedup"] and o["divergence"] <= m["divergence"]
                    for o in rows if o["precision"] in others and o["rung"] == m["rung"]
                    and o.get("stride", 1) == m.get("stride", 1)) for m in mine):
             out.append(p)

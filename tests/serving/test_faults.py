@@ -455,7 +455,7 @@ def test_micro_batcher_batches_concurrent_callers():
     its own row back, and a failing run fails only the callers of that run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dsm_export.serving.serve import MicroBatcher
+    from dsm_export.serving.batcher import MicroBatcher
 
     sizes = []
 
