@@ -136,16 +136,20 @@ def inspect_block(ctx: Context) -> str:
     return code_block(ctx.run("dsm-export", "inspect", "out/deit_tiny_dsm.onnx"))
 
 
+def on_deit(ctx: Context, script: str, *args: str, **kw) -> str:
+    """Run ``research/<script>`` on the shared DeiT-Tiny weights and photos; its stdout."""
+    return ctx.run("python", f"research/{script}", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+                   "--images", IMAGES, *args, **kw)
+
+
 @figure("int8-choices", "INT8 calibration x activation choices, scored on calibration-split photos")
 def int8_choices_block(ctx: Context) -> str:
-    return ctx.run("python", "research/int8_choices.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
-                   "--images", IMAGES).strip()
+    return on_deit(ctx, "int8_choices.py").strip()
 
 
 @figure("frontier", "INT8 / merge / stacked frontier on held-apart photos (research/frontier.py; ~25 min)")
 def frontier_block(ctx: Context) -> str:
-    ctx.run("python", "research/frontier.py", "deit_tiny_patch16_224", "--weights", WEIGHTS, "--images", IMAGES,
-            "--tuned", "2.0", "2.5", "--output", "docs", timeout=7200)
+    on_deit(ctx, "frontier.py", "--tuned", "2.0", "2.5", "--output", "docs", timeout=7200)
     with open(os.path.join(ctx.root, "docs", "frontier.md"), encoding="utf-8") as fh:
         return fh.read().strip()
 
@@ -167,8 +171,7 @@ def tome_parity_block(ctx: Context) -> str:
 
 @figure("tie-flips", "photos on which a near-tie flips a merge between ONNX Runtime and PyTorch (~8 min)")
 def tie_flips_block(ctx: Context) -> str:
-    return ctx.run("python", "research/tie_flips.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
-                   "--images", IMAGES).strip()
+    return on_deit(ctx, "tie_flips.py").strip()
 
 
 @figure("merge-variants", "merge variants at 1.5-2.3x fewer FLOPs on held-apart photos (~75 min)")
