@@ -368,7 +368,8 @@ def validate_engine(plan_path: str, images_dir: str | ImageSet, flavour: str = "
 def validate_openvino(xml_path: str, images_dir: str | ImageSet, threads: int | None = None, **kwargs) -> dict:
     """Validate an OpenVINO IR built by ``dsm-export build --backend openvino`` on the CPU, compiled at
     the inference precision the IR records (:class:`dsm_export.engines.openvino.OpenVINORunner`); judged
-    by the fp32, bf16 or int8 criterion of its precision. The rest as for :func:`validate_runner`;
+    by the int8 criterion for an int8 IR, else by that of what OpenVINO runs: bf16, or fp32 where it
+    runs f32 (a bf16 IR on a CPU without BF16). The rest as for :func:`validate_runner`;
     the report adds ``inference_precision`` (what OpenVINO ran: ``f32`` or ``bf16``).
 
     Raises:
@@ -379,7 +380,8 @@ def validate_openvino(xml_path: str, images_dir: str | ImageSet, threads: int | 
     runner = OpenVINORunner(xml_path, threads)
     precision = runner.meta.get("precision", "fp32")
     kwargs.setdefault("int8", precision == "int8")
-    kwargs.setdefault("bf16", precision == "bf16" or (precision == "fp32" and runner.inference_precision == "bf16"))
+    # judged by what runs: a bf16 IR on a CPU without BF16 runs f32 and meets the fp32 criterion
+    kwargs.setdefault("bf16", precision != "int8" and runner.inference_precision == "bf16")
     kwargs.setdefault("source_path", xml_path)
     report = validate_runner(runner, runner.info, images_dir, **kwargs)
     report["inference_precision"] = runner.inference_precision

@@ -262,19 +262,32 @@ def test_tune_searches_openvino_engines_and_exports_an_ir(ov, weights, images_di
 
     out, report = str(tmp_path / "tuned.xml"), str(tmp_path / "report.json")
     code = main(["tune", "deit_tiny_patch16_224", "--weights", weights, "--images", images_dir, "--backend", "openvino",
-                 "--target-speedup", "1.1", "--calibration-count", "8", "--holdout", "8", "--rungs", "1",
+                 "--target-speedup", "1.1", "--calibration-count", "8", "--holdout", "8", "--rungs", "2",
                  "--max-grid", "2", "--refine-steps", "0", "--no-progress", "--export", out, "--report", report])
     captured = capsys.readouterr()
+    data = json.loads(open(report).read())
+    first = "bf16" if data["machine"]["cpu_bf16"] else "fp32"  # auto: bf16, or f32 on a CPU without BF16
+    assert "SmoothQuant alpha" in captured.out  # chosen once by KL, then reused
+    assert data["machine"]["runtime"] == "openvino" and {r["precision"] for r in data["evaluated"]} == {first, "int8"}
+    assert all(r["speedup"] > 0 and r["speedup_onnxruntime"] > 0 for r in data["evaluated"])
+    if code == 1 and first == "fp32":
+        # Without BF16 the unmerged f32 export runs about 1.07x and every rung is aimed at 1.1x, so
+        # timing noise decides whether one reaches it: the miss is reported, nothing is written.
+        assert "no engine reached a 1.10x measured speed-up" in captured.err and data["schedule"] is None
+        assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+        rungs = data["machine"]["rungs"]  # the miss confirmed, the rung left was aimed again, further
+        assert len(rungs) == 2 and rungs[1] > rungs[0]
+        return
     assert code == 0, captured.err
     assert "measured OpenVINO speed-up: " in captured.out and "over OpenVINO's default compile" in captured.out
     assert "over ONNX Runtime's fp32 unmerged model, timed in the same runs" in captured.out
-    assert "SmoothQuant alpha" in captured.out  # chosen once by KL, then reused
-    data = json.loads(open(report).read())
-    first = "bf16" if data["machine"]["cpu_bf16"] else "fp32"  # auto: bf16, or f32 on a CPU without BF16
-    assert data["machine"]["runtime"] == "openvino" and data["precision"] in (first, "int8")
-    assert {r["precision"] for r in data["evaluated"]} == {first, "int8"}
-    assert all(r["speedup"] > 0 and r["speedup_onnxruntime"] > 0 for r in data["evaluated"])
-    assert data["calibration"]["speedup"] >= 1.1 and len(data["machine"]["rungs"]) == 1
+    assert data["precision"] in (first, "int8")
+    # a second rung only where the first, aimed at the target, missed it once confirmed (on a CPU
+    # without BF16 the unmerged f32 export runs about 1.07x, so the aim lands near 1.1x)
+    rungs = data["machine"]["rungs"]
+    assert data["calibration"]["speedup"] >= 1.1 and len(rungs) in (1, 2)
+    if len(rungs) == 2:  # aimed again from the pooled timings, or stepped past: more merging
+        assert rungs[1] > rungs[0]
     assert os.path.exists(out[:-4] + ".bin") and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     info, meta = read_ir_metadata(out)
     assert meta["precision"] == data["precision"] and info.schedule.spec() == data["schedule"]
