@@ -293,7 +293,9 @@ def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path
     from dsm_export.graph.export import read_metadata
 
     result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
-                            refine_steps=0, quant_count=8, progress=False, strides=(1, 2))
+                            refine_steps=0, quant_count=8, progress=False, strides=(1, 2),
+                            aim=False)  # the ladder's 1.32x rung: an aimed one follows the timings, and on a
+    # loaded machine it can land where stride 2 cannot reach
     kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
     assert kinds == {(p, none) for p in PRECISIONS for none in (True, False)}
     assert PRECISIONS == ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
