@@ -49,6 +49,7 @@ class BlockFlops:
 # than the search's own model runs. Weak keys: an entry goes with its module. A module's linears
 # are read once: replacing them afterwards (nothing in dsm-export does) would keep the old count.
 _MACS_PER_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNMERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> timm's FLOPs (every block on every token)
 
 
 def _linear_macs(module: nn.Module, tokens: int) -> int:
@@ -159,6 +160,3 @@ def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None 
         base, _ = count_flops(model, resolve(Schedule(), depth, grid, prefix))
         _UNMERGED[model] = base
     return merged, base, per_block
-
-
-_UNMERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> timm's FLOPs, as _MACS_PER_TOKEN
