@@ -184,3 +184,51 @@ def test_every_dsm_export_name_the_tools_import_exists():
                         if a.name.split(".")[0] == "dsm_export" and importlib.util.find_spec(a.name) is None:
                             missing.append(f"{folder}/{name}: {a.name}")
     assert not missing, missing
+
+
+def _scale(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "research"))
+    import scale
+
+    return scale
+
+
+def test_scale_cuts_repeats_before_latency_runs_and_never_below_the_floor(monkeypatch):
+    scale = _scale(monkeypatch)
+    est = {"sessions_s": 2.0, "run_s": {"baseline": 10.0, "a": 5.0, "b": 5.0}, "run1_s": {"baseline": 1.5, "a": 1.0}}
+    fit = scale.fit_budget(est, 10_000, 9, 30, "baseline", 2)  # room for all: nothing cut
+    assert (fit["repeats"], fit["latency_runs"], fit["cut"], fit["over_s"]) == (9, 30, [], 0.0)
+    assert fit["per_repeat_s"] == 30.0  # the baseline before each of a and b
+    fit = scale.fit_budget(est, 350, 9, 30, "baseline", 2)  # repeats first, latency runs kept
+    assert fit["latency_runs"] == 30 and 3 <= fit["repeats"] < 9 and fit["planned_s"] <= 350
+    assert fit["cut"] == [f"repeats cut from 9 to {fit['repeats']}"]
+    fit = scale.fit_budget(est, 100, 9, 30, "baseline", 2)  # both at their floor, the overrun reported
+    assert (fit["repeats"], fit["latency_runs"]) == (3, 10) and fit["over_s"] > 0 and len(fit["cut"]) == 2
+    assert scale.fit_budget(est, 100, 1, 5, "baseline", 2)["repeats"] == 1  # asked below the floor: kept
+
+
+def test_scale_keeps_the_page_around_its_block(tmp_path, monkeypatch):
+    scale = _scale(monkeypatch)
+    data = {"command": "python research/scale.py --output x", "machine": "test CPU", "threads": 2,
+            "onnxruntime": "1.0", "batch": 8, "date": "2026-01-01", "repeats_asked": 9, "budget_minutes": 10,
+            "models": [{"model": "deit_small_patch16_224", "error": "no disk\nmore"}]}
+    body = scale.write_outputs(data, str(tmp_path), plot=False)
+    page = (tmp_path / "scale.md").read_text(encoding="utf-8")
+    assert page.startswith(scale.INTRO) and "<!-- figures:scale -->\n" + body + "\n<!-- /figures:scale -->" in page
+    assert "random-init weights: speed only" in body and "Not measured: deit_small_patch16_224: no disk" in body
+    (tmp_path / "scale.md").write_text(page.replace(scale.INTRO, "# my own intro\n"), encoding="utf-8")
+    scale.write_outputs({**data, "date": "2026-02-02"}, str(tmp_path), plot=False)
+    page = (tmp_path / "scale.md").read_text(encoding="utf-8")
+    assert page.startswith("# my own intro\n") and "2026-02-02" in page and "2026-01-01" not in page
+
+
+@pytest.mark.heavy  # random-init models: no data, but seconds
+def test_scale_dry_run_prints_schedules_at_their_targets():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "research", "scale.py"), "--dry-run", "--models",
+                           "deit_small_patch16_224", "--base", "r=16,r_end=8,delay=2,local=1,windows=2x2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "197 tokens" in out and "r=13,mode=tome" in out
+    ratios = [float(line.split()[2][:-1]) for line in out.splitlines() if line.strip().startswith("DSM ")]
+    assert len(ratios) == 3 and all(t <= r < t + 0.05 for t, r in zip((1.5, 1.7, 2.0), ratios))
