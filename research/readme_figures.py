@@ -203,6 +203,17 @@ def merge_overhead_block(ctx: Context) -> str:
                    "--repeats", "21").strip()
 
 
+@figure("scale", "ToMe and DSM speed-ups across five model sizes, random-init weights (research/scale.py; ~2.5 h)")
+def scale_block(ctx: Context) -> str:
+    ctx.run("python", "research/scale.py", "--output", "docs", timeout=6 * 3600)
+    with open(os.path.join(ctx.root, "docs", "scale.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    block = next((m for m in MARKER.finditer(text) if m.group("name") == "scale"), None)  # scale.py's table
+    if block is None:
+        raise RuntimeError("research/scale.py wrote no figures:scale block into docs/scale.md")
+    return block.group("body").strip()
+
+
 @figure("tensorrt", "TensorRT builds of the README's engines, with no GPU (needs the tensorrt-rtx extra; ~2 min)")
 def tensorrt_block(ctx: Context) -> str:
     ctx.ensure_exports()
