@@ -12,12 +12,17 @@ from ..graph.facts import precision_of  # noqa: F401  (inspect reports it; here 
 def plan_label(t) -> str:
     """A block's plan with the tokens it really removes: ``global 13``, or for a local block
     ``local 36 (9/window x 4, r=34)`` (each of the W windows merges ``ceil(r / W)``, so the block
-    can remove more than the r asked for)."""
+    can remove more than the r asked for); uneven windows list each size's share,
+    ``local 9 (3/window x 1 + 2/window x 3, r=8)``."""
     if not t.per_window:
         return str(t.plan)
-    windows = t.removed // t.per_window
     asked = f", r={t.plan.r}" if t.plan.r != t.removed else ""
-    return f"local {t.removed} ({t.per_window}/window x {windows}{asked})"
+    # per group of equal windows: 3/window x 1 + 2/window x 3 for uneven windows
+    per_r: dict[int, int] = {}
+    for count, _, r_w in t.windows:
+        per_r[r_w] = per_r.get(r_w, 0) + count
+    parts = " + ".join(f"{r_w}/window x {count}" for r_w, count in per_r.items())
+    return f"local {t.removed} ({parts}{asked})"
 
 
 def inspect_schedule(model_name: str, schedule: Schedule | str, last_block: str | None = None) -> dict:
@@ -90,13 +95,14 @@ def format_inspection(report: dict) -> str:
     ]
     if "precision" in report:
         lines.append(f"precision {_precision_line(report)}")
+    w = max([30] + [len(r["plan"]) for r in report["blocks"]])  # the plan column fits its longest entry
     lines += [
         "",
-        f"{'block':>5}  {'plan':<30} {'tokens in':>9} {'out':>5} {'attn':>8} {'merge':>8} {'mlp':>8} {'GFLOPs':>8}",
+        f"{'block':>5}  {'plan':<{w}} {'tokens in':>9} {'out':>5} {'attn':>8} {'merge':>8} {'mlp':>8} {'GFLOPs':>8}",
     ]
     for r in report["blocks"]:
         lines.append(
-            f"{r['block']:>5}  {r['plan']:<30} {r['tokens_in']:>9} {r['tokens_out']:>5} "
+            f"{r['block']:>5}  {r['plan']:<{w}} {r['tokens_in']:>9} {r['tokens_out']:>5} "
             f"{r['attention_gflops']:>8.4f} {r['merge_gflops']:>8.4f} {r['mlp_gflops']:>8.4f} {r['gflops']:>8.4f}")
     lines += [
         "",

@@ -69,7 +69,7 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
     Args:
         model: timm ``VisionTransformer``.
         tokens: from :func:`dsm_export.core.schedule.resolve`.
-        windows: window grid used by local blocks.
+        windows: window grid used by local blocks (unused: the token counts carry the windows).
         metric: ``"heads"`` matches on all ``H * head_dim`` key features (normalised per head)
             instead of the ``head_dim`` of the head-averaged keys; ``"tokens"`` on the ``C``
             features of the normalised tokens (their norms counted, no key mean).
@@ -81,7 +81,6 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
         ``(total, per_block)``: total FLOPs (multiply-adds) for one image, and per-block detail.
     """
     prefix = int(model.num_prefix_tokens)
-    n_windows = windows[0] * windows[1]
     pe = model.patch_embed.proj
     num_patches = int(math.prod(model.patch_embed.grid_size))
     k = pe.kernel_size
@@ -116,13 +115,15 @@ def count_flops(model: nn.Module, tokens: list[BlockTokens], windows: tuple[int,
                 hd = attn.num_heads * attn.head_dim  # similarity over every head's features
             if t.protect:
                 merge += n * attn.num_heads  # importance: class attention, mean over heads
-            groups = n_windows if t.per_window else 1
-            n_g = n // groups
-            na, nb = math.ceil(n_g / 2), n_g // 2
-            r_g = t.per_window if t.per_window else t.removed
-            merge += groups * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
+            # (windows, tokens, r) per group of equal windows; one group of all tokens if global
+            groups = t.windows if t.per_window else ((1, n, t.removed),)
+            for count, n_g, r_g in groups:
+                na, nb = math.ceil(n_g / 2), n_g // 2
+                merge += count * (na * nb * hd + r_g * nb * (c + 1))  # similarity + assignment MatMul
+                if merge_form == "mlerp":
+                    merge += count * r_g * nb  # masked max over the assignment
             if merge_form == "mlerp":
-                merge += n * c + groups * r_g * nb  # token norms + masked max over the assignment
+                merge += n * c  # token norms
         mlp = _linear_macs(blk.mlp, n_out)
         per_block.append(BlockFlops(t.index, n_in, n_out, a, merge, mlp))
         total += a + merge + mlp

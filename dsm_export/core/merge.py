@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from .schedule import window_groups, window_sizes
+
 
 class Matching(NamedTuple):
     """Result of bipartite soft matching over tokens split alternately into sets A and B.
@@ -402,23 +404,30 @@ def merge_sum_scatter(x: torch.Tensor, m: Matching) -> torch.Tensor:
 def window_permutation(grid: tuple[int, int], windows: tuple[int, int]) -> torch.Tensor:
     """Permutation that reorders raster-order patch tokens window by window.
 
-    DSM's spatial merging (Heo et al., Sec. 4) merges inside local windows of the patch grid. After
-    ``x[:, perm]`` the tokens of window ``w`` are ``x[:, w * n_w:(w + 1) * n_w]``, windows in raster
-    order and tokens raster order within each window, so ``x.view(B, W, n_w, C)`` puts windows on
-    their own axis.
+    After ``x[:, perm]`` the tokens of each window are contiguous, in raster order within the
+    window, and the windows come group by group (:func:`window_groups`), raster order within a
+    group. Where the windows divide the grid this is raster order of windows, and the tokens of
+    window ``w`` are ``x[:, w * n_w:(w + 1) * n_w]``, so ``x.view(B, W, n_w, C)`` puts windows on
+    their own axis; otherwise each group's slice views as ``[B, count, tokens, C]``.
 
     Args:
         grid: patch grid ``(rows, cols)``.
-        windows: window grid ``(rows, cols)``; must divide ``grid``.
+        windows: window grid ``(rows, cols)``; at most one window per patch row and column.
 
     Returns:
         ``[rows * cols]`` int64 permutation.
 
     Raises:
-        ValueError: if the windows do not divide the grid.
+        ValueError: if a window would have no row or column.
     """
     (gh, gw), (wh, ww) = grid, windows
-    if gh % wh or gw % ww:
-        raise ValueError(f"windows {wh}x{ww} do not divide the {gh}x{gw} grid")
-    idx = torch.arange(gh * gw).view(wh, gh // wh, ww, gw // ww)
-    return idx.permute(0, 2, 1, 3).reshape(-1)
+    rows, cols = window_sizes(gh, wh), window_sizes(gw, ww)
+    row0 = [sum(rows[:i]) for i in range(wh)]
+    col0 = [sum(cols[:i]) for i in range(ww)]
+    idx = torch.arange(gh * gw).view(gh, gw)
+    parts = []
+    for group in window_groups(grid, windows):
+        for w in group.windows:
+            wy, wx = divmod(w, ww)
+            parts.append(idx[row0[wy]:row0[wy] + rows[wy], col0[wx]:col0[wx] + cols[wx]].reshape(-1))
+    return torch.cat(parts)

@@ -329,7 +329,7 @@ class MergedViT(nn.Module):
                 self._source = keep_tokens(self._source, keep)
             xt, st = keep_tokens(xt, keep), keep_tokens(st, keep)
         elif t.per_window:
-            xt, st = self._merge_local(xt, st, kt, t.per_window)
+            xt, st = self._merge_local(xt, st, kt, t.windows)
         else:  # reference form
             m = bipartite_soft_matching(kt, t.removed, protected=protected, unit=self.unit_metric)
             if self.track_source:
@@ -337,30 +337,44 @@ class MergedViT(nn.Module):
             xt, st = merge_wavg_scatter(xt, st, m, mlerp=self.mlerp)
         return torch.cat([xp, xt], dim=1), torch.cat([sp, st], dim=1)
 
-    def _merge_local(self, x, size, keys, r_w: int):
-        """Merge ``r_w`` tokens inside each window; windows stay contiguous and equal-sized."""
-        n_windows = self.windows[0] * self.windows[1]
-        n, c = x.shape[1], x.shape[2]
-        n_w = n // n_windows
-        if self.impl == "reference":
+    def _merge_local(self, x, size, keys, groups):
+        """Merge inside each window. ``groups`` is :attr:`BlockTokens.windows`: ``(count, tokens, r)``
+        per group of equal windows, contiguous in that order; each window merges its own ``r``."""
+        c, d = x.shape[2], keys.shape[-1]
+        if self.impl == "reference":  # one window at a time, ToMe's scatter merge
             xs, ss, srcs = [], [], []
-            for w in range(n_windows):
-                sl = slice(w * n_w, (w + 1) * n_w)
-                mw = bipartite_soft_matching(keys[:, sl], r_w, unit=self.unit_metric)
-                xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw, mlerp=self.mlerp)
-                xs.append(xw)
-                ss.append(sw)
-                if self.track_source:
-                    srcs.append(merge_sum_scatter(self._source[:, sl], mw))
+            start = 0
+            for count, n_w, r_w in groups:
+                for _ in range(count):
+                    sl = slice(start, start + n_w)
+                    mw = bipartite_soft_matching(keys[:, sl], r_w, unit=self.unit_metric)
+                    xw, sw = merge_wavg_scatter(x[:, sl], size[:, sl], mw, mlerp=self.mlerp)
+                    xs.append(xw)
+                    ss.append(sw)
+                    if self.track_source:
+                        srcs.append(merge_sum_scatter(self._source[:, sl], mw))
+                    start += n_w
             if self.track_source:
                 self._source = torch.cat(srcs, dim=1)
             return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
-        d = keys.shape[-1]
-        mw = bipartite_soft_matching(keys.reshape(-1, n_windows, n_w, d), r_w, unit=self.unit_metric)
-        sw = None if size is None else size.reshape(-1, n_windows, n_w, 1)  # None: all ones
-        xw, sw = merge_wavg_onehot(x.reshape(-1, n_windows, n_w, c), sw, mw, mlerp=self.mlerp)
-        n_out = n_windows * (n_w - r_w)
-        return xw.reshape(-1, n_out, c), sw.reshape(-1, n_out, 1)
+        xs, ss = [], []
+        lengths = [count * n_w for count, n_w, _ in groups]
+        if len(groups) == 1:
+            x_g, k_g, s_g = [x], [keys], [size]
+        else:  # one Split per tensor: the groups are contiguous
+            x_g, k_g = torch.split(x, lengths, dim=1), torch.split(keys, lengths, dim=1)
+            s_g = [None] * len(groups) if size is None else torch.split(size, lengths, dim=1)
+        for (count, n_w, r_w), xg, kg, sg in zip(groups, x_g, k_g, s_g):
+            # the windows of a group on their own axis: [B, count, n_w, C]
+            mw = bipartite_soft_matching(kg.reshape(-1, count, n_w, d), r_w, unit=self.unit_metric)
+            sw = None if sg is None else sg.reshape(-1, count, n_w, 1)  # None: all ones
+            xw, sw = merge_wavg_onehot(xg.reshape(-1, count, n_w, c), sw, mw, mlerp=self.mlerp)
+            n_out = count * (n_w - r_w)
+            xs.append(xw.reshape(-1, n_out, c))
+            ss.append(sw.reshape(-1, n_out, 1))
+        if len(groups) == 1:
+            return xs[0], ss[0]
+        return torch.cat(xs, dim=1), torch.cat(ss, dim=1)
 
     def _head(self, x, size):
         m = self.model

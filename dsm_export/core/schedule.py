@@ -2,7 +2,7 @@
 
 A schedule is a per-block plan, one entry per transformer block: ``none`` (the block stays dense),
 ``local r`` (merge inside each window of the patch grid, ``ceil(r / W)`` tokens in each of the W
-windows, so windows keep equal sizes) or ``global r`` (ToMe's bipartite soft matching over all
+windows where the windows divide the grid; see below for uneven windows) or ``global r`` (ToMe's bipartite soft matching over all
 mergeable tokens). It follows DSM (Heo et al., arXiv 2303.02331): a *delay* of dense bottom blocks
 (Sec. 3, attention there has not converged), then *spatial* merging inside local windows for the
 first merging blocks, then global merging (Sec. 4, hierarchical merging).
@@ -58,7 +58,15 @@ r is clipped to ``(tokens - protected) // 2`` in every block, and the schedule f
 
 Token counts follow from the schedule alone, so every shape of an exported graph is static; they are
 checked up front by :func:`resolve` (at most half the mergeable tokens per step, per window in
-local mode; windows must divide the patch grid; local blocks must precede global ones).
+local mode; local blocks must precede global ones).
+
+Windows that do not divide the patch grid are uneven, with sizes fixed by the grid: rows and
+columns split as evenly as possible, larger windows first (a 7x7 grid in 2x2 windows is 4/3 rows by
+4/3 columns: windows of 16, 12, 12 and 9 tokens; 37x37 in 2x2 is 19/18 by 19/18). A local block's
+``r`` spreads over the windows in proportion to their tokens, rounded up: a window of ``n_w`` of the
+``n`` mergeable tokens merges ``ceil(r * n_w / n)``, which is ``ceil(r / W)`` for equal windows. So
+windows of one size stay equal, and the export merges each group of equal windows with the same
+ops as the even case (:func:`window_groups`).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..errors import ScheduleError
 
@@ -125,14 +134,19 @@ class BlockTokens:
     Attributes:
         index: block index (0-based).
         plan: the scheduled entry.
-        removed: tokens this block really removes (``W * ceil(r / W)`` for local).
-        per_window: tokens merged inside each window (local only, else 0).
+        removed: tokens this block really removes (for local, the sum over windows of
+            ``ceil(r * n_w / n)``: ``W * ceil(r / W)`` where the windows divide the grid).
+        per_window: tokens merged inside each window, the largest window's where windows differ
+            (local only, else 0).
         tokens_in: tokens entering the block (attention runs on these).
         tokens_out: tokens leaving the block (the MLP runs on these).
         matched: tokens entering the matching (the mergeable ones; prefix tokens included in
             ``mode=tome``, as ToMe splits them too); 0 for blocks that do not merge.
         protect: tokens protected from merging by class attention (``protect=P``, clipped to
             ``mergeable - 2 * removed`` so that enough tokens stay free to merge), else 0.
+        windows: local only: ``(count, tokens, r)`` per group of equal windows
+            (:func:`window_groups`, largest first): each of ``count`` windows enters the block with
+            ``tokens`` tokens and merges ``r`` of them; one group where the windows divide the grid.
     """
 
     index: int
@@ -143,6 +157,7 @@ class BlockTokens:
     tokens_out: int
     matched: int = 0
     protect: int = 0
+    windows: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -460,6 +475,54 @@ def tome_parse_r(depth: int, r: int, inflect: float = 0.0) -> list[int]:
     return [int(lo + step * i) for i in range(depth)]
 
 
+def window_sizes(length: int, parts: int) -> list[int]:
+    """Split ``length`` patch rows (or columns) into ``parts`` windows as evenly as possible, the
+    larger windows first: 7 rows in 2 windows are ``[4, 3]``, 37 in 3 are ``[13, 12, 12]``.
+
+    Raises:
+        ValueError: if ``parts`` is not between 1 and ``length``.
+    """
+    if not 1 <= parts <= length:
+        raise ValueError(f"cannot split {length} patch rows or columns into {parts} windows")
+    base, extra = divmod(length, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class WindowGroup(NamedTuple):
+    """Windows of one token count, contiguous after :func:`window_permutation`.
+
+    Attributes:
+        count: number of windows in the group.
+        tokens: patch tokens in each of its windows (before any merge).
+        windows: their raster indices in the window grid.
+    """
+
+    count: int
+    tokens: int
+    windows: tuple[int, ...]
+
+
+def window_groups(grid: tuple[int, int], windows: tuple[int, int]) -> list[WindowGroup]:
+    """Local windows of the patch grid, grouped by token count, largest first.
+
+    DSM's spatial merging (Heo et al., Sec. 4) merges inside local windows of the patch grid. Where
+    the windows divide the grid all have the same size and there is one group. Where they do not,
+    rows and columns are split by :func:`window_sizes` (a 7x7 grid in 2x2 windows has windows of
+    4x4, 4x3, 3x4 and 3x3 tokens: groups of 16, 12 (two windows) and 9 tokens). Windows of one
+    group merge together as one ``[B, count, tokens, C]`` tensor; every size is fixed by the grid.
+
+    Raises:
+        ValueError: if a window would have no row or column.
+    """
+    (gh, gw), (wh, ww) = grid, windows
+    rows, cols = window_sizes(gh, wh), window_sizes(gw, ww)
+    by_tokens: dict[int, list[int]] = {}
+    for wy in range(wh):
+        for wx in range(ww):
+            by_tokens.setdefault(rows[wy] * cols[wx], []).append(wy * ww + wx)
+    return [WindowGroup(len(w), n, tuple(w)) for n, w in sorted(by_tokens.items(), reverse=True)]
+
+
 def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: int) -> list[BlockTokens]:
     """Check a schedule against a model and return per-block token counts.
 
@@ -474,23 +537,28 @@ def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: i
 
     Raises:
         ScheduleError: naming the block, if a block asks for more tokens than it can give (at most
-            half of the mergeable tokens per step, per window in local mode), if windows do not
-            divide the patch grid, or if a local block follows a global one.
+            half of the mergeable tokens per step, per window in local mode), if there are more
+            windows than patch rows or columns, or if a local block follows a global one.
     """
     plan = schedule.plan(depth)
     if schedule.mode == "tome":
         return _resolve_tome(plan, grid, num_prefix)
     wh, ww = schedule.windows
-    n_windows = wh * ww
     uses_local = any(b.mode == "local" and b.r > 0 for b in plan)
-    if uses_local and (grid[0] % wh or grid[1] % ww):
-        raise ScheduleError(
-            f"windows {wh}x{ww} do not divide the {grid[0]}x{grid[1]} patch grid")
+    groups = []
+    if uses_local:
+        if wh > grid[0] or ww > grid[1]:
+            raise ScheduleError(
+                f"windows {wh}x{ww} need at least one patch row and column each: the patch grid is "
+                f"{grid[0]}x{grid[1]}")
+        groups = window_groups(grid, (wh, ww))
+    in_window = [g.tokens for g in groups]  # tokens now in each window of each group
     n = grid[0] * grid[1]  # mergeable tokens
     seen_global = None
     out = []
     for i, b in enumerate(plan):
         removed = per_window = 0
+        windows = ()
         if b.mode in ("global", "prune") and b.r > 0:
             if b.r > n // 2:
                 raise ScheduleError(
@@ -503,17 +571,22 @@ def resolve(schedule: Schedule, depth: int, grid: tuple[int, int], num_prefix: i
                 raise ScheduleError(
                     f"block {i}: local merging after global merging at block {seen_global}; "
                     "local blocks must come first")
-            per_window = math.ceil(b.r / n_windows)
-            n_w = n // n_windows
-            if per_window > n_w // 2:
-                raise ScheduleError(
-                    f"block {i}: local r={b.r} needs {per_window} merges in each of {n_windows} windows "
-                    f"of {n_w} tokens (at most {n_w // 2} per window)")
-            removed = per_window * n_windows
+            # each window merges its share of r, rounded up: ceil(r / W) where windows are equal
+            rs = [-(-b.r * n_w // n) for n_w in in_window]
+            for g, n_w, r_w in zip(groups, in_window, rs):
+                if r_w > n_w // 2:
+                    where = f"each of {g.count} windows" if len(groups) == 1 else "a window"
+                    raise ScheduleError(
+                        f"block {i}: local r={b.r} needs {r_w} merges in {where} of {n_w} tokens "
+                        f"(at most {n_w // 2} per window)")
+            windows = tuple((g.count, n_w, r_w) for g, n_w, r_w in zip(groups, in_window, rs))
+            removed = sum(g.count * r_w for g, r_w in zip(groups, rs))
+            per_window = rs[0]
+            in_window = [n_w - r_w for n_w, r_w in zip(in_window, rs)]
         # protection is clipped so that 2r tokens stay free to merge
         protect = max(0, min(schedule.protect, n - 2 * removed)) if (b.mode == "global" and removed) else 0
         out.append(BlockTokens(i, b, removed, per_window, n + num_prefix, n - removed + num_prefix,
-                               n if removed else 0, protect))
+                               n if removed else 0, protect, windows))
         n -= removed
     return out
 

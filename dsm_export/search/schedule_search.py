@@ -183,7 +183,8 @@ def grid_candidates(model: nn.Module, target: float, slack: float = 0.05,
     """DSM-parameter and constant-r schedules whose FLOP reduction lies in ``[target, target + slack]``.
 
     The grid: r, r at the last merging block (``r_end``), delay 0-4, local blocks 0-2 and, for
-    local blocks, each window grid of ``windows_options`` that divides the patch grid.
+    local blocks, each window grid of ``windows_options`` (uneven where it does not divide the
+    patch grid; see :mod:`dsm_export.core.schedule`).
     """
     depth = len(model.blocks)
     out = []

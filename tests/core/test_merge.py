@@ -143,5 +143,11 @@ def test_window_permutation_groups_windows():
         for wx in range(3):
             expected += grid[2 * wy:2 * wy + 2, 2 * wx:2 * wx + 2].reshape(-1).tolist()
     assert perm.tolist() == expected
-    with pytest.raises(ValueError, match="do not divide"):
-        window_permutation((14, 14), (3, 3))
+    # 7x7 in 2x2 windows: 4/3 rows by 4/3 columns, grouped by size (16, then the two of 12, then 9)
+    perm = window_permutation((7, 7), (2, 2))
+    grid = torch.arange(49).view(7, 7)
+    windows = [grid[:4, :4], grid[:4, 4:], grid[4:, :4], grid[4:, 4:]]
+    assert perm.tolist() == sum((w.reshape(-1).tolist() for w in windows), [])
+    assert sorted(perm.tolist()) == list(range(49))
+    with pytest.raises(ValueError, match="cannot split 7 patch rows or columns into 8 windows"):
+        window_permutation((7, 7), (8, 1))

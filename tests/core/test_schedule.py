@@ -28,6 +28,24 @@ def test_dsm_schedule_delay_local_global():
     assert tokens[-1].tokens_out == 197 - 4 * 16 - 6 * 13
 
 
+def test_uneven_windows_spread_r_by_window_size():
+    # 7x7 in 2x2 windows: rows and columns 4/3, windows of 16, 12, 12 and 9 tokens (49 in all);
+    # r=8 spreads as ceil(8 * n_w / n): 3 in the 16-token window, 2 in each other.
+    tokens = resolve(Schedule.from_dict(["none", "local 8", "local 8"] + ["global 2"] * 9), 12, (7, 7), 1)
+    assert tokens[1].windows == ((1, 16, 3), (2, 12, 2), (1, 9, 2))
+    assert tokens[1].removed == 9 and tokens[1].per_window == 3
+    # the next block sees 13, 10, 10 and 7 of the 40 tokens left
+    assert tokens[2].windows == ((1, 13, 3), (2, 10, 2), (1, 7, 2))
+    assert tokens[2].tokens_out == 50 - 9 - 9
+    # windows that divide the grid: one group, ceil(r / W) each, as before
+    even = resolve(Schedule.parse("r=13,delay=2,local=4,windows=2x2"), 12, GRID, 1)
+    assert even[2].windows == ((4, 49, 4),) and even[3].windows == ((4, 45, 4),)
+    # 37x37 (DINOv2 at 518 px, patch 14) in 2x2: 19/18 by 19/18, four sizes
+    big = resolve(Schedule.parse("r=40,r_end=20,delay=2,local=2,windows=2x2"), 12, (37, 37), 5)
+    assert [(c, n) for c, n, _ in big[2].windows] == [(1, 361), (2, 342), (1, 324)]
+    assert big[2].removed == sum(c * r for c, _, r in big[2].windows)
+
+
 def test_r_end_ramp_and_none():
     plan = Schedule.parse("r=20,r_end=8,delay=3").plan(12)
     assert [b.r for b in plan] == [0, 0, 0, 20, 18, 17, 16, 14, 12, 11, 10, 8]
@@ -97,8 +115,11 @@ def test_impossible_schedules_name_the_block():
         resolve(Schedule.parse("r=16"), 12, GRID, 1)
     with pytest.raises(ScheduleError, match=r"block 0: local r=100 needs 25 merges .* of 49 tokens"):
         resolve(Schedule.parse("r=100,local=1"), 12, GRID, 1)
-    with pytest.raises(ScheduleError, match="windows 3x3 do not divide the 14x14"):
-        resolve(Schedule.parse("r=8,local=2,windows=3x3"), 12, GRID, 1)
+    with pytest.raises(ScheduleError, match="windows 8x8 need at least one patch row and column each: "
+                                            "the patch grid is 7x7"):
+        resolve(Schedule.parse("r=8,local=2,windows=8x8"), 12, (7, 7), 1)
+    with pytest.raises(ScheduleError, match=r"block 0: local r=22 needs 5 merges in a window of 9 tokens"):
+        resolve(Schedule.parse("r=22,local=1,windows=2x2"), 12, (7, 7), 1)
     with pytest.raises(ScheduleError, match="block 2: local merging after global"):
         resolve(Schedule.from_dict(["global 4", "none", "local 4"] + ["none"] * 9), 12, GRID, 1)
     with pytest.raises(ScheduleError, match="lists 3 blocks but the model has 12"):

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import timm
 import torch.nn.functional as F
 
 from dsm_export.graph.export import export_model, export_onnx, load_onnx, read_metadata
@@ -183,3 +184,39 @@ def test_ort_parity_per_family(tmp_path, family, pixels):
     with torch.inference_mode():
         ref = apply(model, spec, "reference")(x)
     assert_parity(ort_logits(path, x), ref)
+
+
+# Grids the windows do not divide (random init, depth cut to 4 to keep the test quick; parity only):
+# ViT-B/32 (7x7) and DINOv2-S/14 at 518 px (37x37, 4 registers) in 2x2 windows, ViT-B/16 at 384 px
+# (24x24) in 5x5 windows (5/5/5/5/4 rows and columns: windows of 25, 20 and 16 tokens).
+UNEVEN = {
+    "vit_b32_7x7": ("vit_base_patch32_224", dict(depth=4), "r=10,delay=1,local=2,windows=2x2", (7, 7)),
+    "dinov2_s14_518": ("vit_small_patch14_reg4_dinov2", dict(depth=4, img_size=518),
+                       "r=200,r_end=100,delay=1,local=2,windows=2x2", (37, 37)),
+    "vit_b16_384": ("vit_base_patch16_384", dict(depth=4), "r=100,delay=1,local=2,windows=5x5", (24, 24)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNEVEN))
+def test_uneven_windows_export_static_and_match_the_reference(tmp_path, case, pixels):
+    name, kwargs, spec, grid = UNEVEN[case]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    assert tuple(model.patch_embed.grid_size) == grid
+    size = tuple(int(v) for v in model.patch_embed.img_size)
+    x = F.interpolate(pixels[:2], size=size, mode="bilinear")
+    merged = apply(model, spec, "export")
+    local = [t for t in merged.tokens if t.per_window]
+    assert local and len(local[0].windows) > 1  # uneven: more than one window size
+    path = str(tmp_path / f"{case}.onnx")
+    export_model(model, name, path, spec)
+    onnx_model = onnx.load(path)
+    assert graph_problems(onnx_model) == []  # the TensorRT op check
+    assert unknown_shapes(onnx_model, "batch") == []  # every shape static but the batch
+    with torch.inference_mode():
+        ref = apply(model, spec, "reference")(x)
+        exp = merged(x)
+    assert_parity(exp.numpy(), ref)
+    assert_parity(ort_logits(path, x), ref)
+    if case == "vit_b32_7x7":
+        build_and_check(path, tmp_path)  # and TensorRT builds it
