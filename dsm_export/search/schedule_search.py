@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,17 +183,22 @@ def grid_candidates(model: nn.Module, target: float, slack: float = 0.05,
                     windows_options=WINDOW_OPTIONS) -> list[Schedule]:
     """DSM-parameter and constant-r schedules whose FLOP reduction lies in ``[target, target + slack]``.
 
-    The grid: r, r at the last merging block (``r_end``), delay 0-4, local blocks 0-2 and, for
+    The grid: r, r at the last merging block (``r_end``; both step with the patch grid's size, by
+    1 on a 14x14 grid), delay 0-4, local blocks 0-2 and, for
     local blocks, each window grid of ``windows_options`` (uneven where it does not divide the
     patch grid; see :mod:`dsm_export.core.schedule`).
     """
     depth = len(model.blocks)
+    # r and r_end step with the token count: DeiT's 14x14 grid steps by 1 (r 1-63, r_end 0-32 by 4);
+    # DINOv2's 37x37 at 518 px by 7, so that its 1369 tokens reach the same FLOP ratios
+    step = max(1, round(math.prod(model.patch_embed.grid_size) / 196))
     out = []
     seen = set()
-    for r in range(1, 64):
+    for r in range(step, 64 * step, step):
         specs = [Schedule(r=r)]
         for delay, local in itertools.product(range(0, min(5, depth)), range(0, 3)):
-            for r_end, windows in itertools.product(range(0, 33, 4), windows_options if local else ((2, 2),)):
+            for r_end, windows in itertools.product(range(0, 33 * step, 4 * step),
+                                                    windows_options if local else ((2, 2),)):
                 specs.append(Schedule(r=r, r_end=r_end, delay=delay, local=local, windows=windows))
         for s in specs:
             try:
