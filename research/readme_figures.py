@@ -159,6 +159,19 @@ def frontier_summary_block(ctx: Context) -> str:
     return ctx.run("python", "research/frontier_summary.py", "docs/frontier.json").strip()
 
 
+@figure("openvino-frontier", "OpenVINO frontier: unmerged and merged engines in the default precision and NNCF "
+                             "INT8, and the tuned one, against ONNX Runtime fp32 and OpenVINO's default "
+                             "(research/openvino_frontier.py; ~15 min, the openvino extra)")
+def openvino_frontier_block(ctx: Context) -> str:
+    on_deit(ctx, "openvino_frontier.py", "--output", "docs", timeout=7200)  # writes the block of docs/results.md
+    with open(os.path.join(ctx.root, "docs", "results.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    block = next((m for m in MARKER.finditer(text) if m.group("name") == "openvino-frontier"), None)
+    if block is None:
+        raise RuntimeError("research/openvino_frontier.py wrote no figures:openvino-frontier block into docs/results.md")
+    return block.group("body").strip()
+
+
 @figure("tome-parity", "mode=tome ONNX against the official ToMe patch (needs DSM_TOME_SRC)")
 def tome_parity_block(ctx: Context) -> str:
     src = os.environ.get("DSM_TOME_SRC")
