@@ -46,6 +46,7 @@ still bends them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -199,9 +200,10 @@ def measure(args) -> dict:
             for precision in precisions:
                 xml = os.path.join(work, f"ov_{precision}_{len(engines)}.xml")
                 log: list[str] = []
-                rec = build_openvino(onnx_path, xml, OpenVINOOptions(precision, smooth_alpha=args.smooth_alpha),
-                                     pixels=calib_pixels if precision == "int8" else None,
-                                     files=calib_files if precision == "int8" else None, log=log.append)
+                with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the table's
+                    rec = build_openvino(onnx_path, xml, OpenVINOOptions(precision, smooth_alpha=args.smooth_alpha),
+                                         pixels=calib_pixels if precision == "int8" else None,
+                                         files=calib_files if precision == "int8" else None, log=log.append)
                 family = "tuned" if kind == "tuned" else f"{kind} {'int8' if precision == 'int8' else 'default'}"
                 row = {"family": family, "key": str(len(engines)), "spec": spec, "precision": precision,
                        "flops_ratio": flops_ratio(model, schedule), "path": xml}
@@ -257,7 +259,8 @@ def table(data: dict) -> str:
     lines += ["| family | engine | runs | FLOPs reduction | images/s | vs ONNX Runtime fp32 | vs OpenVINO default "
               "| top-1 | agreement | KL |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(FAMILIES)
-    for e in sorted(data["engines"], key=lambda e: (order.index(e["family"]), e["flops_ratio"], e["speedup_ort"])):
+    for e in sorted(data["engines"], key=lambda e: (order.index(e["family"]), e["key"] != "onnxruntime",
+                                                   e["flops_ratio"], e["speedup_ort"])):
         acc = "n/a" if e.get("top1_accuracy") is None else f"{100 * e['top1_accuracy']:.1f} %"
         lines.append(f"| {e['family']} | {_label(e)} | {e['runs']} | {e['flops_ratio']:.2f}x | {e['images_per_s']:.1f} | "
                      f"{e['speedup_ort']:.2f}x | {e['speedup_openvino']:.2f}x | {acc} | "
