@@ -32,7 +32,8 @@ def export(model_name: str, output: str, schedule="none", **kwargs) -> ExportInf
         schedule: a :class:`~dsm_export.Schedule` or its spec (``"r=16,delay=3,windows=2x2,local=2"``,
             ``"none"``).
         **kwargs: ``weights`` (a checkpoint file), ``pretrained``, ``batch`` (None: dynamic),
-            ``opset``, ``image_size``, ``num_classes``, ``full_last_block``
+            ``opset``, ``image_size``, ``num_classes``, ``full_last_block``, ``external_data``
+            (weights in ``<output file name>.data`` beside it at any size; always over 2 GiB)
             (:func:`dsm_export.graph.export.export_onnx`).
 
     Returns:
@@ -90,7 +91,7 @@ def quantize(onnx_path: str, output: str, calibration: str | np.ndarray | None =
     options.check()
     files = None
     if isinstance(calibration, str):
-        info = read_metadata(load_onnx(onnx_path), onnx_path)
+        info = read_metadata(load_onnx(onnx_path, weights=False), onnx_path)
         calibration, files = calibration_pixels(info.model, calibration, options.calibration_count)
     return quantize_int8(onnx_path, output, calibration, options, files)
 

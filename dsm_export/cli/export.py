@@ -19,12 +19,16 @@ def add(sub):
     p.add_argument("--full-last-block", action="store_true",
                    help="run the last block on every token, as timm does (a timm-equivalent baseline for "
                         "benchmarks; by default only the tokens the head reads are computed there)")
+    p.add_argument("--external-data", action="store_true",
+                   help="write the weights to OUTPUT.data beside the model (ONNX external data); models of "
+                        "2 GB or more are always written so")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .. import checks
     from ..graph.export import export_onnx, parse_input_size
+    from ..graph.onnx_file import external_locations, read_graph
 
     check_weights_args(args)
     checks.output_file(args.output, "--output")
@@ -32,9 +36,13 @@ def run(args) -> int:
     hw = parse_input_size(args.input_size) if args.input_size else None
     info = export_onnx(args.model, args.output, args.schedule, args.weights, batch=args.batch,
                        opset=args.opset, image_size=hw, pretrained=args.pretrained,
-                       num_classes=args.num_classes, full_last_block=args.full_last_block)
+                       num_classes=args.num_classes, full_last_block=args.full_last_block,
+                       external_data=args.external_data)
     tokens = " ".join(str(t) for t in info.tokens)
     print(f"wrote {args.output}: {info.model}, schedule {args.schedule}, output {info.output}, "
           f"batch {info.batch or 'dynamic'}, tokens per block {tokens}"
           + ("; last block for the prefix tokens alone" if info.last_block == "prefix" else ""))
+    data = external_locations(read_graph(args.output))
+    if data:
+        print(f"weights in {', '.join(data)} beside it (ONNX external data: copy it with the model)")
     return 0

@@ -37,7 +37,7 @@ def graph_problems(model: onnx.ModelProto) -> list[str]:
     """List every op a TensorRT-friendly DSM graph must not contain.
 
     Args:
-        model: a loaded ONNX model.
+        model: a loaded ONNX model (its external data need not be loaded).
 
     Returns:
         Human-readable problems (empty if the graph is clean): scatter ops with a reduction, any
@@ -46,7 +46,9 @@ def graph_problems(model: onnx.ModelProto) -> list[str]:
         non-default domains.
     """
     problems = []
-    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    # values of the small constants (K, axes); tensors in an external data file are never those
+    consts = {i.name: (None if i.data_location == onnx.TensorProto.EXTERNAL else onnx.numpy_helper.to_array(i))
+              for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -68,7 +70,7 @@ def graph_problems(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"{where}: {what} is not a constant")
         if node.op_type == "TopK":
             k = consts.get(node.input[1])
-            if k is not None and int(k.reshape(-1)[0]) >= TOPK_LIMIT:
+            if k is not None and k.size and int(k.reshape(-1)[0]) >= TOPK_LIMIT:
                 problems.append(f"{where}: K={int(k.reshape(-1)[0])} >= {TOPK_LIMIT}")
             if next((a.i for a in node.attribute if a.name == "sorted"), 1) != 1:
                 problems.append(f"{where}: sorted=0 (the merge needs TopK's order)")
