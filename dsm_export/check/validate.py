@@ -336,7 +336,7 @@ def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = N
         DSMError: corrupt or foreign ONNX file, an unavailable provider, and everything
             :func:`validate_runner` raises.
     """
-    model = load_onnx(onnx_path)
+    model = load_onnx(onnx_path, weights=False)
     info = read_metadata(model, onnx_path)
     from ..graph.facts import precision_of
 

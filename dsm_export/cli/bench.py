@@ -153,7 +153,7 @@ def _bench_onnx(args) -> int:
     from ..engines.providers import resolve_providers
 
     providers = resolve_providers(args.provider)
-    proto = load_onnx(args.merged)
+    proto = load_onnx(args.merged, weights=False)
     info = read_metadata(proto, args.merged)
     precision = {p.key: p.value for p in proto.metadata_props}.get("dsm.precision", "fp32")
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,7 +61,7 @@ def _check_int8_args(args) -> None:
     from ..check.inspection import precision_of
     from ..engines.int8.quantize import is_quantized
 
-    model = load_onnx(args.onnx)
+    model = load_onnx(args.onnx, weights=False)
     read_metadata(model, args.onnx)
     precision = precision_of(model)["precision"]
     if is_quantized(model) or precision != "fp32":

@@ -25,7 +25,7 @@ def run(args) -> int:
     if args.target.lower().endswith(".onnx") or os.path.isfile(args.target):
         from ..graph.export import load_onnx, read_metadata
 
-        model = load_onnx(args.target)
+        model = load_onnx(args.target, weights=False)
         info = read_metadata(model, args.target)
         report = inspect_schedule(info.model, args.schedule or info.schedule, info.last_block)
         report.update(precision_of(model))

@@ -79,7 +79,9 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
       (transitively) into fp32 nodes -- the key mean over heads, normalisation, similarity MatMul,
       ReduceMax, the one-hot assignment.
     """
-    inferred = onnx.shape_inference.infer_shapes(model)
+    from ..graph.onnx_file import infer_shapes
+
+    inferred = infer_shapes(model)  # any size (over 2 GiB: from a copy without the weights)
     shapes = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = v.type.tensor_type

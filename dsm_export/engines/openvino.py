@@ -112,7 +112,7 @@ def check_openvino_input(onnx_path: str) -> onnx.ModelProto:
     """
     from ..graph.facts import is_quantized, precision_of
 
-    model = load_onnx(onnx_path)
+    model = load_onnx(onnx_path, weights=False)
     read_metadata(model, onnx_path)
     precision = precision_of(model)["precision"]
     if is_quantized(model) or precision != "fp32":

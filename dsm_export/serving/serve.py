@@ -149,7 +149,7 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
         runner = OpenVINORunner(onnx_path, threads)
         info, in_name, out_name, dims = runner.info, runner.input_name, runner.output_name, runner.output_dims
     else:
-        model = load_onnx(onnx_path)
+        model = load_onnx(onnx_path, weights=False)
         info = read_metadata(model, onnx_path)
         runner = onnx_runner(onnx_path, threads)
         in_name = model.graph.input[0].name
@@ -221,7 +221,7 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
             output_name, classes = ov_model.outputs[0].get_any_name(), ov_model.outputs[0].get_partial_shape()[-1].get_length()
         else:
             checks.input_file(path, "ONNX file")
-            model = load_onnx(path)
+            model = load_onnx(path, weights=False)
             read_metadata(model, path)
             output_name = model.graph.output[0].name
             classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value

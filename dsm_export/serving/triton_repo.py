@@ -30,6 +30,7 @@ import onnx
 
 from ..errors import DSMError
 from ..graph.export import load_onnx, read_metadata
+from ..graph.onnx_file import model_files
 from ..fileio import atomic_path
 
 # ONNX element type -> Triton data type (model_config.proto DataType).
@@ -75,7 +76,7 @@ def model_name_for(path: str) -> str:
 
 
 def _io_from_onnx(path: str):
-    model = load_onnx(path)
+    model = load_onnx(path, weights=False)
     read_metadata(model, path)
     inputs, outputs = [], []
     for vals, out in ((model.graph.input, inputs), (model.graph.output, outputs)):
@@ -233,7 +234,7 @@ def source_info(path: str):
         from ..engines import engine_info
 
         return engine_info(path)[0]
-    return read_metadata(load_onnx(path), path)
+    return read_metadata(load_onnx(path, weights=False), path)
 
 
 def refuse_random_init(files: list[str], what: str) -> None:
@@ -255,6 +256,10 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
                      instance_kind: str | None = None, ort_tensorrt: str | None = None,
                      allow_random_init: bool = False, notes_out: list | None = None) -> list[str]:
     """Write a model repository holding ``files``; returns the model names.
+
+    Each file goes to ``<repo>/<name>/1/model.<ext>``; an OpenVINO ``.xml`` brings its ``.bin``
+    (``model.bin``), an ONNX file with external data its data files, under the file names the
+    model records (``vit.onnx`` -> ``1/model.onnx`` and ``1/vit.onnx.data``), copied first.
 
     Everything is read and checked before the first file is written; ``notes_out`` as for
     :func:`model_config`.
@@ -282,6 +287,9 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
         ext = f.rsplit(".", 1)[-1]
         if ext == "xml":  # the weights first: the .xml is what makes the model readable
             copy_file(f[:-4] + ".bin", os.path.join(repo, name, "1", "model.bin"))
+        if ext == "onnx":  # external data files first, under the names the model records
+            for data in model_files(f)[1:]:
+                copy_file(data, os.path.join(repo, name, "1", os.path.basename(data)))
         copy_file(f, os.path.join(repo, name, "1", f"model.{ext}"))
         with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
             with open(tmp, "w", encoding="utf-8") as fh:

@@ -266,11 +266,21 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
     )
 
     from ...graph.export import META_PREFIX, load_onnx, read_metadata
-    from ...fileio import atomic_path
+    from ...graph.onnx_file import (
+        data_file_name,
+        has_external_data,
+        needs_external_data,
+        publish,
+        read_graph,
+        save_onnx,
+        sha256_model_files,
+    )
 
     options = options or QuantizeOptions()
     options.check()
+    external = has_external_data(read_graph(onnx_path))
     model = load_onnx(onnx_path)
+    external = external or needs_external_data(model)  # the source's form, or over 2 GiB anyway
     read_metadata(model, onnx_path)
     meta = {p.key: p.value for p in model.metadata_props}
     if is_quantized(model) or meta.get(META_PREFIX + "precision", "fp32") != "fp32":
@@ -281,7 +291,8 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
         raise DSMError("static INT8 quantization needs calibration images (--calibration DIR)")
     if options.smooth_alpha is not None and (pixels is None or len(pixels) == 0):
         raise DSMError("activation smoothing (--smooth-alpha) needs calibration images (--calibration DIR)")
-    source_sha256 = _sha256_bytes(model.SerializeToString())
+    source_sha256 = sha256_model_files(onnx_path)
+    producer, producer_version = model.producer_name, model.producer_version
     _name_nodes(model)
     smoothing = {}
     if options.smooth_alpha is not None:
@@ -290,9 +301,18 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
         smoothing = smooth_graph(model, np.asarray(pixels, dtype=np.float32), options.smooth_alpha)
     nodes, summary = plan_quantization(model, options)
     symmetric = options.activations == "int8"
-    with tempfile.TemporaryDirectory(prefix="dsm-int8-") as work, atomic_path(output) as tmp:
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise DSMError(f"output folder {folder!r} does not exist")
+    name = os.path.basename(output)
+    with tempfile.TemporaryDirectory(prefix="dsm-int8-") as work, \
+            tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=folder) as out_work:
+        tmp = os.path.join(out_work, name)  # ONNX Runtime names its data file <name>.data
         src = os.path.join(work, "named.onnx")
-        onnx.save(model, src)  # node names assigned by plan_quantization
+        save_onnx(model, src, external_data=external)  # node names assigned by plan_quantization
+        nodes_in = [(n.name, n.op_type) for n in model.graph.node]
+        graph_input = model.graph.input[0].name
+        del model  # the quantizer reads the file; with external data, the saved copy's weights are on disk
         if static:
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                       "percentile": CalibrationMethod.Percentile}[options.calibration_method]
@@ -311,7 +331,7 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
                 extra["CalibPercentile"] = options.percentile
             if options.calibration_method != "minmax":
                 extra["CalibTensorRangeSymmetric"] = symmetric
-            reader = _PixelReader(model.graph.input[0].name, np.asarray(pixels, dtype=np.float32),
+            reader = _PixelReader(graph_input, np.asarray(pixels, dtype=np.float32),
                                   options.batch_size)
             with _quiet():
                 quantize_static(
@@ -319,16 +339,18 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
                     per_channel=options.per_channel, reduce_range=False,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
-                    extra_options=extra, calibration_providers=["CPUExecutionProvider"])
+                    extra_options=extra, calibration_providers=["CPUExecutionProvider"],
+                    use_external_data_format=external)
         else:
-            ops = {n.name: n.op_type for n in model.graph.node}
+            ops = dict(nodes_in)
             nodes = [n for n in nodes if ops[n] == "MatMul"]  # ORT's dynamic mode quantizes MatMul only
             with _quiet():
                 quantize_dynamic(src, tmp, per_channel=options.per_channel, reduce_range=False,
                                  weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                                 nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True})
-        quant = onnx.load(tmp)
-        onnx.checker.check_model(quant, full_check=True)
+                                 nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True},
+                                 use_external_data_format=external)
+        quant = onnx.load(tmp, load_external_data=False)  # the graph; with external data, the weights stay on disk
+        onnx.checker.check_model(tmp if external else quant, full_check=True)
         foreign = sorted({n.domain for n in quant.graph.node if n.domain not in ("", "ai.onnx")})
         if foreign:
             raise DSMError(f"quantized graph holds non-standard op domains {foreign} (a bug)")
@@ -367,9 +389,11 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
         del quant.metadata_props[:]
         for key, value in meta.items():
             quant.metadata_props.add(key=key, value=value)
-        quant.producer_name = model.producer_name
-        quant.producer_version = model.producer_version
-        onnx.save(quant, tmp)
+        quant.producer_name = producer
+        quant.producer_version = producer_version
+        onnx.save(quant, tmp)  # with external data: the graph alone, its data file as ONNX Runtime wrote it
+        data = data_file_name(tmp)
+        publish(out_work, output, [data, name] if os.path.exists(os.path.join(out_work, data)) else [name])
     return {"output": output, "nodes": len(quant.graph.node), "qdq_nodes": qdq, **record}
 
 
@@ -386,6 +410,3 @@ def _quiet():
     finally:
         root.setLevel(level)
 
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -23,6 +23,7 @@ applies it (``QuantizeOptions.smooth_alpha``).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +150,7 @@ def activation_ranges(model: onnx.ModelProto, tensors: list[str], pixels: np.nda
     Returns:
         name -> ``[D]`` float32.
     """
+    from ...graph.onnx_file import session_source
     from ..providers import create_session
 
     probe = onnx.ModelProto()
@@ -156,8 +158,10 @@ def activation_ranges(model: onnx.ModelProto, tensors: list[str], pixels: np.nda
     del probe.graph.output[:]
     for name in tensors:
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = create_session(probe.SerializeToString(), "cpu", optimization="default", log_severity=3,
-                             label="the SmoothQuant activation probe")
+    with tempfile.TemporaryDirectory(prefix="dsm-smooth-") as work:  # a probe over 2 GiB goes by file
+        session = create_session(session_source(probe, work), "cpu", optimization="default", log_severity=3,
+                                 label="the SmoothQuant activation probe")
+    del probe
     feed = model.graph.input[0].name
     out: dict[str, np.ndarray] = {}
     for i in range(0, len(pixels), batch):

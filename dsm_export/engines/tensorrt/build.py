@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import onnx
 
 from ...errors import DSMError
 from ...graph.export import load_onnx, read_metadata
+from ...graph.onnx_file import has_external_data, session_source
 from ...fileio import atomic_path, write_json
 from ..onnxruntime import convert_fp16
 from .common import build_log, gpu_info
@@ -239,7 +241,7 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     """
     if not 1 <= options.min_batch <= options.opt_batch <= options.max_batch:
         raise DSMError("need 1 <= --min-batch <= --opt-batch <= --max-batch")
-    model = original = load_onnx(onnx_path)
+    model = original = load_onnx(onnx_path, weights=False)  # the weights of external data stay on disk
     info = read_metadata(model, onnx_path)
     check_tensorrt_input(model, onnx_path, options.precision)  # the file first: its fault is the user's to fix
     trt = import_tensorrt(options.flavour)
@@ -254,10 +256,16 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     if settings.strongly_typed:
         flags |= 1 << int(module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     if settings.fp16_graph:
-        model, _ = convert_fp16(model)
+        model, _ = convert_fp16(load_onnx(onnx_path) if has_external_data(original) else model)
     network = builder.create_network(flags)
     parser = module.OnnxParser(network, log)
-    if not parser.parse(model.SerializeToString()):
+    with tempfile.TemporaryDirectory(prefix="dsm-trt-") as work:
+        if model is original and has_external_data(original):
+            parsed = parser.parse_from_file(os.path.abspath(onnx_path))  # finds the data file beside it
+        else:
+            source = session_source(model, work)  # bytes, or a copy with external data over 2 GiB
+            parsed = parser.parse(source) if isinstance(source, bytes) else parser.parse_from_file(source)
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
         raise DSMError(f"{trt.name}'s ONNX parser rejected {onnx_path!r}: {errors}")
     config = builder.create_builder_config()
