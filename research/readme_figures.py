@@ -187,6 +187,12 @@ def tie_flips_block(ctx: Context) -> str:
     return on_deit(ctx, "tie_flips.py").strip()
 
 
+@figure("huge-model", "ViT-H/14 (2.5 GB) with external data through export, inspect, validate, INT8 and "
+                      "triton-repo (research/huge_model.py; ~13 min, 13.3 GiB peak RSS, 8 GB of disk)")
+def huge_model_block(ctx: Context) -> str:
+    return ctx.run("python", "research/huge_model.py", "--images", IMAGES, "--output", "docs", timeout=3 * 3600).strip()
+
+
 @figure("merge-variants", "merge variants at 1.5-2.3x fewer FLOPs on held-apart photos (~75 min)")
 def merge_variants_block(ctx: Context) -> str:
     ctx.run("python", "research/merge_variants.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
