@@ -298,9 +298,10 @@ def write_outputs(data: dict, output: str, plot: bool = True) -> str:
         raise SystemExit(f"openvino_frontier: {path} has no <!-- figures:openvino-frontier --> block")
     else:
         text = "# OpenVINO frontier\n\n<!-- figures:openvino-frontier -->\n" + body + "\n<!-- /figures:openvino-frontier -->\n"
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+    from dsm_export.fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
-    os.replace(path + ".tmp", path)
     if plot:
         _plot(data, os.path.join(output, "openvino_frontier.png"))
     return body

@@ -517,9 +517,10 @@ def write_outputs(data: dict, output: str, plot: bool = True) -> str:
         text = BLOCK.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text, count=1)
     else:
         text = INTRO + "\n<!-- figures:scale -->\n" + body + "\n<!-- /figures:scale -->\n"
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+    from dsm_export.fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
-    os.replace(path + ".tmp", path)
     if plot:
         _plot(data, os.path.join(output, "scale.png"))
     return body
