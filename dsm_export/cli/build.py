@@ -102,8 +102,10 @@ def run(args) -> int:
         _build_int8(args)
     else:
         info = build_onnxruntime(args.onnx, args.output, fp16=args.precision == "fp16")
+        data = [os.path.basename(f) for f in info["files"][1:]]
         print(f"wrote {args.output}: ONNX Runtime optimized graph, {info['precision']}"
-              + (f" ({info['fp32_nodes']} nodes kept in fp32: matching and sizes)" if info["fp32_nodes"] else ""))
+              + (f" ({info['fp32_nodes']} nodes kept in fp32: matching and sizes)" if info["fp32_nodes"] else "")
+              + (f"; weights in {', '.join(data)} beside it" if data else ""))
     return 0
 
 

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Callable
 
@@ -17,7 +19,7 @@ import onnx
 
 from ..errors import DSMError
 from ..graph.export import META_PREFIX, load_onnx, read_metadata
-from ..fileio import atomic_path
+from ..graph.onnx_file import infer_shapes, needs_external_data
 from .providers import create_session
 
 
@@ -34,35 +36,53 @@ def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
     across CPUs) and saved; with ``fp16`` the graph is first converted to fp16 (fp32 islands for
     matching and sizes, fp32 inputs and outputs).
 
+    A source with external data (``<file>.data`` beside it, e.g. a model over protobuf's 2 GiB)
+    gives an engine with external data too (``<output file name>.data``): ONNX Runtime reads the
+    source by path and writes the optimized graph's weights to a data file
+    (``session.optimized_model_external_initializers_file_name``); a single-file source gives a
+    single-file engine unless the engine reaches 2 GiB. Both files are published atomically
+    (:func:`dsm_export.graph.onnx_file.save_onnx`).
+
     Returns:
-        ``{"backend", "precision", "output", "fp32_nodes"}``.
+        ``{"backend", "precision", "output", "files", "fp32_nodes"}``; ``files`` lists the model
+        file and its data file, if any.
 
     Raises:
-        DSMError: bad input file or output folder, or a graph ONNX Runtime cannot load.
+        DSMError: bad input file (or a missing or truncated data file) or output folder, or a graph
+            ONNX Runtime cannot load.
     """
-    model = load_onnx(onnx_path)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from ..graph.onnx_file import has_external_data, save_onnx
+
+    model = load_onnx(onnx_path, weights=False)
     read_metadata(model, onnx_path)
+    external = has_external_data(model)
     kept = 0
-    src = onnx_path
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise DSMError(f"output folder {folder!r} does not exist")
-    with atomic_path(output) as tmp:
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=folder)
+    try:
+        src = onnx_path
         if fp16:
+            if external:
+                load_external_data_for_model(model, os.path.dirname(os.path.abspath(onnx_path)))
             half, kept = convert_fp16(model)
-            onnx.save(half, tmp)
-            src = tmp
-        optimized = tmp + ".opt"
-        try:
-            create_session(src, "cpu", optimization="extended", optimized_path=optimized,
-                           label=f"{onnx_path!r}" + (" (fp16)" if fp16 else ""))
-            result = onnx.load(optimized)
-        finally:
-            if os.path.exists(optimized):
-                os.unlink(optimized)
+            src = os.path.join(work, "fp16.onnx")
+            save_onnx(half, src, external_data=external or needs_external_data(half))
+            del half
+        optimized = os.path.join(work, "optimized.onnx")
+        create_session(src, "cpu", optimization="extended", optimized_path=optimized,
+                       optimized_data="optimized.onnx.data" if external else None,
+                       label=f"{onnx_path!r}" + (" (fp16)" if fp16 else ""))
+        result = onnx.load(optimized)
         _copy_metadata(model, result, {"engine": "onnxruntime", "precision": "fp16" if fp16 else "fp32"})
-        onnx.save(result, tmp)
-    return {"backend": "onnxruntime", "precision": "fp16" if fp16 else "fp32", "output": output, "fp32_nodes": kept}
+        files = save_onnx(result, output, external_data=True if external else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"backend": "onnxruntime", "precision": "fp16" if fp16 else "fp32", "output": output,
+            "files": files, "fp32_nodes": kept}
 
 
 def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
@@ -129,6 +149,10 @@ def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
 def convert_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """fp16 conversion with onnxconverter-common, keeping :func:`fp32_island_nodes` in fp32.
 
+    A model over 2 GiB (weights loaded) gets its shapes from
+    :func:`dsm_export.graph.onnx_file.infer_shapes` first, since the converter's own shape
+    inference would serialize it.
+
     Returns:
         ``(model, number of nodes kept in fp32)``.
 
@@ -144,10 +168,15 @@ def convert_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             node.name = f"node_{i}"
     keep = fp32_island_nodes(model)
     _unshare_initializers(model, set(keep))
+    big = needs_external_data(model)
+    if big:  # the converter's own shape inference serializes the model: give it the shapes instead
+        inferred = infer_shapes(model)  # from a copy without the weights' bytes
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                                disable_shape_infer=False)
+                                                disable_shape_infer=big)
     clamped = [w for w in caught if "will be truncated" in str(w.message)]
     for w in caught:
         if w not in clamped:

@@ -75,7 +75,8 @@ OPTIMIZATION_LEVELS = {
 
 def create_session(model: str | bytes, provider: str | None = "cpu", threads: int | None = None,
                    optimization: str = "all", *, optimized_path: str | None = None,
-                   log_severity: int | None = None, label: str | None = None):
+                   optimized_data: str | None = None, log_severity: int | None = None,
+                   label: str | None = None):
     """An ``onnxruntime.InferenceSession`` for ``model`` on the provider ``provider``.
 
     The package's only place that builds ``onnxruntime.SessionOptions`` or an ``InferenceSession``
@@ -93,6 +94,10 @@ def create_session(model: str | bytes, provider: str | None = "cpu", threads: in
             ``SessionOptions``' own level).
         optimized_path: where ONNX Runtime writes the optimized graph
             (``SessionOptions.optimized_model_filepath``) while creating the session; None: nowhere.
+        optimized_data: with ``optimized_path``, write its initializers of 1 KiB or more to this
+            data file (a name relative to ``optimized_path``'s folder; ONNX Runtime's
+            ``session.optimized_model_external_initializers_file_name``), as a model over
+            protobuf's 2 GiB limit needs; None: one file.
         log_severity: ``SessionOptions.log_severity_level`` (0 verbose ... 4 fatal); None: ONNX
             Runtime's default (2, warnings).
         label: how error messages name the model (default: the path, or "an in-memory ONNX model").
@@ -121,6 +126,9 @@ def create_session(model: str | bytes, provider: str | None = "cpu", threads: in
         opts.intra_op_num_threads = threads
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
+        if optimized_data is not None:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized_data)
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if log_severity is not None:
         opts.log_severity_level = log_severity
     try:

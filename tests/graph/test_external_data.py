@@ -2,10 +2,10 @@
 
 DeiT-Tiny (the shared weights) exported once with ``--external-data`` goes through every reader:
 the checker, ``inspect``, ``validate`` (fp32 parity 1e-4 in ONNX Runtime, the session built from
-the path), INT8 (dynamic, and static with SmoothQuant), a TensorRT-RTX build, an OpenVINO build and
-``triton-repo`` (the repository loads in ONNX Runtime from its version folder); a missing data file
-is one line, exit 2. The automatic path (weights over 2 GiB) is tested on a random-init DeiT-Tiny
-whose head alone is 2.3 GB (``heavy``: about a minute and 6 GB of memory); ViT-H/14 itself is
+the path), ONNX Runtime fp32 and fp16 engines, INT8 (dynamic, and static with SmoothQuant), a
+TensorRT-RTX build, an OpenVINO build and ``triton-repo`` (the repository loads in ONNX Runtime
+from its version folder); a missing data file is one line, exit 2. The automatic path (weights
+over 2 GiB) is tested on a random-init DeiT-Tiny whose head alone is 2.3 GB (``heavy``: about a minute and 6 GB of memory); ViT-H/14 itself is
 ``research/huge_model.py`` (docs/huge_model.md).
 """
 
@@ -81,6 +81,49 @@ def test_int8_dynamic_and_static_with_smoothing(external, images_dir, tmp_path):
         session = create_session(path)
         out = session.run(None, {"pixel_values": np.zeros((2, 3, 224, 224), np.float32)})[0]
         assert out.shape == (2, 1000) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnxruntime_build_keeps_the_weights_in_a_data_file(external, images_dir, precision, tmp_path):
+    """``build --backend onnxruntime`` (graph optimizations saved; fp16 converted first) of a model
+    with external data writes an engine with its own data file, which validates like the source."""
+    import json
+
+    engine = tmp_path / f"vit_{precision}.onnx"
+    assert main(["build", external, "--backend", "onnxruntime", "--precision", precision,
+                 "--output", str(engine)]) == 0
+    assert sorted(os.listdir(tmp_path)) == [engine.name, engine.name + ".data"]  # no temporary left behind
+    graph = read_graph(str(engine))
+    assert external_locations(graph) == [engine.name + ".data"]
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["dsm.engine"] == "onnxruntime" and meta["dsm.precision"] == precision
+    assert os.path.getsize(engine) < 1_000_000
+    report = tmp_path / "report.json"
+    assert main(["validate", str(engine), "--images", images_dir, "--limit", "8", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["precision"] == precision
+    if precision == "fp32":
+        assert data["max_abs_diff"] <= 1e-4
+
+
+def test_fp16_over_the_protobuf_limit_takes_its_shapes_from_a_light_copy(external, images_dir, tmp_path,
+                                                                         monkeypatch):
+    """Over 2 GiB, onnxconverter-common's own shape inference would serialize the model: the fp16
+    conversion is given the shapes instead (inferred from a copy without the weights). The limit is
+    lowered to 1 MiB here so that DeiT-Tiny takes that path; the engine must validate as the
+    normal path's does, with the same nodes kept in fp32."""
+    import json
+
+    from dsm_export.engines.onnxruntime import build_onnxruntime
+    from dsm_export.graph import onnx_file
+
+    normal = build_onnxruntime(external, str(tmp_path / "normal.onnx"), fp16=True)
+    monkeypatch.setattr(onnx_file, "MAX_PROTO", 1 << 20)
+    light = build_onnxruntime(external, str(tmp_path / "light.onnx"), fp16=True)
+    assert light["fp32_nodes"] == normal["fp32_nodes"] > 0
+    report = tmp_path / "report.json"
+    assert main(["validate", light["output"], "--images", images_dir, "--limit", "8", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["passed"]
 
 
 def test_tensorrt_builds_from_the_file_and_its_data(tensorrt, external, tmp_path):
