@@ -11,17 +11,20 @@ per step (``os.wait4``'s ``ru_maxrss`` of that child alone):
 
 1. ``export`` (over 2 GB: ``vit_h.onnx`` plus ``vit_h.onnx.data``, automatically),
 2. ``inspect`` of the file (the graph is read without its weights),
-3. ``validate`` against PyTorch in fp32 on ``--images`` photos (max |dlogit| <= 1e-4),
-4. ``build --precision int8 --quantization dynamic`` (ONNX Runtime's quantizer, external data),
-5. ``triton-repo`` (the data file copied beside ``model.onnx``), and an ONNX Runtime session
+3. ``validate`` against PyTorch in fp32 on ``--images`` photos (max |dlogit| <= 1e-4; the
+   LayerScale gammas set to trained-like values, 0.2-1.0, so that every block moves the logits),
+4. ``build --precision fp32`` and ``--precision fp16`` with ONNX Runtime (graph optimizations
+   saved, the engine's weights in its own data file),
+5. ``build --precision int8 --quantization dynamic`` (ONNX Runtime's quantizer, external data),
+6. ``triton-repo`` (the data file copied beside ``model.onnx``), and an ONNX Runtime session
    loaded from the repository's version folder, run on one image.
 
     python research/huge_model.py --images ../shared/data/imagenet-sample --output docs
 
 writes docs/huge_model.json and docs/huge_model.md and prints the short table of the
-``huge-model`` block of docs/deployment.md. Needs about 8 GB of free disk (the files are written
+``huge-model`` block of README.md. Needs about 12 GB of free disk (the files are written
 to a temporary folder under ``--work``, removed at the end) and 14 GB of memory (INT8 peaks at 13.3 GiB);
-about 13 minutes on 2 cores.
+about 20 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -43,10 +46,17 @@ SHARED = os.environ.get("DSM_SHARED", os.path.join(ROOT, "..", "shared"))
 MODEL = "deit3_huge_patch14_224"
 SCHEDULE = "r=8,r_end=4,delay=3,protect=16,merge=mlerp"
 
+# LayerScale (DeiT III) starts at 1e-6 in a random init: the blocks would add next to nothing to the
+# residual stream, the logits would barely depend on them, and parity would check little. The scales
+# get trained-like magnitudes, as in the tests' model families (tests/families.py).
 SAVE_WEIGHTS = """
 import sys, timm, torch
 torch.manual_seed(0)
 model = timm.create_model(sys.argv[1], pretrained=False)
+with torch.no_grad():
+    for m in model.modules():
+        if isinstance(m, timm.layers.LayerScale):
+            m.gamma.uniform_(0.2, 1.0)
 torch.save(model.state_dict(), sys.argv[2])
 """
 
@@ -141,6 +151,10 @@ def main(argv=None) -> int:
         steps.append(run_step("inspect", ["dsm-export", "inspect", onnx_path], log))
         steps.append(run_step("validate", ["dsm-export", "validate", onnx_path, "--images", args.images,
                                            "--limit", str(args.limit), "--json", report_json], log))
+        for precision in ("fp32", "fp16"):
+            steps.append(run_step(f"ONNX Runtime {precision} engine",
+                                  ["dsm-export", "build", onnx_path, "--backend", "onnxruntime", "--precision",
+                                   precision, "--output", os.path.join(work, f"vit_h_ort_{precision}.onnx")], log))
         steps.append(run_step("INT8 (dynamic)", ["dsm-export", "build", onnx_path, "--backend", "onnxruntime",
                                                  "--precision", "int8", "--quantization", "dynamic",
                                                  "--output", int8], log))
@@ -156,7 +170,8 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    parity = {k: report.get(k) for k in ("passed", "criterion", "max_abs_diff", "top1_match_pytorch", "images")}
+    parity = {k: report.get(k) for k in ("passed", "criterion", "max_abs_diff", "top1_match_pytorch", "images",
+                                         "logit_std")}
     result = {"model": args.model, "schedule": args.schedule, "machine": machine(),
               "date": started.strftime("%Y-%m-%d %H:%M UTC"), "steps": steps, "files": files,
               "validate": parity}
@@ -165,11 +180,14 @@ def main(argv=None) -> int:
     model_bytes = files.get("vit_h.onnx", 0)
     data_bytes = files.get("vit_h.onnx.data", 0)
     int8_bytes = files.get("vit_h_int8.onnx", 0) + files.get("vit_h_int8.onnx.data", 0)
-    diff = parity.get("max_abs_diff")
-    summary = (f"{args.model} (random init), `{args.schedule}`: `vit_h.onnx` {gb(model_bytes)} + "
-               f"`vit_h.onnx.data` {gb(data_bytes)} (external data, written automatically), INT8 {gb(int8_bytes)}; "
-               f"validate on {args.limit} photos: {'PASS' if parity.get('passed') else 'FAIL'}, max |dlogit| "
-               f"{diff if diff is None else f'{diff:.1e}'}.")
+    diff, scale = parity.get("max_abs_diff"), parity.get("logit_std")
+    engines = ", ".join(f"ONNX Runtime {p} {gb(files.get(f'vit_h_ort_{p}.onnx', 0) + files.get(f'vit_h_ort_{p}.onnx.data', 0))}"
+                        for p in ("fp32", "fp16"))
+    summary = (f"{args.model} (random init, LayerScale 0.2-1.0), `{args.schedule}`: `vit_h.onnx` {gb(model_bytes)} + "
+               f"`vit_h.onnx.data` {gb(data_bytes)} (external data, written automatically); engines: {engines}, "
+               f"INT8 {gb(int8_bytes)}; validate on {args.limit} photos: {'PASS' if parity.get('passed') else 'FAIL'}, "
+               f"max |dlogit| {diff if diff is None else f'{diff:.1e}'}"
+               + (f" (PyTorch's logits: std {scale:.2f})." if scale is not None else "."))
     block = "\n".join([summary, "", *rows])
     note = (f"<sub>{machine()}, {result['date']}; each step a separate process, peak RSS of that process "
             "(`os.wait4`).</sub>")

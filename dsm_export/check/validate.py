@@ -267,6 +267,7 @@ def validate_runner(
     report.update({
         "top1_match_pytorch": float(match.mean()),
         "top1_mismatches": int((~match).sum()),
+        "logit_std": float(np.std(logits.merged)),  # the scale max_abs_diff is read against
         "kl_to_pytorch": float(kl_divergence(logits.merged, logits.graph).mean()),
         **agreement_metrics(logits.graph, logits.unmerged, images.labels),
         "atol": atol,
