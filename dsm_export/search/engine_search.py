@@ -48,6 +48,7 @@ from .runtimes import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options  #
 
 CLEAR_MARGIN = 0.10  # after the unmerged rung alone, a precision is dropped only if another is this much faster
 STEP_PAST = 0.05  # a further rung when every aim was measured: this far past the highest FLOP ratio measured
+OVERSHOOT = 0.08  # a choice this far past the target, the rung below it short: one rung between them
 
 
 def ladder(target: float, rungs: int) -> list[float]:
@@ -58,6 +59,36 @@ def ladder(target: float, rungs: int) -> list[float]:
     if rungs <= 1:
         return [round(hi, 3)]
     return [round(float(v), 3) for v in np.geomspace(lo, hi, rungs)]
+
+
+def between_rung(rows: list[dict], chosen: dict | None, done: list[float], target: float,
+                 overshoot: float = OVERSHOOT) -> float | None:
+    """A rung between the chosen engine's and the highest one below it, when the choice overshoots.
+
+    Timing noise (3-5 % a measurement on a shared CPU) can put a rung aimed at the target just
+    under it; the next rung measured then lands well past it and is chosen, at more merging, and
+    so a higher divergence, than the target needs. When ``chosen`` is at least ``1 + overshoot``
+    times ``target`` and a merged rung below ``chosen``'s (same precision) fell short of the target,
+    the geometric mean of the two FLOP-ratio rungs is returned -- unless a rung within 3 % of it was
+    measured already (``done``).
+
+    Args:
+        rows: the measured candidates (``rung``, ``precision``, ``speedup``).
+        chosen: the current choice (:func:`~.candidates.choose`), or None.
+        done: the merged rungs measured.
+        target: the speed-up target.
+
+    Returns:
+        The FLOP-ratio rung to measure, or None.
+    """
+    if chosen is None or chosen["speedup"] < target * (1 + overshoot):
+        return None
+    short = [r["rung"] for r in rows if r["precision"] == chosen["precision"] and 1.0 < r["rung"] < chosen["rung"]
+             and r["speedup"] < target]
+    if not short:
+        return None
+    mid = round(float(np.sqrt(max(short) * chosen["rung"])), 3)
+    return None if any(abs(mid / d - 1) <= 0.03 for d in done) else mid
 
 
 @dataclass
@@ -135,7 +166,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             far), and the search stops early once every precision has a rung within 3 % of its
             aim -- unless no engine reaches the target after the confirmation round, when the
             rungs left are aimed again from the pooled timings (or placed :data:`STEP_PAST`
-            beyond the highest measured); a precision dominated at every rung measured
+            beyond the highest measured), and a choice :data:`OVERSHOOT` or more past the target,
+            the rung below it short, gets a rung between the two (:func:`between_rung`); a precision dominated at every rung measured
             (:func:`dominated_precisions`; after the unmerged rung alone, only by a
             :data:`CLEAR_MARGIN` in speed) is no longer built or aimed for. Without ``aim``, the
             rungs of :func:`ladder`.
@@ -358,6 +390,15 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             if len(done) == before:
                 done.append(round(max(done) * (1 + STEP_PAST), 3))
                 measure(done[-1])
+            confirm()
+        # A choice well past the target with the rung below it short (that rung timed under the
+        # target by noise): one rung between the two, if rungs are left.
+        while len(done) < rungs:
+            mid = between_rung(rows, choose(rows, target, budget, per_image), done, target)
+            if mid is None:
+                break
+            done.append(mid)
+            measure(mid)
             confirm()
     else:
         for rung in ladder(target, rungs):

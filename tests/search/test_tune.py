@@ -182,6 +182,21 @@ def test_bootstrap_interval():
             bootstrap_interval(**bad)
 
 
+def test_a_choice_past_the_target_gets_a_rung_between_it_and_the_short_one_below():
+    """A rung timed just under the target (noise) makes the next rung the choice, well past it: the
+    search measures one rung between the two (their geometric mean), unless one near it was measured."""
+    from dsm_export.search.engine_search import between_rung
+
+    rows = [dict(rung=1.0, precision="fp32", speedup=1.0), dict(rung=1.7, precision="fp32", speedup=1.57),
+            dict(rung=1.95, precision="fp32", speedup=1.81), dict(rung=1.6, precision="int8", speedup=1.5)]
+    chosen = rows[2]
+    assert between_rung(rows, chosen, [1.7, 1.95], 1.6) == pytest.approx(np.sqrt(1.7 * 1.95), abs=1e-3)
+    assert between_rung(rows, chosen, [1.7, 1.95, 1.83], 1.6) is None  # measured already
+    assert between_rung(rows, dict(chosen, speedup=1.66), [1.7, 1.95], 1.6) is None  # only 4 % past the target
+    assert between_rung(rows, dict(chosen, precision="bf16"), [1.7, 1.95], 1.6) is None  # nothing short below
+    assert between_rung(rows, None, [1.7], 1.6) is None
+
+
 def test_aimed_rungs_follow_the_measured_speed():
     """The engine search places each rung where a precision is predicted to reach the target: a
     log-log line through the points that bracket it, or speed proportional to FLOPs from one point."""
