@@ -24,7 +24,7 @@ per step (``os.wait4``'s ``ru_maxrss`` of that child alone):
 writes docs/huge_model.json and docs/huge_model.md and prints the short table of the
 ``huge-model`` block of README.md. Needs about 12 GB of free disk (the files are written
 to a temporary folder under ``--work``, removed at the end) and 14 GB of memory (INT8 peaks at 13.3 GiB);
-about 20 minutes on 2 cores.
+about 12-20 minutes on 2 cores.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def openvino_tune_block(ctx: Context) -> str:
 
 
 @figure("huge-model", "ViT-H/14 (2.5 GB) with external data through export, inspect, validate, ONNX Runtime "
-                      "fp32/fp16 engines, INT8 and triton-repo (research/huge_model.py; ~20 min, 13.3 GiB peak "
+                      "fp32/fp16 engines, INT8 and triton-repo (research/huge_model.py; ~12-20 min, 13.5 GiB peak "
                       "RSS, 12 GB of disk)")
 def huge_model_block(ctx: Context) -> str:
     return ctx.run("python", "research/huge_model.py", "--images", IMAGES, "--output", "docs", timeout=3 * 3600).strip()
