@@ -178,15 +178,15 @@ def dsm_at(model, base, target: float):
     raise ScheduleError(f"{base.spec()}: no r reaches {target:g}x fewer FLOPs on this model")
 
 
-def tome_near(model, target: float):
-    """The ``mode=tome`` constant-r schedule whose FLOP ratio is nearest ``target``."""
+def tome_near(model, target: float, mode: str = "tome"):
+    """The constant-r schedule (``mode=tome``, or ``mode`` given) whose FLOP ratio is nearest ``target``."""
     from dsm_export.check.evaluate import flops_ratio
     from dsm_export.core.schedule import Schedule
     from dsm_export.errors import ScheduleError
 
     best = None
     for r in range(1, 4 * max(model.patch_embed.grid_size) ** 2):
-        s = Schedule(r=r, mode="tome")
+        s = Schedule(r=r, mode=mode)
         try:
             ratio = flops_ratio(model, s)
         except ScheduleError:
@@ -214,9 +214,16 @@ def plan_model(name: str, args) -> tuple[object, dict]:
         plan["base"], plan["base_note"] = args.fallback_base, f"--base does not fit ({why}): --fallback-base"
         base = Schedule.parse(args.fallback_base)
     schedules = []
-    tome = tome_near(model, args.tome_target)
-    schedules.append({"label": "ToMe", "kind": "tome", "schedule": tome,
-                      "how": f"mode=tome, constant r nearest {args.tome_target:g}x fewer FLOPs"})
+    if getattr(model, "num_reg_tokens", 0):
+        # mode=tome reproduces ToMe's code, which knows no register tokens (core/patch.py refuses
+        # it): ToMe's constant r in the default mode, where the prefix tokens stay out of the matching
+        tome = tome_near(model, args.tome_target, mode="dsm")
+        how = (f"constant r nearest {args.tome_target:g}x fewer FLOPs in the default mode "
+               "(mode=tome knows no register tokens)")
+    else:
+        tome = tome_near(model, args.tome_target)
+        how = f"mode=tome, constant r nearest {args.tome_target:g}x fewer FLOPs"
+    schedules.append({"label": "ToMe", "kind": "tome", "schedule": tome, "how": how})
     for target in args.targets:
         s, how = dsm_at(model, base, target)
         schedules.append({"label": f"DSM {target:g}x", "kind": "dsm", "target": target, "schedule": s, "how": how})
