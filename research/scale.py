@@ -654,6 +654,11 @@ def main(argv=None) -> int:
 
     from dsm_export.errors import DSMError
 
+    old = None
+    if args.append and not args.dry_run:  # before any work: a user mistake is one line and exit 2
+        old = _previous(args, {"batch": args.batch, "threads": args.threads})
+        if isinstance(old, int):
+            return old
     if not args.dry_run:
         os.makedirs(args.output, exist_ok=True)
     plans = []
@@ -682,10 +687,7 @@ def main(argv=None) -> int:
             "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs", "threads": args.threads,
             "onnxruntime": ort.__version__, "batch": args.batch, "date": datetime.date.today().isoformat(),
             "repeats_asked": args.repeats, "budget_minutes": args.budget_minutes, "note": NOTE, "models": []}
-    if args.append:
-        old = _previous(args, data)
-        if isinstance(old, int):
-            return old
+    if old is not None:
         data["models"] = [m for m in old["models"] if m["model"] not in args.models]
     failed = 0
     for plan in plans:

@@ -1,6 +1,7 @@
 """The user tools of scripts/, ``dsm-export bench`` and the research/ generators keep working (run small;
 their figures are not asserted)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -232,6 +233,28 @@ def test_scale_dry_run_prints_schedules_at_their_targets():
     assert "197 tokens" in out and "r=13,mode=tome" in out
     ratios = [float(line.split()[2][:-1]) for line in out.splitlines() if line.strip().startswith("DSM ")]
     assert len(ratios) == 3 and all(t <= r < t + 0.05 for t, r in zip((1.5, 1.7, 2.0), ratios))
+
+
+@pytest.mark.heavy  # a random-init DINOv2-S at 518 px: seconds
+def test_scale_gives_a_register_model_tome_constant_r_in_the_default_mode():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "research", "scale.py"), "--dry-run", "--models",
+                           "vit_small_patch14_reg4_dinov2", "--targets", "1.7"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "mode=tome knows no register tokens" in proc.stdout and "mode=tome`" not in proc.stdout
+
+
+def test_scale_append_refuses_a_folder_without_scale_json(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "research", "scale.py"), "--models",
+                           "deit_small_patch16_224", "--output", str(tmp_path), "--append"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "scale.json").write_text(json.dumps({"batch": 4, "threads": 2, "command": "c", "date": "d",
+                                                     "models": []}), encoding="utf-8")
+    proc = subprocess.run(proc.args, capture_output=True, text=True, timeout=300)  # measured at another batch
+    assert proc.returncode == 2 and "batch 4" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["scale.json"]
 
 
 def _openvino_frontier_data():
