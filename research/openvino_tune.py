@@ -115,7 +115,8 @@ def main(argv=None) -> int:
           "top1": loss <= MAX_TOP1_LOSS, "agreement": held["agreement"] >= MIN_AGREEMENT}
     mark = {True: "met", False: "**missed**"}
     print("\n".join([
-        f"`dsm-export tune {args.model} --backend openvino --target-speedup {args.target_speedup:g} --export tuned.xml` "
+        f"`dsm-export tune {args.model} --weights {args.weights} --images {args.images} --backend openvino "
+        f"--target-speedup {args.target_speedup:g} --export tuned.xml` "
         f"chose `{report['precision']}` with {chosen['flops_ratio']:.2f}x fewer FLOPs:",
         "",
         "| | measured | bar |",
