@@ -109,6 +109,12 @@ def run(args) -> int:
         if "speedup_onnxruntime" in cal:
             print(f"  and {cal['speedup_onnxruntime']:.2f}x over ONNX Runtime's fp32 unmerged model, timed in "
                   f"the same runs (OpenVINO's baseline runs {mach['baseline_precision']})")
+        if mach.get("phase_seconds"):
+            print("search time by phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in mach["phase_seconds"].items()))
+        if mach.get("quiet"):
+            print(f"timing: {mach['timing_runs']} alternating runs, {mach['repetitions']} repetitions; a pair counts "
+                  f"where the baseline ran at {mach['quiet']:.0%} or more of its full speed (runs with no such pair, "
+                  f"every pair counted: {mach['fallbacks']})")
     elif "speed_per_flop" in cal:
         print(f"measured ONNX Runtime speed-up (fp32): {cal['speedup']:.2f}x, {cal['speed_per_flop']:.2f} of "
               f"the FLOP ratio, lower quartile {cal['speed_per_flop_low']:.2f} (speed check above)")

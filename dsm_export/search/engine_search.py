@@ -15,7 +15,7 @@ one too, runs its last block for the prefix tokens alone where only they reach t
    rungs are where a search's time goes); or, with ``aim=False``, a fixed geometric
    :func:`ladder`;
 2. at each rung the least-KL schedule of :func:`dsm_export.search.schedule_search.search_schedules` (PyTorch, calibration
-   images; the merge-variant stage at the first merged rung only, its keys reused at the others) -- with ``strides`` also that schedule merging in fewer blocks (:func:`with_stride`, r
+   images; the merge-variant stage at the first merged rung of at least :data:`VARIANT_MIN_RUNG` only, its keys reused at the later ones) -- with ``strides`` also that schedule merging in fewer blocks (:func:`with_stride`, r
    raised back to the rung's FLOPs) -- exported to ONNX, and with INT8 also quantized (:func:`dsm_export.engines.int8.quantize.quantize_int8`);
 3. each rung's engines timed against the unmerged fp32 export (batch 32, graphs alternating,
    median of ``repeats``, the baseline timed again before each engine), and scored by KL to the
@@ -33,6 +33,8 @@ one too, runs its last block for the prefix tokens alone where only they reach t
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -49,6 +51,7 @@ from .runtimes import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options  #
 CLEAR_MARGIN = 0.10  # after the unmerged rung alone, a precision is dropped only if another is this much faster
 STEP_PAST = 0.05  # a further rung when every aim was measured: this far past the highest FLOP ratio measured
 OVERSHOOT = 0.08  # a choice this far past the target, the rung below it short: one rung between them
+VARIANT_MIN_RUNG = 1.2  # the merge-variant stage runs at the first merged rung at least this far (FLOP ratio)
 
 
 def ladder(target: float, rungs: int) -> list[float]:
@@ -91,6 +94,29 @@ def between_rung(rows: list[dict], chosen: dict | None, done: list[float], targe
     return None if any(abs(mid / d - 1) <= 0.03 for d in done) else mid
 
 
+def wanted_rungs(rows: list[dict], precisions, done: list[float], target: float,
+                 budget: Budget | None = None) -> list[float]:
+    """The FLOP-ratio rungs still worth measuring, lowest first: each precision's :func:`aim_rung`
+    from its measured rows, less the aims within 3 % of a rung measured already (``done``) and the
+    aims at or past the lowest rung where an engine within ``budget`` already reaches ``target``
+    (more merging there only raises the divergence; :func:`between_rung` refines below it).
+
+    Args:
+        rows: the measured candidates (``rung``, ``precision``, ``flops_ratio``, ``speedup``,
+            ``divergence``, ``agreement``).
+        precisions: the precisions still built.
+        done: the merged rungs measured.
+        target: the speed-up target.
+        budget: the accuracy budget a reaching engine must keep within (None: any).
+    """
+    aims = sorted(aim_rung([(r["flops_ratio"], r["speedup"]) for r in rows if r["precision"] == p], target)
+                  for p in precisions if any(r["precision"] == p for r in rows))
+    reached = [r["rung"] for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))]
+    if reached:
+        aims = [a for a in aims if a < min(reached)]
+    return [a for a in aims if all(abs(a / d - 1) > 0.03 for d in done)]
+
+
 @dataclass
 class EngineSearchResult:
     """Outcome of :func:`search_engines`.
@@ -112,8 +138,13 @@ class EngineSearchResult:
 def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05, hi: float = 4.0) -> float:
     """The FLOP ratio at which one precision's engines are predicted to reach a speed-up ``target``,
     from its measured ``(flops_ratio, speedup)`` points: a straight line in log-log through the two
-    points that bracket the target (or the two nearest it), its slope held to 0.5-1.2; from one
-    point, speed taken proportional to FLOPs (slope 1). Clipped to ``[lo, hi]``.
+    points that bracket the target, its slope held to 0.5-1.2. Where every point is short of the
+    target, the line starts from the most-merged point (the two most-merged give the slope), so the
+    aim always lies past every rung measured; where every point reaches it, from the least-merged
+    point, so the aim lies below them. A slope that is not positive there (merging a few tokens
+    can cost more than it saves: an INT8 engine of OpenVINO on a CPU with VNNI ran slower at 1.08x
+    fewer FLOPs than unmerged) is taken as 1, speed proportional to FLOPs, as from one point.
+    Clipped to ``[lo, hi]``.
 
     Args:
         points: measured ``(flops_ratio, speedup)`` of one precision, at least one.
@@ -129,13 +160,16 @@ def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05,
     above = [p for p in pts if p[1] >= target]
     if below and above:
         pair = [max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])]
-    else:
-        pair = sorted(pts, key=lambda p: abs(np.log(p[1] / target)))[:2]
+    elif below:  # all short: from the most-merged point, onwards
+        pair = sorted(pts, key=lambda p: -p[0])[:2]
+    else:  # all reach it: from the least-merged point, back
+        pair = pts[:2]
     (f0, s0) = pair[0]
     slope = 1.0
     if len(pair) == 2 and abs(np.log(pair[1][0] / f0)) > 1e-3:
         (f1, s1) = pair[1]
-        slope = float(np.clip(np.log(s1 / s0) / np.log(f1 / f0), 0.5, 1.2))
+        raw = np.log(s1 / s0) / np.log(f1 / f0)
+        slope = float(np.clip(raw, 0.5, 1.2)) if raw > 0 else 1.0
     return float(np.clip(f0 * (target / s0) ** (1.0 / slope), lo, hi))
 
 
@@ -163,8 +197,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         rungs: merged FLOP-ratio rungs measured at most (each is one export, about a minute for
             DeiT-Tiny on 2 cores). With ``aim`` each rung after the first is placed where a
             precision is predicted to reach the target (:func:`aim_rung`, from what was measured so
-            far), and the search stops early once every precision has a rung within 3 % of its
-            aim -- unless no engine reaches the target after the confirmation round, when the
+            far; never past the lowest rung where an engine already reaches the target), and the
+            search stops early once every precision has a rung within 3 % of its aim -- unless no engine reaches the target after the confirmation round, when the
             rungs left are aimed again from the pooled timings (or placed :data:`STEP_PAST`
             beyond the highest measured), and a choice :data:`OVERSHOOT` or more past the target,
             the rung below it short, gets a rung between the two (:func:`between_rung`); a precision dominated at every rung measured
@@ -172,9 +206,11 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             :data:`CLEAR_MARGIN` in speed) is no longer built or aimed for. Without ``aim``, the
             rungs of :func:`ladder`.
         max_grid, refine_steps: budget of the schedule search (:func:`dsm_export.search.schedule_search.search_schedules`) at the
-            first merged rung, which also runs the merge-variant stage; the other rungs search a
-            third of ``max_grid`` and half of ``refine_steps`` with the variant keys found there,
-            nearest first from its grid schedule.
+            first merged rung of at least :data:`VARIANT_MIN_RUNG` fewer FLOPs, which also runs the
+            merge-variant stage (below it every variant scores about the same); the later rungs
+            search a third of ``max_grid`` and half of ``refine_steps`` with the variant keys found
+            there, nearest first from its grid schedule; the rungs before it, the full budget with
+            the plain keys.
         pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.graph.export.export_model`.
         confirm_margin: engines within this fraction below the target that could be chosen
             (:func:`~.candidates.confirmation_contenders`) are timed a second time, together, before the choice;
@@ -233,8 +269,19 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         raise DSMError(f"strides must be positive integers, got {strides}")
     embeddings = is_embedding_model(model)
     depth = len(model.blocks)
+    seconds: dict[str, float] = {}  # wall time by phase, for the report (where a search's time goes)
+
+    @contextmanager
+    def phase(name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
     views = with_mirrors(pixels) if mirror else pixels
-    view_base = model_logits(model, views)  # the unmerged outputs, computed once for every rung
+    with phase("reference"):
+        view_base = model_logits(model, views)  # the unmerged outputs, computed once for every rung
     base = view_base[:len(pixels)]
     np_pixels = pixels.numpy()
     calib = np_pixels[:quant_count]
@@ -251,8 +298,9 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     separate_baseline = prefix_only_last_block(model)
     base_path = os.path.join(workdir, "baseline.onnx") if separate_baseline else none_path
     if separate_baseline:
-        export_model(model, model_name, base_path, "none", weights=weights, pretrained=pretrained,
-                     num_classes=num_classes, full_last_block=True)
+        with phase("export"):
+            export_model(model, model_name, base_path, "none", weights=weights, pretrained=pretrained,
+                         num_classes=num_classes, full_last_block=True)
     rows: list[dict] = []
     per_image: dict[str, np.ndarray] = {}  # path -> [N] divergences, for choose()'s ties
     state: dict = {"keys": None, "anchor": None}  # the first merged rung's variant keys and grid schedule
@@ -263,13 +311,18 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
             none = Schedule.parse("none")
             return [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
         fixed = state["keys"] is not None
+        # Below VARIANT_MIN_RUNG so few tokens merge that every variant scores about the same: the
+        # variant stage waits for a rung where their divergences differ.
+        variants = not fixed and rung >= VARIANT_MIN_RUNG
         try:
-            found = search_schedules(model, pixels, rung, max_grid=rung_grid if fixed else max_grid,
-                         refine_steps=rung_refine if fixed else refine_steps, progress=False, mirror=mirror,
-                         keys=state["keys"], anchor=state["anchor"], base=view_base, bar=bar)
+            with phase("schedule search"):
+                found = search_schedules(model, pixels, rung, max_grid=rung_grid if fixed else max_grid,
+                                         refine_steps=rung_refine if fixed else refine_steps, progress=False,
+                                         variants=variants, mirror=mirror, keys=state["keys"],
+                                         anchor=state["anchor"], base=view_base, bar=bar)
         except DSMError:  # no schedule reaches this FLOP ratio on this model
             return []
-        if not fixed:
+        if variants:
             state["keys"] = found.best.variant_keys(sum(1 for b in found.best.plan(depth) if b.mode == "prune"))
             state["anchor"] = Schedule.parse(found.variants[0]["spec"]) if found.variants else None
             state["rung"] = rung
@@ -293,20 +346,25 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         for k, schedule, metrics in candidates(rung):
             tag = "none" if rung == 1.0 else f"{rung:.2f}x" + (f"_stride{k}" if k > 1 else "")
             fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
-            export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
-                         num_classes=num_classes)
+            with phase("export"):
+                export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
+                             num_classes=num_classes)
             for precision in [p for p in runtime.precisions if p in live]:
-                meta[f"{precision} {tag}"] = (k, schedule, metrics, precision, runtime.build(fp32_path, precision, calib))
+                with phase("build"):
+                    meta[f"{precision} {tag}"] = (k, schedule, metrics, precision,
+                                                  runtime.build(fp32_path, precision, calib))
                 bar.update()
         # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
         timed = {label: m[4] for label, m in meta.items()
                  if not runtime.is_baseline(m[3], m[1].is_none, separate_baseline)}
-        rates = runtime.throughput(timed, base_path)
+        with phase("timing"):
+            rates = runtime.throughput(timed, base_path)
         bar.update(len(meta))
         for label, (k, schedule, metrics, precision, path) in meta.items():
             rate = rates.get(label, rates["baseline"])
             exact = runtime.exact(precision)
-            outputs = None if schedule.is_none and exact else runtime.outputs(path, np_pixels)
+            with phase("scoring"):
+                outputs = None if schedule.is_none and exact else runtime.outputs(path, np_pixels)
             bar.update()
             per_image[path] = (np.zeros(len(np_pixels)) if outputs is None
                                else per_image_divergence(outputs, base, embeddings))
@@ -345,9 +403,7 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
         within 3 % of. Stops early when every aim has a rung within 3 %."""
         for _ in range(count):
             drop_dominated()
-            aims = sorted(aim_rung([(r["flops_ratio"], r["speedup"]) for r in rows if r["precision"] == p], target)
-                          for p in live)
-            wanted = [a for a in aims if all(abs(a / d - 1) > 0.03 for d in done)]
+            wanted = wanted_rungs(rows, live, done, target, budget)
             if not wanted:
                 return
             done.append(round(wanted[0], 3))
@@ -373,7 +429,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
                                                               again[str(i)] / again["onnxruntime"]]))
             return [[again[str(i)] / again["baseline"]] for i in range(len(group))]
 
-        confirmation_round(contenders, time_again, lambda row, runs: {"speedup": float(np.mean(runs))})
+        with phase("timing"):
+            confirmation_round(contenders, time_again, lambda row, runs: {"speedup": float(np.mean(runs))})
 
     if aim:
         drop_dominated()
@@ -408,7 +465,8 @@ def search_engines(model: nn.Module, model_name: str, weights: str | None, pixel
     bar.update(max(0, bar.total - bar.n))
     bar.close()
     machine = {**runtime.machine(), "rungs": done, "variant_rung": state.get("rung"),
-               "variant_keys": state["keys"], "notes": list(runtime.notes) + notes}
+               "variant_keys": state["keys"], "notes": list(runtime.notes) + notes,
+               "phase_seconds": {k: round(v, 1) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}}
     return EngineSearchResult(choose(rows, target, budget, per_image), rows, pareto_front(rows), machine)
 
 

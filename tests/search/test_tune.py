@@ -280,3 +280,56 @@ def test_a_precision_is_dropped_after_the_unmerged_rung_only_when_clearly_beaten
     rows = [row("int8", 1.78, 0.0035), row("int8-dynamic-all", 1.85, 0.0034)]
     assert dominated_precisions(rows, ["int8", "int8-dynamic-all"], CLEAR_MARGIN) == []
     assert dominated_precisions(rows, ["int8", "int8-dynamic-all"]) == ["int8"]  # the rule after merged rungs
+
+
+def test_no_rung_is_aimed_past_one_that_reaches_the_target():
+    """Run on a CPU with VNNI (OpenVINO, target 1.6): int8 at 1.08x fewer FLOPs timed slower than
+    unmerged int8, and bf16 aimed far past it. Every aim lies past the rungs a precision fell short
+    at, and no aim lies past a rung where an engine already reaches the target."""
+    from dsm_export.search.candidates import Budget
+    from dsm_export.search.engine_search import aim_rung, wanted_rungs
+
+    def row(rung, precision, speedup, kl=0.01):
+        return dict(rung=rung, flops_ratio=rung, precision=precision, speedup=speedup, divergence=kl, agreement=0.95)
+
+    rows = [row(1.0, "bf16", 1.09), row(1.0, "int8", 1.59), row(1.077, "bf16", 1.06), row(1.077, "int8", 1.41)]
+    # speed fell with more merging: speed proportional to FLOPs from the most-merged point, not back to 1.05
+    assert aim_rung([(1.0, 1.59), (1.077, 1.41)], 1.6) == pytest.approx(1.077 * 1.6 / 1.41)
+    assert wanted_rungs(rows, ["bf16", "int8"], [1.077], 1.6) == pytest.approx(
+        sorted([1.077 * 1.6 / 1.41, 1.077 * 1.6 / 1.06]))
+    rows.append(row(1.22, "int8", 1.7, kl=0.02))  # int8 reaches it at 1.22: bf16's aim past it is dropped
+    assert wanted_rungs(rows, ["bf16", "int8"], [1.077, 1.22], 1.6) == []
+    # ... unless that engine is outside the accuracy budget
+    assert len(wanted_rungs(rows, ["bf16", "int8"], [1.077, 1.22], 1.6, Budget(None, 0.015))) == 1
+
+
+def test_alternating_throughput_keeps_the_pairs_timed_at_full_speed():
+    """A slow stretch of a shared machine slows the reference and slows a merged engine more: with
+    ``quiet`` those pairs are left out, repetitions go on until enough are kept, and a run with no
+    quiet pair at all falls back to every pair."""
+    import time
+
+    from dsm_export.search.timing import alternating_throughput
+
+    state = {"n": 0}  # repetitions 2-4 run in a slow stretch
+
+    def reference():
+        time.sleep(0.016 if 2 <= state["n"] <= 4 else 0.008)
+
+    def engine():
+        time.sleep(0.016 if 2 <= state["n"] <= 4 else 0.004)
+        state["n"] += 1
+
+    stats = {}
+    rates = alternating_throughput({"baseline": reference, "merged": engine}, batch=8, repeats=5, warmup=0,
+                                   reference="baseline", quiet=0.8, stats=stats)
+    assert stats["kept"] == {"merged": 5} and stats["repetitions"] >= 8 and not stats["fallback"]
+    assert rates["merged"] / rates["baseline"] == pytest.approx(2.0, rel=0.2)  # the quiet ratio, not 1
+    # known full speed, every pair slow: times on to the limit, then counts every pair
+    state["n"] = 2
+    stats = {}
+    alternating_throughput({"baseline": reference, "merged": engine}, batch=8, repeats=3, warmup=0,
+                           reference="baseline", quiet=0.8, full_speed=8 / 0.008, max_repeats=3, stats=stats)
+    assert stats["fallback"] and stats["repetitions"] == 3 and stats["kept"] == {"merged": 3}
+    with pytest.raises(ValueError):
+        alternating_throughput({"a": reference}, batch=8, quiet=0.9)
