@@ -14,8 +14,8 @@ builds them:
   on a quarter of those photos (``--smooth-alpha`` fixes it).
 
 The ``--tuned`` schedule is built once, at ``--tuned-precision``. Its default is the engine
-``dsm-export tune --backend openvino --target-speedup 1.6`` chose on a 2-core AMD EPYC without BF16
-(fp32): tune picked it on its own 128 calibration photos (a seeded shuffle), so some of the photos
+``dsm-export tune --backend openvino --target-speedup 1.6`` chose on a 2-core AMD EPYC with AVX-512
+BF16 and VNNI (int8): tune picked it on its own 128 calibration photos (a seeded shuffle), so some of the photos
 scored here were among them; the table says how many.
 
 Every engine, and both baselines, are scored on the held-apart photos (those after the first
@@ -58,9 +58,12 @@ import textwrap
 
 SCHEDULES = ("r=16,r_end=8,delay=3,protect=16,merge=mlerp", "r=20,r_end=8,delay=3,protect=16,merge=mlerp",
              "r=24,r_end=8,delay=3,protect=16,merge=mlerp")
-TUNED = "r=33,r_end=0,delay=3,local=2,windows=2x1,protect=16,prune=4,metric=heads,merge=mlerp"
+TUNED = json.dumps({"blocks": ["none", "none", "none", "local 21", "global 21", "global 19", "global 18", "global 16",
+                               "global 15", "global 14", "prune 13", "prune 12"],
+                    "windows": "1x2", "protect": 32, "metric": "heads", "merge": "mlerp"}, separators=(",", ":"))
+TUNED_PRECISION = "int8"
 TUNED_ORIGIN = ("chosen by `tune --backend openvino --target-speedup 1.6` on a 2-core AMD EPYC "
-                "without BF16, as fp32")
+                "with AVX-512 BF16 and VNNI, as int8")
 QUICK = {"schedules": SCHEDULES[:1], "calibration_count": 16, "holdout": 16, "repeats": 3, "batch": 8}
 DEFAULTS = {"calibration_count": 64, "holdout": None, "repeats": 7, "batch": 32}
 
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedules", nargs="+", help=f"DSM schedules (default: {' '.join(SCHEDULES)})")
     parser.add_argument("--tuned", default=TUNED, help=f"the tuned schedule (default: {TUNED}, {TUNED_ORIGIN}); "
                         "'' for none")
-    parser.add_argument("--tuned-precision", default="fp32", choices=("fp32", "bf16", "int8"),
+    parser.add_argument("--tuned-precision", default=TUNED_PRECISION, choices=("fp32", "bf16", "int8"),
                         help="the tuned engine's precision (default fp32)")
     parser.add_argument("--calibration-count", type=int,
                         help="INT8 calibration photos: the first N of --images; the rest are scored (default 64)")
@@ -232,6 +235,7 @@ def measure(args) -> dict:
     return {
         "machine": {**info, "nncf": nncf.__version__, "onnxruntime": ort.__version__, "cpu": cpu_name(),
                     "logical_cpus": os.cpu_count(), "baseline_runs": ov_base_runs,
+                    "timing": runtime.timings[-1] if runtime.timings else None,
                     "date": datetime.date.today().isoformat()},
         "photos": {"calibration": len(calib), "held_apart": len(held), "first_held": n_cal,
                    "seen_by_tune": len(tune_seen)},
@@ -247,9 +251,22 @@ def header(data: dict) -> str:
             "without BF16 (no AVX-512 BF16 or AMX): OpenVINO's default compile, and the bf16 IRs, run f32")
     return (f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {bf16}; {m['threads']} threads, batch {m['batch']}, "
             f"median of {m['repeats']}, every IR and ONNX Runtime fp32 in one alternating run, OpenVINO's "
-            f"default unmerged compile timed before each IR; openvino {m['openvino']}, nncf {m['nncf']}, "
+            f"default unmerged compile timed before each IR{_quiet(m)}; openvino {m['openvino']}, nncf {m['nncf']}, "
             f"onnxruntime {m['onnxruntime']}; {p['held_apart']} held-apart photos (from photo {p['first_held'] + 1} "
             f"of the folder, sorted by name), int8 calibrated on the first {p['calibration']}; {m['date']}")
+
+
+def _quiet(m: dict) -> str:
+    """How the pairs were kept (OpenVINOEngines' quiet filter), for the header; empty for older JSON."""
+    t = m.get("timing")
+    if not t or not t.get("kept"):
+        return ""
+    kept = min(t["kept"].values())
+    if t.get("fallback"):
+        return (f"; no repetition of {t['repetitions']} ran at full speed ({m['quiet']:.0%} of the baseline's), so "
+                f"every pair counted")
+    return (f", counting the pairs where that baseline ran at {m['quiet']:.0%} or more of its full speed "
+            f"({t['full_speed']:.1f} images/s; at least {kept} per engine, of {t['repetitions']} repetitions)")
 
 
 def table(data: dict) -> str:

@@ -75,29 +75,82 @@ def _alternate(runs: dict, order: list[str], repeats: int, iters: int):
 
 
 def alternating_throughput(runs: dict, batch: int, repeats: int = 5, warmup: int = 1,
-                           iters: int = 1, reference: str | None = None) -> dict[str, float]:
+                           iters: int = 1, reference: str | None = None, quiet: float | None = None,
+                           full_speed: float | None = None, max_repeats: int | None = None,
+                           stats: dict | None = None) -> dict[str, float]:
     """Median images/s of engines of any runtime, alternating in each repetition as :func:`ort_throughput`.
+
+    With ``quiet`` (and a ``reference``), only the pairs timed while the machine ran at full speed
+    count: a pair (the reference's run and the engine's run right after it) is kept when the
+    reference ran at ``quiet`` or more of its full speed, the largest of ``full_speed`` and the
+    median of the fastest third of the reference's runs here. On a shared 2-core VM, stretches of
+    several seconds ran the unmerged OpenVINO model 11 % slower and a merged one 25-30 % slower (the
+    merge ops' memory-bound Gathers and Reorders suffer more), so a ratio taken there, paired or not,
+    is biased low. Repetitions go on, up to ``max_repeats`` (default 3 x ``repeats``), until every
+    engine has ``repeats`` kept pairs, or half of them (at least 3) once the limit is reached; with
+    none kept at all, every pair counts (``stats["fallback"]``).
 
     Args:
         runs: label -> a no-argument callable that runs one batch of ``batch`` images (its input
             already bound, so that only inference is timed).
         batch, repeats, warmup, iters, reference: as for :func:`ort_throughput`.
+        quiet: the fraction of the reference's full speed a kept pair's reference run reaches
+            (e.g. 0.94), or None to keep every pair.
+        full_speed: the reference's full speed (images/s) known from earlier runs, if any.
+        max_repeats: the most repetitions with ``quiet``.
+        stats: a dict to fill with ``full_speed``, ``repetitions``, ``kept`` (label -> pairs kept)
+            and ``fallback``.
 
     Returns:
         label -> images per second.
 
     Raises:
         KeyError: ``reference`` is not a label of ``runs``.
+        ValueError: ``quiet`` without a ``reference``, or outside (0, 1].
     """
     if reference is not None and reference not in runs:
         raise KeyError(f"reference {reference!r} is not one of the engines")
+    if quiet is not None and (reference is None or not 0 < quiet <= 1):
+        raise ValueError("quiet needs a reference and a fraction in (0, 1]")
     for _ in range(warmup):
         for run in runs.values():
             run()
+    order = timing_order(list(runs), reference)
+    pairs: dict[str, list[tuple[float, float]]] = {k: [] for k in runs if k != reference}  # (reference, engine)
     rates: dict[str, list[float]] = {k: [] for k in runs}
-    for k, took in _alternate(runs, timing_order(list(runs), reference), repeats, iters):
-        rates[k].append(batch * iters / took)
-    return {k: statistics.median(v) for k, v in rates.items()}
+    last = None
+    limit = repeats if quiet is None else (max_repeats or 3 * repeats)
+    done = 0
+    kept: dict[str, list[tuple[float, float]]] = {}
+    full = None
+    while done < limit:
+        for k, took in _alternate(runs, order, 1, iters):
+            rate = batch * iters / took
+            rates[k].append(rate)
+            if k == reference:
+                last = rate
+            elif k in pairs and last is not None:
+                pairs[k].append((last, rate))
+        done += 1
+        if quiet is None or done < repeats:
+            continue
+        ref = sorted(rates[reference], reverse=True)
+        full = max(full_speed or 0.0, statistics.median(ref[:max(1, len(ref) // 3)]))
+        kept = {k: [p for p in v if p[0] >= quiet * full] for k, v in pairs.items()}
+        if all(len(v) >= repeats for v in kept.values()):
+            break
+    if quiet is None or not pairs:
+        return {k: statistics.median(v) for k, v in rates.items()}
+    enough = max(3, (repeats + 1) // 2)
+    fallback = not all(len(v) >= min(enough, len(pairs[k])) for k, v in kept.items())
+    if fallback:
+        kept = pairs
+    out = {k: statistics.median(e for _, e in v) for k, v in kept.items()}
+    out[reference] = statistics.median(r for v in kept.values() for r, _ in v)
+    if stats is not None:
+        stats.update(full_speed=full, repetitions=done, kept={k: len(v) for k, v in kept.items()},
+                     fallback=fallback)
+    return {k: out[k] for k in runs}
 
 
 def ort_throughput(paths: dict[str, str], batch: int = 32, repeats: int = 5, warmup: int = 1,
