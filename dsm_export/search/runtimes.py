@@ -191,7 +191,9 @@ class OpenVINOEngines:
 
         config = {"INFERENCE_NUM_THREADS": int(self.threads)} if self.threads else {}
         base = self.core.compile_model(self.ov.convert_model(baseline_onnx), "CPU", config).create_infer_request()
-        session = make_session(baseline_onnx, self.threads)
+        # ONNX Runtime's threads spin after a run by default: on 2 cores the OpenVINO baseline timed
+        # right after it ran 10 % slower (136 against 122 images/s), and every pair it began was dropped
+        session = make_session(baseline_onnx, self.threads, spinning=False)
         shape = [self.batch] + list(session.get_inputs()[0].shape[1:])
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         feed = {session.get_inputs()[0].name: x}

@@ -22,7 +22,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def make_session(path: str, threads: int | None = None, provider: str | None = "cpu"):
+def make_session(path: str, threads: int | None = None, provider: str | None = "cpu", spinning: bool | None = None):
     """An ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads on
     ``provider`` (see :func:`dsm_export.engines.providers.resolve_providers`).
 
@@ -31,7 +31,7 @@ def make_session(path: str, threads: int | None = None, provider: str | None = "
     """
     from ..engines.providers import create_session
 
-    return create_session(path, provider, threads, optimization="all")
+    return create_session(path, provider, threads, optimization="all", spinning=spinning)
 
 
 def _warm_sessions(paths: dict[str, str], batch: int, warmup: int, threads, provider):
@@ -98,8 +98,8 @@ def alternating_throughput(runs: dict, batch: int, repeats: int = 5, warmup: int
             (e.g. 0.94), or None to keep every pair.
         full_speed: the reference's full speed (images/s) known from earlier runs, if any.
         max_repeats: the most repetitions with ``quiet``.
-        stats: a dict to fill with ``full_speed``, ``repetitions``, ``kept`` (label -> pairs kept)
-            and ``fallback``.
+        stats: a dict to fill with ``full_speed``, ``repetitions``, ``kept`` (label -> pairs
+            counted), ``quiet_kept`` (label -> pairs at full speed) and ``fallback``.
 
     Returns:
         label -> images per second.
@@ -143,13 +143,14 @@ def alternating_throughput(runs: dict, batch: int, repeats: int = 5, warmup: int
         return {k: statistics.median(v) for k, v in rates.items()}
     enough = max(3, (repeats + 1) // 2)
     fallback = not all(len(v) >= min(enough, len(pairs[k])) for k, v in kept.items())
+    quiet_kept = {k: len(v) for k, v in kept.items()}
     if fallback:
         kept = pairs
     out = {k: statistics.median(e for _, e in v) for k, v in kept.items()}
     out[reference] = statistics.median(r for v in kept.values() for r, _ in v)
     if stats is not None:
         stats.update(full_speed=full, repetitions=done, kept={k: len(v) for k, v in kept.items()},
-                     fallback=fallback)
+                     quiet_kept=quiet_kept, fallback=fallback)
     return {k: out[k] for k in runs}
 
 
