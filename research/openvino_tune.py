@@ -50,6 +50,12 @@ def run_tune(argv: list[str]) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 2**20, out
 
 
+def _retime(stats: dict) -> str:
+    if stats.get("fallback"):
+        return f"found none in {stats['repetitions']} repetitions (every pair counted)"
+    return f"counted {min(stats['kept'].values())} pairs an engine of {stats['repetitions']} repetitions"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
     import openvino
 
     from dsm_export.graph.export import export_onnx
-    from dsm_export.search.runtimes import OpenVINOEngines
+    from dsm_export.search.runtimes import QUIET, OpenVINOEngines
     from dsm_export.search.timing import cpu_name
 
     work = tempfile.mkdtemp(prefix="dsm-ov-tune-")
@@ -84,6 +90,7 @@ def main(argv=None) -> int:
         export_onnx(args.model, baseline, "none", weights=args.weights, full_last_block=True)
         runtime = OpenVINOEngines(batch=32, repeats=args.repeats)
         rates = runtime.throughput({"tuned": xml}, baseline)
+        timing = runtime.timings[-1]
         runtime.release()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -101,6 +108,8 @@ def main(argv=None) -> int:
         "speedup_again_onnxruntime": rates["tuned"] / rates["onnxruntime"],
         "openvino_default_over_onnxruntime": rates["baseline"] / rates["onnxruntime"],
         "held_apart": held, "held_apart_images": report["held_apart_images"], "top1_loss_points": loss,
+        "retime": timing, "tune_timing": {k: report["machine"].get(k) for k in
+                                          ("quiet", "timing_runs", "repetitions", "fallbacks", "phase_seconds")},
         "rungs": report["machine"].get("rungs"), "notes": report["machine"].get("notes"),
         "evaluated": [{k: r.get(k) for k in ("rung", "precision", "flops_ratio", "speedup", "speedup_runs",
                                              "divergence", "agreement", "spec")} for r in report["evaluated"]],
@@ -135,6 +144,11 @@ def main(argv=None) -> int:
         "",
         f"OpenVINO's default unmerged compile ran at {result['openvino_default_over_onnxruntime']:.2f}x ONNX "
         f"Runtime fp32 here. Schedule: `{json.dumps(report['schedule'], separators=(',', ':'))}`.",
+        "",
+        f"Timing counts the pairs where OpenVINO's default unmerged compile ran at {QUIET:.0%} or more of its full "
+        f"speed: tune's {result['tune_timing']['timing_runs']} runs found none at "
+        f"{result['tune_timing']['fallbacks']}; the retime {_retime(timing)}. Search time by phase: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in (result["tune_timing"]["phase_seconds"] or {}).items()) + ".",
     ]))
     return 0
 

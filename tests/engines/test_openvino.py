@@ -283,9 +283,14 @@ def test_tune_searches_openvino_engines_and_exports_an_ir(ov, weights, images_di
     assert "over ONNX Runtime's fp32 unmerged model, timed in the same runs" in captured.out
     assert data["precision"] in (first, "int8")
     # a second rung only where the first, aimed at the target, missed it once confirmed (on a CPU
-    # without BF16 the unmerged f32 export runs about 1.07x, so the aim lands near 1.1x)
+    # without BF16 the unmerged f32 export runs about 1.07x, so the aim lands near 1.1x); none where
+    # an unmerged engine reaches the target already (int8 with VNNI: about 1.5x), merging would only
+    # raise the KL
     rungs = data["machine"]["rungs"]
-    assert data["calibration"]["speedup"] >= 1.1 and len(rungs) in (1, 2)
+    assert data["calibration"]["speedup"] >= 1.1 and len(rungs) in (0, 1, 2)
+    if not rungs:
+        assert data["calibration"]["flops_ratio"] == pytest.approx(
+            min(r["flops_ratio"] for r in data["evaluated"])) and "phase_seconds" in data["machine"]
     if len(rungs) == 2:  # aimed again from the pooled timings, or stepped past: more merging
         assert rungs[1] > rungs[0]
     assert os.path.exists(out[:-4] + ".bin") and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
