@@ -146,8 +146,8 @@ def main(argv=None) -> int:
         f"Runtime fp32 here. Schedule: `{json.dumps(report['schedule'], separators=(',', ':'))}`.",
         "",
         f"Timing counts the pairs where OpenVINO's default unmerged compile ran at {QUIET:.0%} or more of its full "
-        f"speed: tune's {result['tune_timing']['timing_runs']} runs found none at "
-        f"{result['tune_timing']['fallbacks']}; the retime {_retime(timing)}. Search time by phase: "
+        f"speed: of tune's {result['tune_timing']['timing_runs']} runs, {result['tune_timing']['fallbacks']} had none "
+        f"(every pair counted there); the retime {_retime(timing)}. Search time by phase: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in (result["tune_timing"]["phase_seconds"] or {}).items()) + ".",
     ]))
     return 0
