@@ -37,8 +37,9 @@ SMOOTH_ALPHA = 0.7
 # OpenVINO timings keep the pairs whose baseline ran at this fraction of its full speed or more
 # (dsm_export.search.timing.alternating_throughput): on a shared 2-core VM (AVX-512 BF16 and VNNI),
 # slow stretches of seconds to a minute ran the unmerged bf16 model 12 % slower (120 against 136
-# images/s) and a merged int8 one 40 % slower (143 against 235), so a speed-up timed there is biased
-# low, and the search merges more than the target needs.
+# images/s) and a merged int8 one 40 % slower (143 against 235; an ad-hoc probe alternating the two
+# for a minute, 2026-12-04), so a speed-up timed there is biased low, and the search merges more
+# than the target needs.
 QUIET = 0.94
 QUIET_REPEATS = 6  # ... timing on up to this many times `repeats` repetitions for them (slow stretches lasted a minute)
 
@@ -192,7 +193,7 @@ class OpenVINOEngines:
         config = {"INFERENCE_NUM_THREADS": int(self.threads)} if self.threads else {}
         base = self.core.compile_model(self.ov.convert_model(baseline_onnx), "CPU", config).create_infer_request()
         # ONNX Runtime's threads spin after a run by default: on 2 cores the OpenVINO baseline timed
-        # right after it ran 10 % slower (136 against 122 images/s), and every pair it began was dropped
+        # right after it ran 10 % slower (121 against 135 images/s), and every pair it began was dropped
         session = make_session(baseline_onnx, self.threads, spinning=False)
         shape = [self.batch] + list(session.get_inputs()[0].shape[1:])
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)

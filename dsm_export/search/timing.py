@@ -83,12 +83,12 @@ def alternating_throughput(runs: dict, batch: int, repeats: int = 5, warmup: int
     With ``quiet`` (and a ``reference``), only the pairs timed while the machine ran at full speed
     count: a pair (the reference's run and the engine's run right after it) is kept when the
     reference ran at ``quiet`` or more of its full speed, the largest of ``full_speed`` and the
-    median of the fastest third of the reference's runs here. On a shared 2-core VM, stretches of
-    several seconds ran the unmerged OpenVINO model 11 % slower and a merged one 25-30 % slower (the
-    merge ops' memory-bound Gathers and Reorders suffer more), so a ratio taken there, paired or not,
-    is biased low. Repetitions go on, up to ``max_repeats`` (default 3 x ``repeats``), until every
-    engine has ``repeats`` kept pairs, or half of them (at least 3) once the limit is reached; with
-    none kept at all, every pair counts (``stats["fallback"]``).
+    median of the fastest third of the reference's runs here. On a shared 2-core VM, slow stretches
+    ran a merged OpenVINO engine far slower than the unmerged one (figures at
+    :data:`dsm_export.search.runtimes.QUIET`), so a ratio taken there, paired or not, is biased low.
+    Repetitions go on, up to ``max_repeats`` (default 3 x ``repeats``), until every engine has
+    ``repeats`` kept pairs; if then any engine has fewer than half of them (at least 3), every pair
+    of every engine counts (``stats["fallback"]``).
 
     Args:
         runs: label -> a no-argument callable that runs one batch of ``batch`` images (its input
