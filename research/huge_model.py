@@ -7,7 +7,7 @@ timm's ``vit_huge_patch14_224`` has none, and its weights file would lose a head
 seed 0; its state dict saved with ``torch.save`` first, so
 that ``validate`` rebuilds the same model from ``--weights``) under a DSM schedule goes through
 every step a user runs, each as its own ``dsm-export`` subprocess, wall time and peak RSS recorded
-per step (``os.wait4``'s ``ru_maxrss`` of that child alone):
+per step (the child's own ``ru_maxrss``, through research/child_rss.py):
 
 1. ``export`` (over 2 GB: ``vit_h.onnx`` plus ``vit_h.onnx.data``, automatically),
 2. ``inspect`` of the file (the graph is read without its weights),
@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,19 +81,15 @@ def run_step(name: str, argv: list[str], log) -> dict:
     elif cmd[0] == "python":
         cmd[0] = sys.executable
     log(f"$ {' '.join(shlex.quote(c) for c in argv)}")
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} exited {proc.returncode}:\n{text[-3000:]}")
+    from child_rss import run_measured
+
+    run = run_measured(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text, seconds = run["output"], run["seconds"]
+    if run["returncode"] != 0:
+        raise RuntimeError(f"{name} exited {run['returncode']}:\n{text[-3000:]}")
     log(text.strip()[-1500:])
     return {"step": name, "command": " ".join(shlex.quote(c) for c in argv), "seconds": round(seconds, 1),
-            "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 2), "output_tail": text.strip()[-600:]}
+            "peak_rss_gib": round(run["peak_rss_bytes"] / 2 ** 30, 2), "output_tail": text.strip()[-600:]}
 
 
 def sizes(folder: str) -> dict[str, int]:
@@ -190,7 +185,7 @@ def main(argv=None) -> int:
                + (f" (PyTorch's logits: std {scale:.2f})." if scale is not None else "."))
     block = "\n".join([summary, "", *rows])
     note = (f"<sub>{machine()}, {result['date']}; each step a separate process, peak RSS of that process "
-            "(`os.wait4`).</sub>")
+            "(its own `ru_maxrss`, research/child_rss.py).</sub>")
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "huge_model.json"), "w", encoding="utf-8") as fh:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """``tune --backend openvino --target-speedup 1.6``, timed end to end, and its engine timed again.
 
-Runs, as a child process (its wall time and peak RSS recorded, ``os.wait4``)::
+Runs, as a child process (its wall time and peak RSS recorded, research/child_rss.py)::
 
     dsm-export tune MODEL --weights W --images I --backend openvino --target-speedup S \\
         --export tuned.xml --report report.json
@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 TARGET = 1.6
 # issue 33's bar for this run: tune's time, the engine's speed against OpenVINO's default unmerged
@@ -39,15 +38,13 @@ MAX_MINUTES, MIN_SPEEDUP, MAX_TOP1_LOSS, MIN_AGREEMENT = 10.0, 1.55, 1.0, 0.93
 
 def run_tune(argv: list[str]) -> tuple[float, float, str]:
     """Run ``argv`` as a child; (wall seconds, peak RSS GiB, its stdout). Exits 1 if it fails."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        print(out, file=sys.stderr)
+    from child_rss import run_measured
+
+    run = run_measured(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if run["returncode"] != 0:
+        print(run["output"], file=sys.stderr)
         sys.exit(f"openvino_tune: {' '.join(argv[:3])} ... failed")
-    return seconds, usage.ru_maxrss / 2**20, out
+    return run["seconds"], run["peak_rss_bytes"] / 2**30, run["output"]
 
 
 def _retime(stats: dict) -> str:

@@ -8,7 +8,8 @@ accuracy does, and it is measured on DeiT-Tiny only (docs/results.md). Per model
 
 * the export time and peak RSS of ``dsm-export``'s unmerged export and of each merged export, each
   export in a child process of its own (``export_model`` timed inside it; peak RSS is the child's
-  ``ru_maxrss``: Python, PyTorch, the model and the export together);
+  ``ru_maxrss``: Python, PyTorch, the model and the export together, measured through
+  research/child_rss.py so that this process's own peak does not leak into it);
 * exact ToMe (``mode=tome``, the constant r whose FLOP ratio is nearest ``--tome-target``, 1.7x) and
   a DSM schedule at each of ``--targets`` (1.5x, 1.7x, 2x fewer FLOPs): the form of ``--base``
   (its delay, local stage, windows and merge variants) with r falling linearly to r_end at the
@@ -28,7 +29,7 @@ accuracy does, and it is measured on DeiT-Tiny only (docs/results.md). Per model
   alone, and the DSM 1.7x engine in fp32 and INT8.
 
 Time: ``--budget-minutes`` per model for its timing (default 10; the exports and INT8 builds come
-on top, each timed and reported: on 2 busy cores DeiT-S took 9 min of them). After the exports, one
+on top, each timed and reported). After the exports, one
 warm run of every engine estimates a repetition; repeats (then latency runs) are cut to fit the
 budget, never below 3 repeats and 10 latency runs (a model that needs more still gets those, and
 the overrun is printed): models are never dropped. The repeats used are recorded per model. The
@@ -37,8 +38,12 @@ removed after each model: ViT-L takes about 12 GB there. Writes scale.json, scal
 inside a ``figures:scale`` block; a page's text outside the block is kept) and scale.png
 (speed/FLOP quotient against unmerged GFLOPs, one line per schedule) to ``--output``, after every
 model. ``--dry-run`` prints the schedules, FLOP ratios and token counts without exporting
-anything; ``--render`` redraws scale.md and scale.png from the scale.json of ``--output``. The
-whole run: about 2.5 hours on 2 cores (DINOv2 at 518 px alone about 55 minutes: at least 3 repeats).
+anything; ``--render`` redraws scale.md and scale.png from the scale.json of ``--output``;
+``--remeasure-exports`` times nothing and exports again the two models per row whose export time and
+peak RSS the table shows (for a scale.json written before research/child_rss.py measured peak RSS
+free of this process's own). The whole run with ``--budget-minutes 4``: 71 minutes on 2 quiet
+cores (2026-12-05; ViT-L 26 of them, 21 for its six exports and INT8 builds; DINOv2 20, 14 of them
+timing at the 3-repeat floor).
 
     python research/scale.py --output docs
 
@@ -290,20 +295,18 @@ def export_in_child(name: str, path: str, spec: str, threads: int, full_last_blo
     Raises:
         RuntimeError: the child failed (with the end of its output).
     """
+    from child_rss import run_measured
+
     payload = json.dumps({"model": name, "path": path, "schedule": spec, "threads": threads,
                           "full_last_block": full_last_block})
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--export-child", payload],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN keeps a maximum)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
+    run = run_measured([sys.executable, os.path.abspath(__file__), "--export-child", payload],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = run["output"]
     lines = [line for line in out.splitlines() if line.startswith("SCALE-EXPORT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"export of {name} ({spec}) exited {proc.returncode}:\n{out[-3000:]}")
+    if run["returncode"] != 0 or not lines or run["peak_rss_bytes"] is None:
+        raise RuntimeError(f"export of {name} ({spec}) exited {run['returncode']}:\n{out[-3000:]}")
     info = json.loads(lines[-1][len("SCALE-EXPORT "):])
-    return {**info, "child_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+    return {**info, "child_s": run["seconds"], "peak_rss_mib": run["peak_rss_bytes"] / 2**20,
             "file_mb": os.path.getsize(path) / 1e6}
 
 
@@ -455,6 +458,39 @@ def measure_model(name: str, plan: dict, args) -> dict:
     return result
 
 
+def remeasure_exports(data: dict, args, command: str) -> None:
+    """Export again, in a child each, the two exports the table shows of every measured model in
+    ``data``: the unmerged export and the merged one of the latency row (DSM 1.7x). Their export
+    time and peak RSS replace the first run's (kept under ``first_run``); the other exports' peak RSS
+    is dropped (``peak_rss_note`` says why): runs before research/child_rss.py read the parent's
+    peak into every child's. Nothing is timed; ``data`` is changed in place."""
+    root = args.work_dir or tempfile.gettempdir()
+    stamp = {"command": command, "date": datetime.date.today().isoformat()}
+    for m in data["models"]:
+        if "merged_export" not in m:
+            continue
+        label = m["merged_export"]["label"]
+        row = next(r for r in m["schedules"] if r["label"] == label)
+        work = tempfile.mkdtemp(prefix="dsm-scale-", dir=root)
+        try:
+            none = export_in_child(m["model"], os.path.join(work, "none.onnx"), "none", data["threads"])
+            _log(f"{m['model']}: unmerged export {none['export_s']:.1f} s, peak RSS {none['peak_rss_mib']:.0f} MiB")
+            merged = export_in_child(m["model"], os.path.join(work, "merged.onnx"), row["spec"], data["threads"])
+            _log(f"{m['model']}: {label} export {merged['export_s']:.1f} s, peak RSS {merged['peak_rss_mib']:.0f} MiB")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        first_none, first_merged = m["exports"]["none"], m["merged_export"]
+        for key, e in m["exports"].items():
+            if key != "none" and e.get("peak_rss_mib") is not None:
+                e["peak_rss_first_run_mib"], e["peak_rss_mib"] = e["peak_rss_mib"], None
+                e["peak_rss_note"] = "not re-measured; the first run's figure included the parent's peak"
+        m["exports"]["none"] = {"spec": "none", **none, "first_run": first_none}
+        m["merged_export"] = {"label": label, "spec": row["spec"], **merged,
+                              "first_run": {k: v for k, v in first_merged.items() if k != "label"}}
+        row["export"] = {k: v for k, v in m["merged_export"].items() if k != "label"}
+        m["exports_remeasured"] = stamp
+
+
 def _log(message: str) -> None:
     print(f"  [{datetime.datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -493,7 +529,9 @@ def commands(data: dict) -> list[str]:
 
 
 def table(data: dict) -> str:
-    lines = ["Generated by " + ", then ".join(f"`{c}`" for c in commands(data)), f"({header(data)})", "",
+    again = list(dict.fromkeys(m["exports_remeasured"]["command"] for m in data["models"] if "exports_remeasured" in m))
+    lines = ["Generated by " + ", then ".join(f"`{c}`" for c in commands(data))
+             + "".join(f", then `{c}` (the two export columns)" for c in again), f"({header(data)})", "",
              "| model | params (M) | tokens | GFLOPs | unmerged img/s (one run) | unmerged export: s, peak RSS | "
              "merged export (DSM 1.7x): s, peak RSS | repeats | INT8 alone | batch-1 p50: unmerged, INT8 alone, "
              "DSM 1.7x, DSM 1.7x INT8 |",
@@ -610,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the schedules, FLOP ratios and token counts; export and time nothing")
+    parser.add_argument("--remeasure-exports", action="store_true",
+                        help="time nothing: export again the unmerged and the DSM 1.7x model of every model in "
+                             "--output's scale.json, for their export time and peak RSS, and rewrite the page")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: rewrite scale.md and scale.png from the scale.json in --output")
     return parser
@@ -643,13 +684,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.latency_runs < 1 or args.batch < 1 or args.threads < 1:
         parser.error("--repeats, --latency-runs, --batch and --threads must be at least 1")
-    if args.render:
+    if args.render or args.remeasure_exports:
         path = os.path.join(args.output, "scale.json")
         if not os.path.isfile(path):
-            print(f"scale: no {path} to render (run without --render first)", file=sys.stderr)
+            flag = "--render" if args.render else "--remeasure-exports"
+            print(f"scale: no {path} for {flag} (run without it first)", file=sys.stderr)
             return 2
         with open(path, encoding="utf-8") as fh:
-            print(write_outputs(json.load(fh), args.output, not args.no_plot))
+            data = json.load(fh)
+        if args.remeasure_exports:
+            try:
+                remeasure_exports(data, args, "python research/scale.py " + " ".join(shlex.quote(a) for a in argv))
+            except (RuntimeError, OSError) as exc:
+                print(f"scale: --remeasure-exports failed, nothing written: {exc}", file=sys.stderr)
+                return 1
+        print(write_outputs(data, args.output, not args.no_plot))
         return 0
 
     from dsm_export.errors import DSMError

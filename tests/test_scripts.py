@@ -244,6 +244,31 @@ def test_scale_gives_a_register_model_tome_constant_r_in_the_default_mode():
     assert "mode=tome knows no register tokens" in proc.stdout and "mode=tome`" not in proc.stdout
 
 
+def test_child_rss_measures_the_child_alone(monkeypatch):
+    """A child's peak RSS through research/child_rss.py is its own, not the parent's (which execve
+    would carry into a plain child's ru_maxrss), and it sees the child's own allocation."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "research"))
+    import child_rss
+
+    ballast = bytearray(1 << 30)  # 1 GiB in this process, touched page by page
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    small = child_rss.run_measured([sys.executable, "-c", "print('hi')"], stdout=subprocess.PIPE)
+    big = child_rss.run_measured([sys.executable, "-c", "b = bytearray(400 << 20); b[::4096] = b'y' * len(b[::4096])"])
+    failed = child_rss.run_measured([sys.executable, "-c", "raise SystemExit(3)"])
+    del ballast
+    assert small["returncode"] == 0 and small["output"] == "hi\n" and small["seconds"] > 0
+    assert small["peak_rss_bytes"] < 200 << 20, small  # a bare Python, not this process's 1 GiB
+    assert (400 << 20) < big["peak_rss_bytes"] < (700 << 20), big
+    assert failed["returncode"] == 3 and failed["output"] is None
+
+
+def test_scale_remeasure_exports_refuses_a_folder_without_scale_json(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "research", "scale.py"), "--output", str(tmp_path),
+                           "--remeasure-exports"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scale_append_refuses_a_folder_without_scale_json(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "research", "scale.py"), "--models",
                            "deit_small_patch16_224", "--output", str(tmp_path), "--append"],
