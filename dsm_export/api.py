@@ -4,7 +4,7 @@ the same name does (the CLI adds argument checks and printing).
     export(model_name, "dsm.onnx", "r=16,delay=3", weights=...)  -> ExportInfo
     validate("dsm.onnx", "photos/")                              -> report dict
     quantize("dsm.onnx", "dsm_int8.onnx", "photos/")             -> quantization record
-    build("dsm.onnx", "dsm.xml", backend="openvino", precision="bf16") -> build record
+    build("dsm.onnx", "dsm.xml", backend="openvino", precision="bf16") -> BuildRecord
     tune(model=..., weights=..., images=..., target_speedup=1.6) -> TuneReport
 """
 
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .check.validate import validate as _validate_onnx
-from .check.validate import validate_engine, validate_openvino
+from .check.validate import validate as _validate
 from .engines.int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
-from .errors import DSMError
+from .engines.registry import BuildRecord, BuildRequest, RunnerOptions, build_engine
 from .graph.export import ExportInfo, export_onnx, load_onnx, read_metadata
 from .search.tuning import TuneOptions, TuneReport, tune
 
@@ -46,15 +45,18 @@ def export(model_name: str, output: str, schedule="none", **kwargs) -> ExportInf
     return export_onnx(model_name, output, schedule, **kwargs)
 
 
-def validate(engine: str, images, **kwargs) -> dict:
-    """Validate an engine against PyTorch on ``images`` (``dsm-export validate``): ONNX Runtime for
-    ``.onnx``, OpenVINO for ``.xml``, TensorRT for ``.plan``/``.engine``.
+def validate(engine: str, images, threads: int | None = None, provider: str | None = "cpu",
+             flavour: str = "auto", runtime_cache: str | None = None, **kwargs) -> dict:
+    """Validate an engine of any registered backend against PyTorch on ``images`` (``dsm-export
+    validate``): ONNX Runtime for ``.onnx``, OpenVINO for ``.xml``, TensorRT for ``.plan``, ExecuTorch
+    for ``.pte`` (:mod:`dsm_export.engines.registry`).
 
     Args:
         engine: the engine file (its metadata names the model, schedule and weights).
         images: an image folder or an :class:`~dsm_export.data.ImageSet`.
-        **kwargs: ``limit`` (images), ``weights``, ``batch_size``, ``provider`` (``.onnx``), ...
-            (:func:`dsm_export.check.validate.validate_runner`).
+        threads, provider, flavour, runtime_cache: how it runs (:class:`~dsm_export.engines.RunnerOptions`).
+        **kwargs: ``limit`` (images), ``weights``, ``batch_size``, ``precision`` (the criterion), ...
+            (:class:`dsm_export.check.validate.ValidateOptions`).
 
     Returns:
         the report: ``passed`` and its ``criterion``, ``max_abs_diff`` (logits, against PyTorch
@@ -64,11 +66,8 @@ def validate(engine: str, images, **kwargs) -> dict:
     Raises:
         DSMError: a foreign or corrupt file, missing weights, an unavailable runtime.
     """
-    if engine.endswith(".xml"):
-        return validate_openvino(engine, images, **kwargs)
-    if engine.endswith((".plan", ".engine")):
-        return validate_engine(engine, images, **kwargs)
-    return _validate_onnx(engine, images, **kwargs)
+    options = RunnerOptions(threads=threads, provider=provider, flavour=flavour, runtime_cache=runtime_cache)
+    return _validate(engine, images, options, **kwargs)
 
 
 def quantize(onnx_path: str, output: str, calibration: str | np.ndarray | None = None,
@@ -97,48 +96,26 @@ def quantize(onnx_path: str, output: str, calibration: str | np.ndarray | None =
 
 
 def build(onnx_path: str, output: str, backend: str = "onnxruntime", precision: str = "fp32",
-          calibration: str | None = None, calibration_count: int = 64, **options) -> dict:
-    """An engine from a dsm-export ONNX file (``dsm-export build``).
+          calibration: str | None = None, calibration_count: int = 64, **options) -> BuildRecord:
+    """An engine from a dsm-export ONNX file (``dsm-export build``), by any registered backend.
 
     Args:
         backend: ``onnxruntime`` (fp32, fp16, int8: an optimized or quantized ``.onnx``),
-            ``openvino`` (fp32, bf16, int8: an IR, ``output`` ends in ``.xml``) or ``tensorrt``
-            (fp32, fp16, int8 from a quantized file: a plan).
-        calibration: image folder for int8 (onnxruntime, openvino).
+            ``openvino`` (fp32, bf16, int8: an IR, ``output`` ends in ``.xml``), ``tensorrt``
+            (fp32, fp16, int8 from a quantized file: a plan) or ``executorch`` (fp32, int8: a ``.pte``);
+            :func:`dsm_export.engines.registry.names` lists them.
+        calibration: image folder for int8 (onnxruntime, openvino, executorch).
         **options: the backend's options (:class:`~dsm_export.engines.int8.quantize.QuantizeOptions`,
             :class:`~dsm_export.engines.openvino.OpenVINOOptions`,
             :class:`~dsm_export.engines.tensorrt.TensorRTOptions` fields).
 
     Returns:
-        the backend's build record (precision, nodes kept in fp32, ...).
+        the backend's :class:`~dsm_export.engines.BuildRecord` (``record["fp32_matching_nodes"]``
+        and the other keys of the backend's record read through it).
 
     Raises:
-        DSMError: an unknown backend or precision, int8 without calibration images, and what the
-            backend raises.
+        DSMError: an unknown backend or precision, an option of another backend, int8 without
+            calibration images, and what the backend raises.
     """
-    if backend == "onnxruntime":
-        if precision == "int8":
-            return quantize(onnx_path, output, calibration,
-                            QuantizeOptions(calibration_count=calibration_count, **options))
-        if precision not in ("fp32", "fp16"):
-            raise DSMError(f"precision {precision!r}: onnxruntime builds fp32, fp16 or int8")
-        from .engines import build_onnxruntime
-
-        return build_onnxruntime(onnx_path, output, fp16=precision == "fp16")
-    if backend == "openvino":
-        from .engines.openvino import OpenVINOOptions, build_openvino, check_openvino_input
-
-        opts = OpenVINOOptions(precision=precision, **options)
-        opts.check()
-        model = check_openvino_input(onnx_path)
-        pixels = files = None
-        if precision == "int8":
-            if calibration is None:
-                raise DSMError("openvino int8 needs calibration images")
-            pixels, files = calibration_pixels(read_metadata(model, onnx_path).model, calibration, calibration_count)
-        return build_openvino(onnx_path, output, opts, pixels, files)
-    if backend == "tensorrt":
-        from .engines.tensorrt import TensorRTOptions, build_tensorrt
-
-        return build_tensorrt(onnx_path, output, TensorRTOptions(precision=precision, **options))
-    raise DSMError(f"backend {backend!r}: choose onnxruntime, openvino or tensorrt")
+    request = BuildRequest(onnx_path, output, precision, calibration, calibration_count, options)
+    return build_engine(request, backend, log=print)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 from .errors import DSMError
@@ -42,3 +43,9 @@ def write_json(path: str, data) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` atomically (a temporary file beside ``dst``, then a rename)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -31,7 +31,7 @@ from ..core.flops import schedule_flops
 from ..core.models import create_model, is_embedding_model, pretrained_file, sha256_file
 from ..core.patch import apply, input_size
 from ..core.schedule import Schedule
-from ..engines.onnxruntime import batched_runner
+from ..engines.registry import Runner, RunnerOptions, open_runner
 from ..metrics import (  # noqa: F401  (the metrics, here since before metrics.py)
     KNN_K, agreement_metrics, cosine_similarity, embedding_metrics, kl_divergence, knn_indices, knn_overlap,
     output_metrics, per_image_divergence,
@@ -67,21 +67,15 @@ class Logits:
     unmerged: np.ndarray
 
 
-def onnx_runner(path: str, threads: int | None = None, provider: str | None = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """An ONNX Runtime runner for ``path``: ``[B, 3, H, W]`` float32 -> ``[B, classes]`` (or
-    ``[B, dim]`` embeddings), on ``provider`` (see :func:`dsm_export.engines.providers.resolve_providers`).
-
-    A graph with a static batch axis is fed in chunks of that size, the last one padded.
+def onnx_runner(path: str, threads: int | None = None, provider: str | None = "cpu") -> Runner:
+    """A runner for the engine ``path`` (an ONNX file: ONNX Runtime on ``provider``, see
+    :func:`dsm_export.engines.providers.resolve_providers`): ``[B, 3, H, W]`` float32 -> ``[B, classes]``
+    (or ``[B, dim]`` embeddings); :func:`dsm_export.engines.registry.open_runner` with those options.
 
     Raises:
-        DSMError: if ONNX Runtime cannot load the file, or the provider is not available.
+        DSMError: if the runtime cannot load the file, or the provider is not available.
     """
-    from ..engines.providers import create_session
-
-    session = create_session(path, provider, threads, optimization="default")
-    inp = session.get_inputs()[0]
-    static = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    return batched_runner(lambda x: session.run(None, {inp.name: x})[0], static)
+    return open_runner(path, RunnerOptions(threads=threads, provider=provider))
 
 
 def resolve_weights(info: ExportInfo, weights: str | None = None, pretrained: bool = False,
@@ -164,70 +158,70 @@ def collect_logits(runner, model, merged, images, transform, batch_size: int, pr
     return Logits(np.concatenate(graph), np.concatenate(ref), np.concatenate(base))
 
 
-def validate_runner(
-    runner: Callable[[np.ndarray], np.ndarray],
-    info: ExportInfo,
-    images_dir: str | ImageSet,
-    weights: str | None = None,
-    model_name: str | None = None,
-    schedule: Schedule | str | None = None,
-    atol: float = DEFAULT_ATOL,
-    batch_size: int = 32,
-    limit: int | None = None,
-    progress: bool = True,
-    fp16: bool = False,
-    int8: bool = False,
-    pretrained: bool = False,
-    source_path: str | None = None,
-    bf16: bool = False,
-) -> dict:
-    """Compare any graph runner with PyTorch over an image folder (see module docstring).
+@dataclass(frozen=True)
+class ValidateOptions:
+    """What the PyTorch side of a validation is and how it is judged.
 
-    Args:
-        runner: ``[B, 3, H, W]`` float32 numpy -> ``[B, classes]`` logits (or ``[B, dim]`` embeddings).
-        info: the graph's dsm-export metadata (model, schedule, weights, input size, output kind).
-        images_dir: folder of images, optionally with ``labels.csv``; or an already listed (and
-            checked, see :func:`dsm_export.checks.readable_images`) :class:`~dsm_export.data.ImageSet`.
-        weights, model_name, schedule: override what the metadata says.
-        atol: tolerance on the max absolute logit difference against PyTorch-with-schedule
-            (classifiers only).
+    Attributes:
+        weights, model_name, schedule: override what the engine's metadata says.
+        atol: tolerance on the max absolute logit difference against PyTorch-with-schedule (fp32
+            classifiers).
         batch_size: images per batch.
         limit: validate on the first ``limit`` images only (a folder given by name).
         progress: show a progress bar.
-        fp16: judge by the fp16 criterion (:data:`FP16_MEDIAN_ATOL`, :data:`FP16_MIN_TOP1_MATCH`;
-            :data:`FP16_COSINE_ATOL`, :data:`FP16_MIN_KNN_OVERLAP` for embeddings).
-        int8: judge a classifier by the INT8 criterion (:data:`INT8_MIN_TOP1_MATCH`, :data:`INT8_MAX_KL`).
-        bf16: judge a classifier by the bf16 criterion (:data:`BF16_MIN_TOP1_MATCH`, :data:`BF16_MAX_KL`;
-            embeddings by the fp16 one).
+        precision: the criterion: ``fp32``, ``fp16`` (:data:`FP16_MEDIAN_ATOL`,
+            :data:`FP16_MIN_TOP1_MATCH`; embeddings :data:`FP16_COSINE_ATOL`), ``bf16``
+            (:data:`BF16_MIN_TOP1_MATCH`, :data:`BF16_MAX_KL`; embeddings as fp16) or ``int8``
+            (:data:`INT8_MIN_TOP1_MATCH`, :data:`INT8_MAX_KL`); None: the runner's ``judged_as``.
         pretrained: rebuild the PyTorch model from timm's pretrained weights of the model name.
-        source_path: the graph's file; a relative weights path in the metadata is taken from its folder.
+        source_path: the engine's file; a relative weights path in the metadata is taken from its folder.
+    """
 
-    Returns:
-        The report. Always: ``model``, ``schedule``, ``images``, ``output`` (``logits`` or
-        ``embeddings``), ``gflops``, ``baseline_gflops``, ``flops_ratio``, ``criterion``, ``passed``.
-        Classifiers: ``max_abs_diff``, ``median_abs_diff``, ``top1_match_pytorch`` (fraction),
-        ``top1_mismatches``, ``top1_agreement``, ``kl`` (mean, nats), ``top1_accuracy`` and
-        ``baseline_top1_accuracy`` (None for unlabelled folders), ``atol``. Embeddings:
-        ``cosine`` = ``{"pytorch": {"min", "mean"}, "unmerged": {"min", "mean"}, "knn_k",
-        "knn_overlap_pytorch", "knn_overlap_unmerged", "tolerance"}`` and ``max_abs_diff``.
-        Also ``precision`` (``fp32``, ``fp16``, ``bf16`` or ``int8``) and, for classifiers, ``kl_to_pytorch``
-        (mean KL from PyTorch-with-schedule to the graph, nats).
+    weights: str | None = None
+    model_name: str | None = None
+    schedule: Schedule | str | None = None
+    atol: float = DEFAULT_ATOL
+    batch_size: int = 32
+    limit: int | None = None
+    progress: bool = True
+    precision: str | None = None
+    pretrained: bool = False
+    source_path: str | None = None
+
+    def check(self) -> None:
+        """Raises DSMError on a batch size below 1, a non-positive atol or an unknown precision."""
+        if self.batch_size < 1:
+            raise DSMError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.atol <= 0:
+            raise DSMError(f"atol must be positive, got {self.atol}")
+        if self.precision not in (None, *CRITERIA):
+            raise DSMError(f"precision {self.precision!r}: choose one of {', '.join(CRITERIA)}")
+
+
+@dataclass
+class Reference:
+    """The PyTorch side of a validation: the unmerged model and the same schedule's reference form."""
+
+    name: str
+    schedule: Schedule
+    model: torch.nn.Module
+    merged: torch.nn.Module
+
+
+def reference_models(info: ExportInfo, options: ValidateOptions) -> Reference:
+    """Rebuild the PyTorch model an engine was exported from, checked against the engine's metadata.
 
     Raises:
-        DSMError: bad folder, weights, model name or schedule; an input size other than the model's.
+        DSMError: missing or mismatched weights, another input size or output kind than the engine's.
     """
-    if batch_size < 1:
-        raise DSMError(f"batch size must be at least 1, got {batch_size}")
-    if atol <= 0:
-        raise DSMError(f"atol must be positive, got {atol}")
-    name = model_name or info.model
+    name = options.model_name or info.model
+    schedule = options.schedule
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
     schedule = schedule or info.schedule
-    images = images_dir if isinstance(images_dir, ImageSet) else list_images(images_dir, limit)
-    path, use_pretrained = resolve_weights(info, weights, pretrained, source_path)
+    path, use_pretrained = resolve_weights(info, options.weights, options.pretrained, options.source_path)
     model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
-    check_weights(info, model, use_pretrained and not model_name)
+    check_weights(info, model, use_pretrained and not options.model_name)
     if tuple(input_size(model)) != tuple(info.input_size):
         c, h, w = info.input_size
         _, mh, mw = input_size(model)
@@ -236,68 +230,98 @@ def validate_runner(
         raise DSMError(f"the graph outputs {info.output} but {name} (num_classes "
                        f"{model.num_classes}) does not: pass the export's --num-classes")
     merged = apply(model, schedule, impl="reference", name=name).eval()
-    logits = collect_logits(runner, model, merged, images, eval_transform(model), batch_size, progress)
-    if logits.graph.shape != logits.merged.shape:
-        raise DSMError(f"the graph outputs {logits.graph.shape[1:]} per image but {name} gives "
-                       f"{logits.merged.shape[1:]}")
+    return Reference(name, schedule, model, merged)
 
-    flops, base_flops, _ = schedule_flops(model, schedule, info.last_block)
+
+def validate_runner(runner: Callable[[np.ndarray], np.ndarray], info: ExportInfo, images_dir: str | ImageSet,
+                    options: ValidateOptions | None = None, **overrides) -> dict:
+    """Compare any graph runner with PyTorch over an image folder (see module docstring).
+
+    Args:
+        runner: ``[B, 3, H, W]`` float32 numpy -> ``[B, classes]`` logits (or ``[B, dim]`` embeddings);
+            a :class:`~dsm_export.engines.registry.Runner` gives its ``judged_as`` as the precision.
+        info: the graph's dsm-export metadata (model, schedule, weights, input size, output kind).
+        images_dir: folder of images, optionally with ``labels.csv``; or an already listed (and
+            checked, see :func:`dsm_export.checks.readable_images`) :class:`~dsm_export.data.ImageSet`.
+        options: :class:`ValidateOptions`; ``overrides``: its fields by name instead.
+
+    Returns:
+        The report. Always: ``model``, ``schedule``, ``images``, ``output`` (``logits`` or
+        ``embeddings``), ``gflops``, ``baseline_gflops``, ``flops_ratio``, ``criterion``, ``passed``,
+        ``precision``. Classifiers: ``max_abs_diff``, ``median_abs_diff``, ``top1_match_pytorch``
+        (fraction), ``top1_mismatches``, ``top1_agreement``, ``kl`` (mean, nats), ``kl_to_pytorch``,
+        ``top1_accuracy`` and ``baseline_top1_accuracy`` (None for unlabelled folders), ``atol``.
+        Embeddings: ``cosine`` = ``{"pytorch": {"min", "mean"}, "unmerged": {"min", "mean"}, "knn_k",
+        "knn_overlap_pytorch", "knn_overlap_unmerged", "tolerance"}`` and ``max_abs_diff``.
+
+    Raises:
+        DSMError: bad folder, weights, model name, schedule or options; an input size other than the model's.
+    """
+    options = replace(options or ValidateOptions(), **overrides)
+    options.check()
+    precision = options.precision or getattr(runner, "judged_as", "fp32")
+    images = images_dir if isinstance(images_dir, ImageSet) else list_images(images_dir, options.limit)
+    ref = reference_models(info, options)
+    logits = collect_logits(runner, ref.model, ref.merged, images, eval_transform(ref.model), options.batch_size,
+                            options.progress)
+    if logits.graph.shape != logits.merged.shape:
+        raise DSMError(f"the graph outputs {logits.graph.shape[1:]} per image but {ref.name} gives "
+                       f"{logits.merged.shape[1:]}")
+    flops, base_flops, _ = schedule_flops(ref.model, ref.schedule, info.last_block)
     per_image = np.abs(logits.graph - logits.merged).max(-1)
     report = {
-        "model": name,
-        "schedule": schedule.spec(),
-        "images": len(images),
-        "output": info.output,
-        "max_abs_diff": float(per_image.max()),
-        "median_abs_diff": float(np.median(per_image)),
+        "model": ref.name, "schedule": ref.schedule.spec(), "images": len(images), "output": info.output,
+        "max_abs_diff": float(per_image.max()), "median_abs_diff": float(np.median(per_image)),
         # a photo this far off merged other tokens: a near-tie in the matching scores that the two
         # frameworks' float rounding ordered differently (research/tie_flips.py counts them)
         "images_over_1e-3": int((per_image > 1e-3).sum()),
-        "precision": "int8" if int8 else "bf16" if bf16 else "fp16" if fp16 else "fp32",
-        "gflops": flops / 1e9,
-        "baseline_gflops": base_flops / 1e9,
+        "precision": precision, "gflops": flops / 1e9, "baseline_gflops": base_flops / 1e9,
         "flops_ratio": base_flops / flops,
     }
     if info.embeddings:
-        report.update(_embedding_report(logits, fp16 or bf16))
+        report.update(_embedding_report(logits, precision in ("fp16", "bf16")))
         return report
-
-    diff = report["max_abs_diff"]
     match = logits.graph.argmax(-1) == logits.merged.argmax(-1)
     report.update({
-        "top1_match_pytorch": float(match.mean()),
-        "top1_mismatches": int((~match).sum()),
+        "top1_match_pytorch": float(match.mean()), "top1_mismatches": int((~match).sum()),
         "logit_std": float(np.std(logits.merged)),  # the scale max_abs_diff is read against
         "kl_to_pytorch": float(kl_divergence(logits.merged, logits.graph).mean()),
-        **agreement_metrics(logits.graph, logits.unmerged, images.labels),
-        "atol": atol,
+        **agreement_metrics(logits.graph, logits.unmerged, images.labels), "atol": options.atol,
     })
     if images.labels is None:
         report["top1_accuracy"] = None
         report["baseline_top1_accuracy"] = None
-    if int8:
-        # INT8 engines: quantization moves every logit; judged by agreement with and KL to the fp32
-        # model with the same schedule, not by the worst logit.
-        report["criterion"] = (f"int8: top-1 match with PyTorch-with-schedule >= {INT8_MIN_TOP1_MATCH:.0%}, "
-                               f"KL to it <= {INT8_MAX_KL}")
-        report["passed"] = bool(report["top1_match_pytorch"] >= INT8_MIN_TOP1_MATCH
-                                and report["kl_to_pytorch"] <= INT8_MAX_KL)
-    elif bf16:
-        report["criterion"] = (f"bf16: top-1 match with PyTorch-with-schedule >= {BF16_MIN_TOP1_MATCH:.0%}, "
-                               f"KL to it <= {BF16_MAX_KL}")
-        report["passed"] = bool(report["top1_match_pytorch"] >= BF16_MIN_TOP1_MATCH
-                                and report["kl_to_pytorch"] <= BF16_MAX_KL)
-    elif fp16:
-        # fp16 engines: a near-tie in the matching may merge other tokens than fp32 does on a few
-        # images, so the criterion is on the typical image and on top-1, not on the worst logit.
-        report["criterion"] = (f"fp16: median per-image max |dlogit| <= {FP16_MEDIAN_ATOL}, "
-                               f"top-1 match >= {FP16_MIN_TOP1_MATCH:.0%}")
-        report["passed"] = bool(report["median_abs_diff"] <= FP16_MEDIAN_ATOL
-                                and report["top1_match_pytorch"] >= FP16_MIN_TOP1_MATCH)
-    else:
-        report["criterion"] = f"fp32: max |dlogit| <= {atol:g} and top-1 equal on every image"
-        report["passed"] = bool(diff <= atol and match.all())
+    report["criterion"], report["passed"] = CRITERIA[precision](report, bool(match.all()))
     return report
+
+
+def _fp32_criterion(report: dict, all_match: bool) -> tuple[str, bool]:
+    atol = report["atol"]
+    return (f"fp32: max |dlogit| <= {atol:g} and top-1 equal on every image",
+            bool(report["max_abs_diff"] <= atol and all_match))
+
+
+def _fp16_criterion(report: dict, all_match: bool) -> tuple[str, bool]:
+    # fp16 engines: a near-tie in the matching may merge other tokens than fp32 does on a few
+    # images, so the criterion is on the typical image and on top-1, not on the worst logit.
+    return (f"fp16: median per-image max |dlogit| <= {FP16_MEDIAN_ATOL}, top-1 match >= {FP16_MIN_TOP1_MATCH:.0%}",
+            bool(report["median_abs_diff"] <= FP16_MEDIAN_ATOL and report["top1_match_pytorch"] >= FP16_MIN_TOP1_MATCH))
+
+
+def _bf16_criterion(report: dict, all_match: bool) -> tuple[str, bool]:
+    return (f"bf16: top-1 match with PyTorch-with-schedule >= {BF16_MIN_TOP1_MATCH:.0%}, KL to it <= {BF16_MAX_KL}",
+            bool(report["top1_match_pytorch"] >= BF16_MIN_TOP1_MATCH and report["kl_to_pytorch"] <= BF16_MAX_KL))
+
+
+def _int8_criterion(report: dict, all_match: bool) -> tuple[str, bool]:
+    # INT8 engines: quantization moves every logit; judged by agreement with and KL to the fp32
+    # model with the same schedule, not by the worst logit.
+    return (f"int8: top-1 match with PyTorch-with-schedule >= {INT8_MIN_TOP1_MATCH:.0%}, KL to it <= {INT8_MAX_KL}",
+            bool(report["top1_match_pytorch"] >= INT8_MIN_TOP1_MATCH and report["kl_to_pytorch"] <= INT8_MAX_KL))
+
+
+# A classifier's criterion per precision: (report, top-1 equal on every image) -> (text, passed).
+CRITERIA = {"fp32": _fp32_criterion, "fp16": _fp16_criterion, "bf16": _bf16_criterion, "int8": _int8_criterion}
 
 
 def _embedding_report(logits: Logits, fp16: bool) -> dict:
@@ -329,62 +353,32 @@ def _embedding_report(logits: Logits, fp16: bool) -> dict:
     }
 
 
-def validate(onnx_path: str, images_dir: str | ImageSet, threads: int | None = None, provider: str | None = "cpu",
+def validate(path: str, images_dir: str | ImageSet, runner_options: RunnerOptions | None = None,
              **kwargs) -> dict:
-    """Validate an exported ONNX file with ONNX Runtime on ``provider``; see :func:`validate_runner`.
+    """Validate an engine of any registered backend against PyTorch (``dsm-export validate``): the
+    backend that claims the file's suffix opens a runner on it (:func:`dsm_export.engines.registry.open_runner`),
+    judged by the precision it runs at (an OpenVINO bf16 IR on a CPU without BF16 runs f32: the fp32
+    criterion). The rest as for :func:`validate_runner`; the report adds ``engine`` (the backend),
+    ``runtime`` (the runner's label) and, for OpenVINO, ``inference_precision``.
+
+    Args:
+        path: the engine file (its metadata names the model, schedule and weights).
+        images_dir: as for :func:`validate_runner`.
+        runner_options: threads, ONNX Runtime provider, TensorRT flavour and runtime cache.
+        **kwargs: :class:`ValidateOptions` fields.
 
     Raises:
-        DSMError: corrupt or foreign ONNX file, an unavailable provider, and everything
-            :func:`validate_runner` raises.
+        DSMError: a foreign or corrupt file, an unavailable runtime or provider, no GPU for a GPU
+            engine, and everything :func:`validate_runner` raises.
     """
-    model = load_onnx(onnx_path, weights=False)
-    info = read_metadata(model, onnx_path)
-    from ..graph.facts import precision_of
-
-    precision = precision_of(model)["precision"]
-    kwargs.setdefault("fp16", precision == "fp16")
-    kwargs.setdefault("int8", precision == "int8")
-    kwargs.setdefault("source_path", onnx_path)
-    return validate_runner(onnx_runner(onnx_path, threads, provider), info, images_dir, **kwargs)
-
-
-def validate_engine(plan_path: str, images_dir: str | ImageSet, flavour: str = "auto",
-                    runtime_cache: str | None = None, **kwargs) -> dict:
-    """Validate a TensorRT engine built by ``dsm-export build`` (needs an NVIDIA GPU, and the TensorRT
-    flavour and release that built it); ``flavour`` and ``runtime_cache`` as for
-    :class:`dsm_export.engines.TensorRTRunner`, the rest as for :func:`validate_runner`."""
-    from ..engines import TensorRTRunner, engine_info
-
-    info, sidecar = engine_info(plan_path)
-    runner = TensorRTRunner(plan_path, flavour, runtime_cache)
-    kwargs.setdefault("fp16", sidecar.get("precision") == "fp16")
-    kwargs.setdefault("int8", sidecar.get("precision") == "int8")
-    source = sidecar.get("source_onnx")
-    if source and not os.path.isabs(source):
-        source = os.path.join(os.path.dirname(os.path.abspath(plan_path)), source)
-    kwargs.setdefault("source_path", source or plan_path)
-    return validate_runner(runner, info, images_dir, **kwargs)
-
-
-def validate_openvino(xml_path: str, images_dir: str | ImageSet, threads: int | None = None, **kwargs) -> dict:
-    """Validate an OpenVINO IR built by ``dsm-export build --backend openvino`` on the CPU, compiled at
-    the inference precision the IR records (:class:`dsm_export.engines.openvino.OpenVINORunner`); judged
-    by the int8 criterion for an int8 IR, else by that of what OpenVINO runs: bf16, or fp32 where it
-    runs f32 (a bf16 IR on a CPU without BF16). The rest as for :func:`validate_runner`;
-    the report adds ``inference_precision`` (what OpenVINO ran: ``f32`` or ``bf16``).
-
-    Raises:
-        DSMError: OpenVINO missing, a foreign IR, and everything :func:`validate_runner` raises.
-    """
-    from ..engines.openvino import OpenVINORunner
-
-    runner = OpenVINORunner(xml_path, threads)
-    precision = runner.meta.get("precision", "fp32")
-    kwargs.setdefault("int8", precision == "int8")
-    # judged by what runs: a bf16 IR on a CPU without BF16 runs f32 and meets the fp32 criterion
-    kwargs.setdefault("bf16", precision != "int8" and runner.inference_precision == "bf16")
-    kwargs.setdefault("source_path", xml_path)
-    report = validate_runner(runner, runner.info, images_dir, **kwargs)
-    report["inference_precision"] = runner.inference_precision
-    report["engine"] = "openvino"
+    runner = open_runner(path, runner_options)
+    try:
+        kwargs.setdefault("source_path", runner.engine_file.source_path)
+        report = validate_runner(runner, runner.engine_file.info, images_dir, **kwargs)
+    finally:
+        runner.close()
+    report["engine"] = runner.engine_file.backend
+    report["runtime"] = runner.label
+    if getattr(runner, "inference_precision", None):
+        report["inference_precision"] = runner.inference_precision
     return report

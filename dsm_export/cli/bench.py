@@ -1,23 +1,23 @@
-"""Subcommand ``bench``: throughput and batch-1 latency of a merged engine against the unmerged one.
+"""Subcommand ``bench``: throughput and batch-1 latency of a merged engine against the unmerged one, for
+an engine of any registered backend (:mod:`dsm_export.engines.registry`).
 
-ONNX files run in ONNX Runtime (any execution provider): the two graphs alternate on the same random
-batch, several repetitions each, and the median images/s of each and their ratio are reported, then
-the batch-1 latency (p50, p90 over --latency-runs single-image runs, graphs alternating), with the
-machine, the CPU and the thread count. Without a second file the unmerged model as timm runs it
-(every block on every token) is exported in a temporary folder as the baseline.
+The merged engine and its baseline run through their backend's :class:`~dsm_export.engines.Runner`
+and alternate on the same random batch, several repetitions each; the median images/s of each and
+their ratio are reported, then (engines that take one image) the batch-1 latency (p50, p90 over
+--latency-runs single-image runs, engines alternating), with the machine, the runtime and the threads.
 
-OpenVINO IRs (``.xml``, from ``build --backend openvino``) run in OpenVINO on the CPU at the precision
-they record, alternating with two unmerged baselines: OpenVINO's default compile of the unmerged model
-(bf16 on a CPU that has it; the fastest unmerged engine of that runtime) and ONNX Runtime fp32. A
-second .xml replaces the OpenVINO baseline.
-
-TensorRT engines (``.plan``) run on an NVIDIA GPU through :class:`dsm_export.engines.TensorRTRunner`:
-device-resident input, CUDA events, median of the repetitions, engines alternating. Where no GPU is
-visible this says so in one line (exit 2) before anything runs.
+The baseline is the second file, of the same backend; without one, the unmerged model as timm runs it
+(every block on every token) is exported in a temporary folder and the backend makes its fastest
+unmerged engine of it (ONNX Runtime: the export itself; OpenVINO: its default compile, bf16 on a CPU
+that has it; ExecuTorch: an fp32 program). Backends that run on the CPU beside ONNX Runtime
+(OpenVINO) are also timed against ONNX Runtime's fp32 unmerged model. A backend that needs a GPU
+(TensorRT) says so in one line (exit 2) before anything runs where none is visible, times on the
+device (CUDA events) and takes its baseline as a second file.
 
     dsm-export bench out/deit_tiny_dsm.onnx --batch 32
     dsm-export bench dsm.plan none.plan --batch 32
     dsm-export bench out/deit_tiny_dsm_int8.xml --batch 32
+    dsm-export bench dsm_int8.pte none.pte --batch 8
 """
 
 from __future__ import annotations
@@ -26,22 +26,32 @@ import os
 import platform
 import statistics
 import tempfile
+import time
+from dataclasses import dataclass
 
+import numpy as np
+
+from .. import checks
+from ..engines.registry import Backend, Runner, RunnerOptions, backend_for, open_runner
 from ..errors import DSMError
+from ..graph.export import export_onnx, weights_path
+from ..search.timing import alternating_throughput, cpu_name
 from ._common import TENSORRT_FLAVOURS
 
 
 def add(sub):
     p = sub.add_parser("bench", help="throughput and batch-1 latency: a merged engine against the unmerged one")
-    p.add_argument("merged", help="merged (DSM/ToMe, INT8) ONNX export, an OpenVINO .xml, or a TensorRT .plan")
+    p.add_argument("merged", help="merged (DSM/ToMe, INT8) engine: .onnx, OpenVINO .xml, TensorRT .plan, "
+                                  "ExecuTorch .pte")
     p.add_argument("baseline", nargs="?",
-                   help="unmerged export or .plan (default for ONNX: exported on the fly; a .plan needs one)")
+                   help="unmerged engine of the same backend (default: made from an unmerged export on the fly; "
+                        "a .plan needs one)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7, help="repetitions; the median is reported (>= 5)")
     p.add_argument("--iters", type=int, default=2, help="runs per repetition")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op (OpenVINO inference) threads (default: all cores)")
-    p.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per graph (>= 50; 0 skips)")
+    p.add_argument("--threads", type=int, help="intra-op (inference) threads (default: all cores)")
+    p.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per engine (>= 50; 0 skips)")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name")
     p.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
@@ -49,136 +59,130 @@ def add(sub):
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from .. import checks
+@dataclass
+class Timed:
+    """The engines of one bench run: label -> runner, and what each baseline is."""
 
+    runners: dict[str, Runner]
+    notes: dict[str, str]
+
+
+def run(args) -> int:
+    backend = _check(args)
+    options = RunnerOptions(threads=args.threads, provider=args.provider, flavour=args.tensorrt,
+                            spinning=False if backend.timed_against_runtime else None)
+    merged = open_runner(args.merged, options)  # the runtime (a GPU where it needs one) before any export
+    engine = merged.engine_file
+    if engine.static_batch and args.batch != engine.static_batch:
+        raise DSMError(f"{args.merged!r} has a fixed batch of {engine.static_batch}: give --batch {engine.static_batch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        timed = _engines(backend, merged, args, options, tmp)
+        try:
+            rates = _throughput(timed.runners, engine.info.input_size, args)
+            latency = _latency(timed.runners, engine.info.input_size, args.latency_runs) \
+                if args.latency_runs and all(r.engine_file.static_batch in (None, 1) for r in timed.runners.values()) \
+                else None
+        finally:
+            for r in timed.runners.values():
+                r.close()
+    _print(args, backend, timed, rates, latency)
+    return 0
+
+
+def _check(args) -> Backend:
+    """Every mistake refused (one line) before any engine is loaded."""
     if args.repeats < 5:
         raise DSMError("--repeats must be at least 5")
     if 0 < args.latency_runs < 50:
         raise DSMError("--latency-runs must be 0 or at least 50")
-    files = [f for f in (args.merged, args.baseline) if f]
-    for f in files:
-        checks.input_file(f, "engine" if f.endswith(".plan") else "ONNX file")
-    if files[0].endswith(".xml"):
-        if args.baseline and not args.baseline.endswith(".xml"):
-            raise DSMError("an OpenVINO .xml is timed against another .xml (or, given none, the unmerged model)")
-        if args.provider != "cpu":
-            raise DSMError("--provider is for ONNX files: an OpenVINO IR runs in OpenVINO on the CPU")
-        return _bench_openvino(args)
-    plans = [f.endswith(".plan") for f in files]
-    if any(plans):
-        if not all(plans) or len(files) != 2:
-            raise DSMError("a TensorRT .plan is timed against another .plan: give the merged and the unmerged engine")
-        return _bench_plans(args)
-    return _bench_onnx(args)
+    backend = backend_for(args.merged)
+    for f in (args.merged, args.baseline):
+        if f:
+            checks.input_file(f, "engine")
+            if backend.preflight is not None:
+                backend.preflight(f)
+    if args.baseline and backend_for(args.baseline) is not backend:
+        raise DSMError(f"a {backend.label} engine is timed against another {backend.label} engine "
+                       f"({' or '.join(backend.suffixes)}), or, given none, the unmerged model")
+    if backend.baseline is None and not args.baseline:
+        raise DSMError(f"a {backend.label} engine is timed against another: give the merged and the unmerged engine")
+    if args.provider != "cpu" and not backend.providers:
+        raise DSMError(f"--provider is for ONNX files: a {backend.label} engine runs in {backend.label}")
+    return backend
 
 
-def _print_rates(rates: dict[str, float]) -> None:
-    print(f"  none   : {rates['none']:8.1f} images/s")
-    print(f"  merged : {rates['merged']:8.1f} images/s")
-    print(f"  ratio  : {rates['merged'] / rates['none']:.2f}x")
-
-
-def _bench_plans(args) -> int:
-    from ..engines.tensorrt import TensorRTRunner, engine_info, gpu_info, require_gpu
-
-    require_gpu()
-    runners = {"merged": TensorRTRunner(args.merged, args.tensorrt), "none": TensorRTRunner(args.baseline, args.tensorrt)}
-    info, sidecar = engine_info(args.merged)
-    rates = {k: [] for k in runners}
-    for _ in range(args.repeats):  # engines alternate; each figure is itself a median of 3 event timings
-        for k, r in runners.items():
-            rates[k].append(r.throughput(args.batch, repeats=3, iters=args.iters, warmup=args.warmup))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    gpu = gpu_info()
-    print(f"machine: {platform.node()} | {gpu['gpu']} (compute capability {gpu['compute_capability']}) | "
-          f"{runners['merged'].trt.name}")
-    print(f"model {info.model}, schedule {info.schedule.spec()}, {sidecar.get('precision')}, batch {args.batch}, "
-          f"median of {args.repeats} repetitions x {args.iters} runs, engines alternating")
-    _print_rates(med)
-    return 0
-
-
-def _bench_openvino(args) -> int:
-    import numpy as np
-    import onnxruntime as ort
-
-    from ..search.timing import alternating_throughput, cpu_name, make_session
-    from ..engines.openvino import OpenVINORunner, import_openvino, read_ir_metadata
-    from ..graph.export import export_onnx, weights_path
-
-    ov = import_openvino()
-    info, meta = read_ir_metadata(args.merged)
-    if info.batch and args.batch != info.batch:
-        raise DSMError(f"{args.merged!r} has a fixed batch of {info.batch}: give --batch {info.batch}")
-    merged = OpenVINORunner(args.merged, args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
+def _engines(backend: Backend, merged: Runner, args, options: RunnerOptions, tmp: str) -> Timed:
+    """The merged engine, its baseline and (CPU backends beside ONNX Runtime) ONNX Runtime's fp32 unmerged model."""
+    runners, notes = {"merged": merged}, {}
+    none_onnx = None
+    if not args.baseline or backend.timed_against_runtime:
+        info = merged.engine_file.info
         none_onnx = os.path.join(tmp, "none.onnx")
         export_onnx(info.model, none_onnx, "none", weights_path(info, args.merged) or None, batch=info.batch,
-                    pretrained=info.pretrained, num_classes=info.num_classes, full_last_block=True)
-        config = {"INFERENCE_NUM_THREADS": int(args.threads)} if args.threads else {}
-        ov_none = (OpenVINORunner(args.baseline, args.threads).compiled if args.baseline
-                   else merged.core.compile_model(ov.convert_model(none_onnx), "CPU", config))
-        session = make_session(none_onnx, args.threads, spinning=False)  # its threads would slow the next engine
-        x = np.random.default_rng(0).standard_normal([args.batch, *info.input_size], dtype=np.float32)
-        requests = {"merged": merged.compiled.create_infer_request(), "openvino": ov_none.create_infer_request()}
-        name = session.get_inputs()[0].name
-        runs = {"merged": lambda: requests["merged"].infer({0: x}),
-                "openvino": lambda: requests["openvino"].infer({0: x}),
-                "onnxruntime": lambda: session.run(None, {name: x})}
-        rates = alternating_throughput(runs, args.batch, args.repeats, args.warmup, args.iters)
-    none_precision = ov_none.get_property("INFERENCE_PRECISION_HINT").to_string()
+                    pretrained=info.pretrained, num_classes=info.num_classes,
+                    full_last_block=True)  # timm's model: every block on every token
+    if args.baseline:
+        runners[backend.name] = open_runner(args.baseline, options)
+        notes[backend.name] = "the given baseline"
+    else:
+        runners[backend.name] = backend.baseline(none_onnx, options, tmp)
+        notes[backend.name] = f"unmerged, {runners[backend.name].label}"
+    if backend.timed_against_runtime:
+        runners["ort fp32"] = open_runner(none_onnx, RunnerOptions(threads=args.threads, spinning=False))
+        notes["ort fp32"] = "unmerged, ONNX Runtime fp32"
+    return Timed(runners, notes)
+
+
+def _throughput(runners: dict[str, Runner], input_size, args) -> dict[str, float]:
+    """Median images/s of each engine, alternating: on the device where the runners time themselves
+    (TensorRT: CUDA events, device-resident input), else through their calls on one random batch."""
+    if all(hasattr(r, "throughput") for r in runners.values()):
+        rates = {k: [] for k in runners}
+        for _ in range(args.repeats):  # engines alternate; each figure is itself a median of 3 event timings
+            for k, r in runners.items():
+                rates[k].append(r.throughput(args.batch, repeats=3, iters=args.iters, warmup=args.warmup))
+        return {k: statistics.median(v) for k, v in rates.items()}
+    x = np.random.default_rng(0).standard_normal([args.batch, *input_size], dtype=np.float32)
+    runs = {k: (lambda r=r: r(x)) for k, r in runners.items()}
+    return alternating_throughput(runs, args.batch, args.repeats, args.warmup, args.iters)
+
+
+def _latency(runners: dict[str, Runner], input_size, runs: int, warmup: int = 5) -> dict[str, dict[str, float]]:
+    """Batch-1 latency (p50, p90 in ms) of each engine, engines alternating run by run."""
+    x = np.random.default_rng(0).standard_normal([1, *input_size], dtype=np.float32)
+    for _ in range(warmup):
+        for r in runners.values():
+            r(x)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(runs):
+        for k, r in runners.items():
+            start = time.perf_counter()
+            r(x)
+            times[k].append(1000 * (time.perf_counter() - start))
+    return {k: {f"p{q}": float(np.percentile(v, q)) for q in (50, 90)} for k, v in times.items()}
+
+
+def _print(args, backend: Backend, timed: Timed, rates: dict[str, float], latency) -> None:
+    merged = timed.runners["merged"]
+    info = merged.engine_file.info
     threads = args.threads or os.cpu_count()
-    print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | openvino "
-          f"{ov.__version__.split('-')[0]}, onnxruntime {ort.__version__} | threads {threads}")
-    print(f"model {info.model}, schedule {info.schedule.spec()}, {meta.get('precision', 'fp32')} "
-          f"(OpenVINO running {merged.inference_precision}), batch {args.batch}, median of {args.repeats} "
-          f"repetitions x {args.iters} runs, engines alternating")
-    base = "the given baseline" if args.baseline else "unmerged, OpenVINO's default compile"
-    print(f"  ort fp32 : {rates['onnxruntime']:8.1f} images/s (unmerged, ONNX Runtime fp32)")
-    print(f"  openvino : {rates['openvino']:8.1f} images/s ({base}, running {none_precision})")
-    print(f"  merged   : {rates['merged']:8.1f} images/s")
-    print(f"  ratio    : {rates['merged'] / rates['openvino']:.2f}x against OpenVINO's baseline, "
-          f"{rates['merged'] / rates['onnxruntime']:.2f}x against ONNX Runtime fp32")
-    if args.latency_runs:
-        print("batch-1 latency: not measured for OpenVINO engines (time ONNX files for it)")
-    return 0
-
-
-def _bench_onnx(args) -> int:
-    import onnxruntime as ort
-
-    from ..search.timing import cpu_name, ort_latency, ort_throughput
-    from ..graph.export import export_onnx, load_onnx, read_metadata, weights_path
-    from ..engines.providers import resolve_providers
-
-    providers = resolve_providers(args.provider)
-    proto = load_onnx(args.merged, weights=False)
-    info = read_metadata(proto, args.merged)
-    precision = {p.key: p.value for p in proto.metadata_props}.get("dsm.precision", "fp32")
-    with tempfile.TemporaryDirectory() as tmp:
-        baseline = args.baseline
-        if baseline is None:
-            baseline = os.path.join(tmp, "none.onnx")
-            export_onnx(info.model, baseline, "none", weights_path(info, args.merged) or None,
-                        batch=info.batch, pretrained=info.pretrained, num_classes=info.num_classes,
-                        full_last_block=True)  # timm's model: every block on every token
-        paths = {"merged": args.merged, "none": baseline}
-        rates = ort_throughput(paths, args.batch, args.repeats, args.warmup, args.threads, args.iters,
-                               provider=args.provider)
-        latency = (ort_latency(paths, args.latency_runs, threads=args.threads, provider=args.provider)
-                   if args.latency_runs and info.batch in (None, 1) else None)
-    threads = args.threads or os.cpu_count()
-    print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | "
-          f"onnxruntime {ort.__version__} {providers[0]} | intra-op threads {threads}")
-    print(f"model {info.model}, schedule {info.schedule.spec()}, {precision}, batch {args.batch}, "
-          f"median of {args.repeats} repetitions x {args.iters} runs, graphs alternating")
-    _print_rates(rates)
-    if args.latency_runs and info.batch not in (None, 1):
-        print(f"batch-1 latency: skipped (the graph's batch is fixed at {info.batch})")
+    labels = sorted({r.label for r in timed.runners.values()})
+    print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | {'; '.join(labels)} | "
+          f"intra-op threads {threads}")
+    print(f"model {info.model}, schedule {info.schedule.spec()}, {merged.engine_file.precision} (judged as "
+          f"{merged.judged_as}), batch {args.batch}, median of {args.repeats} repetitions x {args.iters} runs, "
+          "engines alternating")
+    width = max(len(k) for k in rates)
+    for k in [k for k in rates if k != "merged"] + ["merged"]:
+        print(f"  {k:{width}} : {rates[k]:8.1f} images/s" + (f" ({timed.notes[k]})" if k in timed.notes else ""))
+    ratios = [f"{rates['merged'] / rates[backend.name]:.2f}x against {backend.label}'s baseline"]
+    if "ort fp32" in rates:
+        ratios.append(f"{rates['merged'] / rates['ort fp32']:.2f}x against ONNX Runtime fp32")
+    print(f"  {'ratio':{width}} : {', '.join(ratios)}")
+    if args.latency_runs and latency is None:
+        print(f"batch-1 latency: skipped (an engine's batch is fixed at {info.batch})")
     if latency:
-        print(f"batch-1 latency, {args.latency_runs} runs per graph, graphs alternating:")
-        for k in ("none", "merged"):
-            print(f"  {k:6} : p50 {latency[k]['p50']:6.2f} ms, p90 {latency[k]['p90']:6.2f} ms")
-        print(f"  ratio  : {latency['none']['p50'] / latency['merged']['p50']:.2f}x at p50")
-    return 0
+        print(f"batch-1 latency, {args.latency_runs} runs per engine, engines alternating:")
+        for k, v in latency.items():
+            print(f"  {k:{width}} : p50 {v['p50']:6.2f} ms, p90 {v['p90']:6.2f} ms")
+        print(f"  {'ratio':{width}} : {latency[backend.name]['p50'] / latency['merged']['p50']:.2f}x at p50")

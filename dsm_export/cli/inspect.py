@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+from .. import checks
+from ..check.inspection import format_inspection, inspect_schedule
+from ..engines.registry import find_backend, read_engine
 from ..errors import DSMError
+from ..fileio import write_json
 
 
 def add(sub):
     p = sub.add_parser("inspect", help="per-block token counts and GFLOPs")
-    p.add_argument("target", help="an exported .onnx file, or a timm model name")
+    p.add_argument("target", help="an engine file (an export, or any backend's engine), or a timm model name")
     p.add_argument("--schedule", help="schedule (required with a model name)")
     p.add_argument("--json", dest="json_path", help="write the table as JSON here")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .. import checks
-    from ..fileio import write_json
-    from ..check.inspection import format_inspection, inspect_schedule, precision_of
-
     checks.output_file(args.json_path, "--json")
-
-    if args.target.lower().endswith(".onnx") or os.path.isfile(args.target):
-        from ..graph.export import load_onnx, read_metadata
-
-        model = load_onnx(args.target, weights=False)
-        info = read_metadata(model, args.target)
+    if os.path.isfile(args.target) or find_backend(args.target) is not None:
+        engine = read_engine(args.target)  # any backend's engine: its metadata names model and schedule
+        info = engine.info
         report = inspect_schedule(info.model, args.schedule or info.schedule, info.last_block)
-        report.update(precision_of(model))
+        report["precision"] = engine.precision
+        if "quantization" in engine.meta:
+            report["quantization"] = json.loads(engine.meta["quantization"])
     else:
         if not args.schedule:
             raise DSMError("inspect MODEL needs --schedule")

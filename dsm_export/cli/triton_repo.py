@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from .. import checks
+from ..engines.registry import backend_for
+from ..serving.triton_repo import write_repository
+
 
 def add(sub):
     p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
-    p.add_argument("files", nargs="+", help=".onnx, .plan or OpenVINO .xml files written by dsm-export")
+    p.add_argument("files", nargs="+", help="engine files written by dsm-export (.onnx, OpenVINO .xml, TensorRT .plan)")
     p.add_argument("--output", "-o", required=True, help="model repository folder")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--instances", type=int, default=1)
@@ -20,15 +24,13 @@ def add(sub):
 
 
 def run(args) -> int:
-    from .. import checks
-    from ..serving.triton_repo import write_repository
-
     for f in args.files:
         checks.input_file(f, "model file")
     checks.output_folder(args.output, "--output")
     for f in args.files:
-        if f.endswith(".xml"):
-            checks.input_file(f[:-4] + ".bin", "OpenVINO weights (.bin)")
+        backend = backend_for(f)
+        if backend.preflight is not None:
+            backend.preflight(f)  # an IR's .bin, a plan's sidecar: all there before anything is written
     notes: list[str] = []
     names = write_repository(args.files, args.output, max_batch=args.max_batch, instances=args.instances,
                              instance_kind=args.instance_kind, ort_tensorrt=args.ort_tensorrt,

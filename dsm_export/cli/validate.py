@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from .. import checks
+from ..check.validate import validate_runner
+from ..data import list_images
+from ..engines.registry import RunnerOptions, backend_for, open_runner
 from ..errors import DSMError
+from ..fileio import write_json
 from ._common import TENSORRT_FLAVOURS
 
 
 def add(sub):
     p = sub.add_parser("validate", help="check an exported graph against PyTorch on images")
-    p.add_argument("onnx", nargs="?", help="ONNX file written by dsm-export export (or build), or an OpenVINO "
-                                           "IR (.xml) written by build --backend openvino")
-    p.add_argument("--engine", help="a TensorRT engine (.plan) written by dsm-export build, instead (needs an "
-                                    "NVIDIA GPU)")
+    p.add_argument("onnx", nargs="?", metavar="ENGINE",
+                   help="an engine of any backend: the ONNX file written by dsm-export export (or build), an "
+                        "OpenVINO IR (.xml), a TensorRT plan (.plan, needs an NVIDIA GPU), an ExecuTorch program (.pte)")
+    p.add_argument("--engine", help="the engine file, given as an option instead (as older versions took a .plan)")
     p.add_argument("--tensorrt", choices=TENSORRT_FLAVOURS, default="auto",
                    help="with --engine: the TensorRT flavour (default: the one the engine's sidecar names)")
     p.add_argument("--runtime-cache", metavar="FILE",
@@ -39,47 +44,33 @@ def add(sub):
 
 
 def run(args) -> int:
-    from .. import checks
-    from ..data import list_images
-    from ..fileio import write_json
-    from ..check.validate import validate, validate_engine, validate_openvino
-
     if bool(args.onnx) == bool(args.engine):
-        raise DSMError("give either an ONNX file or --engine PLAN")
+        raise DSMError("give either an engine file or --engine PLAN")
     if args.weights and args.pretrained:
         raise DSMError("give either --weights FILE or --pretrained, not both")
+    path = args.onnx or args.engine
     # Everything the user gave is checked before the first image is run.
-    openvino = bool(args.onnx) and args.onnx.endswith(".xml")
-    checks.input_file(args.onnx or args.engine, "engine" if args.engine or openvino else "ONNX file")
-    if openvino:
-        from ..engines.openvino import read_ir_metadata
-
-        checks.input_file(args.onnx[:-4] + ".bin", "OpenVINO weights (.bin)")
-        read_ir_metadata(args.onnx)  # OpenVINO installed, and an IR dsm-export built, before any image
-        if args.provider != "cpu":
-            raise DSMError("--provider is for ONNX files: an OpenVINO IR runs in OpenVINO on the CPU")
+    backend = backend_for(path)
+    checks.input_file(path, "engine")
+    if backend.preflight is not None:
+        backend.preflight(path)
     checks.input_file(args.weights, "weights file")
     checks.output_file(args.json_path, "--json")
-    if args.engine:
-        from ..engines.tensorrt import engine_info, require_gpu, tensorrt_for_engine
-
-        checks.output_file(args.runtime_cache, "--runtime-cache")
-        require_gpu()  # a GPU, and TensorRT of the engine's flavour and release, before any image is read
-        tensorrt_for_engine(engine_info(args.engine)[1], args.engine, args.tensorrt)
-    elif args.runtime_cache or args.tensorrt != "auto":
-        raise DSMError("--tensorrt and --runtime-cache apply to --engine only")
-    images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)
-    common = dict(weights=args.weights, model_name=args.model, schedule=args.schedule, atol=args.atol,
-                  batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
-                  pretrained=args.pretrained)
-    if args.engine:
-        report = validate_engine(args.engine, images, flavour=args.tensorrt, runtime_cache=args.runtime_cache,
-                                 **common)
-    elif openvino:
-        report = validate_openvino(args.onnx, images, threads=args.threads, **common)
-    else:
-        report = validate(args.onnx, images, threads=args.threads, provider=args.provider, **common)
-    report["skipped_unreadable"] = skipped
+    checks.output_file(args.runtime_cache, "--runtime-cache")
+    options = RunnerOptions(threads=args.threads, provider=args.provider, flavour=args.tensorrt,
+                            runtime_cache=args.runtime_cache)
+    runner = open_runner(path, options)  # the runtime, a GPU where it needs one, before any image is read
+    try:
+        images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)
+        report = validate_runner(runner, runner.engine_file.info, images, weights=args.weights,
+                                 model_name=args.model, schedule=args.schedule, atol=args.atol,
+                                 batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
+                                 pretrained=args.pretrained, source_path=runner.engine_file.source_path)
+    finally:
+        runner.close()
+    report.update(engine=runner.engine_file.backend, runtime=runner.label, skipped_unreadable=skipped)
+    if getattr(runner, "inference_precision", None):
+        report["inference_precision"] = runner.inference_precision
     print(format_report(report))
     if args.json_path:
         write_json(args.json_path, report)
@@ -110,11 +101,11 @@ def format_report(report: dict) -> str:
     lines = [
         f"model {report['model']}, schedule {report['schedule']}, {report.get('precision', 'fp32')}, "
         f"{report['images']} images"
-        + (f", OpenVINO running {report['inference_precision']}" if report.get("engine") == "openvino" else ""),
+        + (f", {report['runtime']}" if report.get("inference_precision") else ""),
         f"  vs PyTorch with schedule: max |dlogit| {report['max_abs_diff']:.2e} (atol {report['atol']:.0e}), "
         f"top-1 match {pct(report['top1_match_pytorch'])} ({report['top1_mismatches']} mismatches)"
         + (f", KL {report['kl_to_pytorch']:.4f}" if report.get("precision", "fp32") != "fp32"
-           or report.get("engine") == "openvino" else ""),
+           or report.get("inference_precision") else ""),
         f"  vs unmerged PyTorch:      top-1 agreement {pct(report['top1_agreement'])}, KL {report['kl']:.4f}",
         f"  top-1 accuracy:           {pct(report['top1_accuracy'])} (unmerged {pct(report['baseline_top1_accuracy'])})",
         f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "

@@ -1,24 +1,34 @@
-"""Engines from a validated DSM ONNX file, one module per backend.
+"""Engines from a validated DSM ONNX file: one module per backend, every backend in one registry.
 
-* :mod:`.onnxruntime`: ONNX Runtime optimized and fp16 graphs.
-* :mod:`.tensorrt`: TensorRT plans, full TensorRT or TensorRT-RTX (imported lazily).
+* :mod:`.registry`: :class:`Backend`, the :class:`Runner` protocol, :func:`get_backend`,
+  :func:`backend_for`, :func:`open_runner`, :func:`build_engine` (the only place commands look a
+  backend up).
+* :mod:`.onnxruntime`, :mod:`.openvino`, :mod:`.tensorrt`, :mod:`.executorch`: the backends, each
+  registering itself on import.
+* :mod:`.fp16`, :mod:`.int8`, :mod:`.providers`: shared by several backends.
 """
 
-from .onnxruntime import build_onnxruntime, convert_fp16, fp32_island_nodes
-from .tensorrt import (
-    TENSORRT_INSTALL_HINT,
-    TensorRTOptions,
-    TensorRTRunner,
-    build_tensorrt,
-    copy_file,
-    engine_info,
-    gpu_info,
-    import_tensorrt,
-    require_gpu,
+from .registry import (
+    Backend,
+    BuildRecord,
+    BuildRequest,
+    EngineFile,
+    Runner,
+    RunnerOptions,
+    TritonPlacement,
+    backend_for,
+    backends,
+    build_engine,
+    engine_files,
+    get_backend,
+    import_optional,
+    names,
+    open_runner,
+    read_engine,
 )
 
 __all__ = [
-    "TENSORRT_INSTALL_HINT", "TensorRTOptions", "TensorRTRunner", "build_onnxruntime", "build_tensorrt",
-    "convert_fp16", "copy_file", "engine_info", "fp32_island_nodes", "gpu_info", "import_tensorrt",
-    "require_gpu",
+    "Backend", "BuildRecord", "BuildRequest", "EngineFile", "Runner", "RunnerOptions", "TritonPlacement",
+    "backend_for", "backends", "build_engine", "engine_files", "get_backend", "import_optional", "names",
+    "open_runner", "read_engine",
 ]

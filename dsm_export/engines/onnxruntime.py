@@ -1,9 +1,13 @@
-"""ONNX Runtime engines from a validated DSM ONNX file.
+"""The ONNX Runtime backend: engines from a validated DSM ONNX file, and their runner.
 
 * optimized: the graph with ORT's graph optimizations applied and saved
   (``SessionOptions.optimized_model_filepath``);
 * fp16: made with onnxconverter-common, in which the matching scores (keys -> cosine similarity ->
-  ArgMax/TopK) and everything carrying token sizes stay in fp32.
+  ArgMax/TopK) and everything carrying token sizes stay in fp32 (:mod:`dsm_export.engines.fp16`);
+* int8: static QDQ or dynamic, the matching path in fp32 (:mod:`dsm_export.engines.int8.quantize`).
+
+Every ``.onnx`` file dsm-export writes (the export itself included) is an engine of this backend:
+:class:`OnnxRuntimeRunner` runs it on any execution provider (:mod:`dsm_export.engines.providers`).
 """
 
 from __future__ import annotations
@@ -11,16 +15,24 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
-from typing import Callable
+from dataclasses import fields
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx.external_data_helper import load_external_data_for_model
 
+from .. import checks
 from ..errors import DSMError
 from ..graph.export import META_PREFIX, load_onnx, read_metadata
-from ..graph.onnx_file import infer_shapes, needs_external_data
+from ..graph.facts import is_quantized, precision_of
+from ..graph.onnx_file import has_external_data, model_files, needs_external_data, save_onnx
+from .fp16 import convert_fp16
+from .int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
 from .providers import create_session
+from .registry import (
+    Backend, BuildRecord, BuildRequest, EngineFile, RunnerOptions, TritonPlacement, pad_batches, register,
+)
 
 
 def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, extra: dict | None = None) -> None:
@@ -51,10 +63,6 @@ def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
         DSMError: bad input file (or a missing or truncated data file) or output folder, or a graph
             ONNX Runtime cannot load.
     """
-    from onnx.external_data_helper import load_external_data_for_model
-
-    from ..graph.onnx_file import has_external_data, save_onnx
-
     model = load_onnx(onnx_path, weights=False)
     read_metadata(model, onnx_path)
     external = has_external_data(model)
@@ -85,143 +93,152 @@ def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
             "files": files, "fp32_nodes": kept}
 
 
-def fp32_island_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of nodes to keep in fp32 in an fp16 conversion of a DSM graph.
-
-    * Sizes: every node with a float input or output whose last dimension is 1 (token sizes,
-      ``log(size)``), found by shape inference, or a tensor of features with their sizes appended
-      (last dimension the embedding width + 1, computed from a Concat with a size): the
-      size-weighted merge and the proportional-attention term. The width is that of the first
-      LayerNormalization's input; a graph without one keeps only the last-dimension-1 rule.
-      (Attention logits of a block with width + 1 tokens have that last dimension too: they are
-      not sizes.)
-    * Matching: ``TopK``/``ArgMax`` and, as for the above, every node whose outputs feed only
-      (transitively) into fp32 nodes -- the key mean over heads, normalisation, similarity MatMul,
-      ReduceMax, the one-hot assignment.
-    """
-    from ..graph.onnx_file import infer_shapes
-
-    inferred = infer_shapes(model)  # any size (over 2 GiB: from a copy without the weights)
-    shapes = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        t = v.type.tensor_type
-        if t.elem_type == onnx.TensorProto.FLOAT and t.HasField("shape") and t.shape.dim:
-            shapes[v.name] = t.shape.dim[-1].dim_value
-    for init in inferred.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT and init.dims:
-            shapes[init.name] = init.dims[-1]
-    norm = next((n for n in inferred.graph.node if n.op_type == "LayerNormalization"), None)
-    width = shapes.get(norm.input[0], 0) if norm is not None else 0
-    sizes = {t for t, d in shapes.items() if d == 1}
-    # Features with their sizes appended ([..., width + 1]): the outputs of a Concat that takes a
-    # size, and every width + 1 tensor computed from one (graph order is topological). Not every
-    # width + 1 tensor: a block with width + 1 tokens has [B, N, N] attention logits of that width.
-    merged = set()
-    for node in inferred.graph.node:
-        if width and any(shapes.get(o) == width + 1 for o in node.output) and (
-                (node.op_type == "Concat" and any(i in sizes for i in node.input))
-                or any(i in merged for i in node.input)):
-            merged.update(o for o in node.output if shapes.get(o) == width + 1)
-    size_tensors = sizes | merged
-
-    consumers: dict[str, list] = {}
-    for node in inferred.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    keep = {n.name for n in inferred.graph.node if n.op_type in ("TopK", "ArgMax")}
-    for node in inferred.graph.node:
-        if node.op_type not in ("Constant", "Shape") and any(
-                t in size_tensors for t in list(node.input) + list(node.output)):
-            keep.add(node.name)
-    changed = True
-    while changed:  # backward closure: nodes that only feed fp32 nodes are fp32 too
-        changed = False
-        for node in inferred.graph.node:
-            if node.name in keep or node.op_type == "Constant":
-                continue
-            users = [c for o in node.output for c in consumers.get(o, [])]
-            if users and all(u.name in keep for u in users):
-                keep.add(node.name)
-                changed = True
-    return sorted(keep)
-
-
-def convert_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """fp16 conversion with onnxconverter-common, keeping :func:`fp32_island_nodes` in fp32.
-
-    A model over 2 GiB (weights loaded) gets its shapes from
-    :func:`dsm_export.graph.onnx_file.infer_shapes` first, since the converter's own shape
-    inference would serialize it.
-
-    Returns:
-        ``(model, number of nodes kept in fp32)``.
+def read_onnx_engine(path: str, model: onnx.ModelProto | None = None) -> EngineFile:
+    """What a dsm-export ``.onnx`` file says about itself (read without its weights).
 
     Raises:
-        DSMError: if onnxconverter-common is not installed.
+        DSMError: a file that is not ONNX or not written by dsm-export (or a missing data file).
     """
-    try:
-        from onnxconverter_common import float16
-    except ImportError:
-        raise DSMError("fp16 needs onnxconverter-common: pip install 'dsm-export[engines]'") from None
-    for i, node in enumerate(model.graph.node):  # the converter's block list works by node name
-        if not node.name:
-            node.name = f"node_{i}"
-    keep = fp32_island_nodes(model)
-    _unshare_initializers(model, set(keep))
-    big = needs_external_data(model)
-    if big:  # the converter's own shape inference serializes the model: give it the shapes instead
-        inferred = infer_shapes(model)  # from a copy without the weights' bytes
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(inferred.graph.value_info)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                                disable_shape_infer=big)
-    clamped = [w for w in caught if "will be truncated" in str(w.message)]
-    for w in caught:
-        if w not in clamped:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if clamped:  # one line instead of one per weight
-        warnings.warn(f"fp16: onnxconverter-common clamped {len(clamped)} fp32 weight values into fp16's range "
-                      "(|x| < 1e-7 to +-1e-7, |x| > 65504 to +-65504)", stacklevel=2)
-    return half, len(keep)
+    model = load_onnx(path, weights=False) if model is None else model
+    info = read_metadata(model, path)
+    precision = precision_of(model)
+    inp, out = model.graph.input[0], model.graph.output[0]
+    batch = inp.type.tensor_type.shape.dim[0]
+    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    return EngineFile(
+        path=path, backend="onnxruntime", info=info, precision=precision["precision"],
+        input_name=inp.name, output_name=out.name,
+        output_dims=tuple(int(d.dim_value) for d in out.type.tensor_type.shape.dim[1:]),
+        static_batch=int(batch.dim_value) if batch.HasField("dim_value") and batch.dim_value > 0 else None,
+        files=tuple(model_files(path, model)), source_path=path, meta=meta)
 
 
-def _unshare_initializers(model: onnx.ModelProto, keep: set[str]) -> None:
-    """Give fp32 nodes their own copy of initializers they share with fp16 nodes (the converter
-    would otherwise leave a shared initializer fp32 and feed fp16 nodes a mismatched type)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    users: dict[str, set[bool]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name in inits:
-                users.setdefault(name, set()).add(node.name in keep)
-    shared = {name for name, kinds in users.items() if kinds == {True, False}}
-    for name in shared:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(inits[name])
-        copy.name = name + "__fp32"
-        model.graph.initializer.append(copy)
-    for node in model.graph.node:
-        if node.name in keep:
-            for k, name in enumerate(node.input):
-                if name in shared:
-                    node.input[k] = name + "__fp32"
+class OnnxRuntimeRunner:
+    """An ONNX Runtime session on a dsm-export ``.onnx`` file, as a :class:`~dsm_export.engines.registry.Runner`.
+
+    ``runner(x)``: ``[B, 3, H, W]`` float32 -> ``[B, D]`` float32 (logits or embeddings), any ``B``
+    (a static-batch graph runs padded chunks). Judged by the precision the file records.
+
+    Args:
+        path: the ``.onnx`` file.
+        options: provider, threads and spinning (:class:`~dsm_export.engines.registry.RunnerOptions`).
+
+    Raises:
+        DSMError: a foreign file, an unavailable provider, a graph ONNX Runtime cannot load.
+    """
+
+    def __init__(self, path: str, options: RunnerOptions | None = None):
+        options = options or RunnerOptions()
+        self.engine_file = read_onnx_engine(path)
+        self.judged_as = self.engine_file.precision
+        self.session = create_session(path, options.provider, options.threads, optimization="default",
+                                      spinning=options.spinning)
+        self.label = f"ONNX Runtime {ort.__version__} {self.session.get_providers()[0]}"
+        self._input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return pad_batches(x, self.engine_file.static_batch, lambda c: self.session.run(None, {self._input: c})[0])
+
+    def close(self) -> None:
+        """Free the session."""
+        self.session = None
 
 
-def batched_runner(run: Callable[[np.ndarray], np.ndarray], static_batch: int | None):
-    """Wrap ``run`` so that a graph with a fixed batch size takes any number of images."""
+def _check_int8_request(request: BuildRequest) -> None:
+    """Refuse INT8 mistakes before any work (one line)."""
+    opts = request.options
+    mode = opts.get("quantization") or "static"
+    model = load_onnx(request.source, weights=False)
+    read_metadata(model, request.source)
+    precision = precision_of(model)["precision"]
+    if is_quantized(model) or precision != "fp32":
+        raise DSMError(f"{request.source!r} is already {precision if precision != 'fp32' else 'quantized'}: "
+                       "--precision int8 takes the fp32 file written by 'dsm-export export'")
+    if mode == "static" and not request.calibration:
+        raise DSMError("static INT8 needs calibration images: --calibration DIR (or --quantization dynamic)")
+    if mode == "dynamic" and request.calibration and opts.get("smooth_alpha") is None:
+        raise DSMError("--quantization dynamic takes no --calibration (unless --smooth-alpha is given)")
+    if opts.get("smooth_alpha") is not None and not request.calibration:
+        raise DSMError("--smooth-alpha needs calibration images: --calibration DIR")
+    if request.calibration and not os.path.isdir(request.calibration):
+        raise DSMError(f"calibration folder {request.calibration!r} does not exist")
 
-    def runner(x: np.ndarray) -> np.ndarray:
-        if static_batch is None:
-            return run(np.ascontiguousarray(x, dtype=np.float32))
-        outs = []
-        for start in range(0, len(x), static_batch):
-            chunk = x[start:start + static_batch]
-            n = len(chunk)
-            if n < static_batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static_batch - n, axis=0)])
-            outs.append(run(np.ascontiguousarray(chunk, dtype=np.float32))[:n])
-        return np.concatenate(outs)
 
-    return runner
+def _check_build(request: BuildRequest) -> None:
+    if request.precision == "int8":
+        _check_int8_request(request)
+        quantize_options(request).check()
+    elif request.options:
+        raise DSMError(f"{', '.join('--' + k.replace('_', '-') for k in request.options)} apply to "
+                       "--precision int8 only")
+    elif request.calibration:
+        raise DSMError("--calibration applies to --precision int8 only")
+
+
+def quantize_options(request: BuildRequest) -> QuantizeOptions:
+    """The :class:`QuantizeOptions` of an ONNX Runtime INT8 build request (``keep_fp32``: ``None`` for
+    the mode's default, ``"none"`` or ``()`` for none, else comma-separated labels or a tuple)."""
+    opts = dict(request.options)
+    keep = opts.pop("keep_fp32", None)
+    if isinstance(keep, str):
+        keep = tuple(k.strip() for k in keep.split(",") if k.strip()) or None
+    if keep == ("none",):
+        keep = ()
+    mode = opts.pop("quantization", None) or opts.pop("mode", None) or "static"
+    return QuantizeOptions(mode=mode, calibration_count=request.calibration_count, keep_fp32=keep,
+                           **{k: v for k, v in opts.items() if v is not None})
+
+
+def int8_summary(rec: dict, options: QuantizeOptions) -> str:
+    """The line ``dsm-export build`` prints for an ONNX Runtime INT8 record."""
+    quantized = ", ".join(f"{v} {k}" for k, v in rec["quantized"].items())
+    how = (f"static QDQ, {rec['activations']} activations, {rec['calibration_method']} calibration on "
+           f"{rec['calibration_count']} images" if rec["mode"] == "static" else
+           "dynamic (activations quantized per batch at run time; ONNX Runtime only)")
+    if rec.get("smooth_alpha") is not None:
+        how += (f"; SmoothQuant alpha {rec['smooth_alpha']} folded into {len(rec['smoothed_layers'])} layers' "
+                f"inputs (ranges from {rec['calibration_count']} images)")
+    others = ""
+    if rec["fp32_other_candidates"]:
+        kept = f", kept fp32: {','.join(options.kept())}" if options.kept() else ""
+        others = f"; {rec['fp32_other_candidates']} more layers kept fp32 (attention q@k and attn@v{kept})"
+    return (f"wrote {rec['output']}: INT8 {how}; quantized {quantized}; {rec['fp32_matching_nodes']} matching "
+            f"and size nodes kept fp32 (which tokens merge is decided in fp32){others}")
+
+
+def _build(request: BuildRequest, log=print) -> BuildRecord:
+    """``build --backend onnxruntime``: fp32/fp16 (:func:`build_onnxruntime`) or INT8 (:func:`quantize_int8`)."""
+    if request.precision == "int8":
+        options = quantize_options(request)
+        pixels = files = None
+        if request.calibration:
+            info = read_metadata(load_onnx(request.source, weights=False), request.source)
+            pixels, files = calibration_pixels(info.model, request.calibration, options.calibration_count)
+        rec = quantize_int8(request.source, request.output, pixels, options, files)
+        return BuildRecord("onnxruntime", "int8", request.output, model_files(request.output),
+                           [int8_summary(rec, options)], rec)
+    rec = build_onnxruntime(request.source, request.output, fp16=request.precision == "fp16")
+    data = [os.path.basename(f) for f in rec["files"][1:]]
+    line = (f"wrote {request.output}: ONNX Runtime optimized graph, {rec['precision']}"
+            + (f" ({rec['fp32_nodes']} nodes kept in fp32: matching and sizes)" if rec["fp32_nodes"] else "")
+            + (f"; weights in {', '.join(data)} beside it" if data else ""))
+    return BuildRecord("onnxruntime", rec["precision"], request.output, list(rec["files"]), [line], rec)
+
+
+def _triton(engine: EngineFile) -> TritonPlacement:
+    """ONNX Runtime's Triton backend: the file as ``model.onnx``, its data files under the names it records."""
+    data = tuple((f, os.path.basename(f)) for f in engine.files[1:])
+    return TritonPlacement(platform="onnxruntime_onnx", files=data + ((engine.path, "model.onnx"),),
+                           accelerator=True)
+
+
+def _preflight(path: str) -> None:
+    checks.input_file(path, "ONNX file")
+
+
+BACKEND = register(Backend(
+    name="onnxruntime", label="ONNX Runtime", suffixes=(".onnx",), precisions=("fp32", "fp16", "int8"),
+    extra=None, build=_build, read=read_onnx_engine, open=OnnxRuntimeRunner, check_build=_check_build,
+    options=("quantization", *(f.name for f in fields(QuantizeOptions) if f.name != "calibration_count")),
+    triton=_triton, preflight=_preflight, file_hint="an ONNX Runtime engine is an .onnx file",
+    providers=True, baseline=lambda path, options, folder: OnnxRuntimeRunner(path, options)))

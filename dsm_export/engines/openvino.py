@@ -27,16 +27,26 @@ Sources: OpenVINO docs, "Precision Control" and ``ov::hint::inference_precision`
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
+from .. import checks
 from ..errors import DSMError
 from ..graph.export import META_PREFIX, load_onnx, read_metadata
+from ..graph.facts import is_quantized, precision_of
+from ..graph.facts import weight_inputs as _weight_inputs
+from ..metrics import kl_divergence
+from .int8.quantize import calibration_pixels, images_sha256, matching_nodes
+from .registry import (
+    Backend, BuildRecord, BuildRequest, EngineFile, RunnerOptions, TritonPlacement, import_optional, pad_batches,
+    register,
+)
 
 OPENVINO_INSTALL_HINT = "OpenVINO is not installed: pip install 'dsm-export[openvino]' (openvino, nncf)"
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -50,13 +60,18 @@ def import_openvino():
     """``openvino``, imported on first use.
 
     Raises:
-        DSMError: OpenVINO is not installed (:data:`OPENVINO_INSTALL_HINT`).
+        DSMError: OpenVINO is not installed (one line naming the ``openvino`` extra).
     """
-    try:
-        import openvino
-    except ImportError as exc:
-        raise DSMError(OPENVINO_INSTALL_HINT) from exc
-    return openvino
+    return import_optional("openvino", "openvino", "OpenVINO")
+
+
+def import_nncf():
+    """``nncf``, imported on first use (OpenVINO INT8).
+
+    Raises:
+        DSMError: NNCF is not installed (one line naming the ``openvino`` extra).
+    """
+    return import_optional("nncf", "openvino", "NNCF")
 
 
 def cpu_has_bf16(core) -> bool:
@@ -110,8 +125,6 @@ def check_openvino_input(onnx_path: str) -> onnx.ModelProto:
     Raises:
         DSMError: one line naming the file to give instead.
     """
-    from ..graph.facts import is_quantized, precision_of
-
     model = load_onnx(onnx_path, weights=False)
     read_metadata(model, onnx_path)
     precision = precision_of(model)["precision"]
@@ -132,9 +145,6 @@ def ignored_nodes(model: onnx.ModelProto, quantize_attention: bool = False) -> t
     Returns:
         ``(names, {"matching": n, "attention": m})``.
     """
-    from ..graph.facts import weight_inputs as _weight_inputs
-    from .int8.quantize import matching_nodes
-
     matching = set(matching_nodes(model))
     weights = _weight_inputs(model)
     attention = [] if quantize_attention else [
@@ -144,17 +154,14 @@ def ignored_nodes(model: onnx.ModelProto, quantize_attention: bool = False) -> t
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    from ..metrics import kl_divergence
-
     return float(kl_divergence(p_logits, q_logits).mean())
 
 
 def _quantize(ov, nncf, onnx_path, dataset, count, names, alpha):
     """NNCF post-training quantization of the ONNX file's OpenVINO model; ``count`` is in batches."""
-    import logging
-
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
-
+    params = import_optional("nncf.quantization.advanced_parameters", "openvino", "NNCF")
+    AdvancedQuantizationParameters = params.AdvancedQuantizationParameters
+    AdvancedSmoothQuantParameters = params.AdvancedSmoothQuantParameters
     nncf.set_log_level(logging.WARNING)  # not one INFO line per node left unquantized
     model = ov.convert_model(onnx_path)
     present = {op.get_friendly_name() for op in model.get_ordered_ops()}
@@ -242,12 +249,7 @@ def build_openvino(onnx_path: str, output: str, options: OpenVINOOptions, pixels
                  "cpu_bf16": cpu_has_bf16(core), "output": output, "bin": output[:-4] + ".bin",
                  "openvino_version": ov.__version__}
     if options.precision == "int8":
-        try:
-            import nncf
-        except ImportError as exc:
-            raise DSMError(OPENVINO_INSTALL_HINT) from exc
-        from .int8.quantize import images_sha256
-
+        nncf = import_nncf()
         batch = info.batch or options.calibration_batch
         names, counts = ignored_nodes(proto, options.quantize_attention)
         trials = []
@@ -318,7 +320,8 @@ def read_ir(xml_path: str, core=None):
 
 
 class OpenVINORunner:
-    """Run an OpenVINO IR built by :func:`build_openvino` on the CPU.
+    """Run an OpenVINO IR built by :func:`build_openvino` on the CPU, as a
+    :class:`~dsm_export.engines.registry.Runner`.
 
     Args:
         xml_path: the IR.
@@ -328,18 +331,18 @@ class OpenVINORunner:
 
     Calling it maps ``[B, 3, H, W]`` float32 to ``[B, classes]`` logits (or ``[B, dim]`` embeddings);
     a graph with a static batch takes any B (padded chunks). Calls from several threads (a server's)
-    take turns on the one infer request.
+    take turns on the one infer request. ``judged_as``: int8 for an int8 IR, else what OpenVINO runs
+    (bf16, or fp32 where a bf16 IR runs f32 on a CPU without BF16).
 
     Raises:
         DSMError: as :func:`read_ir_metadata`.
     """
 
     def __init__(self, xml_path: str, threads: int | None = None, precision: str | None = None):
-        from .onnxruntime import batched_runner
-
         ov = import_openvino()
         self.core = ov.Core()
-        self.info, self.meta = read_ir_metadata(xml_path, self.core)
+        model, self.info, self.meta = read_ir(xml_path, self.core)
+        self.engine_file = _engine_file(xml_path, model, self.info, self.meta)
         config = {}
         hint = precision or self.meta.get("inference_precision")
         if hint:
@@ -348,16 +351,154 @@ class OpenVINORunner:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = self.core.compile_model(xml_path, "CPU", config)
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        built = self.meta.get("precision", "fp32")
+        self.judged_as = "int8" if built == "int8" else "bf16" if self.inference_precision == "bf16" else "fp32"
+        self.label = f"OpenVINO {ov.__version__.split('-')[0]} CPU, running {self.inference_precision}"
         self.request = self.compiled.create_infer_request()
-        shape = self.compiled.inputs[0].get_partial_shape()
-        self.static_batch = shape[0].get_length() if shape[0].is_static else None
-        self._run = batched_runner(lambda x: self.request.infer({0: x})[0].copy(), self.static_batch)
+        self.static_batch = self.engine_file.static_batch
         self._lock = threading.Lock()
-        output = self.compiled.outputs[0]
-        self.input_name = self.compiled.inputs[0].get_any_name()
-        self.output_name = output.get_any_name()
-        self.output_dims = tuple(d.get_length() for d in list(output.get_partial_shape())[1:])
+        self.input_name = self.engine_file.input_name
+        self.output_name = self.engine_file.output_name
+        self.output_dims = self.engine_file.output_dims
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self._lock:
-            return self._run(x)
+            return pad_batches(x, self.static_batch, lambda c: self.request.infer({0: c})[0].copy())
+
+    def close(self) -> None:
+        """Free the compiled model."""
+        self.request = self.compiled = None
+
+
+class DefaultCompileRunner:
+    """OpenVINO's default CPU compile of an unmerged fp32 ONNX export (``convert_model``, no precision
+    hint: bf16 on a CPU with AVX-512 BF16 or AMX, else f32): the runtime's fastest unmerged engine that
+    needs no calibration, the baseline ``bench`` times OpenVINO engines against.
+
+    Raises:
+        DSMError: OpenVINO missing, a file that is not a dsm-export ONNX file.
+    """
+
+    def __init__(self, onnx_path: str, threads: int | None = None):
+        ov = import_openvino()
+        core = ov.Core()
+        model = ov.convert_model(onnx_path)
+        proto = load_onnx(onnx_path, weights=False)
+        info = read_metadata(proto, onnx_path)
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads)} if threads else {})
+        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.engine_file = replace(_engine_file(onnx_path, model, info, {"precision": "fp32"}), files=(onnx_path,))
+        self.judged_as = "bf16" if self.inference_precision == "bf16" else "fp32"
+        self.label = (f"OpenVINO's default compile (OpenVINO {ov.__version__.split('-')[0]} CPU, running "
+                      f"{self.inference_precision})")
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return pad_batches(x, self.engine_file.static_batch, lambda c: self.request.infer({0: c})[0].copy())
+
+    def close(self) -> None:
+        """Free the compiled model."""
+        self.request = self.compiled = None
+
+
+def _engine_file(xml_path: str, model, info, meta: dict) -> EngineFile:
+    """The :class:`EngineFile` of an IR already read."""
+    inp, out = model.inputs[0], model.outputs[0]
+    batch = inp.get_partial_shape()[0]
+    return EngineFile(
+        path=xml_path, backend="openvino", info=info, precision=meta.get("precision", "fp32"),
+        input_name=inp.get_any_name(), output_name=out.get_any_name(),
+        output_dims=tuple(d.get_length() for d in list(out.get_partial_shape())[1:]),
+        static_batch=batch.get_length() if batch.is_static else None,
+        files=(xml_path, xml_path[:-4] + ".bin"), source_path=xml_path, meta=meta)
+
+
+def read_openvino_engine(xml_path: str) -> EngineFile:
+    """What an IR built by ``dsm-export build --backend openvino`` says about itself.
+
+    Raises:
+        DSMError: OpenVINO missing, the ``.bin`` missing, an unreadable or foreign IR.
+    """
+    checks.input_file(xml_path[:-4] + ".bin", "OpenVINO weights (.bin)")
+    model, info, meta = read_ir(xml_path)
+    return _engine_file(xml_path, model, info, meta)
+
+
+def _open(path: str, options: RunnerOptions) -> OpenVINORunner:
+    if options.provider not in (None, "cpu"):
+        raise DSMError("--provider is for ONNX files: an OpenVINO IR runs in OpenVINO on the CPU")
+    return OpenVINORunner(path, options.threads)
+
+
+def _check_build(request: BuildRequest) -> None:
+    """Refuse an OpenVINO build request before OpenVINO runs (one line)."""
+    checks.output_file(request.output[:-4] + ".bin", "--output weights (.bin)")
+    OpenVINOOptions(precision=request.precision, **request.options).check()
+    if request.precision != "int8":
+        if request.calibration or request.options.get("smooth_alpha") is not None:
+            raise DSMError("--calibration and --smooth-alpha apply to --precision int8 only")
+        return
+    if not request.calibration:
+        raise DSMError("--backend openvino --precision int8 needs calibration images: --calibration DIR")
+    if not os.path.isdir(request.calibration):
+        raise DSMError(f"calibration folder {request.calibration!r} does not exist")
+
+
+def _build(request: BuildRequest, log=print) -> BuildRecord:
+    """``build --backend openvino``: :func:`build_openvino`, calibration images read for int8."""
+    opts = OpenVINOOptions(precision=request.precision, **request.options)
+    opts.check()
+    model = check_openvino_input(request.source)
+    pixels = files = None
+    if request.precision == "int8":
+        pixels, files = calibration_pixels(read_metadata(model, request.source).model, request.calibration,
+                                           request.calibration_count)
+    rec = build_openvino(request.source, request.output, opts, pixels, files, log)
+    return BuildRecord("openvino", request.precision, request.output, [request.output, rec["bin"]],
+                       _summary(rec), rec)
+
+
+def _summary(rec: dict) -> list[str]:
+    """The lines ``dsm-export build`` prints for an OpenVINO record."""
+    precision = rec["precision"]
+    line = (f"wrote {rec['output']} and {rec['bin']}: OpenVINO {rec['openvino_version'].split('-')[0]} IR, "
+            f"{precision}")
+    if precision == "int8":
+        chosen = "none" if rec["smooth_alpha"] == 0 else f"alpha {rec['smooth_alpha']:g}"
+        how = "given" if not rec["smooth_trials"] else "lowest KL on held-apart calibration images"
+        line += (f" (NNCF {rec['nncf_version']}, {rec['calibration_count']} calibration images, "
+                 f"{rec['fake_quantize']} FakeQuantize; SmoothQuant {chosen}, {how}); "
+                 f"{rec['fp32_matching_nodes']} matching and size nodes and {rec['fp32_attention_matmuls']} "
+                 "attention MatMuls kept out of quantization (which tokens merge is not decided in INT8)")
+    note = "" if rec["cpu_bf16"] or precision == "fp32" else " (this CPU has no AVX-512 BF16 or AMX: f32)"
+    return [line, f"  runs in {rec['inference_precision']} on this CPU{note}; other ops run at OpenVINO's "
+                  "inference precision"]
+
+
+def _triton(engine: EngineFile) -> TritonPlacement:
+    """Triton's OpenVINO backend: ``model.xml`` and ``model.bin``; bf16 asked for where the IR runs it."""
+    params, notes = {}, ()
+    if engine.meta.get("inference_precision") == "bf16":
+        params["HINT_BF16"] = "YES"
+    elif engine.precision == "fp32":
+        notes = (f"{os.path.basename(engine.path)}: Triton's OpenVINO backend cannot ask for f32 (only "
+                 "HINT_BF16); on a CPU with bf16 this fp32 engine runs in bf16 there, as OpenVINO's default "
+                 "compile does",)
+    return TritonPlacement(backend="openvino", instance_kind="cpu", only_kind=True, parameters=params,
+                           notes=notes, files=((engine.files[1], "model.bin"), (engine.path, "model.xml")))
+
+
+def _preflight(path: str) -> None:
+    checks.input_file(path, "OpenVINO IR")
+    checks.input_file(path[:-4] + ".bin", "OpenVINO weights (.bin)")
+
+
+BACKEND = register(Backend(
+    name="openvino", label="OpenVINO", suffixes=(".xml",), precisions=PRECISIONS, extra="openvino",
+    build=_build, read=read_openvino_engine, open=_open, check_build=_check_build,
+    options=("smooth_alpha", "quantize_attention", "calibration_batch", "candidates"),
+    triton=_triton, preflight=_preflight,
+    file_hint="an OpenVINO IR is an .xml file (its weights go in the .bin beside it)",
+    foreign_note="OpenVINO INT8 is NNCF's static quantization",
+    baseline=lambda path, options, folder: DefaultCompileRunner(path, options.threads),
+    timed_against_runtime=True))

@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from ..engines.registry import open_runner
 from ..errors import DSMError
 
 # int8: static QDQ (TensorRT-compatible); int8-dynamic: ONNX Runtime dynamic quantization, the first
@@ -58,6 +59,12 @@ class OnnxRuntimeEngines:
     name = "onnxruntime"
     label = "ONNX Runtime"
     baseline_label = "the fp32 unmerged model (timm's arithmetic)"
+    # what `tune` accepts and assumes (dsm_export.search.tuning reads these, never the name)
+    tune_precisions = PRECISIONS + ("auto",)  # --precision choices; auto: the search tries every one
+    default_precision = "fp32"  # --precision left out
+    needs_target_speedup = False  # True: only a measured --target-speedup search runs in it
+    takes_provider = True  # --provider (an ONNX Runtime execution provider) applies
+    bf16 = False  # whether a bf16 engine runs bf16 on this CPU (ONNX Runtime builds none)
 
     def __init__(self, provider: str | None = "cpu", threads: int | None = None, batch: int = 32,
                  repeats: int = 5, quant_options=None):
@@ -135,6 +142,11 @@ class OpenVINOEngines:
     name = "openvino"
     label = "OpenVINO"
     baseline_label = "OpenVINO's default compile of the unmerged model"
+    # as OnnxRuntimeEngines' (an instance sets bf16 from the CPU)
+    tune_precisions = ("fp32", "bf16", "int8", "auto")
+    default_precision = "auto"
+    needs_target_speedup = True  # it measures OpenVINO engines: no FLOP-target export
+    takes_provider = False
 
     def __init__(self, threads: int | None = None, batch: int = 32, repeats: int = 5):
         from ..engines.openvino import PRECISIONS, cpu_has_bf16, import_openvino
@@ -239,18 +251,27 @@ class OpenVINOEngines:
                 "fallbacks": sum(bool(t.get("fallback")) for t in self.timings)}
 
 
+# The search runtimes by name (``--backend`` of ``tune``): the keys are the classes' ``name``.
+RUNTIMES = {cls.name: cls for cls in (OnnxRuntimeEngines, OpenVINOEngines)}
+# Every precision `tune --precision` takes in some runtime, ``auto`` last (the flag's choices).
+TUNE_PRECISIONS = tuple(sorted(dict.fromkeys(p for cls in RUNTIMES.values() for p in cls.tune_precisions),
+                               key=lambda p: p == "auto"))
+
+
 def make_runtime(backend: str, provider: str | None = "cpu", threads: int | None = None, batch: int = 32,
                  repeats: int = 5, quant_options=None):
-    """The runtime of ``backend`` (``onnxruntime`` or ``openvino``).
+    """The search runtime of ``backend`` (a key of :data:`RUNTIMES`: ``onnxruntime`` or ``openvino``).
 
     Raises:
-        DSMError: another backend, or OpenVINO not installed.
+        DSMError: another backend, or its runtime not installed.
     """
-    if backend == "onnxruntime":
-        return OnnxRuntimeEngines(provider, threads, batch, repeats, quant_options)
-    if backend == "openvino":
-        return OpenVINOEngines(threads, batch, repeats)
-    raise DSMError(f"--backend {backend}: the search measures onnxruntime or openvino")
+    cls = RUNTIMES.get(backend)
+    if cls is None:
+        raise DSMError(f"--backend {backend}: the search measures {' or '.join(RUNTIMES)}")
+    kwargs = {"threads": threads, "batch": batch, "repeats": repeats}
+    if cls.takes_provider:
+        kwargs.update(provider=provider, quant_options=quant_options)
+    return cls(**kwargs)
 
 
 def precision_options(precision: str, static_options=None):
@@ -279,9 +300,10 @@ def precision_options(precision: str, static_options=None):
 
 
 def ort_logits(path: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Outputs ``[N, classes]`` (or ``[N, dim]``) of an ONNX file over ``pixels`` ``[N, 3, H, W]``
-    (ONNX Runtime CPU)."""
-    from ..check.validate import onnx_runner
-
-    run = onnx_runner(path)
-    return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+    """Outputs ``[N, classes]`` (or ``[N, dim]``) of an engine file over ``pixels`` ``[N, 3, H, W]``
+    (an ONNX file: ONNX Runtime CPU), ``batch`` images per run."""
+    runner = open_runner(path)
+    try:
+        return np.concatenate([runner(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+    finally:
+        runner.close()

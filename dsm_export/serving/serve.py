@@ -41,7 +41,8 @@ import numpy as np
 
 from .. import checks
 from ..errors import DSMError
-from ..graph.export import load_onnx, read_metadata
+from ..core.models import sha256_file
+from ..engines.registry import RunnerOptions, backend_for, open_runner, read_engine
 from .batcher import MicroBatcher  # noqa: F401  (the name callers import from here)
 from .lifecycle import (  # noqa: F401  (EXIT_LIMIT_S, ShutdownGuard, descendants: the names callers import from here)
     EXIT_LIMIT_S, SHUTDOWN_LIMIT_S, ShutdownGuard, descendants, end_children, prepend_libdir, stop_on_signals,
@@ -141,26 +142,13 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     from ..data import eval_transform
-    from ..check.validate import onnx_runner
 
-    if onnx_path.endswith(".xml"):  # an OpenVINO IR, run in OpenVINO at the precision it records
-        from ..engines.openvino import OpenVINORunner
-
-        runner = OpenVINORunner(onnx_path, threads)
-        info, in_name, out_name, dims = runner.info, runner.input_name, runner.output_name, runner.output_dims
-    else:
-        model = load_onnx(onnx_path, weights=False)
-        info = read_metadata(model, onnx_path)
-        runner = onnx_runner(onnx_path, threads)
-        in_name = model.graph.input[0].name
-        out = model.graph.output[0]
-        out_name = out.name
-        dims = tuple(int(d.dim_value) for d in out.type.tensor_type.shape.dim[1:])
+    runner = open_runner(onnx_path, RunnerOptions(threads=threads))  # any backend's engine
+    engine = runner.engine_file
+    info, in_name, out_name, dims = engine.info, engine.input_name, engine.output_name, engine.output_dims
     transform = eval_transform(timm.create_model(info.model, pretrained=False))
     c, h, w = info.input_size
     limit = info.batch or max_batch
-    from ..core.models import sha256_file
-
     params = {"dsm.file": os.path.abspath(onnx_path), "dsm.sha256": sha256_file(onnx_path), "dsm.model": info.model,
               "dsm.schedule": info.schedule.spec(), "dsm.weights_sha256": info.weights_sha256,
               "dsm.output": out_name}
@@ -212,21 +200,15 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
     if max_batch < 1 or top_k < 1 or image_instances < 1:
         raise DSMError("--max-batch, --top-k and --image-instances must be at least 1")
     for path in onnx_paths:
-        if path.endswith(".xml"):
-            from ..engines.openvino import read_ir
-
-            checks.input_file(path, "OpenVINO IR")
-            checks.input_file(path[:-4] + ".bin", "OpenVINO weights (.bin)")
-            ov_model = read_ir(path)[0]
-            output_name, classes = ov_model.outputs[0].get_any_name(), ov_model.outputs[0].get_partial_shape()[-1].get_length()
-        else:
-            checks.input_file(path, "ONNX file")
-            model = load_onnx(path, weights=False)
-            read_metadata(model, path)
-            output_name = model.graph.output[0].name
-            classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        if output_name == "logits" and top_k > classes:
-            raise DSMError(f"--top-k {top_k} is more than the {classes} classes of {path!r}")
+        checks.input_file(path, "engine")
+        backend = backend_for(path)
+        if backend.preflight is not None:
+            backend.preflight(path)
+        if backend.needs_gpu:  # a GPU, and the runtime that built it, before Triton starts
+            open_runner(path).close()
+        engine = read_engine(path)
+        if engine.output_name == "logits" and top_k > engine.output_dims[-1]:
+            raise DSMError(f"--top-k {top_k} is more than the {engine.output_dims[-1]} classes of {path!r}")
     if not allow_random_init:
         refuse_random_init(onnx_paths, "serve")
     names = names or [model_name_for(p) for p in onnx_paths]

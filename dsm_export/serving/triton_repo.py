@@ -28,10 +28,9 @@ import re
 
 import onnx
 
+from ..engines.registry import EngineFile, TritonPlacement, backend_for, read_engine
 from ..errors import DSMError
-from ..graph.export import load_onnx, read_metadata
-from ..graph.onnx_file import model_files
-from ..fileio import atomic_path
+from ..fileio import atomic_path, copy_file
 
 # ONNX element type -> Triton data type (model_config.proto DataType).
 _DTYPES = {
@@ -75,48 +74,6 @@ def model_name_for(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "model"
 
 
-def _io_from_onnx(path: str):
-    model = load_onnx(path, weights=False)
-    read_metadata(model, path)
-    inputs, outputs = [], []
-    for vals, out in ((model.graph.input, inputs), (model.graph.output, outputs)):
-        for v in vals:
-            t = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-            out.append((v.name, triton_dtype(t.elem_type, f"{path!r} tensor {v.name!r}"), dims))
-    return inputs, outputs
-
-
-def _io_from_plan(path: str):
-    from ..engines import engine_info
-
-    info, sidecar = engine_info(path)
-    c, h, w = info.input_size
-    batch = info.batch or -1
-    classes = int(sidecar.get("num_classes", 1000))
-    output = sidecar.get("output") or info.output
-    return [("pixel_values", "TYPE_FP32", [batch, c, h, w])], [(output, "TYPE_FP32", [batch, classes])], sidecar
-
-
-def _io_from_ir(path: str):
-    """Inputs, outputs (name, Triton type, dims with -1 for a dynamic batch) and the metadata of an IR."""
-    from ..engines.openvino import read_ir
-
-    model, _, meta = read_ir(path)
-    types = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i64": "TYPE_INT64", "i32": "TYPE_INT32"}
-    spec = []
-    for ports in (model.inputs, model.outputs):
-        io = []
-        for port in ports:
-            kind = port.get_element_type().to_string()
-            if kind not in types:
-                raise DSMError(f"{path!r} tensor {port.get_any_name()!r} has element type {kind}, which Triton cannot express")
-            dims = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
-            io.append((port.get_any_name(), types[kind], dims))
-        spec.append(io)
-    return spec[0], spec[1], meta
-
-
 def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str) -> None:
     """Refuse a plan whose optimization profile cannot take every batch Triton's dynamic batcher
     may form (1 up to ``max_batch_size``): one with a minimum batch above 1.
@@ -133,14 +90,26 @@ def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str)
                        "Triton's dynamic batcher sends batches from 1 (rebuild with --min-batch 1)")
 
 
-def _engine_instances(path: str, what: str, kind: str, given: str | None, ort_tensorrt: str | None) -> str:
-    """``kind``, the only instance kind an engine file runs on; refuse another and the ONNX Runtime
-    TensorRT accelerator (an .onnx-only option)."""
-    if given not in (None, kind):
-        raise DSMError(f"{path!r}: {what} on {kind.upper()} instances only (--instance-kind {kind})")
-    if ort_tensorrt:
+def _instance_kind(path: str, placement: TritonPlacement, given: str | None, ort_tensorrt: str | None) -> str:
+    """The instance kind: the one an engine runs on alone, or the user's, or the backend's default; the
+    ONNX Runtime TensorRT accelerator only where the backend takes it, on GPU instances."""
+    if placement.only_kind and given not in (None, placement.instance_kind):
+        raise DSMError(f"{path!r}: this engine runs on {placement.instance_kind.upper()} instances only "
+                       f"(--instance-kind {placement.instance_kind})")
+    if ort_tensorrt and not placement.accelerator:
         raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models only")
+    kind = given or placement.instance_kind
+    if ort_tensorrt and kind != "gpu":
+        raise DSMError("the ONNX Runtime TensorRT accelerator needs --instance-kind gpu")
     return kind
+
+
+def _io(engine: EngineFile) -> tuple[list, list]:
+    """Inputs and outputs (name, Triton type, dims with -1 for a dynamic batch): pixels in, logits or
+    embeddings out, float32 (every dsm-export engine keeps fp32 inputs and outputs)."""
+    batch = engine.static_batch or -1
+    return ([(engine.input_name, "TYPE_FP32", [batch, *engine.info.input_size])],
+            [(engine.output_name, "TYPE_FP32", [batch, *engine.output_dims])])
 
 
 def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32), instances: int = 1,
@@ -172,40 +141,22 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         raise DSMError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
     if ort_tensorrt is not None and ort_tensorrt not in ORT_TENSORRT_PRECISIONS:
         raise DSMError(f"ONNX Runtime TensorRT precision must be fp32 or fp16, got {ort_tensorrt!r}")
-    cfg = pb2.ModelConfig(name=name)
-    sidecar = None
-    notes = []
-    if path.endswith(".xml"):
-        inputs, outputs, meta = _io_from_ir(path)
-        cfg.backend = "openvino"
-        instance_kind = _engine_instances(path, "dsm-export's OpenVINO engines run", "cpu", instance_kind, ort_tensorrt)
-        if meta.get("inference_precision") == "bf16":
-            cfg.parameters["HINT_BF16"].string_value = "YES"
-        elif meta.get("precision") in ("fp32", None):
-            notes.append(f"{name}: Triton's OpenVINO backend cannot ask for f32 (only HINT_BF16); on a CPU with "
-                         "bf16 this fp32 engine runs in bf16 there, as OpenVINO's default compile does")
-    elif path.endswith(".plan"):
-        inputs, outputs, sidecar = _io_from_plan(path)
-        if sidecar.get("flavour") == "rtx":
-            raise DSMError(f"{path!r} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) loads "
-                           "full-TensorRT plans only; give triton-repo the .onnx (ONNX Runtime backend) or build "
-                           "the plan with --tensorrt enterprise on the serving GPU")
-        cfg.platform = "tensorrt_plan"
-        instance_kind = _engine_instances(path, "a TensorRT plan runs", "gpu", instance_kind, ort_tensorrt)
-        if sidecar.get("profile"):
-            max_batch = min(max_batch, sidecar["profile"]["max"][0])
-    elif path.endswith(".onnx"):
-        inputs, outputs = _io_from_onnx(path)
-        cfg.platform = "onnxruntime_onnx"
-        instance_kind = instance_kind or "cpu"
-        if ort_tensorrt and instance_kind != "gpu":
-            raise DSMError("the ONNX Runtime TensorRT accelerator needs --instance-kind gpu")
-    else:
-        raise DSMError(f"{path!r}: expected an .onnx, .plan or OpenVINO .xml file")
+    engine = read_engine(path)
+    backend = backend_for(path)
+    if backend.triton is None:
+        raise DSMError(f"{path!r}: Triton Inference Server has no backend for {backend.label} engines")
+    placement = backend.triton(engine)
+    cfg = pb2.ModelConfig(name=name, platform=placement.platform, backend=placement.backend)
+    for key, value in placement.parameters.items():
+        cfg.parameters[key].string_value = value
+    instance_kind = _instance_kind(path, placement, instance_kind, ort_tensorrt)
+    if placement.max_batch:
+        max_batch = min(max_batch, placement.max_batch)
+    inputs, outputs = _io(engine)
     kind = pb2.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb2.ModelInstanceGroup.KIND_CPU
     dynamic = inputs[0][2][0] == -1
-    if sidecar is not None:
-        check_plan_batching(sidecar.get("profile"), dynamic, path)
+    if placement.min_batch > 1:
+        check_plan_batching({"min": [placement.min_batch]}, dynamic, path)
     cfg.max_batch_size = max_batch if dynamic else 0
     for spec, target in ((inputs, cfg.input), (outputs, cfg.output)):
         for tname, dtype, dims in spec:
@@ -220,21 +171,13 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         acc.parameters["precision_mode"] = ort_tensorrt.upper()
         acc.parameters["max_workspace_size_bytes"] = str(workspace_mib << 20)
     if notes_out is not None:
-        notes_out.extend(notes)
+        notes_out.extend(placement.notes)
     return cfg
 
 
 def source_info(path: str):
-    """The dsm-export metadata of an ``.onnx`` file, an OpenVINO ``.xml`` or a ``.plan``'s source (:class:`ExportInfo`)."""
-    if path.endswith(".xml"):
-        from ..engines.openvino import read_ir_metadata
-
-        return read_ir_metadata(path)[0]
-    if path.endswith(".plan"):
-        from ..engines import engine_info
-
-        return engine_info(path)[0]
-    return read_metadata(load_onnx(path, weights=False), path)
+    """The dsm-export metadata (:class:`ExportInfo`) of an engine of any registered backend."""
+    return read_engine(path).info
 
 
 def refuse_random_init(files: list[str], what: str) -> None:
@@ -269,8 +212,6 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
             ``allow_random_init``) a file exported from random weights, and what :func:`model_config`
             refuses.
     """
-    from ..engines import copy_file
-
     _, text_format = _pb2()
     names = [model_name_for(f) for f in files]
     if len(set(names)) != len(names):
@@ -282,15 +223,11 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
         refuse_random_init(files, "triton-repo")
     configs = [model_config(f, n, max_batch=max_batch, instances=instances, instance_kind=instance_kind,
                             ort_tensorrt=ort_tensorrt, notes_out=notes_out) for f, n in zip(files, names)]
-    for f, name, cfg in zip(files, names, configs):
+    placements = [backend_for(f).triton(read_engine(f)) for f in files]
+    for f, name, cfg, placement in zip(files, names, configs, placements):
         os.makedirs(os.path.join(repo, name, "1"), exist_ok=True)
-        ext = f.rsplit(".", 1)[-1]
-        if ext == "xml":  # the weights first: the .xml is what makes the model readable
-            copy_file(f[:-4] + ".bin", os.path.join(repo, name, "1", "model.bin"))
-        if ext == "onnx":  # external data files first, under the names the model records
-            for data in model_files(f)[1:]:
-                copy_file(data, os.path.join(repo, name, "1", os.path.basename(data)))
-        copy_file(f, os.path.join(repo, name, "1", f"model.{ext}"))
+        for source, target in placement.files:  # the engine file last: it is what makes the model readable
+            copy_file(source, os.path.join(repo, name, "1", target))
         with atomic_path(os.path.join(repo, name, "config.pbtxt")) as tmp:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(text_format.MessageToString(cfg))

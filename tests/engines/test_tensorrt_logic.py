@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from dsm_export.engines import fp32_island_nodes
+from dsm_export.engines.fp16 import fp32_island_nodes
 from dsm_export.engines.tensorrt import (
     batch_chunks,
     build_settings,

@@ -35,7 +35,7 @@ def _with_matching_outputs(path, out_path):
 def test_exact_ties_merge_the_same_tokens(tmp_path, weights, tensorrt):
     import onnxruntime as ort
 
-    from dsm_export.engines import TensorRTOptions, TensorRTRunner, build_tensorrt
+    from dsm_export.engines.tensorrt import TensorRTOptions, TensorRTRunner, build_tensorrt
     from dsm_export.graph.export import export_onnx
 
     src = str(tmp_path / "dsm.onnx")

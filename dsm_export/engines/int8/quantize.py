@@ -11,7 +11,7 @@ what it quantizes and feeds it calibration images:
   section for the measurement).
 * **What stays fp32**: the matching path -- key mean over heads, normalisation, the similarity
   MatMul, ReduceMax/ArgMax/TopK, the one-hot assignment MatMul, token sizes and ``log(size)`` --
-  the same islands :func:`dsm_export.engines.onnxruntime.fp32_island_nodes` keeps for fp16. Which
+  the same islands :func:`dsm_export.engines.fp16.fp32_island_nodes` keeps for fp16. Which
   tokens merge is decided in fp32, on keys computed from INT8 MatMuls.
 * **Smoothing** (optional, ``QuantizeOptions.smooth_alpha``): SmoothQuant scales folded into the
   LayerNorms and value weights first (:mod:`dsm_export.engines.int8.smoothing`), exact in fp32, so that one INT8
@@ -46,6 +46,7 @@ import onnx
 from ...errors import DSMError
 from ...graph.facts import QUANTIZED_OPS, is_quantized, layer_labels, quantization_record  # noqa: F401  (here before graph/facts.py)
 from ...graph.facts import name_nodes as _name_nodes
+from ..fp16 import fp32_island_nodes
 from ...graph.facts import weight_inputs as _weight_inputs
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -129,9 +130,7 @@ def images_sha256(paths: list[str]) -> str:
 
 def matching_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes of the matching and size path (kept fp32): see
-    :func:`dsm_export.engines.onnxruntime.fp32_island_nodes`. Unnamed nodes are named first."""
-    from ..onnxruntime import fp32_island_nodes
-
+    :func:`dsm_export.engines.fp16.fp32_island_nodes`. Unnamed nodes are named first."""
     _name_nodes(model)
     return fp32_island_nodes(model)
 

@@ -6,8 +6,10 @@
   builds on a machine with no GPU.
 * :mod:`.runner`: running and timing an engine on a GPU (:class:`TensorRTRunner`).
 * :mod:`.common`: the process's TensorRT logger and the GPU, shared by both.
+* :mod:`.backend`: the registry entry (``--backend tensorrt``).
 """
 
+from .backend import BACKEND, read_plan
 from .build import (
     TensorRTOptions,
     build_tensorrt,
@@ -42,7 +44,7 @@ from .runner import (
 )
 
 __all__ = [
-    "FLAVOURS", "GPU_NEEDED", "TENSORRT_INSTALL_HINT", "BuildSettings", "TensorRT", "TensorRTOptions",
+    "BACKEND", "read_plan", "FLAVOURS", "GPU_NEEDED", "TENSORRT_INSTALL_HINT", "BuildSettings", "TensorRT", "TensorRTOptions",
     "TensorRTRunner", "batch_chunks", "build_log", "build_settings", "build_tensorrt", "check_tensorrt_input",
     "check_tensorrt_int8_input", "contrib_ops", "copy_file", "engine_info", "engine_validity", "gpu_info",
     "import_tensorrt", "load_timing_cache", "parse_compute_capabilities", "read_rtx_header", "read_sidecar",

@@ -33,7 +33,7 @@ from ...errors import DSMError
 from ...graph.export import load_onnx, read_metadata
 from ...graph.onnx_file import has_external_data, session_source
 from ...fileio import atomic_path, write_json
-from ..onnxruntime import convert_fp16
+from ..fp16 import convert_fp16
 from .common import build_log, gpu_info
 from .flavours import (
     COMPUTE_CAPABILITIES,

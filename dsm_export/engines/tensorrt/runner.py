@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 
 import numpy as np
@@ -23,8 +22,9 @@ import onnx
 
 from ...errors import DSMError
 from ...graph.export import read_metadata
-from ...fileio import atomic_path
+from ...fileio import atomic_path, copy_file  # noqa: F401  (copy_file: callers import it from here)
 from .common import build_log, require_gpu
+from ..registry import EngineFile
 from .flavours import import_tensorrt, version_tuple
 
 def batch_chunks(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
@@ -75,6 +75,24 @@ def engine_info(plan_path: str):
     if data.get("output"):
         proto.graph.output.add(name=data["output"])
     return read_metadata(proto, plan_path), data
+
+
+def read_plan(path: str) -> EngineFile:
+    """What a plan says about itself, from its sidecar (no TensorRT, no GPU).
+
+    Raises:
+        DSMError: the sidecar is missing or is not dsm-export's.
+    """
+    info, sidecar = engine_info(path)
+    source = sidecar.get("source_onnx")
+    if source and not os.path.isabs(source):
+        source = os.path.join(os.path.dirname(os.path.abspath(path)), source)
+    return EngineFile(
+        path=path, backend="tensorrt", info=info, precision=sidecar.get("precision", "fp32"),
+        input_name="pixel_values", output_name=sidecar.get("output") or info.output,
+        output_dims=(int(sidecar.get("num_classes", 1000)),), static_batch=info.batch,
+        files=(path, path + ".json"), source_path=source or path,
+        meta={k: str(v) for k, v in sidecar.items() if not isinstance(v, (dict, list))})
 
 
 def tensorrt_for_engine(sidecar: dict, plan_path: str, flavour: str = "auto"):
@@ -178,6 +196,14 @@ class TensorRTRunner:
             self.min_batch, self.max_batch = int(low[0]), int(high[0])
         self.dtypes = {n: _torch_dtype(torch, module, self.engine.get_tensor_dtype(n)) for n in self.outputs}
         self.stream = torch.cuda.Stream()
+        self.engine_file = read_plan(plan_path)
+        self.judged_as = self.engine_file.precision
+        self.label = f"{trt.name} {trt.version}"
+
+    def close(self) -> None:
+        """Write the runtime cache and free the execution context."""
+        self.save_runtime_cache()
+        self.context = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run_all(x)[self.output]
@@ -261,9 +287,3 @@ def _torch_dtype(torch, module, dtype):
     if dtype not in table:
         raise DSMError(f"engine output type {dtype} is not supported by dsm-export's runner")
     return table[dtype]
-
-
-def copy_file(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` atomically."""
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
