@@ -7,10 +7,13 @@ import argparse
 import json
 import sys
 
+from ..search.runtimes import RUNTIMES, TUNE_PRECISIONS
+from ..search.tuning import TuneOptions, tune
 from ._common import add_weights_args
 
 
 def add(sub):
+    """Add the ``tune`` subcommand to ``sub`` (argparse subparsers)."""
     p = sub.add_parser("tune", help="search the schedule (x precision) with the least KL at a FLOP or speed-up target")
     p.add_argument("model", help="timm model name")
     add_weights_args(p)
@@ -21,7 +24,7 @@ def add(sub):
                         help="speed-up measured on this machine over the fastest unmerged engine of --backend: ONNX "
                              "Runtime's fp32 unmerged model (timm's arithmetic: every block on every token), or "
                              "OpenVINO's default compile of it")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8-dynamic", "int8-dynamic-all", "auto"), default=None,
+    p.add_argument("--precision", choices=TUNE_PRECISIONS, default=None,
                    help="engine precision. onnxruntime (default fp32): fp32, int8 (static QDQ, TensorRT-compatible), "
                         "int8-dynamic (dynamic quantization, first block fp32), int8-dynamic-all (dynamic, every "
                         "layer quantized), or auto (all four; --target-speedup only), every INT8 form smoothed "
@@ -42,7 +45,7 @@ def add(sub):
     p.add_argument("--max-kl", type=float, metavar="K",
                    help="accuracy budget: choose only an engine whose KL to the unmerged model (1 - cosine "
                         "for embedding models) on the calibration images (as --min-agreement) is at most K")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"),
+    p.add_argument("--backend", default="onnxruntime", choices=tuple(RUNTIMES),
                    help="runtime the engines are built and measured in with --target-speedup (openvino: an IR, "
                         "--export X.xml; needs the openvino extra)")
     p.add_argument("--quick", action="store_true",
@@ -84,12 +87,8 @@ def add(sub):
 
 
 def run(args) -> int:
-    from dataclasses import fields
-
-    from ..search.tuning import TuneOptions, tune
-
-    opts = TuneOptions(**{f.name: getattr(args, f.name) for f in fields(TuneOptions)
-                          if f.name not in ("budget", "runtime")})
+    """Tune (:func:`dsm_export.search.tuning.tune`) and print the choice; 1 when nothing reached the target."""
+    opts = TuneOptions.from_namespace(args).check()
     rep = tune(opts)
     div, agree = rep.divergence, rep.agreement_name
     n_calib, n_held = len(rep.calibration_files), rep.held_apart_images
@@ -104,7 +103,8 @@ def run(args) -> int:
         runs, mach = cal.get("speedup_runs"), rep.machine
         timing = (f"mean of {len(runs)} runs timed apart, {', '.join(f'{x:.2f}x' for x in runs)}, each the median "
                   f"of {opts.repeats}" if runs else f"median of {opts.repeats}")
-        print(f"measured {opts.runtime.label} speed-up: {cal['speedup']:.2f}x over {opts.runtime.baseline_label} "
+        runtime = opts.runtime_class
+        print(f"measured {runtime.label} speed-up: {cal['speedup']:.2f}x over {runtime.baseline_label} "
               f"(batch 32, {timing}, {mach['cpu']}, {mach['threads']} threads)")
         if "speedup_onnxruntime" in cal:
             print(f"  and {cal['speedup_onnxruntime']:.2f}x over ONNX Runtime's fp32 unmerged model, timed in "
@@ -118,7 +118,7 @@ def run(args) -> int:
     elif "speed_per_flop" in cal:
         print(f"measured ONNX Runtime speed-up (fp32): {cal['speedup']:.2f}x, {cal['speed_per_flop']:.2f} of "
               f"the FLOP ratio, lower quartile {cal['speed_per_flop_low']:.2f} (speed check above)")
-    views = "" if opts.no_mirror or rep.measured else " and their mirror images"
+    views = " and their mirror images" if opts.mirror and not rep.measured else ""
     print(f"calibration ({n_calib} images{views}): {div} {cal['divergence']:.4f}, "
           f"{agree} {100 * cal['agreement']:.1f} %, {cal['flops_ratio']:.2f}x fewer FLOPs")
     acc = held.get("top1_accuracy")
@@ -128,38 +128,33 @@ def run(args) -> int:
     if rep.budget and not opts.budget.admits(held):
         print(f"note: on the held-apart images the engine misses the budget ({rep.budget}): scores on the "
               "images a choice was made on are optimistic")
-    _print_variants(rep.variants, div, agree)
+    _print_variants(rep, div, agree)
     _print_front(rep, opts.budget)
     if rep.exported:
         print(f"wrote {rep.exported}: {rep.precision}, {schedule.spec()}")
-    _print_skipped(rep.skipped_unreadable)
+    skipped = rep.skipped_unreadable
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
     return 0
 
 
-def _print_variants(variants: list[dict], div: str, agree: str) -> None:
+def _print_variants(rep, div: str, agree: str) -> None:
     """The variant stage: calibration and held-apart scores of each merge variant, and the winner."""
-    from ..search.candidates import least
-
-    if not variants:
+    if not rep.variants:
         return
     print(f"merge variants on the best grid schedule ({div}: calibration / held apart):")
-    for row in variants:
+    for row in rep.variants:
         held_div = f"{row['held_divergence']:.4f}" if "held_divergence" in row else "-"
         print(f"  {row['variant']:<22} {div} {row['divergence']:.4f} / {held_div}  "
               f"{agree} {100 * row['agreement']:.1f} %  {row['spec']}")
-    winner = least(variants)
-    plain = variants[0]
+    winner = rep.winning_variant
+    plain = rep.variants[0]
     if winner is not plain and "held_divergence" in winner:
         print(f"variant {winner['variant']} won: held-apart {div} {winner['held_divergence']:.4f} against "
               f"{plain['held_divergence']:.4f} for the plain schedule "
               f"({100 * (winner['held_divergence'] / plain['held_divergence'] - 1):+.0f} %)")
     else:
         print("no variant beat the plain schedule on the calibration images")
-
-
-def _print_skipped(skipped: list[str]) -> None:
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable images: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
 
 
 def _print_front(rep, budget) -> None:
@@ -197,9 +192,8 @@ def _missed(rep, opts) -> int:
                  f"{label}: {best['speedup']:.2f}x, {div} {best['divergence']:.4f}, "
                  f"{agree} {100 * best['agreement']:.1f} % ({best['precision']}, {best['spec']})")
     else:
-        cal = rep.calibration
-        found = (f"the least-{div} schedule at the target: {div} {cal['divergence']:.4f}, {agree} "
-                 f"{100 * cal['agreement']:.1f} % ({rep.nearest})")
+        found = (f"the least-{div} schedule at the target: {div} {rep.calibration['divergence']:.4f}, {agree} "
+                 f"{100 * rep.calibration['agreement']:.1f} % ({rep.nearest})")
     within = f" within {rep.budget}" if rep.budget else ""
     print(f"dsm-export: no {'engine' if rep.measured else 'schedule'} reached {rep.target}{within} on the "
           f"{len(rep.calibration_files)} calibration images; {found}", file=sys.stderr)

@@ -1,6 +1,10 @@
 """Schedule search on real weights and photos (small budget)."""
 
+import contextlib
+import dataclasses
 import json
+from dataclasses import replace
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +14,9 @@ from dsm_export.cli import main
 from dsm_export.check.evaluate import flops_ratio, model_logits, schedule_metrics
 from dsm_export.core.schedule import Schedule
 from dsm_export.search.candidates import Candidate, pareto_front
+from dsm_export.search import tuning
 from dsm_export.search.schedule_search import search_schedules
+from dsm_export.search.tuning import ResolvedTuneOptions, TuneOptions
 
 from conftest import DEIT
 
@@ -26,11 +32,11 @@ def test_tune_meets_target_and_beats_constant_r(deit, pixels):
     # Scored on both views of every photo; the mirror images change what merges, so the KL differs.
     base = model_logits(deit, views)
     both = schedule_metrics(deit, result.best, views, base)
-    assert abs(both["kl"] - result.best_metrics["kl"]) < 1e-9
+    assert abs(both["kl"] - result.best_metrics.divergence) < 1e-9
     assert abs(schedule_metrics(deit, result.best, pixels, base[:len(pixels)])["kl"] - both["kl"]) > 1e-6
     # ToMe's constant r=13 (1.74x) is a grid candidate, always evaluated: the search can only do better.
     tome = schedule_metrics(deit, Schedule(r=13), views, base)
-    assert result.best_metrics["kl"] <= tome["kl"]
+    assert result.best_metrics.divergence <= tome["kl"]
     assert result.pareto and all(r in result.evaluated for r in result.pareto)
 
 
@@ -45,21 +51,21 @@ def test_tune_grid_goes_coarse_to_fine(deit, pixels):
     tome = [s for s in cands if s.spec() == f"r={s.r}"]
     assert tome and all(s in first for s in tome)
     result = search_schedules(deit, pixels[:4], 1.7, max_grid=8, refine_steps=0, progress=False, variants=False)
-    specs = [m["spec"] for m in result.evaluated]
+    specs = [m.spec for m in result.evaluated]
     assert len(specs) == 8 and specs[:len(first)] == [s.spec() for s in first]
     by_spec = {s.spec(): s for s in cands}
     for k in range(len(first), 8):  # each fine-stage pick is nearest the best of those before it
         seen = result.evaluated[:k]
-        best = by_spec[min(seen, key=lambda m: (m["kl"], -m["top1_agreement"]))["spec"]]
+        best = by_spec[min(seen, key=lambda m: (m.divergence, -m.agreement)).spec]
         left = [s for s in cands if s.spec() not in specs[:k]]
         assert grid_distance(by_spec[specs[k]], best) == min(grid_distance(s, best) for s in left)
 
 
 def test_pareto_front():
-    rows = [Candidate(flops_ratio=1.5, kl=0.02, agreement=0.9), Candidate(flops_ratio=1.7, kl=0.05, agreement=0.9),
-            Candidate(flops_ratio=1.6, kl=0.06, agreement=0.9), Candidate(flops_ratio=1.7, kl=0.04, agreement=0.9)]
+    rows = [Candidate.from_json(dict(flops_ratio=f, kl=kl, agreement=0.9))
+            for f, kl in ((1.5, 0.02), (1.7, 0.05), (1.6, 0.06), (1.7, 0.04))]
     assert pareto_front(rows, "flops_ratio") == [rows[0], rows[3]]
-    assert rows[0].divergence == 0.02 and rows[0]["kl"] == 0.02  # a classifier's KL is its divergence
+    assert rows[0].divergence == 0.02 and rows[0].to_json()["kl"] == 0.02  # a classifier's KL is its divergence
 
 
 def test_tune_cli(deit, weights, images_dir, tmp_path, capsys):
@@ -84,7 +90,7 @@ def test_speed_check_candidates_confirmation_and_choice():
     from dsm_export.search.speed_check import speed_candidates, speed_stats
 
     def row(spec, kl, fr=1.71, agree=0.9):
-        return {"spec": spec, "divergence": kl, "agreement": agree, "flops_ratio": fr}
+        return Candidate(spec=spec, divergence=kl, agreement=agree, flops_ratio=fr)
 
     rows = [row("r=33,r_end=0,delay=3,metric=heads", 0.030),
             row('{"blocks":["none","none","none","global 40","global 30","global 20","global 10","global 5",'
@@ -95,10 +101,10 @@ def test_speed_check_candidates_confirmation_and_choice():
             row("r=33,r_end=0,delay=3", 0.040),  # same spec twice: timed once
             row("r=30,r_end=0,delay=3", 0.020, fr=1.6),  # below the target
             row("r=33,r_end=0,delay=3,protect=16", 0.035, agree=0.5)]
-    got = [r["spec"] for r in speed_candidates(rows, 1.7, count=6)]
-    assert got == [rows[2]["spec"], rows[0]["spec"], rows[1]["spec"], rows[7]["spec"], rows[4]["spec"]]
-    assert [r["spec"] for r in speed_candidates(rows, 1.7, count=2)] == got[:2]
-    assert rows[7]["spec"] not in [r["spec"] for r in speed_candidates(rows, 1.7, budget=Budget(0.8))]
+    got = [r.spec for r in speed_candidates(rows, 1.7, count=6)]
+    assert got == [rows[2].spec, rows[0].spec, rows[1].spec, rows[7].spec, rows[4].spec]
+    assert [r.spec for r in speed_candidates(rows, 1.7, count=2)] == got[:2]
+    assert rows[7].spec not in [r.spec for r in speed_candidates(rows, 1.7, budget=Budget(0.8))]
 
     # paired speed-ups summed up: median and lower quartile, both over the FLOP ratio
     stats = speed_stats([1.5, 1.8, 1.4, 1.6, 1.7], 1.6)
@@ -108,14 +114,14 @@ def test_speed_check_candidates_confirmation_and_choice():
         speed_stats([], 1.6)
 
     # the choice goes by the lower quartile: a median above the floor is not enough
-    timed = [{"spec": s, "speed_per_flop_low": q, "speed_per_flop": q + 0.05}
+    timed = [Candidate(spec=s, divergence=0.03, agreement=0.9, speed_per_flop_low=q, speed_per_flop=q + 0.05)
              for s, q in zip("abcde", (0.80, 0.88, 0.93, 0.96, 0.99))]
-    assert first_fast_enough(timed, 0.9)["spec"] == "c"
-    assert first_fast_enough(timed, 0.9, key="speed_per_flop")["spec"] == "b"
+    assert first_fast_enough(timed, 0.9).spec == "c"
+    assert first_fast_enough(timed, 0.9, key="speed_per_flop").spec == "b"
     assert first_fast_enough(timed, 1.0) is None
     # within 0.05 below the floor, up to the first at or above it: only b could still rise over it
-    assert [r["spec"] for r in near_floor(timed, 0.9, 0.05)] == ["b"]
-    assert [r["spec"] for r in near_floor(timed, 0.95, 0.05)] == ["c"]
+    assert [r.spec for r in near_floor(timed, 0.9, 0.05)] == ["b"]
+    assert [r.spec for r in near_floor(timed, 0.95, 0.05)] == ["c"]
     assert near_floor(timed, 0.7, 0.05) == []
 
 
@@ -128,15 +134,15 @@ def test_speed_check_times_real_exports(deit, weights, pixels, tmp_path):
     import onnx
 
     base = model_logits(deit, pixels[:8])
-    rows = [schedule_metrics(deit, Schedule.parse(s), pixels[:8], base) | {"spec": s}
+    rows = [Candidate.from_json(schedule_metrics(deit, Schedule.parse(s), pixels[:8], base) | {"spec": s})
             for s in ("r=13", "r=34,r_end=0,delay=3,local=1,protect=16")]
     check = speed_check(deit, DEIT, weights, rows, 1.7, str(tmp_path), min_quotient=0.5, count=2)
-    assert [r["spec"] for r in check.rows] == sorted((r["spec"] for r in rows),
-                                                     key=lambda s: next(r["kl"] for r in rows if r["spec"] == s))
+    assert [r.spec for r in check.rows] == sorted((r.spec for r in rows),
+                                                  key=lambda s: next(r.to_json()["kl"] for r in rows if r.spec == s))
     for r in check.rows:
-        assert r["speedup"] > 1.2 and abs(r["speed_per_flop"] - r["speedup"] / r["flops_ratio"]) < 1e-9
-        assert len(r["speedup_runs"]) in (5, 10) and r["speed_per_flop_low"] <= r["speed_per_flop"]
-        assert read_metadata(onnx.load(r["path"])).schedule.to_dict(12) == Schedule.parse(r["spec"]).to_dict(12)
+        assert r.speedup > 1.2 and abs(r.speed_per_flop - r.speedup / r.flops_ratio) < 1e-9
+        assert len(r.speedup_runs) in (5, 10) and r.speed_per_flop_low <= r.speed_per_flop
+        assert read_metadata(onnx.load(r.path)).schedule.to_dict(12) == Schedule.parse(r.spec).to_dict(12)
     assert check.chosen is first_fast_enough(check.rows, 0.5)
     assert check.machine["batch"] == 32 and check.machine["repeats"] == 5
 
@@ -187,13 +193,13 @@ def test_a_choice_past_the_target_gets_a_rung_between_it_and_the_short_one_below
     search measures one rung between the two (their geometric mean), unless one near it was measured."""
     from dsm_export.search.engine_search import between_rung
 
-    rows = [dict(rung=1.0, precision="fp32", speedup=1.0), dict(rung=1.7, precision="fp32", speedup=1.57),
-            dict(rung=1.95, precision="fp32", speedup=1.81), dict(rung=1.6, precision="int8", speedup=1.5)]
+    rows = [Candidate(rung=rung, precision=p, speedup=speed, divergence=0.01, agreement=0.95)
+            for rung, p, speed in ((1.0, "fp32", 1.0), (1.7, "fp32", 1.57), (1.95, "fp32", 1.81), (1.6, "int8", 1.5))]
     chosen = rows[2]
     assert between_rung(rows, chosen, [1.7, 1.95], 1.6) == pytest.approx(np.sqrt(1.7 * 1.95), abs=1e-3)
     assert between_rung(rows, chosen, [1.7, 1.95, 1.83], 1.6) is None  # measured already
-    assert between_rung(rows, dict(chosen, speedup=1.66), [1.7, 1.95], 1.6) is None  # only 4 % past the target
-    assert between_rung(rows, dict(chosen, precision="bf16"), [1.7, 1.95], 1.6) is None  # nothing short below
+    assert between_rung(rows, replace(chosen, speedup=1.66), [1.7, 1.95], 1.6) is None  # only 4 % past the target
+    assert between_rung(rows, replace(chosen, precision="bf16"), [1.7, 1.95], 1.6) is None  # nothing short below
     assert between_rung(rows, None, [1.7], 1.6) is None
 
 
@@ -253,14 +259,14 @@ def test_a_precision_dominated_at_every_rung_is_dropped_and_never_all():
     from dsm_export.search.engine_search import dominated_precisions
 
     def row(p, rung, speed, kl):
-        return {"precision": p, "rung": rung, "speedup": speed, "divergence": kl, "stride": 1}
+        return Candidate(precision=p, rung=rung, speedup=speed, divergence=kl, agreement=0.95, stride=1)
 
     # int8 slower and less accurate than fp32 at both rungs: dropped
     rows = [row("fp32", 1.0, 1.0, 0.0), row("int8", 1.0, 0.9, 0.01),
             row("fp32", 1.8, 1.6, 0.03), row("int8", 1.8, 1.4, 0.06)]
     assert dominated_precisions(rows, ["fp32", "int8"]) == ["int8"]
     # faster at one rung: kept
-    rows[3]["speedup"] = 1.7
+    rows[3].speedup = 1.7
     assert dominated_precisions(rows, ["fp32", "int8"]) == []
     # two identical precisions dominate each other: only one goes
     twins = [row("a", 1.0, 1.0, 0.0), row("b", 1.0, 1.0, 0.0)]
@@ -271,7 +277,7 @@ def test_a_precision_is_dropped_after_the_unmerged_rung_only_when_clearly_beaten
     from dsm_export.search.engine_search import CLEAR_MARGIN, dominated_precisions
 
     def row(precision, speedup, kl, rung=1.0):
-        return {"precision": precision, "speedup": speedup, "divergence": kl, "rung": rung}
+        return Candidate(precision=precision, speedup=speedup, divergence=kl, agreement=0.95, rung=rung)
 
     # OpenVINO on a CPU without VNNI: int8 28 % slower than f32 and less accurate
     rows = [row("fp32", 1.11, 0.0), row("int8", 0.80, 0.0088)]
@@ -290,7 +296,8 @@ def test_no_rung_is_aimed_past_one_that_reaches_the_target():
     from dsm_export.search.engine_search import aim_rung, wanted_rungs
 
     def row(rung, precision, speedup, kl=0.01):
-        return dict(rung=rung, flops_ratio=rung, precision=precision, speedup=speedup, divergence=kl, agreement=0.95)
+        return Candidate(rung=rung, flops_ratio=rung, precision=precision, speedup=speedup, divergence=kl,
+                         agreement=0.95)
 
     rows = [row(1.0, "bf16", 1.09), row(1.0, "int8", 1.59), row(1.077, "bf16", 1.06), row(1.077, "int8", 1.41)]
     # speed fell with more merging: speed proportional to FLOPs from the most-merged point, not back to 1.05
@@ -333,3 +340,54 @@ def test_alternating_throughput_keeps_the_pairs_timed_at_full_speed():
     assert stats["fallback"] and stats["repetitions"] == 3 and stats["kept"] == {"merged": 3}
     with pytest.raises(ValueError):
         alternating_throughput({"a": reference}, batch=8, quiet=0.9)
+
+
+def test_tune_options_check_returns_a_resolved_frozen_copy(tmp_path):
+    """check() leaves the options as given and returns every default resolved, one field per choice."""
+    given = TuneOptions(model=DEIT, images=str(tmp_path), weights="w.pth", target_speedup=1.6, backend="openvino",
+                        quick=True, calibration=16)
+    quick = given.check()
+    assert isinstance(quick, ResolvedTuneOptions) and quick.measured
+    assert given.precision is None and given.calibration == 16 and given.calibration_count is None  # as given
+    assert quick.precision == "auto" and quick.calibration_count == 16 and quick.mirror is False
+    assert (quick.max_grid, quick.refine_steps, quick.rungs, quick.speed_floor) == (8, 4, 3, 0.0)
+    assert quick.runtime_class.label == "OpenVINO" and quick.strides == (1,)
+    assert not {"no_mirror", "calibration", "quick", "min_agreement", "max_kl", "no_progress"} & {
+        f.name for f in dataclasses.fields(ResolvedTuneOptions)}
+    for frozen in (given, quick):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.precision = "fp32"
+    flops = TuneOptions(model=DEIT, images=str(tmp_path), weights="w.pth", target_flops_ratio=1.7, min_agreement=90,
+                        max_kl=0.05, export=str(tmp_path / "x.onnx")).check()
+    assert (flops.precision, flops.calibration_count, flops.mirror, flops.max_grid, flops.refine_steps) == (
+        "fp32", 128, True, 48, 24)
+    assert flops.speed_floor == 0.9 and flops.budget.min_agreement == 0.9 and flops.budget.max_divergence == 0.05
+    assert dataclasses.replace(flops, export=None).export is None  # a resolved copy, not the options changed
+    speed = TuneOptions(model=DEIT, images="i", pretrained=True, target_speedup=1.6, mirror=True, strides="1,2",
+                        no_progress=True).check()
+    assert (speed.mirror, speed.max_grid, speed.refine_steps, speed.rungs, speed.strides, speed.progress) == (
+        True, 16, 8, 4, (1, 2), False)
+    assert TuneOptions(model=DEIT, images="i", pretrained=True, target_flops_ratio=1.7, no_mirror=True).check().mirror is False
+
+
+def test_a_tuned_engine_is_copied_with_every_file_of_it_the_engine_last(tmp_path, monkeypatch):
+    """--export takes every file of the chosen engine (the registry's engine_files): companions first, renamed
+    after the export where they carry the engine's name, the engine file last, each through atomic_path."""
+    work = tmp_path / "work"
+    work.mkdir()
+    files = [work / "ov_int8_r1.xml", work / "ov_int8_r1.bin", work / "shared.cache"]
+    for f in files:
+        f.write_text(f.name)
+    monkeypatch.setattr(tuning, "engine_files", lambda path: tuple(str(f) for f in files))
+    written, real = [], tuning.atomic_path
+
+    @contextlib.contextmanager
+    def recording(path):
+        with real(path) as tmp:
+            yield tmp
+        written.append(os.path.basename(path))
+
+    monkeypatch.setattr(tuning, "atomic_path", recording)
+    tuning.copy_engine(str(files[0]), str(tmp_path / "tuned.xml"))
+    assert written == ["tuned.bin", "shared.cache", "tuned.xml"]
+    assert [(tmp_path / n).read_text() for n in written] == ["ov_int8_r1.bin", "shared.cache", "ov_int8_r1.xml"]
