@@ -36,7 +36,7 @@ __all__ = [
 def __getattr__(name: str):
     """The API calls, imported on first use (``import dsm_export`` stays light: no ONNX, no runtime)."""
     if name in _API:
-        from . import api
+        from . import api  # noqa: PLC0415 - lazy (PEP 562): `import dsm_export` loads no ONNX, no runtime
 
         return getattr(api, name)
     raise AttributeError(f"module 'dsm_export' has no attribute {name!r}")

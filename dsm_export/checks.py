@@ -11,6 +11,8 @@ import errno
 import os
 import socket
 
+from PIL import Image
+
 from .errors import DSMError
 
 
@@ -144,8 +146,6 @@ def readable_images(images, skip_unreadable: bool = False):
         DSMError: an unreadable image without ``skip_unreadable`` (naming the first and the count),
             or no readable image at all.
     """
-    from PIL import Image
-
     bad: list[tuple[str, str]] = []
     keep = []
     for i, name in enumerate(images.files):

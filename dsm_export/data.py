@@ -6,17 +6,15 @@ import csv
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from .errors import DSMError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def shared_dir() -> str:
-    """Folder of the project's shared material: ``$DSM_SHARED``, default ``../shared``."""
-    return os.environ.get("DSM_SHARED", os.path.join(os.getcwd(), "..", "shared"))
 
 
 @dataclass(frozen=True)
@@ -88,8 +86,6 @@ def list_images(root: str, limit: int | None = None) -> ImageSet:
 
 def eval_transform(model: nn.Module):
     """timm's eval transform for ``model`` (``resolve_data_config`` + ``create_transform``)."""
-    from timm.data import create_transform, resolve_data_config
-
     return create_transform(**resolve_data_config(model=model), is_training=False)
 
 
@@ -99,8 +95,6 @@ def load_image(path: str):
     Raises:
         DSMError: if the file is not a readable image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -126,7 +120,5 @@ def split_calibration(images: ImageSet, calibration: int, seed: int = 0) -> tupl
     Returns:
         ``(calibration_set, held_apart_set)``; the same ``seed`` gives the same split everywhere.
     """
-    import numpy as np
-
     order = np.random.default_rng(seed).permutation(len(images))
     return images.subset(order[:calibration]), images.subset(order[calibration:])

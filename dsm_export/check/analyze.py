@@ -17,15 +17,19 @@ The recommended delay is the number of leading blocks whose merge-alone cost exc
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
 
 from .evaluate import divergence_name, model_logits
+from .visualize import pyplot
 from ..core.merge import split_ab
 from ..core.patch import apply
 from ..core.schedule import BlockPlan, Schedule
 from ..core.models import is_embedding_model
+from ..fileio import atomic_path
 from ..metrics import output_metrics
 
 
@@ -133,15 +137,7 @@ PLOTS = {
 
 def plot_analysis(report: dict, folder: str, model_name: str) -> list[str]:
     """One PNG per statistic in ``folder``; returns the paths."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..fileio import atomic_path
-
+    plt = pyplot()
     paths = []
     for key, label in PLOTS.items():
         values = report[key]

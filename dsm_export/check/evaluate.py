@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from ..data import ImageSet, eval_transform, load_batch
+from ..data import ImageSet, eval_transform, load_batch, split_calibration
 from ..core.flops import schedule_flops
 from ..core.patch import apply
 from ..core.schedule import Schedule
@@ -22,8 +23,6 @@ from ..metrics import output_metrics
 
 def load_pixels(images: ImageSet, model: nn.Module, progress: bool = False) -> torch.Tensor:
     """All images through the model's eval transform: ``[N, 3, H, W]`` float32."""
-    from tqdm import tqdm
-
     transform = eval_transform(model)
     idx = range(len(images))
     return torch.stack([load_batch(images, [i], transform)[0]
@@ -38,8 +37,6 @@ def split_pixels(model: nn.Module, images: ImageSet, calibration: int, holdout: 
         ``(calib, held, calib_pixels, held_pixels)``: the two :class:`ImageSet` splits (held-apart
         cut to its first ``holdout`` photos if given) and their ``[N, 3, H, W]`` pixels.
     """
-    from ..data import split_calibration
-
     calib, held = split_calibration(images, calibration)
     if holdout:
         held = held.subset(range(min(holdout, len(held))))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..data import eval_transform, load_image
+from ..engines.registry import import_optional
 from ..errors import DSMError
 from ..fileio import atomic_path
 from ..core.patch import apply
@@ -73,6 +74,16 @@ def overlay(rgb: np.ndarray, groups: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display).
+
+    Raises:
+        DSMError: matplotlib is not installed (the ``tune`` extra).
+    """
+    import_optional("matplotlib", "tune").use("Agg")
+    return import_optional("matplotlib.pyplot", "tune")
+
+
 def visualize(model: nn.Module, schedule: Schedule, image: str, blocks: list[int], output: str) -> dict[int, int]:
     """Write a PNG: the image, then the merged groups after each of ``blocks``.
 
@@ -82,11 +93,7 @@ def visualize(model: nn.Module, schedule: Schedule, image: str, blocks: list[int
     Raises:
         DSMError: unreadable image, bad block index, or missing output folder.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pixels, rgb = display_image(model, image)
     groups = merge_groups(model, schedule, pixels, blocks)
     fig, axes = plt.subplots(1, len(blocks) + 1, figsize=(3 * (len(blocks) + 1), 3.3))

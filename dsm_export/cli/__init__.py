@@ -12,6 +12,7 @@ import importlib
 import sys
 import warnings
 
+from .._version import __version__
 from ..errors import DSMError
 from .validate import format_report  # noqa: F401  (public: the validation report as text)
 
@@ -22,8 +23,6 @@ SUBCOMMANDS = ("export", "validate", "inspect", "build", "bench", "triton_repo",
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand."""
-    from .._version import __version__
-
     parser = argparse.ArgumentParser(
         prog="dsm-export",
         description="Delayed Spatial Merging for timm ViTs: static-shape ONNX export, validation, engines.")
@@ -45,10 +44,12 @@ def main(argv=None) -> int:
     # Run as the command (console script or ``python -m``), the process ends when main returns; a
     # subcommand may then bound that exit (``serve``: PyTriton threads that never join).
     args.owns_process = argv is None
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"timm\..*")
-    warnings.showwarning = _show_warning
     try:
-        return args.func(args)
+        # Warnings as one line, and timm's UserWarnings hidden, for the command's duration only.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"timm\..*")
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except DSMError as exc:
         print(f"dsm-export: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core.models import create_model
 from ..errors import DSMError
 
 # engines.tensorrt.flavours.FLAVOURS, written out so that parsing the command line does not import the engines package
@@ -30,8 +31,6 @@ def model_from_args(args, name: str, require_weights: bool = False):
         DSMError: both or (with ``require_weights``) neither of --weights and --pretrained, and
             everything ``create_model`` raises.
     """
-    from ..core.models import create_model
-
     check_weights_args(args, require_weights)
     return create_model(name, args.weights, pretrained=args.pretrained,
                         num_classes=getattr(args, "num_classes", None))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
+from .. import checks
+from ..check.analyze import analyze, plot_analysis
+from ..check.evaluate import load_pixels
+from ..data import list_images
 from ..errors import DSMError
+from ..fileio import write_json
 from ._common import add_weights_args, model_from_args
 
 
@@ -22,13 +27,6 @@ def add(sub):
 
 
 def run(args) -> int:
-    from ..check.analyze import analyze, plot_analysis
-    from ..data import list_images
-    from ..check.evaluate import load_pixels
-    from ..fileio import write_json
-
-    from .. import checks
-
     checks.output_folder(args.output, "--output")
     checks.input_file(args.weights, "weights file")
     images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .. import checks
+from ..graph.export import export_onnx, parse_input_size
+from ..graph.onnx_file import external_locations, read_graph
 from ._common import add_weights_args, check_weights_args
 
 
@@ -26,10 +29,6 @@ def add(sub):
 
 
 def run(args) -> int:
-    from .. import checks
-    from ..graph.export import export_onnx, parse_input_size
-    from ..graph.onnx_file import external_locations, read_graph
-
     check_weights_args(args)
     checks.output_file(args.output, "--output")
     checks.input_file(args.weights, "weights file")

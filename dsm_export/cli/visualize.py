@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+from .. import checks
+from ..check.visualize import visualize
+from ..core.schedule import Schedule
+from ..data import load_image
 from ..errors import DSMError
 from ._common import add_weights_args, model_from_args
 
@@ -20,9 +24,6 @@ def add(sub):
 
 
 def run(args) -> int:
-    from ..core.schedule import Schedule
-    from ..check.visualize import visualize
-
     try:
         blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
     except ValueError:
@@ -31,9 +32,6 @@ def run(args) -> int:
         raise DSMError("--blocks names no block")
     if not os.path.isfile(args.image):
         raise DSMError(f"image {args.image!r} does not exist")
-    from .. import checks
-    from ..data import load_image
-
     checks.output_file(args.output, "--output")
     checks.input_file(args.weights, "weights file")
     load_image(args.image)  # readable, before the model is built

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .patch import last_block_form
 from .schedule import BlockTokens, Schedule, resolve
 
 
@@ -150,8 +151,6 @@ def schedule_flops(model: nn.Module, schedule: Schedule, last_block: str | None 
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     depth, prefix = len(model.blocks), int(model.num_prefix_tokens)
     if last_block is None:
-        from .patch import last_block_form
-
         last_block = last_block_form(model, schedule)
     merged, per_block = count_flops(model, resolve(schedule, depth, grid, prefix), schedule.windows,
                                     schedule.metric, schedule.merge,

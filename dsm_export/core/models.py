@@ -11,12 +11,23 @@ import hashlib
 import logging
 import os
 import warnings
+from urllib.parse import urlparse
 
+import timm
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from timm.models import get_pretrained_cfg, parse_model_name, split_model_name_tag
+from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 
 from ..errors import DSMError
 from .patch import check_supported
+
+try:
+    from huggingface_hub import errors as hf_errors
+except ImportError:  # huggingface_hub before 0.24 has no errors module
+    hf_errors = None
 
 HF_SAFE_WEIGHTS = "model.safetensors"
 HF_WEIGHTS = "pytorch_model.bin"
@@ -38,8 +49,6 @@ def load_state_dict(path: str) -> dict:
     Raises:
         DSMError: if the file is missing or is not a PyTorch state dict.
     """
-    from timm.models import load_state_dict as timm_load_state_dict
-
     if not os.path.isfile(path):
         raise DSMError(f"weights file {path!r} does not exist")
     try:
@@ -65,9 +74,6 @@ def check_model_name(name: str) -> None:
     Raises:
         DSMError: unknown architecture or unknown pretrained tag.
     """
-    import timm
-    from timm.models import get_pretrained_cfg, parse_model_name, split_model_name_tag
-
     source, rest = parse_model_name(name)
     if source == "hf-hub":
         if not rest or "/" not in rest:
@@ -119,12 +125,8 @@ def _capture_timm_load_log():
 
 def _hub_errors() -> tuple[type, ...]:
     errors: list[type] = [OSError, ConnectionError, TimeoutError]
-    try:
-        from huggingface_hub import errors as hf_errors
-
+    if hf_errors is not None:
         errors += [hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled]
-    except ImportError:
-        pass
     return tuple(errors)
 
 
@@ -157,8 +159,6 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
             reachable, ``num_classes`` below 0.
         UnsupportedModelError: if DSM cannot be applied to this architecture.
     """
-    import timm
-
     check_model_name(name)
     if num_classes is not None and num_classes < 0:
         raise DSMError(f"num_classes must be 0 (pooled features) or more, got {num_classes}")
@@ -186,12 +186,10 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
     except _hub_errors() as exc:
         if weights and isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise DSMError(f"weights file {weights!r} could not be read: {_first_line(exc)}") from None
-        from huggingface_hub import constants
-
-        offline = (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
+        offline = (" (HF_HUB_OFFLINE is set)" if hf_constants.HF_HUB_OFFLINE
                    else " (HF_HUB_OFFLINE=1 skips the download attempts)")
         raise DSMError(
-            f"{source or name} not found in the Hugging Face cache {constants.HF_HUB_CACHE} and not "
+            f"{source or name} not found in the Hugging Face cache {hf_constants.HF_HUB_CACHE} and not "
             f"downloadable{offline}: {type(exc).__name__}") from None
     except RuntimeError as exc:
         text = str(exc)
@@ -235,8 +233,6 @@ def pretrained_file(model: nn.Module) -> str | None:
         return cfg["file"]
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
         repo, _, revision = hub_id.partition("@")
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
         names += [HF_SAFE_WEIGHTS, HF_WEIGHTS, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
@@ -246,8 +242,6 @@ def pretrained_file(model: nn.Module) -> str | None:
                 return path
     url = cfg.get("url")
     if url:
-        from urllib.parse import urlparse
-
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
         if os.path.isfile(path):
             return path
@@ -257,8 +251,6 @@ def pretrained_file(model: nn.Module) -> str | None:
 def pretrained_name(name: str, model: nn.Module) -> str:
     """``name`` with the pretrained tag timm resolved (``deit_tiny_patch16_224`` ->
     ``deit_tiny_patch16_224.fb_in1k``); ``hf-hub:`` names and tagged names unchanged."""
-    from timm.models import parse_model_name, split_model_name_tag
-
     source, rest = parse_model_name(name)
     if source == "hf-hub" or split_model_name_tag(rest)[1]:
         return name

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -57,9 +59,6 @@ def check_supported(model: nn.Module, name: str | None = None) -> None:
         UnsupportedModelError: naming the model and the reason (e.g. Swin, windowed or rotary
             attention, relative position bias, parallel blocks, attention pooling).
     """
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
     label = name or type(model).__name__
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(

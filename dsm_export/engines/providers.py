@@ -11,6 +11,8 @@ fallbacks for the nodes it does not take), ``openvino``; any full provider name
 
 from __future__ import annotations
 
+import onnxruntime as ort
+
 from ..errors import DSMError
 
 CPU = "CPUExecutionProvider"
@@ -44,8 +46,6 @@ def resolve_providers(name: str | None = "cpu") -> list[str]:
         DSMError: an unknown name, or a provider this onnxruntime build does not have (the message
             names the installed ones, from ``onnxruntime.get_available_providers()``).
     """
-    import onnxruntime as ort
-
     text = (name or "cpu").strip()
     full = PROVIDER_ALIASES.get(text.lower(), text)
     if full not in ort.get_all_providers():
@@ -115,8 +115,6 @@ def create_session(model: str | bytes, provider: str | None = "cpu", threads: in
             (it fell back to another: e.g. CUDA libraries or the GPU missing).
         ValueError: an ``optimization`` not in :data:`OPTIMIZATION_LEVELS` (a caller's mistake).
     """
-    import onnxruntime as ort
-
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization {optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
     name = label or (repr(model) if isinstance(model, str) else "an in-memory ONNX model")

@@ -19,8 +19,14 @@ import warnings
 from dataclasses import dataclass
 
 import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+import onnxslim
 import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
+from .._version import __version__
 from ..errors import DSMError
 from ..fileio import atomic_path
 from .onnx_file import MAX_PROTO, data_file_name, has_external_data, publish, read_graph
@@ -201,8 +207,6 @@ def export_model(
     Raises:
         DSMError: unsupported model, impossible schedule, or a graph that fails its checks.
     """
-    from .._version import __version__
-
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
     merged = apply(model, schedule, impl="export", name=model_name, full_last_block=full_last_block).eval()
@@ -258,8 +262,6 @@ def _export_external(ir_model, info: ExportInfo, schedule: Schedule, depth: int,
     Raises:
         DSMError: a graph that fails its checks (a bug).
     """
-    import onnxscript.optimizer
-
     onnxscript.optimizer.fold_constants(ir_model)
     onnxscript.optimizer.remove_unused_nodes(ir_model)
     folder = os.path.dirname(os.path.abspath(output))
@@ -301,8 +303,6 @@ def _weights_as_inputs(ir_model) -> dict:
     Returns:
         name -> the ``onnx_ir`` tensor (a view of the PyTorch parameter, not a copy).
     """
-    import onnx_ir as ir
-
     aside = {}
     graph = ir_model.graph
     for name, value in list(graph.initializers.items()):
@@ -373,10 +373,6 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int, uneven_w
     With ``weights_aside`` (:func:`_weights_as_inputs`, after folding) the weights are graph inputs
     here, and the checks are the caller's, once they are initializers again.
     """
-    import onnx_ir
-    import onnxslim
-    import onnxscript.optimizer
-
     if weights_aside is None:  # else folded before the weights were set aside
         onnxscript.optimizer.fold_constants(ir_model)
         onnxscript.optimizer.remove_unused_nodes(ir_model)
@@ -385,7 +381,7 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int, uneven_w
     # reads it, leaving an invalid graph; the pattern is skipped there (it saves one small Slice).
     skip = ["EliminationSlice"] if uneven_windows else None
     with contextlib.redirect_stdout(io.StringIO()):
-        onnx_model = onnxslim.slim(onnx_ir.to_proto(ir_model), skip_fusion_patterns=skip)
+        onnx_model = onnxslim.slim(ir.to_proto(ir_model), skip_fusion_patterns=skip)
     gelu_in_fusable_order(onnx_model)
     gathers_as_gathernd(onnx_model)
     _name_batch_axis(onnx_model)
@@ -430,8 +426,6 @@ def gelu_in_fusable_order(model: onnx.ModelProto) -> int:
     Returns:
         The number of GELUs reordered.
     """
-    from onnx import numpy_helper
-
     consts = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -566,8 +560,6 @@ def load_onnx(path: str, weights: bool = True) -> onnx.ModelProto:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DSMError(f"{path!r} is not a valid ONNX model: {first}") from None
     if external and weights:
-        from onnx.external_data_helper import load_external_data_for_model
-
         load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     return model
 

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from ..errors import DSMError
 
@@ -246,8 +247,6 @@ def session_source(model: onnx.ModelProto, work: str, name: str = "model.onnx") 
         raise DSMError("an in-memory model with unloaded external data cannot be handed on (a bug)")
     if not needs_external_data(model):
         return model.SerializeToString()
-    from onnx.external_data_helper import load_external_data_for_model
-
     path = os.path.join(work, name)
     save_onnx(model, path, external_data=True)
     load_external_data_for_model(model, work)  # saving moved the bytes out: ``model`` stays whole

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from ..engines.providers import create_session
+
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (or the platform's best guess)."""
@@ -29,8 +31,6 @@ def make_session(path: str, threads: int | None = None, provider: str | None = "
     Raises:
         DSMError: an unavailable provider or an unloadable file.
     """
-    from ..engines.providers import create_session
-
     return create_session(path, provider, threads, optimization="all", spinning=spinning)
 
 

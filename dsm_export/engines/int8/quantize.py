@@ -42,12 +42,33 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 
+from ...core.models import create_model
+from ...data import eval_transform, list_images, load_batch
 from ...errors import DSMError
+from ...graph.export import META_PREFIX, load_onnx, read_metadata
 from ...graph.facts import QUANTIZED_OPS, is_quantized, layer_labels, quantization_record  # noqa: F401  (here before graph/facts.py)
 from ...graph.facts import name_nodes as _name_nodes
 from ..fp16 import fp32_island_nodes
 from ...graph.facts import weight_inputs as _weight_inputs
+from ...graph.onnx_file import (
+    data_file_name,
+    has_external_data,
+    needs_external_data,
+    publish,
+    read_graph,
+    save_onnx,
+    sha256_model_files,
+)
+from .smoothing import smooth_graph
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -213,11 +234,6 @@ def calibration_pixels(model_name: str, images_dir: str, count: int) -> tuple[np
     Raises:
         DSMError: missing folder, no images, an unreadable image, or ``count`` < 1.
     """
-    import torch
-
-    from ...data import eval_transform, list_images, load_batch
-    from ...core.models import create_model
-
     if count < 1:
         raise DSMError(f"--calibration-count must be at least 1, got {count}")
     images = list_images(images_dir, count)
@@ -256,25 +272,6 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
         DSMError: a file that is not a dsm-export file, is already quantized, is fp16, or static
             quantization without calibration images.
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
-    from ...graph.export import META_PREFIX, load_onnx, read_metadata
-    from ...graph.onnx_file import (
-        data_file_name,
-        has_external_data,
-        needs_external_data,
-        publish,
-        read_graph,
-        save_onnx,
-        sha256_model_files,
-    )
-
     options = options or QuantizeOptions()
     options.check()
     external = has_external_data(read_graph(onnx_path))
@@ -295,8 +292,6 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
     _name_nodes(model)
     smoothing = {}
     if options.smooth_alpha is not None:
-        from .smoothing import smooth_graph
-
         smoothing = smooth_graph(model, np.asarray(pixels, dtype=np.float32), options.smooth_alpha)
     nodes, summary = plan_quantization(model, options)
     symmetric = options.activations == "int8"

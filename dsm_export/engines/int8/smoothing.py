@@ -31,6 +31,9 @@ import onnx
 from onnx import numpy_helper
 
 from ...errors import DSMError
+from ...graph.facts import layer_labels
+from ...graph.onnx_file import session_source
+from ..providers import create_session
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,6 @@ def smoothing_pairs(model: onnx.ModelProto) -> list[SmoothPair]:
     Returns:
         The pairs in graph order.
     """
-    from ...graph.facts import layer_labels
-
     labels = layer_labels(model)
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -150,9 +151,6 @@ def activation_ranges(model: onnx.ModelProto, tensors: list[str], pixels: np.nda
     Returns:
         name -> ``[D]`` float32.
     """
-    from ...graph.onnx_file import session_source
-    from ..providers import create_session
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]

@@ -31,6 +31,7 @@ import onnx
 
 from ...errors import DSMError
 from ...graph.export import load_onnx, read_metadata
+from ...graph.facts import is_quantized, precision_of, quantization_record
 from ...graph.onnx_file import has_external_data, session_source
 from ...fileio import atomic_path, write_json
 from ..fp16 import convert_fp16
@@ -97,8 +98,6 @@ def check_tensorrt_input(model: onnx.ModelProto, path: str, precision: str) -> N
         DSMError: one line naming what the file is and the ``build`` command that makes a
             TensorRT-ready file.
     """
-    from ...graph.facts import is_quantized, precision_of, quantization_record
-
     export_hint = f"'dsm-export build EXPORT.onnx --backend tensorrt --precision {precision}' with the file of 'dsm-export export'"
     int8_hint = ("'dsm-export build EXPORT.onnx --backend onnxruntime --precision int8 --calibration DIR' "
                  "(static QDQ, int8 activations), then --backend tensorrt --precision int8 on its output")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ...errors import DSMError
 from .flavours import TensorRT
 
@@ -11,8 +13,6 @@ GPU_NEEDED = ("running a TensorRT engine needs an NVIDIA GPU and none is visible
 
 def gpu_info() -> dict:
     """GPU name and compute capability of device 0 (through torch); None for both without a GPU."""
-    import torch
-
     if not torch.cuda.is_available():
         return {"gpu": None, "compute_capability": None}
     major, minor = torch.cuda.get_device_capability(0)
@@ -21,8 +21,6 @@ def gpu_info() -> dict:
 
 def require_gpu() -> None:
     """Raise the one-line :data:`GPU_NEEDED` error where no CUDA GPU is visible."""
-    import torch
-
     if not torch.cuda.is_available():
         raise DSMError(GPU_NEEDED)
 

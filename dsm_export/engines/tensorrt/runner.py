@@ -19,6 +19,7 @@ import statistics
 
 import numpy as np
 import onnx
+import torch
 
 from ...errors import DSMError
 from ...graph.export import read_metadata
@@ -149,14 +150,11 @@ class TensorRTRunner:
 
     def __init__(self, plan_path: str, flavour: str = "auto", runtime_cache: str | None = None):
         require_gpu()
-        import torch
-
         if not os.path.isfile(plan_path):
             raise DSMError(f"engine {plan_path!r} does not exist")
         sidecar = read_sidecar(plan_path)
         self.trt = trt = tensorrt_for_engine(sidecar, plan_path, flavour)
         module = trt.module
-        self.torch = torch
         self.logger = build_log(trt)
         with open(plan_path, "rb") as fh:
             data = fh.read()
@@ -194,7 +192,7 @@ class TensorRTRunner:
         else:
             low, _, high = self.engine.get_tensor_profile_shape(self.input, 0)
             self.min_batch, self.max_batch = int(low[0]), int(high[0])
-        self.dtypes = {n: _torch_dtype(torch, module, self.engine.get_tensor_dtype(n)) for n in self.outputs}
+        self.dtypes = {n: _torch_dtype(module, self.engine.get_tensor_dtype(n)) for n in self.outputs}
         self.stream = torch.cuda.Stream()
         self.engine_file = read_plan(plan_path)
         self.judged_as = self.engine_file.precision
@@ -216,8 +214,8 @@ class TensorRTRunner:
             chunk = x[start:stop]
             if run_batch > len(chunk):
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], run_batch - len(chunk), axis=0)])
-            with self.torch.cuda.stream(self.stream):  # copied on the stream the engine runs on
-                inp = self.torch.from_numpy(chunk).to("cuda")
+            with torch.cuda.stream(self.stream):  # copied on the stream the engine runs on
+                inp = torch.from_numpy(chunk).to("cuda")
             for name, value in self._run(inp).items():
                 pieces[name].append((value.float() if value.is_floating_point() else value).cpu().numpy()[:stop - start])
         self.save_runtime_cache()
@@ -225,7 +223,6 @@ class TensorRTRunner:
 
     def _run(self, inp):
         """Outputs (CUDA tensors) for one CUDA input batch within the profile."""
-        torch = self.torch
         with torch.cuda.stream(self.stream):
             if not self.context.set_input_shape(self.input, tuple(inp.shape)):
                 raise DSMError(f"the engine rejected input shape {tuple(inp.shape)} (profile batch "
@@ -253,7 +250,6 @@ class TensorRTRunner:
         """
         if not self.min_batch <= batch <= self.max_batch:
             raise DSMError(f"batch {batch} is outside the engine's profile {self.min_batch}..{self.max_batch}")
-        torch = self.torch
         shape = (batch, *tuple(self.engine.get_tensor_shape(self.input))[1:])
         with torch.cuda.stream(self.stream):
             inp = torch.randn(shape, device="cuda")
@@ -279,7 +275,7 @@ class TensorRTRunner:
                 fh.write(bytes(data))
 
 
-def _torch_dtype(torch, module, dtype):
+def _torch_dtype(module, dtype):
     table = {}
     for name in ("float32", "float16", "bfloat16", "int32", "int64", "int8", "bool"):
         if hasattr(module, name):
