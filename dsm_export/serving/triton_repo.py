@@ -27,8 +27,9 @@ import os
 import re
 
 import onnx
+from google.protobuf import text_format
 
-from ..engines.registry import EngineFile, TritonPlacement, backend_for, read_engine
+from ..engines.registry import EngineFile, TritonPlacement, backend_for, import_optional, read_engine
 from ..errors import DSMError
 from ..fileio import atomic_path, copy_file
 
@@ -59,13 +60,9 @@ def triton_dtype(elem_type: int, where: str) -> str:
     return _DTYPES[elem_type]
 
 
-def _pb2():
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise DSMError("triton-repo needs tritonclient: pip install 'dsm-export[serve]'") from None
-    return model_config_pb2, text_format
+def _model_config_pb2():
+    """Triton's ``ModelConfig`` protobuf module (tritonclient, the ``serve`` extra)."""
+    return import_optional("tritonclient.grpc.model_config_pb2", "serve", "tritonclient")
 
 
 def model_name_for(path: str) -> str:
@@ -136,7 +133,7 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
             TensorRT accelerator without GPU instances or for a plan, a plan whose profile does not
             start at batch 1 under dynamic batching, or an element type Triton cannot express.
     """
-    pb2, _ = _pb2()
+    pb2 = _model_config_pb2()
     if instance_kind is not None and instance_kind not in INSTANCE_KINDS:
         raise DSMError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
     if ort_tensorrt is not None and ort_tensorrt not in ORT_TENSORRT_PRECISIONS:
@@ -212,7 +209,7 @@ def write_repository(files: list[str], repo: str, max_batch: int = 64, instances
             ``allow_random_init``) a file exported from random weights, and what :func:`model_config`
             refuses.
     """
-    _, text_format = _pb2()
+    _model_config_pb2()  # without tritonclient: one line, before anything is written
     names = [model_name_for(f) for f in files]
     if len(set(names)) != len(names):
         raise DSMError(f"two files map to the same model name: {names}")
