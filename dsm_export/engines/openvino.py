@@ -481,9 +481,8 @@ def _triton(engine: EngineFile) -> TritonPlacement:
     if engine.meta.get("inference_precision") == "bf16":
         params["HINT_BF16"] = "YES"
     elif engine.precision == "fp32":
-        notes = (f"{os.path.basename(engine.path)}: Triton's OpenVINO backend cannot ask for f32 (only "
-                 "HINT_BF16); on a CPU with bf16 this fp32 engine runs in bf16 there, as OpenVINO's default "
-                 "compile does",)
+        notes = ("{name}: Triton's OpenVINO backend cannot ask for f32 (only HINT_BF16); on a CPU with bf16 "
+                 "this fp32 engine runs in bf16 there, as OpenVINO's default compile does",)
     return TritonPlacement(backend="openvino", instance_kind="cpu", only_kind=True, parameters=params,
                            notes=notes, files=((engine.files[1], "model.bin"), (engine.path, "model.xml")))
 

@@ -204,7 +204,7 @@ class TritonPlacement:
         files: ``(source path, name in the version folder)`` per file, the engine file last (the
             one that makes the model readable is copied last).
         parameters: ``ModelConfig.parameters`` to set (string values).
-        notes: one-line notes on what the config cannot express.
+        notes: one-line notes on what the config cannot express (``{name}`` stands for the model name).
         max_batch: the largest batch it takes (a TensorRT profile's maximum), or None.
         min_batch: the smallest batch it takes (dynamic batching needs 1).
         accelerator: whether ONNX Runtime's TensorRT execution accelerator applies.

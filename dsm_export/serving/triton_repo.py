@@ -87,11 +87,12 @@ def check_plan_batching(profile: dict | None, dynamic_batching: bool, path: str)
                        "Triton's dynamic batcher sends batches from 1 (rebuild with --min-batch 1)")
 
 
-def _instance_kind(path: str, placement: TritonPlacement, given: str | None, ort_tensorrt: str | None) -> str:
+def _instance_kind(path: str, placement: TritonPlacement, given: str | None, ort_tensorrt: str | None,
+                   label: str) -> str:
     """The instance kind: the one an engine runs on alone, or the user's, or the backend's default; the
     ONNX Runtime TensorRT accelerator only where the backend takes it, on GPU instances."""
     if placement.only_kind and given not in (None, placement.instance_kind):
-        raise DSMError(f"{path!r}: this engine runs on {placement.instance_kind.upper()} instances only "
+        raise DSMError(f"{path!r}: dsm-export's {label} engines run on {placement.instance_kind.upper()} instances only "
                        f"(--instance-kind {placement.instance_kind})")
     if ort_tensorrt and not placement.accelerator:
         raise DSMError(f"{path!r}: the ONNX Runtime TensorRT accelerator applies to .onnx models only")
@@ -146,7 +147,7 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
     cfg = pb2.ModelConfig(name=name, platform=placement.platform, backend=placement.backend)
     for key, value in placement.parameters.items():
         cfg.parameters[key].string_value = value
-    instance_kind = _instance_kind(path, placement, instance_kind, ort_tensorrt)
+    instance_kind = _instance_kind(path, placement, instance_kind, ort_tensorrt, backend.label)
     if placement.max_batch:
         max_batch = min(max_batch, placement.max_batch)
     inputs, outputs = _io(engine)
@@ -168,7 +169,7 @@ def model_config(path: str, name: str, max_batch: int = 64, preferred=(8, 16, 32
         acc.parameters["precision_mode"] = ort_tensorrt.upper()
         acc.parameters["max_workspace_size_bytes"] = str(workspace_mib << 20)
     if notes_out is not None:
-        notes_out.extend(placement.notes)
+        notes_out.extend(note.format(name=name) for note in placement.notes)
     return cfg
 
 
