@@ -76,7 +76,7 @@ OPTIMIZATION_LEVELS = {
 def create_session(model: str | bytes, provider: str | None = "cpu", threads: int | None = None,
                    optimization: str = "all", *, optimized_path: str | None = None,
                    optimized_data: str | None = None, log_severity: int | None = None,
-                   label: str | None = None, spinning: bool | None = None):
+                   label: str | None = None, spinning: bool | None = None, profile_prefix: str | None = None):
     """An ``onnxruntime.InferenceSession`` for ``model`` on the provider ``provider``.
 
     The package's only place that builds ``onnxruntime.SessionOptions`` or an ``InferenceSession``
@@ -101,6 +101,9 @@ def create_session(model: str | bytes, provider: str | None = "cpu", threads: in
         log_severity: ``SessionOptions.log_severity_level`` (0 verbose ... 4 fatal); None: ONNX
             Runtime's default (2, warnings).
         label: how error messages name the model (default: the path, or "an in-memory ONNX model").
+        profile_prefix: turn ONNX Runtime's profiler on, its JSON trace written under this prefix
+            (``SessionOptions.enable_profiling``, ``profile_file_prefix``; ``session.end_profiling()``
+            returns the file); None: off.
         spinning: False: the intra-op threads block as soon as a run ends instead of spinning
             (``session.intra_op.allow_spinning`` 0), so that they leave the cores to another
             runtime timed right after (OpenVINO's engines, on 2 cores); None: ONNX Runtime's default.
@@ -132,6 +135,9 @@ def create_session(model: str | bytes, provider: str | None = "cpu", threads: in
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if log_severity is not None:
         opts.log_severity_level = log_severity
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     try:

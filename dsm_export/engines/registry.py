@@ -192,6 +192,63 @@ class BuildRecord:
             return default
 
 
+# Op types that only move data between layouts or precisions (OpenVINO's Reorder and Convert,
+# ONNX Runtime's Transpose): a profile counts them apart from the model's work and the merge path.
+LAYOUT_OPS = frozenset({"Reorder", "Convert", "Transpose"})
+
+
+@dataclass(frozen=True)
+class OpTime:
+    """One op of a profiled engine: its time per run and which part of the work it is.
+
+    Attributes:
+        name: the op's name in the runtime (ONNX Runtime node, OpenVINO executed node).
+        op_type: its type as the runtime runs it (``MatMul``, ``FullyConnected``, ``Subgraph``, ...).
+        ms: milliseconds per run (mean over the timed runs).
+        part: ``merge`` (an op of the matching and size path: the nodes every INT8 and fp16 build keeps
+            in fp32, :func:`dsm_export.engines.fp16.fp32_island_nodes`), ``layout`` (a conversion between
+            layouts or precisions, :data:`LAYOUT_OPS`) or ``model`` (the rest).
+    """
+
+    name: str
+    op_type: str
+    ms: float
+    part: str
+
+
+@dataclass
+class Profile:
+    """Time per op of one engine (``dsm-export profile``).
+
+    Attributes:
+        path, backend: the engine file and its backend.
+        runtime: the runtime and how it ran (the runner's label).
+        batch, threads, runs: the batch, the intra-op threads (None: the runtime's default) and the
+            timed runs (after the warm-up runs).
+        wall_ms: wall time per run (median), milliseconds.
+        ops: every op that ran, with its time per run.
+    """
+
+    path: str
+    backend: str
+    runtime: str
+    batch: int
+    threads: int | None
+    runs: int
+    wall_ms: float
+    ops: list[OpTime]
+
+
+def op_part(name: str, op_type: str, merge_names: set[str] | frozenset) -> str:
+    """``merge``, ``layout`` or ``model`` for an op (see :class:`OpTime`): merge where ``name`` is one of
+    the matching path's node names (or a fused node named after one: ``<name>_...``)."""
+    if name in merge_names or name.split("_kernel_time")[0] in merge_names:
+        return "merge"
+    if op_type in LAYOUT_OPS:
+        return "layout"
+    return "model"
+
+
 @dataclass(frozen=True)
 class TritonPlacement:
     """How Triton Inference Server serves an engine of a backend (``triton-repo``).
@@ -248,8 +305,8 @@ class Backend:
         baseline: ``baseline(unmerged_onnx, options, folder) -> Runner``: the backend's fastest unmerged
             engine made from an unmerged fp32 export (``bench``'s default baseline; files it needs go in
             ``folder``); None: the user gives one.
-        profile: ``profile(path, options, batch, repeats) -> dict[str, float]``: milliseconds per op
-            type; None: the backend has no profiler hook yet.
+        profile: ``profile(path, options, batch, runs, warmup) -> Profile``: the runtime's own time per
+            op; None: the backend has no profiler hook (``dsm-export profile`` says so in one line).
         needs_gpu: True when a runner needs an NVIDIA GPU (commands say so before any work).
         timed_against_runtime: True when ``bench`` also times ONNX Runtime's unmerged fp32 model
             beside the engine's own unmerged baseline.
@@ -271,7 +328,7 @@ class Backend:
     foreign_note: str = ""
     providers: bool = False
     baseline: Callable[[str, RunnerOptions, str], Runner] | None = None
-    profile: Callable[..., dict] | None = None
+    profile: Callable[..., Profile] | None = None
     needs_gpu: bool = False
     timed_against_runtime: bool = False
 
