@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
+from ..serving.lifecycle import exit_process
+
 
 def add(sub):
     p = sub.add_parser("serve", help="serve ONNX files with a real Triton server (PyTriton), on loopback by default")
@@ -23,27 +29,33 @@ def add(sub):
 
 
 def run(args) -> int:
-    import signal
-    import threading
-
-    # Catch SIGINT/SIGTERM before the seconds of imports below; serve() keeps watching this event.
+    """Run ``serve`` until SIGINT/SIGTERM; its exit status (0 after a signal at any phase). Run as the
+    command (``args.owns_process``), the process ends here (:func:`~dsm_export.serving.lifecycle.exit_process`)."""
+    # Run as the command, a signal during the seconds of imports below ends it at once: nothing
+    # has been started yet. After them (or called in-process), the handler only sets ``stop``, which
+    # serve() watches.
     stop = threading.Event()
+    importing = getattr(args, "owns_process", False)
+
+    def on_signal(signum, frame):
+        stop.set()
+        if importing:
+            print("interrupted while starting: stopped", flush=True)
+            os._exit(0)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, on_signal)
     from ..serving.serve import serve
 
+    importing = False
     if stop.is_set():
         print("interrupted while starting: stopped", flush=True)
-        return 0
-    code = serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                 metrics_port=args.metrics_port, max_batch=args.max_batch, top_k=args.top_k,
-                 threads=args.threads, image_instances=args.image_instances,
-                 allow_random_init=args.allow_random_init)
+        code = 0
+    else:
+        code = serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port,
+                     grpc_port=args.grpc_port, metrics_port=args.metrics_port, max_batch=args.max_batch,
+                     top_k=args.top_k, threads=args.threads, image_instances=args.image_instances,
+                     allow_random_init=args.allow_random_init)
     if getattr(args, "owns_process", False):
-        from ..serving.lifecycle import EXIT_LIMIT_S, ShutdownGuard
-
-        # The process ends once main returns; a PyTriton thread left running would hold that exit
-        # (the interpreter joins non-daemon threads), so the exit is bounded too. Never cancelled:
-        # a normal exit ends the guard's daemon thread with the process.
-        ShutdownGuard(EXIT_LIMIT_S, code, what="exiting after Triton stopped")
+        exit_process(code)  # the work is done and cleaned up: no seconds of interpreter finalization
     return code

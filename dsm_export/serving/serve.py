@@ -18,10 +18,14 @@ Each model's config (``GET /v2/models/<name>/config``, ``parameters``) names the
 
 Lifecycle: everything the user gave (files, names, ports) is checked before Triton starts; SIGINT
 or SIGTERM at any phase (starting, loading, serving, mid-request) stops Triton and its child
-processes and removes PyTriton's workspace, then returns 0. Stopping is bounded: should PyTriton's
-own shutdown hang (a thread that never joins), :class:`ShutdownGuard` dumps every thread's stack to
-stderr after ``SHUTDOWN_LIMIT_S``, ends the child processes, removes what they leave and ends the
-process with the status it would have had.
+processes and removes PyTriton's workspace, then returns 0, within seconds: a signal while the files
+are checked and bound interrupts that step; Triton and every process under it (the Python-backend
+stubs, which ignore SIGTERM, included) are ended with psutil, after a grace of up to ``GRACE_S`` for
+the requests in flight while serving; PyTriton's own ``stop()``, which waits for the lock its start
+holds through waits of minutes, is not used, and its proxy threads are stopped with a bound.
+:class:`ShutdownGuard` remains the last resort: should the teardown still overrun
+``SHUTDOWN_LIMIT_S``, it dumps every thread's stack to stderr, ends the child processes, removes what
+they leave and ends the process with the status it would have had.
 
 The process side of that (signal handlers, ``LD_LIBRARY_PATH`` for PyTriton's Python-backend stub,
 ending Triton's child processes and removing what they leave, :class:`ShutdownGuard`) lives in
@@ -44,9 +48,9 @@ from ..errors import DSMError
 from ..core.models import sha256_file
 from ..engines.registry import RunnerOptions, backend_for, open_runner, read_engine
 from .batcher import MicroBatcher  # noqa: F401  (the name callers import from here)
-from .lifecycle import (  # noqa: F401  (EXIT_LIMIT_S, ShutdownGuard, descendants: the names callers import from here)
-    EXIT_LIMIT_S, SHUTDOWN_LIMIT_S, ShutdownGuard, descendants, end_children, prepend_libdir, stop_on_signals,
-    stub_folders)
+from .lifecycle import (  # noqa: F401  (ShutdownGuard, descendants: the names callers import from here)
+    CLEAN_LIMIT_S, GRACE_S, SHUTDOWN_LIMIT_S, Interrupted, ShutdownGuard, descendants, detach_pytriton,
+    end_tree, prepend_libdir, remove_leftovers, run_bounded, stop_on_signals)
 from .triton_repo import model_name_for, refuse_random_init
 
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
@@ -229,7 +233,8 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     """Start Triton on ``host`` serving each ONNX file, until SIGINT/SIGTERM; stop cleanly.
 
     Must run in the main thread (it installs SIGINT/SIGTERM handlers). Prints one ``...: ready`` line
-    once every model is loaded, ``stopped`` at the end.
+    once every model is loaded, ``stopped`` at the end. A signal is acted on at once, at any phase;
+    the teardown takes about a second (up to ``GRACE_S`` more while serving, for requests in flight).
 
     Args:
         onnx_paths: ONNX files written by dsm-export (e.g. a DSM export and the ``none`` baseline).
@@ -251,17 +256,17 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
         DSMError: everything :func:`check_serve_args` raises, or Triton failing to start.
     """
     stop = stop or threading.Event()
-    workspace = None
-    triton = None
+    triton, workspace, ready = None, None, False
     batchers: list[MicroBatcher] = []
-    # Handlers first: a signal at any later point is seen at the next step, nothing is half done.
-    with stop_on_signals(stop):
+    # Handlers first: a signal then interrupts the checks and the binding, or is seen within 0.2 s.
+    with stop_on_signals(stop) as signals:
         try:
-            ports = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
-            names = check_serve_args(onnx_paths, names, host, ports, max_batch, top_k, image_instances,
-                                     allow_random_init)
-            from pytriton.constants import PYTRITON_HOME
-            from pytriton.triton import Triton, TritonConfig
+            with signals.interruptible():
+                names = check_serve_args(onnx_paths, names, host, {"HTTP": http_port, "gRPC": grpc_port,
+                                         "metrics": metrics_port}, max_batch, top_k, image_instances,
+                                         allow_random_init)
+                from pytriton.constants import PYTRITON_HOME
+                from pytriton.triton import Triton, TritonConfig
 
             prepend_libdir()
             logging.getLogger("pytriton.proxy.inference").addFilter(_BadRequestLogFilter())
@@ -272,39 +277,31 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
             for attempt in range(START_ATTEMPTS):
                 # Our own workspace path, so that it is removed whatever phase a signal interrupts.
                 workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
-                triton = Triton(config=config, workspace=workspace)
-                served = []
-                for p, n in zip(onnx_paths, names):
-                    if stop.is_set():
-                        break
-                    served.append(_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers))
-                if stop.is_set():
+                with signals.interruptible():  # seconds of work, and nothing runs yet
+                    triton = Triton(config=config, workspace=workspace)
+                    served = [_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers)
+                              for p, n in zip(onnx_paths, names)]
+                if _start(triton, stop, (http_port, grpc_port, metrics_port), host, attempt < START_ATTEMPTS - 1):
                     break
-                try:
-                    _start(triton, stop, (http_port, grpc_port, metrics_port), host)
-                    break
-                except DSMError as exc:
-                    # PyTriton's later instances of a model wait 1 s for the first one's handshake
-                    # socket; on a loaded machine that can fail a model load. Start again.
-                    if "load failed" not in str(exc) or attempt == START_ATTEMPTS - 1:
-                        raise
-                    print(f"a model failed to load ({str(exc)[:120]}...): starting again", flush=True)
-                    _teardown(triton, batchers, workspace)
-                    triton, workspace, batchers = None, None, []
+                _teardown(triton, batchers, workspace)
+                triton, workspace, batchers = None, None, []
             if stop.is_set():
-                print("interrupted while starting: shutting down", flush=True)
-            else:
-                print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
-                      f"and grpc {host}:{grpc_port}: ready", flush=True)
-                while not stop.wait(0.2):
-                    if not triton.is_alive():
-                        raise DSMError("Triton stopped on its own (see its log above)")
-                print("shutting down", flush=True)
+                raise Interrupted("stopped while starting")
+            print(f"serving {'; '.join(served)} with <name>_image models, on http://{host}:{http_port} "
+                  f"and grpc {host}:{grpc_port}: ready", flush=True)
+            ready = True
+            while not stop.wait(0.2):
+                if not triton.is_alive():
+                    raise DSMError("Triton stopped on its own (see its log above)")
+            print("shutting down", flush=True)
+        except Interrupted:
+            print("interrupted while starting: shutting down", flush=True)
         finally:
             # 0 after a signal; 1 when an error is on its way out (Triton died, or failed to start).
+            # The teardown is bounded itself; the guard is a last resort (it dumps every stack).
             guard = ShutdownGuard(SHUTDOWN_LIMIT_S, 0 if stop.is_set() else 1, workspace, "stopping Triton")
             try:
-                _teardown(triton, batchers, workspace)
+                _teardown(triton, batchers, workspace, GRACE_S if ready else 0.0)
             finally:
                 guard.cancel()
     if batchers and any(b.runs for b in batchers):
@@ -315,29 +312,64 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     return 0
 
 
-def _teardown(triton, batchers: list, workspace: str | None) -> None:
-    """Stop Triton, the micro-batchers and every child process; remove the workspace and what
-    Triton leaves in /tmp and /dev/shm."""
-    children = descendants(os.getpid())
-    folders = stub_folders(children)
-    if triton is not None:
-        try:
-            triton.stop()
-        except Exception:  # noqa: BLE001 - stopping what may be half started
-            pass
-    for b in batchers:
-        b.close()
-    end_children(children, folders, workspace)
+def _teardown(triton, batchers: list, workspace: str | None, grace_s: float = 0.0) -> None:
+    """Stop Triton, every child process, PyTriton's proxy threads and the micro-batchers; remove the
+    workspace and what Triton leaves in /tmp and /dev/shm.
+
+    PyTriton's own ``Triton.stop()`` is not called: it first takes the lock that ``connect()`` holds
+    while it waits for the server and the models (up to 120 s and 60 s per model), so a stop during
+    the start waited for those (:func:`~dsm_export.serving.lifecycle.detach_pytriton`). Instead the
+    process tree is ended with psutil (:func:`~dsm_export.serving.lifecycle.end_tree`), then the proxy
+    threads stopped with a bound. At most about ``grace_s + 2 * KILL_WAIT_S + CLEAN_LIMIT_S`` seconds;
+    about one second plus the grace used when nothing goes wrong.
+
+    Args:
+        triton: PyTriton's ``Triton``, or None when none was made.
+        batchers: the micro-batchers to close.
+        workspace: PyTriton's workspace folder, or None.
+        grace_s: seconds Triton is given after SIGINT to answer the requests in flight (while serving;
+            0 while starting: everything is killed at once).
+    """
+    server_pid, server = detach_pytriton(triton) if triton is not None else (None, None)
+    logs = getattr(server, "logs", None)
+    # Triton logs this once no request is in flight; what follows (unloading) is not waited for.
+    drained = (lambda: "All models are stopped" in logs()) if logs is not None else None
+    folders = end_tree(server_pid, grace_s, drained)
+    models = list(triton._model_manager.models) if triton is not None else []  # noqa: SLF001
+
+    def close():
+        for stop_one in [*(b.close for b in batchers), *(m.clean for m in models)]:
+            try:
+                stop_one()
+            except Exception:  # noqa: BLE001 - stopping what may be half started
+                pass
+
+    run_bounded(close, CLEAN_LIMIT_S, "dsm-serve-teardown")
+    remove_leftovers(folders, workspace)
 
 
-def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str) -> None:
+def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str, retry: bool = False) -> bool:
     """Start Triton, then wait for it and load the models in a thread, so that the main thread
     sees a signal at once and a Triton process that exits while starting (e.g. a port taken
     between the bind test and the start) is reported at once, not after PyTriton's 120 s wait.
+    Nothing is started when ``stop`` is already set.
+
+    Args:
+        triton: PyTriton's ``Triton`` with its models bound.
+        stop: the event a signal sets.
+        ports: HTTP, gRPC and metrics ports, for the message.
+        host: Triton's address, for the message.
+        retry: a model that failed to load returns False (the caller starts again) instead of raising.
+
+    Returns:
+        True when Triton runs with its models loaded, or when ``stop`` was set (the caller ends
+        Triton; the thread's waits run out in the background); False for a retry.
 
     Raises:
         DSMError: Triton exited or failed while starting.
     """
+    if stop.is_set():
+        return True
     failure: list[BaseException] = []
     # The Triton process is started from the main thread: PyTriton gives it PR_SET_PDEATHSIG, which
     # fires when the *thread* that started it ends.
@@ -354,12 +386,19 @@ def _start(triton, stop: threading.Event, ports: tuple[int, int, int], host: str
     while thread.is_alive():
         thread.join(0.2)
         if stop.is_set():
-            return  # the caller stops Triton, which ends the thread's waits
+            return True
         server = getattr(triton, "_triton_server", None)
         if server is not None and getattr(server, "_tritonserver_running_cmd", None) is not None \
                 and not server.is_alive():
             break
     if failure or not triton.is_alive():
         why = f": {str(failure[0]).splitlines()[0]}" if failure and str(failure[0]) else ""
-        raise DSMError(f"Triton exited while starting{why} (see its log above; are ports "
-                       f"{', '.join(map(str, ports))} on {host} free?)")
+        message = (f"Triton exited while starting{why} (see its log above; are ports "
+                   f"{', '.join(map(str, ports))} on {host} free?)")
+        if retry and "load failed" in message:
+            # PyTriton's later instances of a model wait 1 s for the first one's handshake socket;
+            # on a loaded machine that can fail a model load. Start again.
+            print(f"a model failed to load ({message[:120]}...): starting again", flush=True)
+            return False
+        raise DSMError(message)
+    return True
