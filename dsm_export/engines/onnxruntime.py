@@ -12,9 +12,12 @@ Every ``.onnx`` file dsm-export writes (the export itself included) is an engine
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -24,23 +27,17 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from .. import checks
 from ..errors import DSMError
-from ..graph.export import META_PREFIX, load_onnx, read_metadata
+from ..graph.export import load_onnx, read_metadata
 from ..graph.facts import is_quantized, precision_of
+from ..graph.metadata import copy_props, dsm_props
 from ..graph.onnx_file import has_external_data, model_files, needs_external_data, save_onnx
 from .fp16 import convert_fp16
-from .int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
+from .int8.quantize import QuantizeOptions, calibration_pixels, matching_nodes, quantize_int8
 from .providers import create_session
 from .registry import (
-    Backend, BuildRecord, BuildRequest, EngineFile, RunnerOptions, TritonPlacement, pad_batches, register,
+    Backend, BuildRecord, BuildRequest, EngineFile, OpTime, Profile, RunnerOptions, TritonPlacement, op_part,
+    pad_batches, register,
 )
-
-
-def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, extra: dict | None = None) -> None:
-    del dst.metadata_props[:]
-    for p in src.metadata_props:
-        dst.metadata_props.add(key=p.key, value=p.value)
-    for key, value in (extra or {}).items():
-        dst.metadata_props.add(key=META_PREFIX + key, value=str(value))
 
 
 def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
@@ -85,7 +82,7 @@ def build_onnxruntime(onnx_path: str, output: str, fp16: bool = False) -> dict:
                        optimized_data="optimized.onnx.data" if external else None,
                        label=f"{onnx_path!r}" + (" (fp16)" if fp16 else ""))
         result = onnx.load(optimized)
-        _copy_metadata(model, result, {"engine": "onnxruntime", "precision": "fp16" if fp16 else "fp32"})
+        copy_props(model, result, {"engine": "onnxruntime", "precision": "fp16" if fp16 else "fp32"})
         files = save_onnx(result, output, external_data=True if external else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -104,7 +101,7 @@ def read_onnx_engine(path: str, model: onnx.ModelProto | None = None) -> EngineF
     precision = precision_of(model)
     inp, out = model.graph.input[0], model.graph.output[0]
     batch = inp.type.tensor_type.shape.dim[0]
-    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    meta = dsm_props(model)
     return EngineFile(
         path=path, backend="onnxruntime", info=info, precision=precision["precision"],
         input_name=inp.name, output_name=out.name,
@@ -236,9 +233,47 @@ def _preflight(path: str) -> None:
     checks.input_file(path, "ONNX file")
 
 
+def profile_onnx(path: str, options: RunnerOptions, batch: int, runs: int = 10, warmup: int = 3) -> Profile:
+    """ONNX Runtime's own time per node (``SessionOptions.enable_profiling``) over ``runs`` runs of one
+    random ``[batch, 3, H, W]`` batch after ``warmup`` runs; nodes of the matching and size path
+    (:func:`dsm_export.engines.int8.quantize.matching_nodes`, by name; a fused node counts where it is
+    named after one) are the merge part.
+
+    Raises:
+        DSMError: as :class:`OnnxRuntimeRunner`; a static-batch graph and another ``batch``.
+    """
+    engine = read_onnx_engine(path)
+    if engine.static_batch and batch != engine.static_batch:
+        raise DSMError(f"{path!r} has a fixed batch of {engine.static_batch}: give --batch {engine.static_batch}")
+    merge = set(matching_nodes(load_onnx(path, weights=False)))
+    x = np.random.default_rng(0).standard_normal([batch, *engine.info.input_size], dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="dsm-profile-") as tmp:
+        session = create_session(path, options.provider, options.threads, optimization="default",
+                                 profile_prefix=os.path.join(tmp, "ort"))
+        feed = {session.get_inputs()[0].name: x}
+        walls = []
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if i >= warmup:
+                walls.append(1000 * (time.perf_counter() - start))
+        with open(session.end_profiling(), encoding="utf-8") as fh:
+            events = json.load(fh)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    after = starts[warmup] if len(starts) > warmup else 0
+    totals: dict[tuple[str, str], float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["ts"] >= after and e["name"].endswith("_kernel_time"):
+            key = (e["name"][:-len("_kernel_time")], e.get("args", {}).get("op_name", "?"))
+            totals[key] = totals.get(key, 0.0) + e["dur"] / 1000 / runs
+    ops = [OpTime(name, op, ms, op_part(name, op, merge)) for (name, op), ms in totals.items()]
+    return Profile(path, "onnxruntime", f"ONNX Runtime {ort.__version__} {session.get_providers()[0]}", batch,
+                   options.threads, runs, statistics.median(walls), ops)
+
+
 BACKEND = register(Backend(
     name="onnxruntime", label="ONNX Runtime", suffixes=(".onnx",), precisions=("fp32", "fp16", "int8"),
     extra=None, build=_build, read=read_onnx_engine, open=OnnxRuntimeRunner, check_build=_check_build,
     options=("quantization", *(f.name for f in fields(QuantizeOptions) if f.name != "calibration_count")),
     triton=_triton, preflight=_preflight, file_hint="an ONNX Runtime engine is an .onnx file",
-    providers=True, baseline=lambda path, options, folder: OnnxRuntimeRunner(path, options)))
+    providers=True, baseline=lambda path, options, folder: OnnxRuntimeRunner(path, options), profile=profile_onnx))

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -38,14 +40,15 @@ import onnx
 
 from .. import checks
 from ..errors import DSMError
-from ..graph.export import META_PREFIX, load_onnx, read_metadata
+from ..graph.export import load_onnx, read_metadata
 from ..graph.facts import is_quantized, precision_of
 from ..graph.facts import weight_inputs as _weight_inputs
+from ..graph.metadata import dsm_props, prefixed, proto_with_props
 from ..metrics import kl_divergence
 from .int8.quantize import calibration_pixels, images_sha256, matching_nodes
 from .registry import (
-    Backend, BuildRecord, BuildRequest, EngineFile, RunnerOptions, TritonPlacement, import_optional, pad_batches,
-    register,
+    Backend, BuildRecord, BuildRequest, EngineFile, OpTime, Profile, RunnerOptions, TritonPlacement, import_optional,
+    op_part, pad_batches, register,
 )
 
 OPENVINO_INSTALL_HINT = "OpenVINO is not installed: pip install 'dsm-export[openvino]' (openvino, nncf)"
@@ -266,15 +269,16 @@ def build_openvino(onnx_path: str, output: str, options: OpenVINOOptions, pixels
                     "smooth_alpha": alpha, "smooth_trials": trials})
     else:
         model = ov.convert_model(onnx_path)
-    for p in proto.metadata_props:
-        if p.key.startswith(META_PREFIX):
-            model.set_rt_info(p.value, [RT_KEY, p.key[len(META_PREFIX):]])
+    for key, value in dsm_props(proto).items():
+        model.set_rt_info(value, [RT_KEY, key])
     model.set_rt_info(info.output, [RT_KEY, "output"])
     for key in ("precision", "inference_precision", "openvino_version", "nncf_version", "calibration_count",
                 "calibration_sha256", "smooth_alpha", "fp32_matching_nodes", "fp32_attention_matmuls"):
         if key in rec:
             model.set_rt_info(str(rec[key]), [RT_KEY, key])
     model.set_rt_info("openvino", [RT_KEY, "engine"])
+    # the matching and size path by ONNX node name (= the IR's friendly names): `profile` splits by it
+    model.set_rt_info(",".join(matching_nodes(proto)), [RT_KEY, "matching_nodes"])
     tmp = os.path.join(folder, f".{os.path.basename(output)[:-4]}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         ov.save_model(model, tmp + ".xml", compress_to_fp16=False)
@@ -312,10 +316,7 @@ def read_ir(xml_path: str, core=None):
     if not model.has_rt_info([RT_KEY]):
         raise DSMError(f"{xml_path!r} has no dsm-export metadata (was it built by 'dsm-export build --backend openvino'?)")
     meta = {k: str(v) for k, v in model.get_rt_info([RT_KEY]).value.items()}
-    proto = onnx.ModelProto()
-    for key, value in meta.items():
-        proto.metadata_props.add(key=META_PREFIX + key, value=value)
-    proto.graph.output.add(name=meta.get("output", "logits"))
+    proto = proto_with_props(prefixed(meta), meta.get("output", "logits"))
     return model, read_metadata(proto, xml_path), meta
 
 
@@ -487,6 +488,53 @@ def _triton(engine: EngineFile) -> TritonPlacement:
                            notes=notes, files=((engine.files[1], "model.bin"), (engine.path, "model.xml")))
 
 
+def profile_openvino(path: str, options: RunnerOptions, batch: int, runs: int = 10, warmup: int = 3) -> Profile:
+    """OpenVINO's own time per executed node (``PERF_COUNT``, ``InferRequest.get_profiling_info``) over
+    ``runs`` runs of one random batch after ``warmup`` runs, compiled as :class:`OpenVINORunner` compiles
+    it. An executed node is in the merge part where one of the layers it runs
+    (``originalLayersNames`` of the runtime model) is a node of the matching path the IR records.
+
+    Raises:
+        DSMError: OpenVINO missing, a foreign IR, a static-batch IR and another ``batch``.
+    """
+    if options.provider not in (None, "cpu"):
+        raise DSMError("--provider is for ONNX files: an OpenVINO IR runs in OpenVINO on the CPU")
+    ov = import_openvino()
+    core = ov.Core()
+    model, info, meta = read_ir(path, core)
+    engine = _engine_file(path, model, info, meta)
+    if engine.static_batch and batch != engine.static_batch:
+        raise DSMError(f"{path!r} has a fixed batch of {engine.static_batch}: give --batch {engine.static_batch}")
+    merge = set(filter(None, meta.get("matching_nodes", "").split(",")))
+    config = {"PERF_COUNT": True, **({"INFERENCE_PRECISION_HINT": meta["inference_precision"]}
+                                     if meta.get("inference_precision") else {})}
+    if options.threads:
+        config["INFERENCE_NUM_THREADS"] = int(options.threads)
+    compiled = core.compile_model(path, "CPU", config)
+    originals = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        names = str(rt["originalLayersNames"].astype(str)) if "originalLayersNames" in rt else ""
+        originals[op.get_friendly_name()] = set(names.split(","))
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal([batch, *info.input_size], dtype=np.float32)
+    totals: dict[tuple[str, str], float] = {}
+    walls = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        request.infer({0: x})
+        if i < warmup:
+            continue
+        walls.append(1000 * (time.perf_counter() - start))
+        for p in request.get_profiling_info():
+            key = (p.node_name, p.node_type)
+            totals[key] = totals.get(key, 0.0) + p.real_time.total_seconds() * 1000 / runs
+    ops = [OpTime(name, kind, ms, "merge" if originals.get(name, set()) & merge else op_part(name, kind, merge))
+           for (name, kind), ms in totals.items() if ms > 0]
+    label = f"OpenVINO {ov.__version__.split('-')[0]} CPU, running {compiled.get_property('INFERENCE_PRECISION_HINT').to_string()}"
+    return Profile(path, "openvino", label, batch, options.threads, runs, statistics.median(walls), ops)
+
+
 def _preflight(path: str) -> None:
     checks.input_file(path, "OpenVINO IR")
     checks.input_file(path[:-4] + ".bin", "OpenVINO weights (.bin)")
@@ -499,5 +547,5 @@ BACKEND = register(Backend(
     triton=_triton, preflight=_preflight,
     file_hint="an OpenVINO IR is an .xml file (its weights go in the .bin beside it)",
     foreign_note="OpenVINO INT8 is NNCF's static quantization",
-    baseline=lambda path, options, folder: DefaultCompileRunner(path, options.threads),
+    baseline=lambda path, options, folder: DefaultCompileRunner(path, options.threads), profile=profile_openvino,
     timed_against_runtime=True))

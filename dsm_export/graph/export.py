@@ -29,6 +29,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from .._version import __version__
 from ..errors import DSMError
 from ..fileio import atomic_path
+from .metadata import META_PREFIX, dsm_props, prefixed, write_props  # noqa: F401  (META_PREFIX: callers import it from here)
 from .onnx_file import MAX_PROTO, data_file_name, has_external_data, publish, read_graph
 from ..core.models import create_model, is_embedding_model, pretrained_file, pretrained_name, sha256_file
 from .onnx_graph import graph_problems, unknown_shapes
@@ -40,7 +41,6 @@ OUTPUT_NAME = "logits"
 EMBEDDINGS_NAME = "embeddings"  # output of models with an identity head (timm num_classes=0)
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
-META_PREFIX = "dsm."
 
 
 @dataclass(frozen=True)
@@ -402,9 +402,7 @@ def _finish(ir_model, info: ExportInfo, schedule: Schedule, depth: int, uneven_w
         "output": info.output,
         "last_block": info.last_block,
     }
-    del onnx_model.metadata_props[:]
-    for key, value in meta.items():
-        onnx_model.metadata_props.add(key=META_PREFIX + key, value=value)
+    write_props(onnx_model, prefixed(meta))
     if weights_aside is not None:
         return onnx_model
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -570,7 +568,7 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> ExportInfo:
     Raises:
         DSMError: if the file was not written by dsm-export (metadata missing).
     """
-    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    meta = dsm_props(model)
     need = ("model", "schedule_json", "input_size")
     if not all(k in meta for k in need):
         raise DSMError(f"{path!r} has no dsm-export metadata (was it exported by dsm-export?)")

@@ -1,7 +1,7 @@
 """Facts about a dsm-export ONNX graph that the engines, checks and reports all read: its
 precision and quantization record (metadata written by the export and by INT8 quantization) and
 whether it already holds quantization ops, and the timm-style labels of its weight layers. Reads ``onnx.ModelProto`` only; imports nothing above
-:mod:`dsm_export.graph.export`."""
+:mod:`dsm_export.graph.metadata`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import onnx
 
-from .export import META_PREFIX
+from .metadata import dsm_props
 
 # Ops that mean a graph is already quantized: QDQ, QOperator and ONNX Runtime's dynamic forms.
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv",
@@ -25,17 +25,15 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 def quantization_record(model: onnx.ModelProto) -> dict | None:
     """The quantization record :func:`dsm_export.engines.int8.quantize.quantize_int8` stored in the
     metadata, or None."""
-    for p in model.metadata_props:
-        if p.key == META_PREFIX + "quantization":
-            return json.loads(p.value)
-    return None
+    record = dsm_props(model).get("quantization")
+    return None if record is None else json.loads(record)
 
 
 def precision_of(model: onnx.ModelProto) -> dict:
     """The precision of a dsm-export ONNX file from its metadata: ``{"precision": "fp32" | "fp16" |
     "int8"}``, plus ``"quantization"`` (the record :func:`quantization_record` reads: mode,
     activations, SmoothQuant alpha, layers quantized and kept fp32) for an INT8 file."""
-    out = {"precision": next((p.value for p in model.metadata_props if p.key == META_PREFIX + "precision"), "fp32")}
+    out = {"precision": dsm_props(model).get("precision", "fp32")}
     record = quantization_record(model)
     if record is not None:
         out["quantization"] = record

@@ -32,6 +32,7 @@ import onnx
 from ...errors import DSMError
 from ...graph.export import load_onnx, read_metadata
 from ...graph.facts import is_quantized, precision_of, quantization_record
+from ...graph.metadata import read_props
 from ...graph.onnx_file import has_external_data, session_source
 from ...fileio import atomic_path, write_json
 from ..fp16 import convert_fp16
@@ -325,7 +326,7 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
         "source_onnx": os.path.abspath(onnx_path),
         "output": out.name,
         "num_classes": int(out.type.tensor_type.shape.dim[-1].dim_value),
-        "onnx_metadata": {p.key: p.value for p in original.metadata_props},
+        "onnx_metadata": read_props(original),
     }
     write_json(output + ".json", sidecar)
     if log.warnings:

@@ -18,11 +18,11 @@ import os
 import statistics
 
 import numpy as np
-import onnx
 import torch
 
 from ...errors import DSMError
 from ...graph.export import read_metadata
+from ...graph.metadata import proto_with_props
 from ...fileio import atomic_path, copy_file  # noqa: F401  (copy_file: callers import it from here)
 from .common import build_log, require_gpu
 from ..registry import EngineFile
@@ -70,11 +70,7 @@ def read_sidecar(plan_path: str) -> dict:
 def engine_info(plan_path: str):
     """``(ExportInfo, sidecar)``: the dsm-export metadata of the ONNX file an engine was built from."""
     data = read_sidecar(plan_path)
-    proto = onnx.ModelProto()
-    for key, value in data.get("onnx_metadata", {}).items():
-        proto.metadata_props.add(key=key, value=value)
-    if data.get("output"):
-        proto.graph.output.add(name=data["output"])
+    proto = proto_with_props(data.get("onnx_metadata", {}), data.get("output") or None)
     return read_metadata(proto, plan_path), data
 
 
