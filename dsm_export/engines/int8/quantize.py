@@ -54,11 +54,12 @@ from onnxruntime.quantization import (
 from ...core.models import create_model
 from ...data import eval_transform, list_images, load_batch
 from ...errors import DSMError
-from ...graph.export import META_PREFIX, load_onnx, read_metadata
+from ...graph.export import load_onnx, read_metadata
 from ...graph.facts import QUANTIZED_OPS, is_quantized, layer_labels, quantization_record  # noqa: F401  (here before graph/facts.py)
 from ...graph.facts import name_nodes as _name_nodes
 from ..fp16 import fp32_island_nodes
 from ...graph.facts import weight_inputs as _weight_inputs
+from ...graph.metadata import dsm_props, prefixed, read_props, write_props
 from ...graph.onnx_file import (
     data_file_name,
     has_external_data,
@@ -274,121 +275,206 @@ def quantize_int8(onnx_path: str, output: str, pixels: np.ndarray | None = None,
     """
     options = options or QuantizeOptions()
     options.check()
-    external = has_external_data(read_graph(onnx_path))
-    model = load_onnx(onnx_path)
-    external = external or needs_external_data(model)  # the source's form, or over 2 GiB anyway
-    read_metadata(model, onnx_path)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if is_quantized(model) or meta.get(META_PREFIX + "precision", "fp32") != "fp32":
-        raise DSMError(f"{onnx_path!r} is already {meta.get(META_PREFIX + 'precision', 'quantized')}: "
-                       "quantize the fp32 file written by 'dsm-export export'")
-    static = options.mode == "static"
-    if static and (pixels is None or len(pixels) == 0):
-        raise DSMError("static INT8 quantization needs calibration images (--calibration DIR)")
-    if options.smooth_alpha is not None and (pixels is None or len(pixels) == 0):
-        raise DSMError("activation smoothing (--smooth-alpha) needs calibration images (--calibration DIR)")
+    model, props, external = _load_fp32(onnx_path)
+    _check_calibration(options, pixels)
     source_sha256 = sha256_model_files(onnx_path)
-    producer, producer_version = model.producer_name, model.producer_version
+    producer = (model.producer_name, model.producer_version)
     _name_nodes(model)
-    smoothing = {}
-    if options.smooth_alpha is not None:
-        smoothing = smooth_graph(model, np.asarray(pixels, dtype=np.float32), options.smooth_alpha)
+    smoothing = _smooth(model, pixels, options)
     nodes, summary = plan_quantization(model, options)
-    symmetric = options.activations == "int8"
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise DSMError(f"output folder {folder!r} does not exist")
+    folder = _output_folder(output)
     name = os.path.basename(output)
     with tempfile.TemporaryDirectory(prefix="dsm-int8-") as work, \
             tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=folder) as out_work:
         tmp = os.path.join(out_work, name)  # ONNX Runtime names its data file <name>.data
         src = os.path.join(work, "named.onnx")
         save_onnx(model, src, external_data=external)  # node names assigned by plan_quantization
-        nodes_in = [(n.name, n.op_type) for n in model.graph.node]
+        ops = {n.name: n.op_type for n in model.graph.node}
         graph_input = model.graph.input[0].name
         del model  # the quantizer reads the file; with external data, the saved copy's weights are on disk
-        if static:
-            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                      "percentile": CalibrationMethod.Percentile}[options.calibration_method]
-            extra = {
-                "ActivationSymmetric": symmetric,
-                "WeightSymmetric": True,
-                # Biases stay fp32: TensorRT's explicit quantization has no INT32 bias DQ.
-                "QuantizeBias": False,
-                "MatMulConstBOnly": not options.quantize_attention,
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                # Outputs stay fp32: ORT runs DQ -> MatMul as MatMulIntegerToFloat (faster on x86
-                # than QLinearMatMul plus re-quantization, and one rounding fewer per layer).
-                "OpTypesToExcludeOutputQuantization": [] if options.quantize_outputs else list(options.op_types),
-            }
-            if options.calibration_method == "percentile":
-                extra["CalibPercentile"] = options.percentile
-            if options.calibration_method != "minmax":
-                extra["CalibTensorRangeSymmetric"] = symmetric
-            reader = _PixelReader(graph_input, np.asarray(pixels, dtype=np.float32),
-                                  options.batch_size)
-            with _quiet():
-                quantize_static(
-                    src, tmp, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(options.op_types),
-                    per_channel=options.per_channel, reduce_range=False,
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
-                    extra_options=extra, calibration_providers=["CPUExecutionProvider"],
-                    use_external_data_format=external)
-        else:
-            ops = dict(nodes_in)
-            nodes = [n for n in nodes if ops[n] == "MatMul"]  # ORT's dynamic mode quantizes MatMul only
-            with _quiet():
-                quantize_dynamic(src, tmp, per_channel=options.per_channel, reduce_range=False,
-                                 weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                                 nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True},
-                                 use_external_data_format=external)
-        quant = onnx.load(tmp, load_external_data=False)  # the graph; with external data, the weights stay on disk
-        onnx.checker.check_model(tmp if external else quant, full_check=True)
-        foreign = sorted({n.domain for n in quant.graph.node if n.domain not in ("", "ai.onnx")})
-        if foreign:
-            raise DSMError(f"quantized graph holds non-standard op domains {foreign} (a bug)")
-        qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quant.graph.node)
-        if static:
-            record = {
-                "precision": "int8", "mode": "static", "format": "QDQ",
-                "calibration_method": options.calibration_method,
-                "calibration_count": int(len(pixels)),
-                "activations": "int8 symmetric (zero point 0)" if symmetric else "uint8 asymmetric",
-            }
-            if options.calibration_method == "percentile":
-                record["percentile"] = options.percentile
-            if calibration_files:
-                record["calibration_images_sha256"] = images_sha256(calibration_files)
-        else:
-            record = {"precision": "int8", "mode": "dynamic", "format": "DynamicQuantizeLinear/MatMulInteger",
-                      "activations": "uint8 asymmetric, per batch at run time"}
-            if options.smooth_alpha is not None:
-                record["calibration_count"] = int(len(pixels))
-                if calibration_files:
-                    record["calibration_images_sha256"] = images_sha256(calibration_files)
-        record.update({
-            "weights": "int8 symmetric, " + ("per channel" if options.per_channel else "per tensor"),
-            "op_types": list(options.op_types) if static else ["MatMul"],
-            "quantize_attention": options.quantize_attention,
-            "keep_fp32": list(options.kept()),
-            **(smoothing or {"smooth_alpha": None}),
-            **summary,
-        })
-        if not static:
-            record["quantized"] = {"MatMul": sum(n.op_type == "MatMulInteger" for n in quant.graph.node)}
-        meta[META_PREFIX + "precision"] = "int8"
-        meta[META_PREFIX + "quantization"] = json.dumps(record)
-        meta[META_PREFIX + "source_onnx_sha256"] = source_sha256
-        del quant.metadata_props[:]
-        for key, value in meta.items():
-            quant.metadata_props.add(key=key, value=value)
-        quant.producer_name = producer
-        quant.producer_version = producer_version
-        onnx.save(quant, tmp)  # with external data: the graph alone, its data file as ONNX Runtime wrote it
-        data = data_file_name(tmp)
-        publish(out_work, output, [data, name] if os.path.exists(os.path.join(out_work, data)) else [name])
+        if options.mode == "static":
+            _run_static(src, tmp, _PixelReader(graph_input, np.asarray(pixels, dtype=np.float32),
+                                               options.batch_size), nodes, options, external)
+        else:  # ORT's dynamic mode quantizes MatMul only
+            _run_dynamic(src, tmp, [n for n in nodes if ops[n] == "MatMul"], options, external)
+        quant = _checked_result(tmp, external)
+        record = _build_record(quant, options, pixels, calibration_files, smoothing, summary)
+        _write_metadata(quant, props, record, source_sha256, producer)
+        _publish(quant, tmp, out_work, output)
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quant.graph.node)
     return {"output": output, "nodes": len(quant.graph.node), "qdq_nodes": qdq, **record}
+
+
+def _load_fp32(onnx_path: str) -> tuple[onnx.ModelProto, dict[str, str], bool]:
+    """``(model, metadata props, external)``: the fp32 dsm-export file with its weights, all its
+    ``metadata_props`` and whether the INT8 copy keeps its weights in a data file (the source's
+    form, or over 2 GiB anyway).
+
+    Raises:
+        DSMError: not a dsm-export file, or one already quantized or fp16.
+    """
+    external = has_external_data(read_graph(onnx_path))
+    model = load_onnx(onnx_path)
+    external = external or needs_external_data(model)
+    read_metadata(model, onnx_path)
+    stored = dsm_props(model)
+    if is_quantized(model) or stored.get("precision", "fp32") != "fp32":
+        raise DSMError(f"{onnx_path!r} is already {stored.get('precision', 'quantized')}: "
+                       "quantize the fp32 file written by 'dsm-export export'")
+    return model, read_props(model), external
+
+
+def _check_calibration(options: QuantizeOptions, pixels: np.ndarray | None) -> None:
+    """Raises DSMError when static quantization or smoothing has no calibration images."""
+    if options.mode == "static" and (pixels is None or len(pixels) == 0):
+        raise DSMError("static INT8 quantization needs calibration images (--calibration DIR)")
+    if options.smooth_alpha is not None and (pixels is None or len(pixels) == 0):
+        raise DSMError("activation smoothing (--smooth-alpha) needs calibration images (--calibration DIR)")
+
+
+def _smooth(model: onnx.ModelProto, pixels: np.ndarray | None, options: QuantizeOptions) -> dict:
+    """Fold SmoothQuant scales into ``model`` (in place) when ``options.smooth_alpha`` is set; its
+    record (:func:`dsm_export.engines.int8.smoothing.smooth_graph`), or ``{}``."""
+    if options.smooth_alpha is None:
+        return {}
+    return smooth_graph(model, np.asarray(pixels, dtype=np.float32), options.smooth_alpha)
+
+
+def _output_folder(output: str) -> str:
+    """The folder ``output`` goes in; DSMError if it does not exist."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise DSMError(f"output folder {folder!r} does not exist")
+    return folder
+
+
+def _static_extra_options(options: QuantizeOptions) -> dict:
+    """``extra_options`` of ONNX Runtime's ``quantize_static`` for ``options``."""
+    symmetric = options.activations == "int8"
+    extra = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        # Biases stay fp32: TensorRT's explicit quantization has no INT32 bias DQ.
+        "QuantizeBias": False,
+        "MatMulConstBOnly": not options.quantize_attention,
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        # Outputs stay fp32: ORT runs DQ -> MatMul as MatMulIntegerToFloat (faster on x86
+        # than QLinearMatMul plus re-quantization, and one rounding fewer per layer).
+        "OpTypesToExcludeOutputQuantization": [] if options.quantize_outputs else list(options.op_types),
+    }
+    if options.calibration_method == "percentile":
+        extra["CalibPercentile"] = options.percentile
+    if options.calibration_method != "minmax":
+        extra["CalibTensorRangeSymmetric"] = symmetric
+    return extra
+
+
+def _run_static(src: str, tmp: str, reader: _PixelReader, nodes: list[str], options: QuantizeOptions,
+                external: bool) -> None:
+    """ONNX Runtime's static QDQ quantizer: ``src`` -> ``tmp``, calibrated on ``reader``'s images."""
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[options.calibration_method]
+    with _quiet():
+        quantize_static(
+            src, tmp, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(options.op_types),
+            per_channel=options.per_channel, reduce_range=False,
+            activation_type=QuantType.QInt8 if options.activations == "int8" else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
+            extra_options=_static_extra_options(options), calibration_providers=["CPUExecutionProvider"],
+            use_external_data_format=external)
+
+
+def _run_dynamic(src: str, tmp: str, nodes: list[str], options: QuantizeOptions, external: bool) -> None:
+    """ONNX Runtime's dynamic quantizer on the MatMuls ``nodes``: ``src`` -> ``tmp``."""
+    with _quiet():
+        quantize_dynamic(src, tmp, per_channel=options.per_channel, reduce_range=False,
+                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True},
+                         use_external_data_format=external)
+
+
+def _checked_result(tmp: str, external: bool) -> onnx.ModelProto:
+    """The quantizer's output graph (with external data, the weights stay on disk), checked.
+
+    Raises:
+        DSMError: the graph holds ops outside the standard ONNX domain (a bug).
+    """
+    quant = onnx.load(tmp, load_external_data=False)
+    onnx.checker.check_model(tmp if external else quant, full_check=True)
+    foreign = sorted({n.domain for n in quant.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise DSMError(f"quantized graph holds non-standard op domains {foreign} (a bug)")
+    return quant
+
+
+def _calibration_record(options: QuantizeOptions, pixels: np.ndarray | None,
+                        calibration_files: list[str] | None) -> dict:
+    """The mode's part of the quantization record: format, activations and calibration."""
+    if options.mode == "static":
+        record = {
+            "precision": "int8", "mode": "static", "format": "QDQ",
+            "calibration_method": options.calibration_method,
+            "calibration_count": int(len(pixels)),
+            "activations": ("int8 symmetric (zero point 0)" if options.activations == "int8"
+                            else "uint8 asymmetric"),
+        }
+        if options.calibration_method == "percentile":
+            record["percentile"] = options.percentile
+        if calibration_files:
+            record["calibration_images_sha256"] = images_sha256(calibration_files)
+        return record
+    record = {"precision": "int8", "mode": "dynamic", "format": "DynamicQuantizeLinear/MatMulInteger",
+              "activations": "uint8 asymmetric, per batch at run time"}
+    if options.smooth_alpha is not None:
+        record["calibration_count"] = int(len(pixels))
+        if calibration_files:
+            record["calibration_images_sha256"] = images_sha256(calibration_files)
+    return record
+
+
+def _build_record(quant: onnx.ModelProto, options: QuantizeOptions, pixels: np.ndarray | None,
+                  calibration_files: list[str] | None, smoothing: dict, summary: dict) -> dict:
+    """The quantization record :func:`quantize_int8` stores in the metadata (``dsm.quantization``).
+
+    Args:
+        quant: the quantized graph (dynamic mode counts its ``MatMulInteger`` nodes).
+        options: the :class:`QuantizeOptions` it was quantized with.
+        pixels: the calibration images (counted), or None.
+        calibration_files: their paths (hashed), or None.
+        smoothing: :func:`dsm_export.engines.int8.smoothing.smooth_graph`'s record, or ``{}``.
+        summary: :func:`plan_quantization`'s summary.
+    """
+    static = options.mode == "static"
+    record = _calibration_record(options, pixels, calibration_files)
+    record.update({
+        "weights": "int8 symmetric, " + ("per channel" if options.per_channel else "per tensor"),
+        "op_types": list(options.op_types) if static else ["MatMul"],
+        "quantize_attention": options.quantize_attention,
+        "keep_fp32": list(options.kept()),
+        **(smoothing or {"smooth_alpha": None}),
+        **summary,
+    })
+    if not static:
+        record["quantized"] = {"MatMul": sum(n.op_type == "MatMulInteger" for n in quant.graph.node)}
+    return record
+
+
+def _write_metadata(quant: onnx.ModelProto, props: dict[str, str], record: dict, source_sha256: str,
+                    producer: tuple[str, str]) -> None:
+    """The source's metadata and producer on ``quant``, with precision int8, the record and the
+    source's sha256 (keys the source already has keep their place)."""
+    write_props(quant, {**props, **prefixed({"precision": "int8", "quantization": json.dumps(record),
+                                             "source_onnx_sha256": source_sha256})})
+    quant.producer_name, quant.producer_version = producer
+
+
+def _publish(quant: onnx.ModelProto, tmp: str, out_work: str, output: str) -> None:
+    """Save ``quant`` over ``tmp`` (with external data: the graph alone, its data file as ONNX
+    Runtime wrote it) and move it, with its data file if any, to ``output``."""
+    onnx.save(quant, tmp)
+    data = data_file_name(tmp)
+    name = os.path.basename(tmp)
+    publish(out_work, output, [data, name] if os.path.exists(os.path.join(out_work, data)) else [name])
 
 
 @contextlib.contextmanager
