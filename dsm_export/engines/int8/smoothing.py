@@ -214,7 +214,7 @@ def smooth_graph(model: onnx.ModelProto, pixels: np.ndarray, alpha: float, batch
                 a[:, first:first + count] /= s[None, :]
             changed.add(name)
     renamed = {name: f"{name}_smoothed" for name in changed}
-    for name in changed:
+    for name in sorted(changed):  # a set: sorted, so the file is the same on every run
         model.graph.initializer.append(numpy_helper.from_array(arrays[name].astype(np.float32), renamed[name]))
     for node in model.graph.node:
         for k, name in enumerate(node.input):
