@@ -26,13 +26,37 @@ still bends them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import platform
 import sys
 import tempfile
 import textwrap
+import warnings
+
+import matplotlib
+import matplotlib.pyplot as plt
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from dsm_export.check.evaluate import flops_ratio, model_logits, split_pixels
+from dsm_export.core.models import create_model
+from dsm_export.core.patch import input_size
+from dsm_export.core.schedule import Schedule
+from dsm_export.data import list_images
+from dsm_export.engines.int8.quantize import QuantizeOptions, quantize_int8
+from dsm_export.graph.export import export_model
+from dsm_export.metrics import agreement_metrics
+from dsm_export.search.candidates import Candidate, pareto_front, schedule_of
+from dsm_export.search.engine_search import (PRECISIONS, SMOOTH_ALPHA, EngineSearchSettings, ort_logits,
+                                             precision_options, search_engines)
+from dsm_export.search.timing import cpu_name, ort_throughput
+
+matplotlib.use("Agg")  # the plot is written to a file, never shown
 
 # Schedules of each family (DeiT-Tiny): exact ToMe (mode=tome) and DSM schedules (delay + falling r,
 # window-local merging, with the merge variants tune picks most), from ~1.3x to ~2x fewer FLOPs.
@@ -67,21 +91,6 @@ def main(argv=None) -> int:
     if args.render:
         return _render(args)
     os.makedirs(args.output, exist_ok=True)
-
-    import onnxruntime as ort
-    from tqdm import tqdm
-
-    from dsm_export.search.timing import cpu_name, ort_throughput
-    from dsm_export.data import list_images
-    from dsm_export.search.candidates import schedule_of
-    from dsm_export.search.engine_search import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options, search_engines
-    from dsm_export.check.evaluate import flops_ratio, model_logits, split_pixels
-    from dsm_export.graph.export import export_model
-    from dsm_export.core.models import create_model
-    from dsm_export.engines.int8.quantize import QuantizeOptions, quantize_int8
-    from dsm_export.core.schedule import Schedule
-    from dsm_export.check.validate import agreement_metrics
-
     model = create_model(args.model, args.weights)
     calib, held, calib_pixels, held_pixels = split_pixels(model, list_images(args.images), args.calibration_count,
                                                           args.holdout)
@@ -138,24 +147,25 @@ def main(argv=None) -> int:
         for target in args.tuned:
             folder = os.path.join(work, f"tuned_{target}")
             os.makedirs(folder)
-            result = search_engines(model, args.model, args.weights, calib_pixels, target, folder,
-                                    precisions=PRECISIONS, rungs=args.rungs)  # median of 5
+            settings = EngineSearchSettings(target=target, model_name=args.model, weights=args.weights,
+                                            precisions=PRECISIONS, rungs=args.rungs)
+            result = search_engines(model, calib_pixels, folder, settings)  # median of 5
             tuned_reports.append({"target": target, "best": _strip(result.best), "pareto": [_strip(r) for r in result.pareto]})
             if result.best is None:
                 print(f"frontier: tune found no engine at {target}x", file=sys.stderr)
                 continue
             b = result.best
-            add("tuned", f"tuned at {target:g}x ({b['precision']}, {b['spec']})", schedule_of(b),
-                _precision(b["precision"]), b["path"])
+            add("tuned", f"tuned at {target:g}x ({b.precision}, {b.spec})", schedule_of(b),
+                _precision(b.precision), b.path)
             # The rest of the search's Pareto front (calibration photos) is the tuned engine at other
             # speeds: scored and timed here too, so the plot shows a tuned curve, not two points.
             for row in result.pareto:
-                if row is b or (row["spec"] == "none" and row["precision"] == "fp32"):
+                if row is b or (row.spec == "none" and row.precision == "fp32"):
                     continue
-                stride = f", stride={row['stride']}" if row.get("stride", 1) > 1 else ""
-                add("tune's Pareto front", f"tune {target:g}x search: {row['precision']} on its "
-                    f"{row['rung']:.2f}x-FLOP rung{stride}", schedule_of(row), _precision(row["precision"]),
-                    row["path"])
+                stride = f", stride={row.stride}" if (row.stride or 1) > 1 else ""
+                add("tune's Pareto front", f"tune {target:g}x search: {row.precision} on its "
+                    f"{row.rung:.2f}x-FLOP rung{stride}", schedule_of(row), _precision(row.precision),
+                    row.path)
 
         for e in tqdm(engines, desc="held-apart photos", leave=False):
             logits = base if e["path"] == base_path else ort_logits(e["path"], held_pixels.numpy())
@@ -208,14 +218,6 @@ def _export_timm(model, path: str) -> None:
     block on every token (timm's arithmetic in the graph form of every engine here); this row shows
     where that stands against the user's starting point.
     """
-    import contextlib
-    import io
-    import warnings
-
-    import torch
-
-    from dsm_export.core.patch import input_size
-
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (torch.randn(2, *input_size(model)),), dynamo=True,
@@ -285,8 +287,9 @@ def _dominance_text(rows) -> str:
     return "\n".join(lines)
 
 
-def _strip(row):
-    return None if row is None else {k: v for k, v in row.items() if k != "path"}
+def _strip(row: Candidate | None) -> dict | None:
+    """A search's candidate as frontier.json holds it: its JSON row without the (temporary) ``path``."""
+    return None if row is None else {k: v for k, v in row.to_json().items() if k != "path"}
 
 
 def _table(engines, machine, args) -> str:
@@ -317,13 +320,6 @@ _MERGED_INT8 = {"int8": "merge + INT8 static", "int8-dynamic": "merge + INT8 dyn
 
 
 def _plot(engines, path, machine) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dsm_export.search.candidates import Candidate, pareto_front
-
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"INT8 alone": ("tab:orange", "s"), "merge fp32": ("tab:blue", "o"),
               "merge + INT8 static": ("tab:green", "^"), "merge + INT8 dynamic": ("tab:purple", "v"),
@@ -343,8 +339,10 @@ def _plot(engines, path, machine) -> None:
                 "tuned (chosen at a target)", markersize=12 if marker == "*" else 6, zorder=3 if marker == "*" else 2)
     # The tuned curve: every engine tune measured on its searches' Pareto fronts, re-scored on the
     # held-apart photos, reduced to those not beaten in both speed-up and KL.
-    tuned = [Candidate(e) for e in engines if e["family"] in _TUNED]
-    front = pareto_front(tuned)
+    tuned = [e for e in engines if e["family"] in _TUNED]
+    scored = [Candidate.from_json(e) for e in tuned]
+    on_front = {id(c) for c in pareto_front(scored)}
+    front = sorted((e for e, c in zip(tuned, scored) if id(c) in on_front), key=lambda e: e["speedup"])
     if front:
         ax.plot([e["speedup"] for e in front], [max(e["kl"], 1e-4) for e in front], "-", color="tab:red",
                 linewidth=2, label="tune's engines (held-apart Pareto front)")

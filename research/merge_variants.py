@@ -105,29 +105,29 @@ def main(argv=None) -> int:
             entries.append(("paper-style DSM", paper))
         result = search_schedules(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps,
                       mirror=not args.no_mirror)
-        best_of: dict[str, dict] = {}
+        best_of: dict = {}  # variant group -> its best Candidate
         for row in result.variants:
-            family = variant_group(() if row["variant"] == "plain" else
-                                   [part.split("=")[0] for part in row["variant"].split(",")])
-            if family not in best_of or row["divergence"] < best_of[family]["divergence"]:
+            family = variant_group(() if row.variant == "plain" else
+                                   [part.split("=")[0] for part in row.variant.split(",")])
+            if family not in best_of or row.divergence < best_of[family].divergence:
                 best_of[family] = row
         names = {"plain": "tune's grid schedule, plain", "protect": "+ protect (best P)",
                  "prune": "+ prune (best K)",
                  "form": "+ metric (heads or tokens) and/or merge=mlerp (best)",
                  "combined": "+ each group's best, combined (best)"}
         for family, row in best_of.items():
-            entries.append((names.get(family, family), row["spec"]))
+            entries.append((names.get(family, family), row.spec))
         tuned, timed = result.best, None
         if not args.no_bench:  # as tune --export does: the least-KL schedule that keeps up in speed
             with tempfile.TemporaryDirectory() as tmp:
                 check = speed_check(model, args.model, args.weights, result.evaluated, target, tmp,
                                     repeats=args.repeats)
             if check.chosen is not None:
-                tuned = Schedule.parse(check.chosen["spec"])
-            timed = [{k: v for k, v in r.items() if k != "path"} for r in check.rows]
+                tuned = Schedule.parse(check.chosen.spec)
+            timed = [{k: v for k, v in r.to_json().items() if k != "path"} for r in check.rows]
             for row in check.rows:
-                print(f"{target}x speed check: {row['speed_per_flop']:.2f} (low {row['speed_per_flop_low']:.2f}) "
-                      f"KL {row['divergence']:.4f} {row['spec']}", file=sys.stderr, flush=True)
+                print(f"{target}x speed check: {row.speed_per_flop:.2f} (low {row.speed_per_flop_low:.2f}) "
+                      f"KL {row.divergence:.4f} {row.spec}", file=sys.stderr, flush=True)
         entries.append((f"tuned (variant: {variant_label(tuned)})", tuned.spec()))
         for kind, spec in entries:
             m = schedule_metrics(model, Schedule.parse(spec), held_px, base, held.labels)

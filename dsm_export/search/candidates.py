@@ -4,12 +4,12 @@ Every search of :mod:`dsm_export.search` (the FLOP-target schedule search, the s
 schedule x precision engine search) scores candidates by the same two numbers against the
 unmerged model on the calibration images:
 
-- ``divergence``: mean KL in nats (classifiers; also under ``kl``) or mean 1 - cosine (embedding
-  models);
-- ``agreement``: top-1 agreement as a fraction (classifiers; also under ``top1_agreement``) or
-  retrieval overlap@k.
+- ``divergence``: mean KL in nats (classifiers) or mean 1 - cosine (embedding models);
+- ``agreement``: top-1 agreement as a fraction (classifiers) or retrieval overlap@k.
 
-A :class:`Candidate` is a row that carries both. Here are the one ranking key (:func:`quality_key`:
+A :class:`Candidate` is a row that carries both, under those names alone; its JSON form
+(:meth:`Candidate.to_json`) also writes a classifier's under ``kl`` and ``top1_agreement``, as
+reports always have. Here are the one ranking key (:func:`quality_key`:
 lower divergence, ties higher agreement), the one Pareto front (:func:`pareto_front`, over FLOP
 ratio or measured speed-up), the accuracy :class:`Budget`, the choice at a speed target
 (:func:`choose`, with the one-standard-error rule :func:`within_one_se`) and the one confirmation
@@ -20,94 +20,163 @@ runtime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
 
 import numpy as np
 
 from ..core.schedule import Schedule
 from ..errors import DSMError
 
-_ALIASES = (("divergence", "kl"), ("agreement", "top1_agreement"))
+CLASSIFIER_NAMES = ("kl", "top1_agreement")  # a classifier's names of divergence and agreement
+EMBEDDING_NAMES = ("cosine_distance", "knn_overlap")  # an embedding model's, from embedding_metrics
 
 
-class Candidate(dict):
-    """One scored candidate of a search: a dict (it is written to JSON reports as it is) whose
-    ``divergence`` and ``agreement`` are always present.
+@dataclass(kw_only=True, slots=True)
+class Candidate:
+    """One scored candidate of a search (a schedule, and for measured searches an engine of it).
 
-    Keys: ``spec`` (the schedule's compact form, or its JSON block list for a per-block schedule,
-    with ``schedule_json``), ``flops_ratio`` (unmerged FLOPs / merged FLOPs), ``divergence``,
-    ``agreement``; an engine search's rows add ``precision``, ``speedup`` (measured, over the
-    runtime's unmerged baseline), ``path``, ``rung``, ``stride``; a speed check's add
-    ``speedup_runs``, ``speed_per_flop`` and ``speed_per_flop_low``. Classifier rows also carry
-    ``kl`` and ``top1_agreement``.
+    Every candidate has ``divergence`` (mean KL in nats, or mean 1 - cosine for embedding models)
+    and ``agreement`` (top-1 agreement as a fraction, or retrieval overlap@k); the other fields are
+    None where a search does not fill them.
 
-    Built from any mapping: a classifier's ``kl`` / ``top1_agreement`` fill a missing
-    ``divergence`` / ``agreement``.
-
-    Raises:
-        KeyError: neither name of the divergence or of the agreement is given.
+    Attributes:
+        divergence, agreement: the two scores against the unmerged model on the calibration images.
+        spec: the schedule's compact form, or its JSON block list for a per-block schedule.
+        schedule_json: the schedule's block list (:meth:`~dsm_export.core.schedule.Schedule.to_dict`).
+        flops_ratio: unmerged FLOPs / merged FLOPs.
+        variant: the variant label of the schedule search's variant stage (``plain``, ``protect=16``).
+        precision: the engine's precision (engine search).
+        speedup: measured speed-up over the runtime's unmerged baseline (the mean of
+            ``speedup_runs`` once an engine search's confirmation round timed it twice; the
+            median of the paired speed-ups in a speed check).
+        images_per_s: the engine's measured throughput, images per second.
+        speedup_onnxruntime: OpenVINO only: the speed-up over ONNX Runtime's fp32 unmerged model.
+        path: the engine's file (or a speed check's fp32 export).
+        rung: the FLOP-ratio rung the engine search measured it at.
+        stride: the merge stride at that rung (1: every merging block).
+        speedup_runs: every measured speed-up kept (both timings of a row timed twice).
+        speed_per_flop, speed_per_flop_low: a speed check's median and lower-quartile speed-up
+            over ``flops_ratio``.
+        timed_twice: a confirmation round timed it a second time.
+        metric_names: the names ``divergence`` and ``agreement`` are also written under in JSON:
+            :data:`CLASSIFIER_NAMES` (``kl``, ``top1_agreement``) for a classifier's rows,
+            :data:`EMBEDDING_NAMES` for an embedding model's rows scored by
+            :func:`dsm_export.metrics.embedding_metrics`; None: the generic names alone.
+        extra: keys of the scores no search reads (:func:`dsm_export.check.evaluate.schedule_metrics`'
+            ``schedule``, an embedding model's ``min_cosine``, ``mean_cosine``, ``knn_k``, a report's
+            own keys), written back to JSON as they came.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name, alias in _ALIASES:
-            if name not in self:
-                if alias not in self:
-                    raise KeyError(f"a candidate needs {name!r} (or {alias!r}), got {sorted(self)}")
-                self[name] = self[alias]
-
-    @property
-    def divergence(self) -> float:
-        return self["divergence"]
-
-    @property
-    def agreement(self) -> float:
-        return self["agreement"]
-
-    @property
-    def spec(self) -> str:
-        return self["spec"]
+    divergence: float
+    agreement: float
+    spec: str | None = None
+    schedule_json: dict | None = None
+    flops_ratio: float | None = None
+    variant: str | None = None
+    precision: str | None = None
+    speedup: float | None = None
+    images_per_s: float | None = None
+    speedup_onnxruntime: float | None = None
+    path: str | None = None
+    rung: float | None = None
+    stride: int | None = None
+    speedup_runs: list[float] | None = None
+    speed_per_flop: float | None = None
+    speed_per_flop_low: float | None = None
+    timed_twice: bool = False
+    metric_names: tuple[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def schedule(self) -> Schedule:
         """The candidate's schedule: its compact ``spec``, or its per-block ``schedule_json``."""
         return schedule_of(self)
 
+    def to_json(self) -> dict:
+        """The row as written to JSON reports, with the keys rows have always had: every field set
+        (not None; ``timed_twice`` only when true), ``extra``'s keys, and ``divergence`` and
+        ``agreement`` also under ``metric_names`` (``kl`` and ``top1_agreement`` for a classifier)."""
+        data = asdict(self)
+        extra, names = data.pop("extra"), data.pop("metric_names")
+        out = {**extra, **{k: v for k, v in data.items() if v is not None and v is not False}}
+        if names:
+            out[names[0]], out[names[1]] = self.divergence, self.agreement
+        return out
 
-def schedule_of(row: dict) -> Schedule:
-    """The schedule of a candidate row: its compact ``spec`` where it has one, else its per-block
+    @classmethod
+    def from_json(cls, data: Mapping) -> Candidate:
+        """A candidate from a JSON row (:meth:`to_json`, a report written before, or a metrics dict
+        of :func:`dsm_export.check.evaluate.schedule_metrics` with ``spec`` added). A classifier's
+        ``kl`` / ``top1_agreement`` (an embedding model's ``cosine_distance`` / ``knn_overlap``) give
+        a missing ``divergence`` / ``agreement`` and set ``metric_names``; where both names are
+        given the generic one wins. Keys that are not fields go to ``extra``.
+
+        Raises:
+            KeyError: neither name of the divergence or of the agreement is given.
+        """
+        data = dict(data)
+        names = next((n for n in (CLASSIFIER_NAMES, EMBEDDING_NAMES) if n[0] in data or n[1] in data), None)
+        known = {f.name for f in fields(cls)} - {"metric_names", "extra"}
+        values: dict[str, Any] = {"metric_names": names}
+        for i, generic in enumerate(("divergence", "agreement")):
+            alias = data.pop(names[i], None) if names else None
+            value = data.pop(generic, alias)
+            if value is None:
+                aliases = [names[i]] if names else [CLASSIFIER_NAMES[i], EMBEDDING_NAMES[i]]
+                raise KeyError(f"a candidate needs {generic!r} (or {' or '.join(map(repr, aliases))}), "
+                               f"got {sorted(data)}")
+            values[generic] = value
+        values.update({k: data.pop(k) for k in list(data) if k in known})
+        values["extra"] = data
+        return cls(**values)
+
+
+def schedule_of(row: Candidate) -> Schedule:
+    """The schedule of a candidate: its compact ``spec`` where it has one, else its per-block
     ``schedule_json``."""
-    return Schedule.from_dict(row["schedule_json"]) if row["spec"].startswith("{") else Schedule.parse(row["spec"])
+    return Schedule.from_dict(row.schedule_json) if row.spec.startswith("{") else Schedule.parse(row.spec)
 
 
-def quality_key(row: dict) -> tuple[float, float]:
-    """The ranking key of every search: lower ``divergence`` first, ties broken by higher ``agreement``."""
-    return (row["divergence"], -row["agreement"])
+def _score(row, name: str) -> float:
+    """``row``'s ``divergence`` or ``agreement``: a :class:`Candidate`'s field, or the key of a metrics
+    dict (a report's JSON row, :func:`dsm_export.metrics.output_metrics`' held-apart scores)."""
+    return row[name] if isinstance(row, Mapping) else getattr(row, name)
 
 
-def least(rows) -> dict | None:
-    """The best-ranked row (:func:`quality_key`); None for no rows."""
+def quality_key(row: Candidate | Mapping) -> tuple[float, float]:
+    """The ranking key of every search: lower ``divergence`` first, ties broken by higher ``agreement``.
+    ``row``: a :class:`Candidate`, or a JSON row or metrics dict with those two keys (a report's rows)."""
+    return (_score(row, "divergence"), -_score(row, "agreement"))
+
+
+def least(rows):
+    """The best-ranked row (:func:`quality_key`: :class:`Candidate` objects, or a report's JSON rows);
+    None for no rows."""
     rows = list(rows)
     return min(rows, key=quality_key) if rows else None
 
 
-def better(a: dict, b: dict | None) -> bool:
+def better(a: Candidate, b: Candidate | None) -> bool:
     """Whether ``a`` ranks strictly before ``b`` (:func:`quality_key`); any row beats None."""
     return b is None or quality_key(a) < quality_key(b)
 
 
-def pareto_front(rows: list[dict], speed: str = "speedup") -> list[dict]:
+def pareto_front(rows: list[Candidate], speed: str = "speedup") -> list[Candidate]:
     """Rows not dominated in (higher ``speed``, lower ``divergence``), sorted by ``speed``.
 
     Args:
         rows: candidates.
-        speed: the key to maximise: ``speedup`` (measured) or ``flops_ratio``.
+        speed: the field to maximise: ``speedup`` (measured) or ``flops_ratio``.
     """
+    def fast(r: Candidate) -> float:
+        return getattr(r, speed)
+
     front = [r for r in rows if not any(
-        o[speed] >= r[speed] and o["divergence"] <= r["divergence"]
-        and (o[speed] > r[speed] or o["divergence"] < r["divergence"]) for o in rows)]
-    return sorted(front, key=lambda r: r[speed])
+        fast(o) >= fast(r) and o.divergence <= r.divergence
+        and (fast(o) > fast(r) or o.divergence < r.divergence) for o in rows)]
+    return sorted(front, key=fast)
 
 
 @dataclass(frozen=True)
@@ -129,10 +198,11 @@ class Budget:
         if self.max_divergence is not None and not self.max_divergence >= 0.0:
             raise DSMError(f"the most KL must be 0 or more, got {self.max_divergence:g}")
 
-    def admits(self, row: dict) -> bool:
-        """Whether a candidate row (``agreement``, ``divergence``) keeps within the budget."""
-        return ((self.min_agreement is None or row["agreement"] >= self.min_agreement)
-                and (self.max_divergence is None or row["divergence"] <= self.max_divergence))
+    def admits(self, row: Candidate | Mapping) -> bool:
+        """Whether ``row`` keeps within the budget: a :class:`Candidate`, or a JSON row or metrics
+        dict with ``agreement`` and ``divergence`` (a report's rows, held-apart scores)."""
+        return ((self.min_agreement is None or _score(row, "agreement") >= self.min_agreement)
+                and (self.max_divergence is None or _score(row, "divergence") <= self.max_divergence))
 
     def describe(self, divergence: str = "KL", agreement: str = "agreement") -> str:
         """The budget in words, e.g. ``agreement >= 93.0 %, KL <= 0.03``; empty without bounds."""
@@ -144,7 +214,7 @@ class Budget:
         return ", ".join(parts)
 
 
-def admitted(rows, budget: Budget | None) -> list[dict]:
+def admitted(rows, budget: Budget | None) -> list[Candidate]:
     """The rows within ``budget`` (all of them for None)."""
     return [r for r in rows if budget is None or budget.admits(r)]
 
@@ -171,22 +241,22 @@ def within_one_se(least: np.ndarray, other: np.ndarray) -> bool:
     return bool(diff.mean() <= diff.std(ddof=1) / np.sqrt(diff.size))
 
 
-def reaching(rows: list[dict], target: float, budget: Budget | None = None) -> list[dict]:
+def reaching(rows: list[Candidate], target: float, budget: Budget | None = None) -> list[Candidate]:
     """The rows whose measured ``speedup`` reaches ``target`` and that keep within ``budget``."""
-    return [r for r in admitted(rows, budget) if r["speedup"] >= target]
+    return [r for r in admitted(rows, budget) if r.speedup >= target]
 
 
-def tied(row: dict, best: dict, per_image: dict | None) -> bool:
+def tied(row: Candidate, best: Candidate, per_image: dict | None) -> bool:
     """``row``'s divergence is ``best``'s or lower, or within one standard error above it
     (:func:`within_one_se`, where ``per_image`` maps both rows' ``path`` to ``[N]`` divergences)."""
-    if row["divergence"] <= best["divergence"]:
+    if row.divergence <= best.divergence:
         return True
-    a, b = (per_image or {}).get(best.get("path")), (per_image or {}).get(row.get("path"))
+    a, b = (per_image or {}).get(best.path), (per_image or {}).get(row.path)
     return a is not None and b is not None and within_one_se(a, b)
 
 
-def choose(rows: list[dict], target: float, budget: Budget | None = None,
-           per_image: dict | None = None) -> dict | None:
+def choose(rows: list[Candidate], target: float, budget: Budget | None = None,
+           per_image: dict | None = None) -> Candidate | None:
     """The engine chosen at a measured speed-up ``target``: among the rows whose ``speedup`` reaches
     it and that keep within ``budget``, the best-ranked (:func:`quality_key`); None if no row does.
 
@@ -200,25 +270,26 @@ def choose(rows: list[dict], target: float, budget: Budget | None = None,
     if best is None or not per_image:
         return best
     return max((r for r in ok if tied(r, best, per_image)),
-               key=lambda r: (r["speedup"], -r["divergence"], r["agreement"]))
+               key=lambda r: (r.speedup, -r.divergence, r.agreement))
 
 
-def fastest_within(rows: list[dict], budget: Budget | None = None) -> dict | None:
+def fastest_within(rows: list[Candidate], budget: Budget | None = None) -> Candidate | None:
     """The row with the highest measured ``speedup`` among those within ``budget`` (ties: lower
     ``divergence``): the most speed the budget allowed in a search. None if no row keeps within it."""
     ok = admitted(rows, budget)
-    return max(ok, key=lambda r: (r["speedup"], -r["divergence"])) if ok else None
+    return max(ok, key=lambda r: (r.speedup, -r.divergence)) if ok else None
 
 
-def first_fast_enough(rows: list[dict], min_quotient: float, key: str = "speed_per_flop_low") -> dict | None:
+def first_fast_enough(rows: list[Candidate], min_quotient: float,
+                      key: str = "speed_per_flop_low") -> Candidate | None:
     """The first row (``rows`` in :func:`quality_key` order) whose ``key`` (by default the lower
     quartile of its measured speed-ups over its FLOP ratio) is at least ``min_quotient``; None if
     no row's is. The speed check's choice."""
-    return next((r for r in rows if r[key] >= min_quotient), None)
+    return next((r for r in rows if getattr(r, key) >= min_quotient), None)
 
 
-def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.08,
-                            budget: Budget | None = None, per_image: dict | None = None) -> list[dict]:
+def confirmation_contenders(rows: list[Candidate], target: float, margin: float = 0.08,
+                            budget: Budget | None = None, per_image: dict | None = None) -> list[Candidate]:
     """The engines a second timing could make the choice at a speed-up ``target`` (:func:`choose`):
     within ``budget``, on the speed/divergence Pareto front of the rows within it, measured at least
     ``target * (1 - margin)``, and with ``divergence`` no higher than the best-ranked row at the
@@ -226,26 +297,27 @@ def confirmation_contenders(rows: list[dict], target: float, margin: float = 0.0
     rows when nothing reached the target). The unmerged fp32 baseline is never one."""
     best = least(reaching(rows, target, budget))
     return [r for r in pareto_front(admitted(rows, budget))
-            if not (r["precision"] == "fp32" and r["flops_ratio"] <= 1.0)
-            and r["speedup"] >= target * (1 - margin)
+            if not (r.precision == "fp32" and r.flops_ratio <= 1.0)
+            and r.speedup >= target * (1 - margin)
             and (best is None or tied(r, best, per_image))]
 
 
-def near_floor(rows: list[dict], min_quotient: float, margin: float, key: str = "speed_per_flop_low") -> list[dict]:
+def near_floor(rows: list[Candidate], min_quotient: float, margin: float,
+               key: str = "speed_per_flop_low") -> list[Candidate]:
     """The schedules a second timing could make the speed check's choice (:func:`first_fast_enough`):
     in ``rows``' order (:func:`quality_key`), those whose ``key`` lies within ``margin`` below
     ``min_quotient``, up to the first at or above it (no row after that one can be chosen)."""
     out = []
     for r in rows:
-        if r[key] >= min_quotient:
+        if getattr(r, key) >= min_quotient:
             break
-        if r[key] >= min_quotient - margin:
+        if getattr(r, key) >= min_quotient - margin:
             out.append(r)
     return out
 
 
-def confirmation_round(contenders: list[dict], time_again: Callable[[list[dict]], list[list[float]]],
-                       pool: Callable[[dict, list[float]], dict]) -> None:
+def confirmation_round(contenders: list[Candidate], time_again: Callable[[list[Candidate]], list[list[float]]],
+                       pool: Callable[[Candidate, list[float]], dict]) -> None:
     """Time ``contenders`` again, together in one alternating run, and pool both measurements: a
     burst of load on a shared machine moves one run's figures by 5-25 %, and the choice should not
     rest on one run. Both searches use it: the engine search on its
@@ -255,7 +327,7 @@ def confirmation_round(contenders: list[dict], time_again: Callable[[list[dict]]
         contenders: rows with ``speedup`` (and ``speedup_runs`` where the first timing kept every
             paired speed-up); updated in place.
         time_again: times the rows given and returns each one's new speed-ups, in order.
-        pool: ``pool(row, runs)`` -> the keys to update from ``runs`` (the first timing's speed-ups,
+        pool: ``pool(row, runs)`` -> the fields to update from ``runs`` (a dict of field names) (the first timing's speed-ups,
             or its ``speedup`` alone, then the new ones), e.g. the mean or the median and quartile.
 
     Each contender's ``speedup_runs`` becomes the pooled runs and ``timed_twice`` is set.
@@ -263,7 +335,8 @@ def confirmation_round(contenders: list[dict], time_again: Callable[[list[dict]]
     if not contenders:
         return
     for row, runs in zip(contenders, time_again(contenders)):
-        pooled = [float(x) for x in row.get("speedup_runs") or [row["speedup"]]] + [float(x) for x in runs]
-        row.update(pool(row, pooled))
-        row["speedup_runs"] = pooled
-        row["timed_twice"] = True
+        pooled = [float(x) for x in row.speedup_runs or [row.speedup]] + [float(x) for x in runs]
+        for name, value in pool(row, pooled).items():
+            setattr(row, name, value)
+        row.speedup_runs = pooled
+        row.timed_twice = True

@@ -40,12 +40,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from ..errors import DSMError
+from ..check.evaluate import flops_ratio, model_logits
+from ..core.models import is_embedding_model
+from ..core.patch import prefix_only_last_block
 from ..core.schedule import Schedule, stride_blocks
-from .candidates import Budget, Candidate, choose, confirmation_contenders, confirmation_round, pareto_front
-from .runtimes import PRECISIONS, SMOOTH_ALPHA, ort_logits, precision_options  # noqa: F401  (the search's names)
-
+from ..errors import DSMError
+from ..graph.export import export_model
+from ..metrics import output_metrics, per_image_divergence
+from .candidates import (CLASSIFIER_NAMES, Budget, Candidate, choose, confirmation_contenders, confirmation_round,
+                         pareto_front)
+from .runtimes import PRECISIONS, SMOOTH_ALPHA, OnnxRuntimeEngines, ort_logits, precision_options  # noqa: F401  (the search's names)
+from .schedule_search import N_VARIANT_STAGE, reach_target, scored, search_schedules, with_mirrors
 
 
 CLEAR_MARGIN = 0.10  # after the unmerged rung alone, a precision is dropped only if another is this much faster
@@ -64,7 +71,7 @@ def ladder(target: float, rungs: int) -> list[float]:
     return [round(float(v), 3) for v in np.geomspace(lo, hi, rungs)]
 
 
-def between_rung(rows: list[dict], chosen: dict | None, done: list[float], target: float,
+def between_rung(rows: list[Candidate], chosen: Candidate | None, done: list[float], target: float,
                  overshoot: float = OVERSHOOT) -> float | None:
     """A rung between the chosen engine's and the highest one below it, when the choice overshoots.
 
@@ -84,17 +91,17 @@ def between_rung(rows: list[dict], chosen: dict | None, done: list[float], targe
     Returns:
         The FLOP-ratio rung to measure, or None.
     """
-    if chosen is None or chosen["speedup"] < target * (1 + overshoot):
+    if chosen is None or chosen.speedup < target * (1 + overshoot):
         return None
-    short = [r["rung"] for r in rows if r["precision"] == chosen["precision"] and 1.0 < r["rung"] < chosen["rung"]
-             and r["speedup"] < target]
+    short = [r.rung for r in rows if r.precision == chosen.precision and 1.0 < r.rung < chosen.rung
+             and r.speedup < target]
     if not short:
         return None
-    mid = round(float(np.sqrt(max(short) * chosen["rung"])), 3)
+    mid = round(float(np.sqrt(max(short) * chosen.rung)), 3)
     return None if any(abs(mid / d - 1) <= 0.03 for d in done) else mid
 
 
-def wanted_rungs(rows: list[dict], precisions, done: list[float], target: float,
+def wanted_rungs(rows: list[Candidate], precisions, done: list[float], target: float,
                  budget: Budget | None = None) -> list[float]:
     """The FLOP-ratio rungs still worth measuring, lowest first: each precision's :func:`aim_rung`
     from its measured rows, less the aims within 3 % of a rung measured already (``done``) and the
@@ -109,30 +116,475 @@ def wanted_rungs(rows: list[dict], precisions, done: list[float], target: float,
         target: the speed-up target.
         budget: the accuracy budget a reaching engine must keep within (None: any).
     """
-    aims = sorted(aim_rung([(r["flops_ratio"], r["speedup"]) for r in rows if r["precision"] == p], target)
-                  for p in precisions if any(r["precision"] == p for r in rows))
-    reached = [r["rung"] for r in rows if r["speedup"] >= target and (budget is None or budget.admits(r))]
+    aims = sorted(aim_rung([(r.flops_ratio, r.speedup) for r in rows if r.precision == p], target)
+                  for p in precisions if any(r.precision == p for r in rows))
+    reached = [r.rung for r in rows if r.speedup >= target and (budget is None or budget.admits(r))]
     if reached:
         aims = [a for a in aims if a < min(reached)]
     return [a for a in aims if all(abs(a / d - 1) > 0.03 for d in done)]
 
 
-@dataclass
-class EngineSearchResult:
-    """Outcome of :func:`search_engines`.
+@dataclass(frozen=True)
+class EngineSearchSettings:
+    """What an engine search measures and how far it goes (:class:`EngineSearch`).
 
     Attributes:
-        best: the chosen candidate (a dict: ``spec``, ``precision``, ``flops_ratio``, ``speedup``,
-            ``kl``, ``top1_agreement``, ``path``), or None when no candidate reached the target.
-        candidates: every measured candidate.
-        pareto: candidates not dominated in (higher ``speedup``, lower ``kl``), by speed-up.
-        machine: CPU, ONNX Runtime version and threads of the measurement.
+        target: measured speed-up over the runtime's unmerged baseline to reach (e.g. 2.5): ONNX
+            Runtime's fp32 unmerged export, or OpenVINO's default compile of it.
+        model_name: timm name, recorded in the exports.
+        weights: weights path recorded in the exports (None for random init).
+        pretrained, num_classes: recorded in the exports, as for
+            :func:`dsm_export.graph.export.export_model`.
+        precisions: precisions of the runtime (ONNX Runtime: :data:`PRECISIONS`, static QDQ or
+            dynamic quantization with the first block fp32 or every layer quantized, every INT8
+            form smoothed with SmoothQuant on the first ``quant_count`` images,
+            :func:`precision_options`; OpenVINO: fp32, bf16, int8).
+        rungs: merged FLOP-ratio rungs measured at most (each is one export, about a minute for
+            DeiT-Tiny on 2 cores). With ``aim`` each rung after the first is placed where a
+            precision is predicted to reach the target (:func:`aim_rung`, from what was measured so
+            far; never past the lowest rung where an engine already reaches the target), and the
+            search stops early once every precision has a rung within 3 % of its aim -- unless no
+            engine reaches the target after the confirmation round, when the rungs left are aimed
+            again from the pooled timings (or placed :data:`STEP_PAST` beyond the highest
+            measured), and a choice :data:`OVERSHOOT` or more past the target, the rung below it
+            short, gets a rung between the two (:func:`between_rung`); a precision dominated at
+            every rung measured (:func:`dominated_precisions`; after the unmerged rung alone, only
+            by a :data:`CLEAR_MARGIN` in speed) is no longer built or aimed for. Without ``aim``,
+            the rungs of :func:`ladder`.
+        max_grid, refine_steps: budget of the schedule search
+            (:func:`dsm_export.search.schedule_search.search_schedules`) at the first merged rung of
+            at least :data:`VARIANT_MIN_RUNG` fewer FLOPs, which also runs the merge-variant stage
+            (below it every variant scores about the same); the later rungs search a third of
+            ``max_grid`` and half of ``refine_steps`` with the variant keys found there, nearest
+            first from its grid schedule; the rungs before it, the full budget with the plain keys.
+        quant_count: the first this many calibration images also calibrate INT8.
+        progress: show a progress bar.
+        confirm_margin: engines within this fraction below the target that could be chosen
+            (:func:`~.candidates.confirmation_contenders`) are timed a second time, together, before
+            the choice; 0 confirms only those at or above the target.
+        strides: merge strides tried at every rung (:func:`with_stride`): 2 also tries the rung's
+            schedule merging in every second merging block, r raised back to the rung's FLOP ratio
+            (fewer matchings at the same FLOPs), timed in the same run; each stride adds a rung's
+            worth of engines. Default ``(1,)``: on DeiT-Tiny stride 2 measured within noise of the
+            every-block speed and less accurate on held-apart photos (docs, frontier).
+        budget: an accuracy :class:`~.candidates.Budget` the chosen engine must keep within on the
+            calibration images (None: any accuracy). Rows outside it are still measured and on the
+            front.
+        mirror: each rung's schedule search also scores the horizontal mirror images
+            (:func:`dsm_export.search.schedule_search.with_mirrors`); the engines are then measured
+            on the calibration images alone.
+        aim: place the rungs by prediction (above); False: the fixed :func:`ladder`.
+
+    Raises:
+        DSMError: a target of 1 or less, fewer than one rung, or a stride that is not a positive
+            integer. (The precisions are checked against the runtime by :class:`EngineSearch`.)
     """
 
-    best: dict | None
-    candidates: list[dict] = field(default_factory=list)
-    pareto: list[dict] = field(default_factory=list)
+    target: float
+    model_name: str
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    precisions: tuple[str, ...] = PRECISIONS
+    rungs: int = 4
+    max_grid: int = 16
+    refine_steps: int = 8
+    quant_count: int = 64
+    progress: bool = True
+    confirm_margin: float = 0.08
+    strides: tuple[int, ...] = (1,)
+    budget: Budget | None = None
+    mirror: bool = True
+    aim: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "precisions", tuple(self.precisions))
+        object.__setattr__(self, "strides", tuple(self.strides))
+        if self.target <= 1.0:
+            raise DSMError(f"the speed-up target must be above 1, got {self.target}")
+        if self.rungs < 1:
+            raise DSMError(f"at least one rung, got {self.rungs}")
+        if not self.strides or any(int(k) != k or k < 1 for k in self.strides):
+            raise DSMError(f"strides must be positive integers, got {self.strides}")
+
+    @property
+    def rung_grid(self) -> int:
+        """Grid schedules searched at a rung after the variant stage's: a third of ``max_grid``, at least 2."""
+        return max(2, self.max_grid // 3)
+
+    @property
+    def rung_refine(self) -> int:
+        """Per-block moves tried at a rung after the variant stage's: half of ``refine_steps``."""
+        return self.refine_steps // 2
+
+
+@dataclass
+class EngineSearchResult:
+    """Outcome of an :class:`EngineSearch`.
+
+    Attributes:
+        best: the chosen candidate (``spec``, ``precision``, ``flops_ratio``, ``speedup``,
+            ``divergence``, ``agreement``, ``path``), or None when no candidate reached the target
+            within the budget.
+        candidates: every measured candidate, in measurement order.
+        pareto: candidates not dominated in (higher ``speedup``, lower ``divergence``), by speed-up.
+        machine: the runtime's description of the measurement (``runtime.machine()``: CPU, runtime
+            version, threads, batch, repeats, ...).
+        rungs: the merged FLOP-ratio rungs measured, in order.
+        variant_rung: the rung whose schedule search ran the merge-variant stage (None: none did).
+        variant_keys: the merge-variant keys found there, used at every later rung (None: none).
+        notes: the runtime's notes, then the search's (precisions dropped, and why).
+        phase_seconds: wall time in seconds by phase (``reference``, ``export``, ``schedule search``,
+            ``build``, ``timing``, ``scoring``), longest first, to 0.1 s.
+    """
+
+    best: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+    pareto: list[Candidate] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
+    rungs: list[float] = field(default_factory=list)
+    variant_rung: float | None = None
+    variant_keys: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    def machine_report(self) -> dict:
+        """The ``machine`` block of tune's report: :attr:`machine` with ``rungs``, ``variant_rung``,
+        ``variant_keys``, ``notes`` and ``phase_seconds`` (the keys the report has always had)."""
+        return {**self.machine, "rungs": self.rungs, "variant_rung": self.variant_rung,
+                "variant_keys": self.variant_keys, "notes": self.notes, "phase_seconds": self.phase_seconds}
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    """One engine :meth:`EngineSearch.build` made: the FLOP-ratio ``rung`` and merge ``stride`` it was
+    searched at, its ``schedule`` and that schedule's calibration ``scores`` (PyTorch reference:
+    ``divergence``, ``agreement``, ``flops_ratio``), its ``precision`` and its file ``path``."""
+
+    rung: float
+    stride: int
+    schedule: Schedule
+    scores: Candidate
+    precision: str
+    path: str
+
+
+class EngineSearch:
+    """A schedule x precision search by measured speed-up (see the module doc): :meth:`run` does it
+    all; each step is a method of its own, sharing the state below.
+
+    The unmerged model (rung 1.0) is measured first, in every precision. The first merged rung is
+    aimed from it with speed taken proportional to FLOPs, at the lowest of the precisions' aims:
+    the fastest unmerged precision's, which needs the least merging to reach the target and so
+    usually gives the least KL there (on a CPU where a precision runs slower than fp32 -- OpenVINO's
+    int8 without VNNI -- a higher aim would spend the variant stage on a rung no choice uses).
+
+    Rows (:class:`~.candidates.Candidate`) carry ``divergence`` and ``agreement`` (KL and top-1
+    agreement for classifiers, written to JSON also under ``kl`` and ``top1_agreement``; 1 - cosine
+    and retrieval overlap@k for embedding models), and with OpenVINO ``speedup_onnxruntime``, the
+    speed-up over ONNX Runtime's fp32 unmerged model.
+
+    Args:
+        model: unmerged timm ViT (eval mode), its weights loaded.
+        pixels: ``[N, 3, H, W]`` calibration images (preprocessed); the first
+            ``settings.quant_count`` also calibrate INT8.
+        workdir: folder for the candidate files (``<precision>_<rung>.onnx``, ``ov_<precision>_<rung>.xml``).
+        settings: an :class:`EngineSearchSettings`.
+        runtime: a runtime of :mod:`dsm_export.search.runtimes` (default: ONNX Runtime with its
+            defaults: CPU, every core, batch 32, median of 5, static QDQ INT8 smoothed at
+            :data:`SMOOTH_ALPHA`). The runtime holds the timing settings and the INT8 options.
+
+    Attributes:
+        rows: every measured candidate, in measurement order.
+        per_image: engine path -> ``[N]`` per-image divergences on the calibration images (for
+            :func:`~.candidates.choose`'s ties).
+        live: the precisions still built (one dominated at every rung measured is dropped).
+        done: the merged FLOP-ratio rungs measured, in order.
+        notes: the search's notes (precisions dropped, and why).
+        variant_keys, anchor, variant_rung: the merge-variant keys found at the first merged rung of
+            at least :data:`VARIANT_MIN_RUNG`, its grid schedule and that rung (None before).
+        seconds: wall time in seconds by phase.
+        view_base, base: the unmerged outputs on the scored views (with the mirror images) and on
+            ``pixels`` (set by :meth:`prepare`).
+        bar: the progress bar (set by :meth:`prepare`).
+
+    Raises:
+        DSMError: a precision the runtime does not build (or none).
+    """
+
+    def __init__(self, model: nn.Module, pixels: torch.Tensor, workdir: str, settings: EngineSearchSettings,
+                 runtime=None):
+        self.runtime = runtime if runtime is not None else OnnxRuntimeEngines()
+        if not settings.precisions or any(p not in self.runtime.precisions for p in settings.precisions):
+            raise DSMError(f"{self.runtime.label} precisions must be among {self.runtime.precisions}, "
+                           f"got {settings.precisions}")
+        self.model, self.pixels, self.workdir, self.settings = model, pixels, workdir, settings
+        self.embeddings = is_embedding_model(model)
+        self.depth = len(model.blocks)
+        self.np_pixels = pixels.numpy()
+        self.calib = self.np_pixels[:settings.quant_count]
+        self.none_path = os.path.join(workdir, "fp32_none.onnx")
+        # The baseline: timm's model (every block on every token). Where the export already computes
+        # that for the unmerged schedule, the unmerged fp32 export is the baseline itself.
+        self.separate_baseline = prefix_only_last_block(model)
+        self.base_path = os.path.join(workdir, "baseline.onnx") if self.separate_baseline else self.none_path
+        self.seconds: dict[str, float] = {}
+        self.rows: list[Candidate] = []
+        self.per_image: dict[str, np.ndarray] = {}
+        self.live = list(settings.precisions)
+        self.done: list[float] = []
+        self.notes: list[str] = []
+        self.variant_keys: dict | None = None
+        self.anchor: Schedule | None = None
+        self.variant_rung: float | None = None
+        self.view_base: np.ndarray | None = None
+        self.base: np.ndarray | None = None
+        self.bar = None
+
+    @contextmanager
+    def phase(self, name: str):
+        """Add the wall time of the ``with`` block to :attr:`seconds` under ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def run(self) -> EngineSearchResult:
+        """The whole search: :meth:`prepare`, the unmerged rung, the merged rungs (:meth:`aimed_rungs`,
+        or :meth:`ladder_rungs` without ``settings.aim``), then :meth:`result`.
+
+        Returns:
+            An :class:`EngineSearchResult`; ``best`` is None if nothing reached the target within
+            the budget.
+        """
+        self.prepare()
+        self.measure(1.0)
+        if self.settings.aim:
+            self.aimed_rungs()
+        else:
+            self.ladder_rungs()
+        self.bar.update(max(0, self.bar.total - self.bar.n))
+        self.bar.close()
+        return self.result()
+
+    def prepare(self) -> None:
+        """The unmerged model's outputs on the scored views (computed once for every rung), the
+        progress bar, and the baseline's export where it is not the unmerged export itself."""
+        s = self.settings
+        views = with_mirrors(self.pixels) if s.mirror else self.pixels
+        with self.phase("reference"):
+            self.view_base = model_logits(self.model, views)
+        self.base = self.view_base[:len(self.pixels)]
+        n_engines = len(s.precisions) * len(s.strides)
+        first_rung = s.max_grid + 2 * N_VARIANT_STAGE + s.max_grid + s.refine_steps
+        self.bar = tqdm(total=first_rung + (s.rungs - 1) * (s.rung_grid + s.rung_refine)
+                        + 3 * n_engines * (s.rungs + 1) + 1,
+                        desc=f"tune {self.runtime.name}", unit="step", disable=not s.progress,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} left]{postfix}")
+        if self.separate_baseline:
+            with self.phase("export"):
+                export_model(self.model, s.model_name, self.base_path, "none", weights=s.weights,
+                             pretrained=s.pretrained, num_classes=s.num_classes, full_last_block=True)
+
+    def search_rung(self, rung: float) -> list[tuple[int, Schedule, Candidate]]:
+        """``(stride, schedule, calibration scores)`` searched at FLOP-ratio ``rung`` (PyTorch
+        reference; empty: no schedule reaches it). The first merged rung of at least
+        :data:`VARIANT_MIN_RUNG` runs the variant stage and sets :attr:`variant_keys`,
+        :attr:`anchor` and :attr:`variant_rung`; later rungs search fewer schedules with those keys."""
+        if rung == 1.0:
+            none = Schedule.parse("none")
+            return [(1, none, Candidate(divergence=0.0, agreement=1.0, flops_ratio=flops_ratio(self.model, none)))]
+        s = self.settings
+        fixed = self.variant_keys is not None
+        # Below VARIANT_MIN_RUNG so few tokens merge that every variant scores about the same: the
+        # variant stage waits for a rung where their divergences differ.
+        variants = not fixed and rung >= VARIANT_MIN_RUNG
+        try:
+            with self.phase("schedule search"):
+                found = search_schedules(self.model, self.pixels, rung, max_grid=s.rung_grid if fixed else s.max_grid,
+                                         refine_steps=s.rung_refine if fixed else s.refine_steps, progress=False,
+                                         variants=variants, mirror=s.mirror, keys=self.variant_keys,
+                                         anchor=self.anchor, base=self.view_base, bar=self.bar)
+        except DSMError:  # no schedule reaches this FLOP ratio on this model
+            return []
+        if variants:
+            self.variant_keys = found.best.variant_keys(sum(1 for b in found.best.plan(self.depth) if b.mode == "prune"))
+            self.anchor = Schedule.parse(found.variants[0].spec) if found.variants else None
+            self.variant_rung = rung
+        out = []
+        for k in s.strides:
+            if k == 1:
+                out.append((1, found.best, found.best_metrics))
+                continue
+            try:
+                strided = reach_target(self.model, with_stride(found.best, k, self.depth), rung)
+            except (DSMError, ValueError):  # cannot merge this rung's tokens in fewer blocks
+                continue
+            out.append((k, strided, scored(self.model, strided, self.pixels, self.base)))
+        return out
+
+    def build(self, rung: float) -> dict[str, BuiltEngine]:
+        """Export each schedule of :meth:`search_rung` at ``rung`` and build it in every live
+        precision: ``{"<precision> <tag>": engine}``."""
+        s = self.settings
+        engines = {}
+        for k, schedule, scores in self.search_rung(rung):
+            tag = "none" if rung == 1.0 else f"{rung:.2f}x" + (f"_stride{k}" if k > 1 else "")
+            fp32_path = self.none_path if rung == 1.0 else os.path.join(self.workdir, f"fp32_{tag}.onnx")
+            with self.phase("export"):
+                export_model(self.model, s.model_name, fp32_path, schedule, weights=s.weights, pretrained=s.pretrained,
+                             num_classes=s.num_classes)
+            for precision in [p for p in self.runtime.precisions if p in self.live]:
+                with self.phase("build"):
+                    engines[f"{precision} {tag}"] = BuiltEngine(rung, k, schedule, scores, precision,
+                                                            self.runtime.build(fp32_path, precision, self.calib))
+                self.bar.update()
+        return engines
+
+    def measure(self, rung: float) -> None:
+        """Build (:meth:`build`), time in one alternating run (the strides' engines compared in the
+        same run) and score (:meth:`score`) the engines of ``rung``; appends to :attr:`rows`."""
+        self.bar.set_postfix_str(f"rung {rung:.2f}x")
+        engines = self.build(rung)
+        # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
+        timed = {label: e.path for label, e in engines.items()
+                 if not self.runtime.is_baseline(e.precision, e.schedule.is_none, self.separate_baseline)}
+        with self.phase("timing"):
+            rates = self.runtime.throughput(timed, self.base_path)
+        self.bar.update(len(engines))
+        for label, engine in engines.items():
+            self.rows.append(self.score(engine, rates.get(label, rates["baseline"]), rates))
+        self.runtime.release()
+
+    def score(self, engine: BuiltEngine, rate: float, rates: dict[str, float]) -> Candidate:
+        """The candidate row of a timed ``engine``: ``rate`` (its images per second) over the
+        baseline's in ``rates``, its divergence and agreement (the PyTorch reference's where the
+        runtime's precision is exact, else its own outputs'); records its per-image divergences."""
+        exact = self.runtime.exact(engine.precision)
+        with self.phase("scoring"):
+            outputs = None if engine.schedule.is_none and exact else self.runtime.outputs(engine.path, self.np_pixels)
+        self.bar.update()
+        self.per_image[engine.path] = (np.zeros(len(self.np_pixels)) if outputs is None
+                                       else per_image_divergence(outputs, self.base, self.embeddings))
+        if exact:
+            divergence, agreement = engine.scores.divergence, engine.scores.agreement
+        else:
+            quality = output_metrics(outputs, self.base, embeddings=self.embeddings)
+            divergence, agreement = quality["divergence"], quality["agreement"]
+        return Candidate(spec=engine.schedule.spec(), schedule_json=engine.schedule.to_dict(self.depth),
+                         precision=engine.precision, flops_ratio=engine.scores.flops_ratio,
+                         speedup=rate / rates["baseline"], images_per_s=rate, divergence=divergence,
+                         agreement=agreement, path=engine.path, rung=engine.rung, stride=engine.stride,
+                         speedup_onnxruntime=rate / rates["onnxruntime"] if "onnxruntime" in rates else None,
+                         metric_names=None if self.embeddings else CLASSIFIER_NAMES)
+
+    def choice(self) -> Candidate | None:
+        """The engine chosen from the rows so far (:func:`~.candidates.choose`)."""
+        s = self.settings
+        return choose(self.rows, s.target, s.budget, self.per_image)
+
+    def drop_dominated(self) -> None:
+        """Stop building the precisions another one beats at every rung measured (after the unmerged
+        rung alone: only those beaten by :data:`CLEAR_MARGIN` in speed, one timing being noisy)."""
+        for p in dominated_precisions(self.rows, self.live, 0.0 if self.done else CLEAR_MARGIN):
+            self.live.remove(p)
+            after = f"the {self.done[-1]:.2f}x rung" if self.done else "the unmerged rung"
+            self.notes.append(f"{p} dropped after {after}: at every rung measured another precision was as fast "
+                              f"or faster{'' if self.done else f' by {CLEAR_MARGIN:.0%} or more'} at an equal or "
+                              "lower divergence")
+
+    def place(self, count: int) -> None:
+        """Measure up to ``count`` more rungs, each where a live precision is predicted to reach the
+        target (:func:`aim_rung`): the lowest aim first; after the first, the aims no measured rung is
+        within 3 % of. Stops early when every aim has a rung within 3 %."""
+        for _ in range(count):
+            self.drop_dominated()
+            wanted = wanted_rungs(self.rows, self.live, self.done, self.settings.target, self.settings.budget)
+            if not wanted:
+                return
+            self.done.append(round(wanted[0], 3))
+            self.measure(self.done[-1])
+
+    def confirm(self) -> None:
+        """Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on
+        a shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
+        the target -- on the Pareto front, within ``confirm_margin`` below it, KL within one standard
+        error of the least there -- are timed again together in one alternating run
+        (:meth:`time_again`); each keeps the mean of its measurements (``speedup_runs``)."""
+        s = self.settings
+        self.bar.set_postfix_str("confirming")
+        contenders = confirmation_contenders(self.rows, s.target, s.confirm_margin, s.budget, self.per_image)
+        if not (len(contenders) > 1 or (contenders and self.choice() is None)):
+            return
+        with self.phase("timing"):
+            confirmation_round(contenders, self.time_again, lambda row, runs: {"speedup": float(np.mean(runs))})
+
+    def time_again(self, group: list[Candidate]) -> list[list[float]]:
+        """Time ``group``'s engines again in one alternating run: each one's new speed-up, in order
+        (and with OpenVINO, ``speedup_onnxruntime`` becomes the mean of both runs')."""
+        again = self.runtime.throughput({str(i): r.path for i, r in enumerate(group)}, self.base_path)
+        self.runtime.release()
+        for i, r in enumerate(group):
+            if "onnxruntime" in again:
+                r.speedup_onnxruntime = float(np.mean([r.speedup_onnxruntime, again[str(i)] / again["onnxruntime"]]))
+        return [[again[str(i)] / again["baseline"]] for i in range(len(group))]
+
+    def aimed_rungs(self) -> None:
+        """The merged rungs placed by prediction (``settings.aim``), each set confirmed."""
+        s = self.settings
+        self.drop_dominated()
+        self.place(s.rungs)
+        self.confirm()
+        # A rung aimed at the target can land just under it once confirmed (its first timing over
+        # the target, the second under). While no engine reaches the target's speed and rungs are
+        # left, aim again from the pooled measurements -- or, where every aim is a rung measured
+        # already, step past the highest rung measured -- and confirm again. (Engines that reach
+        # it outside the accuracy budget are not helped by more merging.)
+        while len(self.done) < s.rungs and not any(r.speedup >= s.target for r in self.rows):
+            before = len(self.done)
+            self.place(1)
+            if len(self.done) == before:
+                self.done.append(round(max(self.done) * (1 + STEP_PAST), 3))
+                self.measure(self.done[-1])
+            self.confirm()
+        # A choice well past the target with the rung below it short (that rung timed under the
+        # target by noise): one rung between the two, if rungs are left.
+        while len(self.done) < s.rungs:
+            mid = between_rung(self.rows, self.choice(), self.done, s.target)
+            if mid is None:
+                break
+            self.done.append(mid)
+            self.measure(mid)
+            self.confirm()
+
+    def ladder_rungs(self) -> None:
+        """The merged rungs of the fixed :func:`ladder` (without ``settings.aim``), then one
+        confirmation round."""
+        for rung in ladder(self.settings.target, self.settings.rungs):
+            self.done.append(rung)
+            self.measure(rung)
+        self.confirm()
+
+    def result(self) -> EngineSearchResult:
+        """What the search found so far: the choice, every row, the front and how it was measured."""
+        machine = self.runtime.machine()
+        return EngineSearchResult(
+            best=self.choice(), candidates=self.rows, pareto=pareto_front(self.rows), machine=machine,
+            rungs=self.done, variant_rung=self.variant_rung, variant_keys=self.variant_keys,
+            notes=list(self.runtime.notes) + self.notes,
+            phase_seconds={k: round(v, 1) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])})
+
+
+def search_engines(model: nn.Module, pixels: torch.Tensor, workdir: str, settings: EngineSearchSettings,
+                   runtime=None) -> EngineSearchResult:
+    """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target:
+    ``EngineSearch(model, pixels, workdir, settings, runtime).run()`` (:class:`EngineSearch`).
+
+    Raises:
+        DSMError: a precision the runtime does not build.
+    """
+    return EngineSearch(model, pixels, workdir, settings, runtime).run()
 
 
 def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05, hi: float = 4.0) -> float:
@@ -173,304 +625,7 @@ def aim_rung(points: list[tuple[float, float]], target: float, lo: float = 1.05,
     return float(np.clip(f0 * (target / s0) ** (1.0 / slope), lo, hi))
 
 
-def search_engines(model: nn.Module, model_name: str, weights: str | None, pixels: torch.Tensor, target: float,
-                   workdir: str, precisions=PRECISIONS, rungs: int = 4, max_grid: int = 16,
-                   refine_steps: int = 8, quant_count: int = 64, pretrained: bool = False, num_classes: int | None = None,
-                   progress: bool = True, confirm_margin: float = 0.08, strides=(1,),
-                   budget: Budget | None = None, mirror: bool = True, runtime=None,
-                   aim: bool = True) -> EngineSearchResult:
-    """Measure schedule x precision candidates and pick the least-KL engine at a speed-up target.
-
-    Args:
-        model: unmerged timm ViT (eval mode), its weights loaded.
-        model_name: timm name (recorded in the exports).
-        weights: weights path recorded in the exports (None for random init).
-        pixels: ``[N, 3, H, W]`` calibration images (preprocessed); the first ``quant_count`` also
-            calibrate INT8.
-        target: measured speed-up over the runtime's unmerged baseline to reach (e.g. 2.5): ONNX
-            Runtime's fp32 unmerged export, or OpenVINO's default compile of it.
-        workdir: folder for the candidate files (``<precision>_<rung>.onnx``, ``ov_<precision>_<rung>.xml``).
-        precisions: precisions of ``runtime`` (ONNX Runtime: :data:`PRECISIONS`, static QDQ or
-            dynamic quantization with the first block fp32 or every layer quantized, every INT8
-            form smoothed with SmoothQuant on the first ``quant_count`` images,
-            :func:`precision_options`; OpenVINO: fp32, bf16, int8).
-        rungs: merged FLOP-ratio rungs measured at most (each is one export, about a minute for
-            DeiT-Tiny on 2 cores). With ``aim`` each rung after the first is placed where a
-            precision is predicted to reach the target (:func:`aim_rung`, from what was measured so
-            far; never past the lowest rung where an engine already reaches the target), and the
-            search stops early once every precision has a rung within 3 % of its aim -- unless no engine reaches the target after the confirmation round, when the
-            rungs left are aimed again from the pooled timings (or placed :data:`STEP_PAST`
-            beyond the highest measured), and a choice :data:`OVERSHOOT` or more past the target,
-            the rung below it short, gets a rung between the two (:func:`between_rung`); a precision dominated at every rung measured
-            (:func:`dominated_precisions`; after the unmerged rung alone, only by a
-            :data:`CLEAR_MARGIN` in speed) is no longer built or aimed for. Without ``aim``, the
-            rungs of :func:`ladder`.
-        max_grid, refine_steps: budget of the schedule search (:func:`dsm_export.search.schedule_search.search_schedules`) at the
-            first merged rung of at least :data:`VARIANT_MIN_RUNG` fewer FLOPs, which also runs the
-            merge-variant stage (below it every variant scores about the same); the later rungs
-            search a third of ``max_grid`` and half of ``refine_steps`` with the variant keys found
-            there, nearest first from its grid schedule; the rungs before it, the full budget with
-            the plain keys.
-        pretrained, num_classes: recorded in the exports, as for :func:`dsm_export.graph.export.export_model`.
-        confirm_margin: engines within this fraction below the target that could be chosen
-            (:func:`~.candidates.confirmation_contenders`) are timed a second time, together, before the choice;
-            0 confirms only those at or above the target.
-        strides: merge strides tried at every rung (:func:`with_stride`): 2 also tries the rung's
-            schedule merging in every second merging block, r raised back to the rung's FLOP ratio
-            (fewer matchings at the same FLOPs), timed in the same run; each stride adds a rung's
-            worth of engines. Default ``(1,)``: on DeiT-Tiny stride 2 measured within noise of the
-            every-block speed and less accurate on held-apart photos (docs, frontier).
-        budget: an accuracy :class:`~.candidates.Budget` the chosen engine must keep within on the calibration
-            images (None: any accuracy). Rows outside it are still measured and on the front.
-        mirror: each rung's schedule search also scores the horizontal mirror images
-            (:func:`dsm_export.search.schedule_search.with_mirrors`); the engines are then measured on ``pixels``.
-        runtime: a runtime of :mod:`dsm_export.search.runtimes` (default: ONNX Runtime with
-            its defaults: CPU, every core, batch 32, median of 5, static QDQ INT8 smoothed at
-            :data:`SMOOTH_ALPHA`). The runtime holds the timing settings and the INT8 options.
-        aim: place the rungs by prediction (above); False: the fixed :func:`ladder`.
-
-    The unmerged model (rung 1.0) is measured first, in every precision. The first merged rung is
-    aimed from it with speed taken proportional to FLOPs, at the lowest of the precisions' aims:
-    the fastest unmerged precision's, which needs the least merging to reach the target and so
-    usually gives the least KL there (on a CPU where a precision runs slower than fp32 -- OpenVINO's
-    int8 without VNNI -- a higher aim would spend the variant stage on a rung no choice uses).
-
-    Rows carry ``divergence`` and ``agreement`` (KL and top-1 agreement for classifiers, also under
-    ``kl`` and ``top1_agreement``; 1 - cosine and retrieval overlap@k for embedding models), and
-    with OpenVINO ``speedup_onnxruntime``, the speed-up over ONNX Runtime's fp32 unmerged model.
-
-    Returns:
-        An :class:`EngineSearchResult`; ``best`` is None if nothing reached ``target`` within ``budget``.
-
-    Raises:
-        DSMError: an unknown precision, a target of 1 or less, or fewer than one rung.
-    """
-    from tqdm import tqdm
-
-    from .runtimes import OnnxRuntimeEngines
-    from ..check.evaluate import flops_ratio, model_logits, schedule_metrics
-    from ..graph.export import export_model
-    from ..core.models import is_embedding_model
-    from ..core.patch import prefix_only_last_block
-    from .schedule_search import N_VARIANT_STAGE, reach_target, search_schedules, with_mirrors
-    from ..metrics import output_metrics, per_image_divergence
-
-    if runtime is None:
-        runtime = OnnxRuntimeEngines()
-    precisions = tuple(precisions)
-    if not precisions or any(p not in runtime.precisions for p in precisions):
-        raise DSMError(f"{runtime.label} precisions must be among {runtime.precisions}, got {precisions}")
-    if target <= 1.0:
-        raise DSMError(f"the speed-up target must be above 1, got {target}")
-    if rungs < 1:
-        raise DSMError(f"at least one rung, got {rungs}")
-    strides = tuple(strides)
-    if not strides or any(int(k) != k or k < 1 for k in strides):
-        raise DSMError(f"strides must be positive integers, got {strides}")
-    embeddings = is_embedding_model(model)
-    depth = len(model.blocks)
-    seconds: dict[str, float] = {}  # wall time by phase, for the report (where a search's time goes)
-
-    @contextmanager
-    def phase(name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-
-    views = with_mirrors(pixels) if mirror else pixels
-    with phase("reference"):
-        view_base = model_logits(model, views)  # the unmerged outputs, computed once for every rung
-    base = view_base[:len(pixels)]
-    np_pixels = pixels.numpy()
-    calib = np_pixels[:quant_count]
-    rung_grid, rung_refine = max(2, max_grid // 3), refine_steps // 2
-    n_engines = len(precisions) * len(strides)
-    first_rung = max_grid + 2 * N_VARIANT_STAGE + max_grid + refine_steps
-    bar = tqdm(total=first_rung + (rungs - 1) * (rung_grid + rung_refine) + 3 * n_engines * (rungs + 1) + 1,
-               desc=f"tune {runtime.name}", unit="step", disable=not progress,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} left]{postfix}")
-
-    none_path = os.path.join(workdir, "fp32_none.onnx")
-    # The baseline: timm's model (every block on every token). Where the export already computes
-    # that for the unmerged schedule, the unmerged fp32 export is the baseline itself.
-    separate_baseline = prefix_only_last_block(model)
-    base_path = os.path.join(workdir, "baseline.onnx") if separate_baseline else none_path
-    if separate_baseline:
-        with phase("export"):
-            export_model(model, model_name, base_path, "none", weights=weights, pretrained=pretrained,
-                         num_classes=num_classes, full_last_block=True)
-    rows: list[dict] = []
-    per_image: dict[str, np.ndarray] = {}  # path -> [N] divergences, for choose()'s ties
-    state: dict = {"keys": None, "anchor": None}  # the first merged rung's variant keys and grid schedule
-
-    def candidates(rung: float) -> list[tuple[int, Schedule, dict]]:
-        """``(stride, schedule, calibration metrics)`` searched at ``rung`` (empty: none reaches it)."""
-        if rung == 1.0:
-            none = Schedule.parse("none")
-            return [(1, none, {"divergence": 0.0, "agreement": 1.0, "flops_ratio": flops_ratio(model, none)})]
-        fixed = state["keys"] is not None
-        # Below VARIANT_MIN_RUNG so few tokens merge that every variant scores about the same: the
-        # variant stage waits for a rung where their divergences differ.
-        variants = not fixed and rung >= VARIANT_MIN_RUNG
-        try:
-            with phase("schedule search"):
-                found = search_schedules(model, pixels, rung, max_grid=rung_grid if fixed else max_grid,
-                                         refine_steps=rung_refine if fixed else refine_steps, progress=False,
-                                         variants=variants, mirror=mirror, keys=state["keys"],
-                                         anchor=state["anchor"], base=view_base, bar=bar)
-        except DSMError:  # no schedule reaches this FLOP ratio on this model
-            return []
-        if variants:
-            state["keys"] = found.best.variant_keys(sum(1 for b in found.best.plan(depth) if b.mode == "prune"))
-            state["anchor"] = Schedule.parse(found.variants[0]["spec"]) if found.variants else None
-            state["rung"] = rung
-        out = []
-        for k in strides:
-            if k == 1:
-                out.append((1, found.best, found.best_metrics))
-                continue
-            try:
-                strided = reach_target(model, with_stride(found.best, k, depth), rung)
-            except (DSMError, ValueError):  # cannot merge this rung's tokens in fewer blocks
-                continue
-            out.append((k, strided, schedule_metrics(model, strided, pixels, base)))
-        return out
-
-    def measure(rung: float) -> None:
-        """Export, build, time (one alternating run: the strides' engines compared in the same run) and
-        score the engines of ``rung``; appends to ``rows``."""
-        bar.set_postfix_str(f"rung {rung:.2f}x")
-        meta = {}
-        for k, schedule, metrics in candidates(rung):
-            tag = "none" if rung == 1.0 else f"{rung:.2f}x" + (f"_stride{k}" if k > 1 else "")
-            fp32_path = none_path if rung == 1.0 else os.path.join(workdir, f"fp32_{tag}.onnx")
-            with phase("export"):
-                export_model(model, model_name, fp32_path, schedule, weights=weights, pretrained=pretrained,
-                             num_classes=num_classes)
-            for precision in [p for p in runtime.precisions if p in live]:
-                with phase("build"):
-                    meta[f"{precision} {tag}"] = (k, schedule, metrics, precision,
-                                                  runtime.build(fp32_path, precision, calib))
-                bar.update()
-        # The unmerged fp32 engine may be the baseline itself (speed-up 1 by definition): not timed twice.
-        timed = {label: m[4] for label, m in meta.items()
-                 if not runtime.is_baseline(m[3], m[1].is_none, separate_baseline)}
-        with phase("timing"):
-            rates = runtime.throughput(timed, base_path)
-        bar.update(len(meta))
-        for label, (k, schedule, metrics, precision, path) in meta.items():
-            rate = rates.get(label, rates["baseline"])
-            exact = runtime.exact(precision)
-            with phase("scoring"):
-                outputs = None if schedule.is_none and exact else runtime.outputs(path, np_pixels)
-            bar.update()
-            per_image[path] = (np.zeros(len(np_pixels)) if outputs is None
-                               else per_image_divergence(outputs, base, embeddings))
-            if exact:
-                quality = {"divergence": metrics["divergence"], "agreement": metrics["agreement"]}
-            else:
-                quality = output_metrics(outputs, base, embeddings=embeddings)
-            row = Candidate(spec=schedule.spec(), schedule_json=schedule.to_dict(depth), precision=precision,
-                            flops_ratio=metrics["flops_ratio"], speedup=rate / rates["baseline"],
-                            images_per_s=rate, divergence=quality["divergence"], agreement=quality["agreement"],
-                            path=path, rung=rung, stride=k)
-            if "onnxruntime" in rates:
-                row["speedup_onnxruntime"] = rate / rates["onnxruntime"]
-            if not embeddings:
-                row.update(kl=quality["divergence"], top1_agreement=quality["agreement"])
-            rows.append(row)
-        runtime.release()
-
-    live = list(precisions)  # the precisions still built: one dominated at every rung is dropped
-    notes: list[str] = []
-    measure(1.0)
-    done: list[float] = []
-
-    def drop_dominated() -> None:
-        """Stop building the precisions another one beats at every rung measured (after the unmerged
-        rung alone: only those beaten by :data:`CLEAR_MARGIN` in speed, one timing being noisy)."""
-        for p in dominated_precisions(rows, live, 0.0 if done else CLEAR_MARGIN):
-            live.remove(p)
-            after = f"the {done[-1]:.2f}x rung" if done else "the unmerged rung"
-            notes.append(f"{p} dropped after {after}: at every rung measured another precision was as fast or "
-                         f"faster{'' if done else f' by {CLEAR_MARGIN:.0%} or more'} at an equal or lower divergence")
-
-    def place(count: int) -> None:
-        """Measure up to ``count`` more rungs, each where a live precision is predicted to reach the
-        target (:func:`aim_rung`): the lowest aim first; after the first, the aims no measured rung is
-        within 3 % of. Stops early when every aim has a rung within 3 %."""
-        for _ in range(count):
-            drop_dominated()
-            wanted = wanted_rungs(rows, live, done, target, budget)
-            if not wanted:
-                return
-            done.append(round(wanted[0], 3))
-            measure(done[-1])
-
-    def confirm() -> None:
-        """Confirmation round: each rung was timed once (median of `repeats`), and a burst of load on
-        a shared machine can move one rung's figures by 10-25 %. The engines that could be chosen at
-        the target -- on the Pareto front, within `confirm_margin` below it, KL within one standard
-        error of the least there -- are timed again together in one alternating run; each keeps the
-        mean of its measurements (``speedup_runs``) and the choice is made again."""
-        bar.set_postfix_str("confirming")
-        contenders = confirmation_contenders(rows, target, confirm_margin, budget, per_image)
-        if not (len(contenders) > 1 or (contenders and choose(rows, target, budget, per_image) is None)):
-            return
-
-        def time_again(group: list[dict]) -> list[list[float]]:
-            again = runtime.throughput({str(i): r["path"] for i, r in enumerate(group)}, base_path)
-            runtime.release()
-            for i, r in enumerate(group):
-                if "onnxruntime" in again:
-                    r["speedup_onnxruntime"] = float(np.mean([r["speedup_onnxruntime"],
-                                                              again[str(i)] / again["onnxruntime"]]))
-            return [[again[str(i)] / again["baseline"]] for i in range(len(group))]
-
-        with phase("timing"):
-            confirmation_round(contenders, time_again, lambda row, runs: {"speedup": float(np.mean(runs))})
-
-    if aim:
-        drop_dominated()
-        place(rungs)
-        confirm()
-        # A rung aimed at the target can land just under it once confirmed (its first timing over
-        # the target, the second under). While no engine reaches the target's speed and rungs are
-        # left, aim again from the pooled measurements -- or, where every aim is a rung measured
-        # already, step past the highest rung measured -- and confirm again. (Engines that reach
-        # it outside the accuracy budget are not helped by more merging.)
-        while len(done) < rungs and not any(r["speedup"] >= target for r in rows):
-            before = len(done)
-            place(1)
-            if len(done) == before:
-                done.append(round(max(done) * (1 + STEP_PAST), 3))
-                measure(done[-1])
-            confirm()
-        # A choice well past the target with the rung below it short (that rung timed under the
-        # target by noise): one rung between the two, if rungs are left.
-        while len(done) < rungs:
-            mid = between_rung(rows, choose(rows, target, budget, per_image), done, target)
-            if mid is None:
-                break
-            done.append(mid)
-            measure(mid)
-            confirm()
-    else:
-        for rung in ladder(target, rungs):
-            done.append(rung)
-            measure(rung)
-        confirm()
-    bar.update(max(0, bar.total - bar.n))
-    bar.close()
-    machine = {**runtime.machine(), "rungs": done, "variant_rung": state.get("rung"),
-               "variant_keys": state["keys"], "notes": list(runtime.notes) + notes,
-               "phase_seconds": {k: round(v, 1) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}}
-    return EngineSearchResult(choose(rows, target, budget, per_image), rows, pareto_front(rows), machine)
-
-
-def dominated_precisions(rows: list[dict], precisions, margin: float = 0.0) -> list[str]:
+def dominated_precisions(rows: list[Candidate], precisions, margin: float = 0.0) -> list[str]:
     """The precisions among ``precisions`` that another one dominates at every rung of ``rows``: at
     each rung, each of their rows has a row of another precision at least ``1 + margin`` times as
     fast (``speedup``) with no higher ``divergence``. A search stops building those (on a CPU without
@@ -479,12 +634,12 @@ def dominated_precisions(rows: list[dict], precisions, margin: float = 0.0) -> l
     out = []
     for p in precisions:
         others = [q for q in precisions if q != p and q not in out]
-        mine = [r for r in rows if r["precision"] == p]
+        mine = [r for r in rows if r.precision == p]
         if not others or not mine:
             continue
-        if all(any(o["speedup"] >= (1 + margin) * m["speedup"] and o["divergence"] <= m["divergence"]
-                   for o in rows if o["precision"] in others and o["rung"] == m["rung"]
-                   and o.get("stride", 1) == m.get("stride", 1)) for m in mine):
+        if all(any(o.speedup >= (1 + margin) * m.speedup and o.divergence <= m.divergence
+                   for o in rows if o.precision in others and o.rung == m.rung
+                   and (o.stride or 1) == (m.stride or 1)) for m in mine):
             out.append(p)
     return out
 

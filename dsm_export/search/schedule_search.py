@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import DSMError, ScheduleError
 from ..check.evaluate import flops_ratio, model_logits, schedule_metrics
@@ -50,27 +51,27 @@ from .candidates import Candidate, better, pareto_front, quality_key
 
 
 @dataclass
-class TuneResult:
-    """Outcome of :func:`tune`.
+class ScheduleSearchResult:
+    """Outcome of :func:`search_schedules`.
 
     Attributes:
         best: the chosen schedule.
-        best_metrics: its calibration metrics (``divergence``, ``agreement``, ``flops_ratio``; ``kl``
-            and ``top1_agreement`` for classifiers, ``cosine_distance`` and ``knn_overlap`` for
+        best_metrics: its calibration scores (a :class:`~.candidates.Candidate`: ``spec``,
+            ``divergence``, ``agreement``, ``flops_ratio``; its JSON form also ``kl`` and
+            ``top1_agreement`` for classifiers, ``cosine_distance`` and ``knn_overlap`` for
             embedding models).
-        evaluated: every evaluated candidate's metrics (calibration), in evaluation order.
+        evaluated: every evaluated candidate (calibration), in evaluation order.
         pareto: the non-dominated candidates (higher FLOP reduction, lower divergence), by FLOP
             reduction.
-        variants: the variant stage: one row per variant tried on the best grid schedule (its
-            calibration metrics plus ``variant``, a label such as ``plain`` or ``protect=16``), the
-            plain schedule first.
+        variants: the variant stage: one candidate per variant tried on the best grid schedule (its
+            ``variant`` a label such as ``plain`` or ``protect=16``), the plain schedule first.
     """
 
     best: Schedule
-    best_metrics: dict
-    evaluated: list[dict] = field(default_factory=list)
-    pareto: list[dict] = field(default_factory=list)
-    variants: list[dict] = field(default_factory=list)
+    best_metrics: Candidate
+    evaluated: list[Candidate] = field(default_factory=list)
+    pareto: list[Candidate] = field(default_factory=list)
+    variants: list[Candidate] = field(default_factory=list)
 
     @property
     def variant(self) -> str:
@@ -234,9 +235,19 @@ def grid_distance(a: Schedule, b: Schedule) -> float:
             + (a.metric != b.metric))
 
 
-def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evaluated: list[dict], bar,
+def scored(model: nn.Module, schedule: Schedule, pixels: torch.Tensor, base: np.ndarray) -> Candidate:
+    """``schedule`` scored by the PyTorch reference on ``pixels`` against the unmerged outputs
+    ``base`` (:func:`dsm_export.check.evaluate.schedule_metrics`), as a candidate with its ``spec``.
+
+    Raises:
+        ScheduleError: the schedule does not fit the model.
+    """
+    return Candidate.from_json({**schedule_metrics(model, schedule, pixels, base), "spec": schedule.spec()})
+
+
+def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evaluated: list[Candidate], bar,
                  decorate=None, best: tuple | None = None,
-                 anchor: Schedule | None = None) -> tuple[Schedule, dict, Schedule]:
+                 anchor: Schedule | None = None) -> tuple[Schedule, Candidate, Schedule]:
     """Coarse to fine over grid candidates ``cands``, ``budget`` of them at most.
 
     Without ``anchor``: half the budget spread evenly over ``cands`` (:func:`spread_sample`; all
@@ -254,7 +265,7 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
     else:
         first, rest = ([], list(cands)) if anchor is not None else (list(cands), [])
     near = anchor
-    seen = {m["spec"] for m in evaluated}
+    seen = {m.spec for m in evaluated}
     done = 0
     while first or (rest and done < budget):
         g = first.pop(0) if first else rest.pop(min(range(len(rest)), key=lambda i: grid_distance(rest[i], near)))
@@ -267,8 +278,7 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
         seen.add(s.spec())
         done += 1
         bar.update()
-        m = Candidate(schedule_metrics(model, s, pixels, base))
-        m["spec"] = s.spec()
+        m = scored(model, s, pixels, base)
         evaluated.append(m)
         if better(m, best_m):
             best, best_m, near = s, m, g
@@ -278,7 +288,7 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
 def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
          slack: float = 0.05, progress: bool = True, variants: bool = True, mirror: bool = True,
          keys: dict | None = None, anchor: Schedule | None = None, base: np.ndarray | None = None,
-         bar=None) -> TuneResult:
+         bar=None) -> ScheduleSearchResult:
     """Search for the schedule with the least divergence (KL, or 1 - cosine for embedding models) at
     ``target``-fold fewer FLOPs (see module doc).
 
@@ -307,13 +317,11 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
         bar: a tqdm bar of the caller's to advance by one per candidate, instead of a bar of its own.
 
     Returns:
-        A :class:`TuneResult`.
+        A :class:`ScheduleSearchResult`.
 
     Raises:
         DSMError: if no schedule reaches the target.
     """
-    from tqdm import tqdm
-
     depth = len(model.blocks)
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     prefix = int(model.num_prefix_tokens)
@@ -326,7 +334,7 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
     cands = grid_candidates(model, target, slack)
     if not cands:
         raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
-    evaluated: list[dict] = []
+    evaluated: list[Candidate] = []
     best, best_m = None, None
     n_stage = N_VARIANT_STAGE
     variants = variants and keys is None
@@ -348,31 +356,31 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
         # unevaluated candidates nearest the best so far (grid_distance), one at a time.
         best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar)
 
-    variant_rows: list[dict] = []
+    variant_rows: list[Candidate] = []
     if variants:
-        variant_rows.append({**best_m, "variant": "plain"})
+        variant_rows.append(dataclasses.replace(best_m, variant="plain"))
 
-        def attempt(s: Schedule, label: str, rows: list[dict] | None, tried: list):
+        def attempt(s: Schedule, label: str, rows: list[Candidate] | None, tried: list):
             """Evaluate variant ``s`` raised to the target; appends ``(raised, metrics, s)`` to
             ``tried`` and the metrics to ``evaluated`` (and ``rows``). None if ``s`` is invalid."""
             variant = s
             try:
                 s = reach_target(model, s, target)
-                m = Candidate(schedule_metrics(model, s, pixels, base))
+                m = scored(model, s, pixels, base)
             except ScheduleError:  # e.g. more prune blocks than global blocks
                 return None
-            m["spec"], m["variant"] = s.spec(), label
+            m.variant = label
             evaluated.append(m)
             if rows is not None:
                 rows.append(m)
             tried.append((s, m, variant))
             return m
 
-        def variant_stage(grid_s: Schedule, rows: list[dict] | None):
+        def variant_stage(grid_s: Schedule, rows: list[Candidate] | None):
             """Each variant on ``grid_s``, then the groups' best singles combined; the best one
             tried (schedule, metrics, variant before reach_target), or None."""
-            tried: list[tuple[Schedule, dict, Schedule]] = []
-            singles: dict[str, tuple[Schedule, dict]] = {}  # the best single variant of each group
+            tried: list[tuple[Schedule, Candidate, Schedule]] = []
+            singles: dict[str, tuple[Schedule, Candidate]] = {}  # the best single variant of each group
             for v in variant_candidates(grid_s):
                 m = attempt(v, variant_label(v), rows, tried)
                 bar.update()
@@ -431,11 +439,10 @@ def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_
                 continue
         except ScheduleError:
             continue
-        m = Candidate(schedule_metrics(model, s, pixels, base))
-        m["spec"] = s.spec()
+        m = scored(model, s, pixels, base)
         evaluated.append(m)
         if better(m, best_m):
             best, best_m, plan = s, m, trial
     if own_bar:
         bar.close()
-    return TuneResult(best, best_m, evaluated, pareto_front(evaluated, "flops_ratio"), variant_rows)
+    return ScheduleSearchResult(best, best_m, evaluated, pareto_front(evaluated, "flops_ratio"), variant_rows)

@@ -35,35 +35,38 @@ is a property of the graph, and the FLOP ratio does not change with precision.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 from torch import nn
 
+from ..core.schedule import Schedule
+from ..graph.export import export_model
 from .candidates import Candidate, admitted, confirmation_round, first_fast_enough, near_floor, quality_key
+from .schedule_search import variant_label
+from .timing import cpu_name, ort_speedups
 
 SPEED_PER_FLOP = 0.9  # the least measured speed-up per unit of FLOP ratio tune --export accepts
 PER_VARIANT = 2  # candidates timed per variant label at most
 WARMUP = 3  # untimed runs of every graph before the timed pairs (see speed_check's warmup)
 
 
-def speed_candidates(rows: list[dict], target: float, count: int = 6, budget=None) -> list[dict]:
+def speed_candidates(rows: list[Candidate], target: float, count: int = 6, budget=None) -> list[Candidate]:
     """The rows worth timing: distinct ``spec``, ``flops_ratio`` at least ``target``, within
     ``budget`` (:class:`~dsm_export.search.candidates.Budget`, None for any), least ``divergence`` first
     (ties: higher ``agreement``), at most :data:`PER_VARIANT` per variant label
     (:func:`dsm_export.search.schedule_search.variant_label`), ``count`` rows at most."""
-    from ..core.schedule import Schedule
-    from .schedule_search import variant_label
-
     out, seen, per_label = [], set(), {}
     for row in sorted(admitted(rows, budget), key=quality_key):
-        if row["spec"] in seen or row["flops_ratio"] < target:
+        if row.spec in seen or row.flops_ratio < target:
             continue
-        label = variant_label(Schedule.parse(row["spec"]))
+        label = variant_label(Schedule.parse(row.spec))
         if per_label.get(label, 0) >= PER_VARIANT:
             continue
-        seen.add(row["spec"])
+        seen.add(row.spec)
         per_label[label] = per_label.get(label, 0) + 1
         out.append(row)
         if len(out) == count:
@@ -81,7 +84,7 @@ def speed_stats(ratios: list[float], flops_ratio: float) -> dict:
     Returns:
         ``speedup_runs`` (the ratios), ``speedup`` (their median), ``speed_per_flop`` (median /
         FLOP ratio) and ``speed_per_flop_low`` (lower quartile / FLOP ratio; ``numpy.quantile``,
-        linear interpolation).
+        linear interpolation): a dict keyed by :class:`~.candidates.Candidate` field names.
 
     Raises:
         ValueError: no ratios.
@@ -99,20 +102,21 @@ class SpeedCheck:
     """Outcome of :func:`speed_check`.
 
     Attributes:
-        chosen: the row chosen (``spec``, ``divergence``, ``agreement``, ``flops_ratio``,
+        chosen: the candidate chosen (``spec``, ``divergence``, ``agreement``, ``flops_ratio``,
             ``speedup``, ``speed_per_flop``, ``path`` of its fp32 export), or None if no candidate
             reached the floor.
-        rows: the timed candidates, least divergence first, each with :func:`speed_stats`'s
-            keys (``speedup_runs``: every paired speed-up, both rounds' for those timed twice).
+        rows: the timed candidates (copies of the search's), least divergence first, each with
+            :func:`speed_stats`'s fields (``speedup_runs``: every paired speed-up, both rounds'
+            for those timed twice).
         machine: CPU, ONNX Runtime version, threads, batch, repeats.
     """
 
-    chosen: dict | None
-    rows: list[dict] = field(default_factory=list)
+    chosen: Candidate | None
+    rows: list[Candidate] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
 
 
-def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: list[dict], target: float,
+def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: list[Candidate], target: float,
                 workdir: str, min_quotient: float = SPEED_PER_FLOP, count: int = 6, batch: int = 32,
                 repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
                 pretrained: bool = False, num_classes: int | None = None, budget=None,
@@ -123,8 +127,8 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
         model: unmerged timm ViT (eval mode), its weights loaded.
         model_name, weights, pretrained, num_classes: recorded in the exports
             (:func:`dsm_export.graph.export.export_model`).
-        rows: the search's evaluated rows (``spec``, ``flops_ratio``, ``divergence``, ``agreement``;
-            :attr:`dsm_export.search.schedule_search.TuneResult.evaluated`).
+        rows: the search's evaluated candidates (``spec``, ``flops_ratio``, ``divergence``, ``agreement``;
+            :attr:`dsm_export.search.schedule_search.ScheduleSearchResult.evaluated`).
         target: the FLOP ratio the candidates must reach.
         workdir: folder for the fp32 exports (``speed_<i>.onnx``, ``speed_baseline.onnx``).
         min_quotient: the least measured speed-up per unit of FLOP ratio.
@@ -142,13 +146,7 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     Raises:
         DSMError: an unavailable execution provider.
     """
-    import onnxruntime as ort
-
-    from .timing import cpu_name, ort_speedups
-    from ..graph.export import export_model
-    from ..core.schedule import Schedule
-
-    cands = [Candidate(r) for r in speed_candidates(rows, target, count, budget)]
+    cands = [dataclasses.replace(r) for r in speed_candidates(rows, target, count, budget)]
     machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
                "batch": batch, "repeats": repeats, "provider": provider}
     if not cands:
@@ -158,17 +156,18 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     # The baseline FLOP ratios are counted against: timm's model, every block on every token.
     export_model(model, model_name, base_path, Schedule(), full_last_block=True, **kw)
     for i, row in enumerate(cands):
-        row["path"] = os.path.join(workdir, f"speed_{i}.onnx")
-        export_model(model, model_name, row["path"], Schedule.parse(row["spec"]), **kw)
+        row.path = os.path.join(workdir, f"speed_{i}.onnx")
+        export_model(model, model_name, row.path, Schedule.parse(row.spec), **kw)
 
-    def measure(group: list[dict]) -> list[list[float]]:
-        pairs = ort_speedups({"baseline": base_path, **{str(i): r["path"] for i, r in enumerate(group)}},
+    def measure(group: list[Candidate]) -> list[list[float]]:
+        pairs = ort_speedups({"baseline": base_path, **{str(i): r.path for i, r in enumerate(group)}},
                              "baseline", batch=batch, repeats=repeats, threads=threads, provider=provider,
                              warmup=warmup)
         return [pairs[str(i)] for i in range(len(group))]
 
     for row, runs in zip(cands, measure(cands)):
-        row.update(speed_stats(runs, row["flops_ratio"]))
+        for name, value in speed_stats(runs, row.flops_ratio).items():
+            setattr(row, name, value)
     confirmation_round(near_floor(cands, min_quotient, confirm_margin), measure,
-                       lambda row, runs: speed_stats(runs, row["flops_ratio"]))
+                       lambda row, runs: speed_stats(runs, row.flops_ratio))
     return SpeedCheck(first_fast_enough(cands, min_quotient), cands, machine)

@@ -275,18 +275,18 @@ def test_sources_follow_every_variant(deit, pixels):
 
 def test_tune_tries_the_variants(deit, pixels):
     result = search_schedules(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
-    labels = [r["variant"] for r in result.variants]
+    labels = [r.variant for r in result.variants]
     assert labels[0] == "plain"
     assert {"protect=8", "prune=1", "metric=heads", "metric=tokens", "merge=mlerp",
             "metric=heads,merge=mlerp", "metric=tokens,merge=mlerp"} <= set(labels)
-    assert all(r["flops_ratio"] >= 1.6 for r in result.variants)  # reach_target made up the matching cost
-    best = min(result.variants, key=lambda r: (r["divergence"], -r["agreement"]))
+    assert all(r.flops_ratio >= 1.6 for r in result.variants)  # reach_target made up the matching cost
+    best = min(result.variants, key=lambda r: (r.divergence, -r.agreement))
     # the best variant, or better still: the grid again with its keys (and the variants once more)
-    assert result.best_metrics["divergence"] <= best["divergence"]
-    assert min(r["divergence"] for r in result.evaluated) == result.best_metrics["divergence"]
-    if best["variant"] != "plain":
-        keys = set(best["variant"].split(","))
+    assert result.best_metrics.divergence <= best.divergence
+    assert min(r.divergence for r in result.evaluated) == result.best_metrics.divergence
+    if best.variant != "plain":
+        keys = set(best.variant.split(","))
         regrid = [r for r in result.evaluated if r not in result.variants and keys <= set(
-            variant_label(Schedule.parse(r["spec"])).split(","))]
+            variant_label(Schedule.parse(r.spec)).split(","))]
         assert regrid  # the grid was searched again with the winning variant
-    assert all(r["flops_ratio"] >= 1.6 for r in result.evaluated)
+    assert all(r.flops_ratio >= 1.6 for r in result.evaluated)

@@ -11,6 +11,7 @@ import pytest
 
 from dsm_export.cli import main
 from dsm_export.errors import DSMError
+from dsm_export.search.candidates import Candidate
 
 from conftest import DEIT, DSM_17
 
@@ -172,10 +173,10 @@ def test_speed_pareto_and_choice():
     from dsm_export.search.candidates import choose, pareto_front
     from dsm_export.search.engine_search import ladder
 
-    rows = [{"speedup": 1.3, "divergence": 0.008, "agreement": 0.96},
-            {"speedup": 2.1, "divergence": 0.06, "agreement": 0.92},
-            {"speedup": 2.0, "divergence": 0.03, "agreement": 0.95},
-            {"speedup": 1.6, "divergence": 0.05, "agreement": 0.93}]
+    rows = [Candidate(speedup=1.3, divergence=0.008, agreement=0.96),
+            Candidate(speedup=2.1, divergence=0.06, agreement=0.92),
+            Candidate(speedup=2.0, divergence=0.03, agreement=0.95),
+            Candidate(speedup=1.6, divergence=0.05, agreement=0.93)]
     assert pareto_front(rows) == [rows[0], rows[2], rows[1]]
     assert choose(rows, 1.9) is rows[2] and choose(rows, 2.05) is rows[1] and choose(rows, 3.0) is None
     steps = ladder(2.5, 5)
@@ -187,8 +188,8 @@ def test_accuracy_budget_limits_the_choice():
     from dsm_export.search.candidates import Budget, choose, confirmation_contenders, fastest_within
 
     def row(speedup, kl, agreement):
-        return {"speedup": speedup, "divergence": kl, "agreement": agreement, "precision": "int8-dynamic",
-                "flops_ratio": 1.5}
+        return Candidate(speedup=speedup, divergence=kl, agreement=agreement, precision="int8-dynamic",
+                         flops_ratio=1.5)
 
     rows = [row(1.5, 0.003, 0.98), row(2.17, 0.040, 0.949), row(2.54, 0.18, 0.844), row(2.6, 0.25, 0.80)]
     budget = Budget(min_agreement=0.93)
@@ -246,7 +247,7 @@ def test_confirmation_contenders_are_the_rows_that_could_be_chosen():
     from dsm_export.search.candidates import confirmation_contenders
 
     def row(speedup, kl, precision="int8-dynamic", flops=1.5):
-        return {"speedup": speedup, "divergence": kl, "agreement": 0.9, "precision": precision, "flops_ratio": flops}
+        return Candidate(speedup=speedup, divergence=kl, agreement=0.9, precision=precision, flops_ratio=flops)
 
     rows = [row(1.0, 0.0, "fp32", 1.0), row(1.97, 0.014), row(2.08, 0.034), row(2.3, 0.09),
             row(1.80, 0.010),  # more than 8 % below 2.0x
@@ -268,8 +269,8 @@ def test_choice_takes_the_fastest_engine_within_one_standard_error_of_the_least_
     per_image = {"slow": least, "fast": least + 0.0002 + noise - noise.mean(), "fastest": 2 * least}
 
     def row(path, speedup):
-        return {"path": path, "speedup": speedup, "divergence": float(per_image[path].mean()), "agreement": 0.95,
-                "precision": "int8-dynamic", "flops_ratio": 1.4}
+        return Candidate(path=path, speedup=speedup, divergence=float(per_image[path].mean()), agreement=0.95,
+                         precision="int8-dynamic", flops_ratio=1.4)
 
     rows = [row("slow", 2.13), row("fast", 2.21), row("fastest", 2.45)]
     assert within_one_se(least, per_image["fast"]) and not within_one_se(least, per_image["fastest"])
@@ -289,34 +290,35 @@ def _integer_matmuls(path: str) -> int:
 
 
 def test_search_engines_measures_every_precision(deit, weights, pixels, tmp_path):
-    from dsm_export.search.engine_search import PRECISIONS, search_engines
+    from dsm_export.search.engine_search import PRECISIONS, EngineSearchSettings, search_engines
     from dsm_export.graph.export import read_metadata
 
-    result = search_engines(deit, DEIT, weights, pixels[:8], 1.2, str(tmp_path), rungs=1, max_grid=2,
-                            refine_steps=0, quant_count=8, progress=False, strides=(1, 2),
-                            aim=False)  # the ladder's 1.32x rung: an aimed one follows the timings, and on a
-    # loaded machine it can land where stride 2 cannot reach
-    kinds = {(r["precision"], r["spec"] == "none") for r in result.candidates}
+    settings = EngineSearchSettings(target=1.2, model_name=DEIT, weights=weights, rungs=1, max_grid=2, refine_steps=0,
+                                    quant_count=8, progress=False, strides=(1, 2),
+                                    aim=False)  # the ladder's 1.32x rung: an aimed one follows the timings, and on
+    # a loaded machine it can land where stride 2 cannot reach
+    result = search_engines(deit, pixels[:8], str(tmp_path), settings)
+    kinds = {(r.precision, r.spec == "none") for r in result.candidates}
     assert kinds == {(p, none) for p in PRECISIONS for none in (True, False)}
     assert PRECISIONS == ("fp32", "int8", "int8-dynamic", "int8-dynamic-all")
     # every rung also tries its schedule merging in every second merging block, r raised to the rung's FLOPs
-    merged = [r for r in result.candidates if r["spec"] != "none"]
-    assert {(r["precision"], r["stride"]) for r in merged} == {(p, k) for p in PRECISIONS for k in (1, 2)}
-    assert all(r["flops_ratio"] >= r["rung"] for r in merged)
-    merging = {r["stride"]: sum(b != "none" for b in r["schedule_json"]["blocks"]) for r in merged}
+    merged = [r for r in result.candidates if r.spec != "none"]
+    assert {(r.precision, r.stride) for r in merged} == {(p, k) for p in PRECISIONS for k in (1, 2)}
+    assert all(r.flops_ratio >= r.rung for r in merged)
+    merging = {r.stride: sum(b != "none" for b in r.schedule_json["blocks"]) for r in merged}
     assert merging[2] < merging[1]
-    dyn = {r["precision"]: r["path"] for r in result.candidates if r["spec"] == "none" and "dynamic" in r["precision"]}
+    dyn = {r.precision: r.path for r in result.candidates if r.spec == "none" and "dynamic" in r.precision}
     # int8-dynamic keeps the first block's four MatMuls fp32; int8-dynamic-all quantizes them too.
     assert _integer_matmuls(dyn["int8-dynamic-all"]) == _integer_matmuls(dyn["int8-dynamic"]) + 4
-    none_fp32 = next(r for r in result.candidates if r["precision"] == "fp32" and r["spec"] == "none")
+    none_fp32 = next(r for r in result.candidates if r.precision == "fp32" and r.spec == "none")
     # dsm-export's unmerged export (last block for the class token alone) is timed against the
     # baseline, timm's arithmetic (every block on every token), like every other engine
-    assert none_fp32["speedup"] != 1.0 and none_fp32["kl"] == 0.0 and 1.06 < none_fp32["flops_ratio"] < 1.08
+    assert none_fp32.speedup != 1.0 and none_fp32.to_json()["kl"] == 0.0 and 1.06 < none_fp32.flops_ratio < 1.08
     assert read_metadata(onnx.load(os.path.join(str(tmp_path), "baseline.onnx"))).last_block == "full"
-    assert read_metadata(onnx.load(none_fp32["path"])).last_block == "prefix"
-    assert all(r["speedup"] > 0 and r["kl"] >= 0 for r in result.candidates)
-    assert result.pareto and result.machine["batch"] == 32
-    assert result.best is None or result.best["speedup"] >= 1.2
+    assert read_metadata(onnx.load(none_fp32.path)).last_block == "prefix"
+    assert all(r.speedup > 0 and r.to_json()["kl"] >= 0 for r in result.candidates)
+    assert result.pareto and result.machine["batch"] == 32 and result.machine_report()["rungs"] == result.rungs
+    assert result.best is None or result.best.speedup >= 1.2
 
 
 @pytest.mark.parametrize("precision", ["int8", "int8-dynamic-all"])

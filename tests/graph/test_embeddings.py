@@ -79,8 +79,8 @@ def test_dinov2_style_tune_and_merge_cost_use_cosine(dinov2):
     assert len(cost["merge_cost"]) == 4 and all(c > 0 for c in cost["merge_cost"][:3])
     assert abs(cost["merge_cost"][3]) < 1e-9
     result = search_schedules(dinov2, pixels, 1.3, max_grid=3, refine_steps=2, progress=False)
-    assert result.best_metrics["divergence"] == min(r["divergence"] for r in result.evaluated)
-    assert result.best_metrics["flops_ratio"] >= 1.3
+    assert result.best_metrics.divergence == min(r.divergence for r in result.evaluated)
+    assert result.best_metrics.flops_ratio >= 1.3
 
 
 def test_real_deit_num_classes_0_validate_tune_analyze(weights, images_dir, tmp_path, capsys):
