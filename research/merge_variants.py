@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from dsm_export.core.models import create_model
     from dsm_export.core.schedule import Schedule
     from dsm_export.search.speed_check import WARMUP, speed_check, speed_stats
-    from dsm_export.search.schedule_search import search_schedules, variant_group, variant_label
+    from dsm_export.search.schedule_search import ScheduleSearchSettings, search_schedules, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
     calib, held, calib_px, held_px = split_pixels(model, list_images(args.images), args.calibration_count,
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
             entries.append(("exact ToMe", tome))
         if paper:
             entries.append(("paper-style DSM", paper))
-        result = search_schedules(model, calib_px, target, max_grid=args.max_grid, refine_steps=args.refine_steps,
-                      mirror=not args.no_mirror)
+        result = search_schedules(model, calib_px, ScheduleSearchSettings(
+            target, max_grid=args.max_grid, refine_steps=args.refine_steps, mirror=not args.no_mirror))
         best_of: dict = {}  # variant group -> its best Candidate
         for row in result.variants:
             family = variant_group(() if row.variant == "plain" else

@@ -52,7 +52,7 @@ from ..metrics import output_metrics, per_image_divergence
 from .candidates import (CLASSIFIER_NAMES, Budget, Candidate, choose, confirmation_contenders, confirmation_round,
                          pareto_front)
 from .runtimes import PRECISIONS, SMOOTH_ALPHA, OnnxRuntimeEngines, ort_logits, precision_options  # noqa: F401  (the search's names)
-from .schedule_search import N_VARIANT_STAGE, reach_target, scored, search_schedules, with_mirrors
+from .schedule_search import N_VARIANT_STAGE, ScheduleSearchSettings, reach_target, scored, search_schedules, with_mirrors
 
 
 CLEAR_MARGIN = 0.10  # after the unmerged rung alone, a precision is dropped only if another is this much faster
@@ -402,10 +402,10 @@ class EngineSearch:
         variants = not fixed and rung >= VARIANT_MIN_RUNG
         try:
             with self.phase("schedule search"):
-                found = search_schedules(self.model, self.pixels, rung, max_grid=s.rung_grid if fixed else s.max_grid,
-                                         refine_steps=s.rung_refine if fixed else s.refine_steps, progress=False,
-                                         variants=variants, mirror=s.mirror, keys=self.variant_keys,
-                                         anchor=self.anchor, base=self.view_base, bar=self.bar)
+                found = search_schedules(self.model, self.pixels, ScheduleSearchSettings(
+                    rung, max_grid=s.rung_grid if fixed else s.max_grid,
+                    refine_steps=s.rung_refine if fixed else s.refine_steps, progress=False, variants=variants,
+                    mirror=s.mirror, keys=self.variant_keys, anchor=self.anchor), base=self.view_base, bar=self.bar)
         except DSMError:  # no schedule reaches this FLOP ratio on this model
             return []
         if variants:

@@ -52,7 +52,7 @@ from .candidates import Candidate, better, pareto_front, quality_key
 
 @dataclass
 class ScheduleSearchResult:
-    """Outcome of :func:`search_schedules`.
+    """Outcome of :func:`search_schedules` (:class:`ScheduleSearch`).
 
     Attributes:
         best: the chosen schedule.
@@ -285,164 +285,241 @@ def _grid_search(model, pixels, base, cands: list[Schedule], budget: int, evalua
     return best, best_m, near
 
 
-def search_schedules(model: nn.Module, pixels: torch.Tensor, target: float, max_grid: int = 48, refine_steps: int = 24,
-         slack: float = 0.05, progress: bool = True, variants: bool = True, mirror: bool = True,
-         keys: dict | None = None, anchor: Schedule | None = None, base: np.ndarray | None = None,
-         bar=None) -> ScheduleSearchResult:
-    """Search for the schedule with the least divergence (KL, or 1 - cosine for embedding models) at
-    ``target``-fold fewer FLOPs (see module doc).
+@dataclass(frozen=True)
+class ScheduleSearchSettings:
+    """What a schedule search (:class:`ScheduleSearch`) looks for and how much it tries.
 
-    Args:
-        model: unmerged timm ViT (eval mode).
-        pixels: ``[N, 3, H, W]`` calibration images (preprocessed).
+    Attributes:
         target: FLOP reduction to reach (e.g. 1.7).
         max_grid: grid candidates evaluated at most (half spread evenly over the grid, half nearest
             the best so far).
         refine_steps: per-block moves tried.
         slack: grid candidates may exceed the target by this much.
-        progress: show a progress bar.
+        progress: show a progress bar (when the caller passes none).
         variants: try the merge variants on the best grid schedule (stage 2).
-        mirror: score every candidate on ``pixels`` and their horizontal mirror images
+        mirror: score every candidate on the calibration images and their horizontal mirror images
             (:func:`with_mirrors`, ``2N`` views; twice the time); the metrics in the result are
             over those ``2N`` views.
         keys: merge-variant keys chosen beforehand (:meth:`dsm_export.core.schedule.Schedule.variant_keys`
             of another search's winner, e.g. ``{"protect": 16, "merge": "mlerp"}``): every grid
             candidate is evaluated with them (raised to the target, :func:`reach_target`) and no
             variant stage runs. The engine search uses this to run the variant stage at one FLOP
-            rung only (:func:`dsm_export.search.engine_search.search_engines`).
+            rung only (:class:`dsm_export.search.engine_search.EngineSearch`).
         anchor: with ``keys``: a schedule the grid search starts nearest to (:func:`grid_distance`)
             instead of spreading over the grid, e.g. the winner at a neighbouring FLOP ratio.
+    """
+
+    target: float
+    max_grid: int = 48
+    refine_steps: int = 24
+    slack: float = 0.05
+    progress: bool = True
+    variants: bool = True
+    mirror: bool = True
+    keys: dict | None = None
+    anchor: Schedule | None = None
+
+
+class ScheduleSearch:
+    """The search for the schedule with the least divergence (KL, or 1 - cosine for embedding
+    models) at ``settings.target``-fold fewer FLOPs (see the module doc): :meth:`run` does it all;
+    each stage is a method of its own, sharing the state below.
+
+    Args:
+        model: unmerged timm ViT (eval mode).
+        pixels: ``[N, 3, H, W]`` calibration images (preprocessed).
+        settings: a :class:`ScheduleSearchSettings`.
         base: the unmerged outputs on the scored views (``[2N, classes]`` with ``mirror``), when the
             caller has them already; computed otherwise.
         bar: a tqdm bar of the caller's to advance by one per candidate, instead of a bar of its own.
+
+    Attributes:
+        pixels: the scored views (with the mirror images when ``settings.mirror``).
+        base: the unmerged outputs on them.
+        cands: the grid candidates (:func:`grid_candidates`).
+        evaluated: every evaluated candidate, in evaluation order.
+        variant_rows: the variant stage's candidates, the plain schedule first.
+        best, best_m: the best schedule so far and its metrics.
+
+    Raises:
+        ValueError: ``base`` does not hold one output per scored view.
+        DSMError: no grid schedule reaches the target.
+    """
+
+    def __init__(self, model: nn.Module, pixels: torch.Tensor, settings: ScheduleSearchSettings,
+                 base: np.ndarray | None = None, bar=None):
+        self.model, self.settings, self.bar = model, settings, bar
+        self.depth = len(model.blocks)
+        self.grid = tuple(int(g) for g in model.patch_embed.grid_size)
+        self.prefix = int(model.num_prefix_tokens)
+        self.pixels = with_mirrors(pixels) if settings.mirror else pixels
+        if base is None:
+            base = model_logits(model, self.pixels)
+        elif len(base) != len(self.pixels):
+            raise ValueError(f"base holds {len(base)} outputs for {len(self.pixels)} views")
+        self.base = base
+        self.cands = grid_candidates(model, settings.target, settings.slack)
+        if not self.cands:
+            raise DSMError(f"no schedule reaches {settings.target:.2f}x fewer FLOPs on this model")
+        self.run_variants = settings.variants and settings.keys is None
+        self.evaluated: list[Candidate] = []
+        self.variant_rows: list[Candidate] = []
+        self.best: Schedule | None = None
+        self.best_m: Candidate | None = None
+
+    def run(self) -> ScheduleSearchResult:
+        """Grid, merge variants (and the grid again with the winning keys), per-block refinement."""
+        s = self.settings
+        own_bar = self.bar is None
+        if own_bar:
+            n_variants = 2 * N_VARIANT_STAGE + s.max_grid if self.run_variants else 0
+            self.bar = tqdm(total=min(len(self.cands), s.max_grid) + n_variants + s.refine_steps, desc="tune",
+                            unit="schedule", disable=not s.progress, leave=False)
+        grid_best = self.grid_stage()
+        if self.run_variants:
+            self.variant_search(grid_best)
+        self.refine()
+        if own_bar:
+            self.bar.close()
+        return ScheduleSearchResult(self.best, self.best_m, self.evaluated,
+                                    pareto_front(self.evaluated, "flops_ratio"), self.variant_rows)
+
+    def raised(self, s: Schedule, keys: dict) -> Schedule:
+        """``s`` with the variant ``keys``, raised to the target (:func:`reach_target`)."""
+        return reach_target(self.model, dataclasses.replace(s, **keys), self.settings.target)
+
+    def grid_search(self, cands: list[Schedule], keys: dict | None = None, best: tuple | None = None,
+                    anchor: Schedule | None = None) -> tuple[Schedule, Candidate, Schedule]:
+        """:func:`_grid_search` over ``cands`` (with ``keys``: each raised with them, :meth:`raised`)
+        within ``settings.max_grid``."""
+        decorate = None if keys is None else (lambda g: self.raised(g, keys))
+        return _grid_search(self.model, self.pixels, self.base, cands, self.settings.max_grid, self.evaluated,
+                            self.bar, decorate=decorate, best=best, anchor=anchor)
+
+    def grid_stage(self) -> Schedule:
+        """Stage 1: sets the best schedule; returns its grid candidate.
+
+        With ``settings.keys`` (chosen elsewhere): the grid with them, nearest first from
+        ``settings.anchor``. Otherwise coarse to fine: an even spread over the grid (ToMe's constant
+        r always in it), then the unevaluated candidates nearest the best so far (:func:`grid_distance`).
+        """
+        keys = self.settings.keys
+        if keys is None:
+            self.best, self.best_m, grid_best = self.grid_search(self.cands)
+            return grid_best
+        self.best, self.best_m, grid_best = self.grid_search(self.cands, keys=keys, anchor=self.settings.anchor)
+        if self.best is None:
+            raise DSMError(f"no schedule with {keys} reaches {self.settings.target:.2f}x fewer FLOPs on this model")
+        return grid_best
+
+    def attempt(self, s: Schedule, label: str, rows: list[Candidate] | None, tried: list) -> Candidate | None:
+        """Evaluate variant ``s`` raised to the target; appends ``(raised, metrics, s)`` to ``tried``
+        and the metrics to ``evaluated`` (and ``rows``). None if ``s`` is invalid."""
+        variant = s
+        try:
+            s = reach_target(self.model, s, self.settings.target)
+            m = scored(self.model, s, self.pixels, self.base)
+        except ScheduleError:  # e.g. more prune blocks than global blocks
+            return None
+        m.variant = label
+        self.evaluated.append(m)
+        if rows is not None:
+            rows.append(m)
+        tried.append((s, m, variant))
+        return m
+
+    def variant_stage(self, grid_s: Schedule, rows: list[Candidate] | None):
+        """Each variant on ``grid_s``, then the groups' best singles combined; the best one tried
+        (schedule, metrics, variant before :func:`reach_target`), or None."""
+        tried: list[tuple[Schedule, Candidate, Schedule]] = []
+        singles: dict[str, tuple[Schedule, Candidate]] = {}  # the best single variant of each group
+        for v in variant_candidates(grid_s):
+            m = self.attempt(v, variant_label(v), rows, tried)
+            self.bar.update()
+            g = variant_group(v.variant_keys())
+            if m is not None and (g not in singles or better(m, singles[g][1])):
+                singles[g] = (v, m)
+        # Combine the groups' best singles, best group first
+        order = sorted(singles, key=lambda g: quality_key(singles[g][1]))
+        for k in range(2, len(order) + 1):
+            combo = _combine(grid_s, [singles[g][0] for g in order[:k]])
+            self.attempt(combo, variant_label(combo), rows, tried)
+            self.bar.update()
+        return min(tried, key=lambda t: quality_key(t[1]), default=None)
+
+    def variant_search(self, grid_best: Schedule) -> None:
+        """Stages 2-3: the variant stage on the best grid schedule (its rows in ``variant_rows``,
+        the plain one first); if a variant wins, :meth:`regrid` with its keys."""
+        self.variant_rows.append(dataclasses.replace(self.best_m, variant="plain"))
+        found = self.variant_stage(self.best, self.variant_rows)
+        if found is not None and better(found[1], self.best_m):
+            self.best, self.best_m, winner = found
+            self.regrid(grid_best, winner)
+
+    def regrid(self, grid_best: Schedule, winner: Schedule) -> None:
+        """Stage 3: the grid again with the winning variant keys, nearest first from the plain winner
+        ``grid_best``; if another grid schedule wins, the variant stage once more on it.
+
+        Every similarity metric is a candidate here: which one matches best depends on the grid
+        schedule too (on DeiT-Tiny at 2x, metric=tokens loses on the plain winner's grid and wins
+        with one more dense block).
+        """
+        keys = {k: getattr(winner, k) for k in ("protect", "prune", "merge")}
+        first = dataclasses.replace(grid_best, metric=winner.metric)
+        pairs = [first] + [dataclasses.replace(g, metric=m) for g in self.cands for m in METRICS
+                           if (g, m) != (grid_best, winner.metric)]
+        self.best, self.best_m, regrid = self.grid_search(pairs, keys=keys, best=(self.best, self.best_m),
+                                                          anchor=first)
+        if regrid is not first:
+            found = self.variant_stage(dataclasses.replace(regrid, metric="keys"), None)
+            if found is not None and better(found[1], self.best_m):
+                self.best, self.best_m = found[0], found[1]
+
+    def reaches(self, s: Schedule) -> bool:
+        """Whether ``s`` fits the model and still reaches the target."""
+        try:
+            resolve(s, self.depth, self.grid, self.prefix)
+            return flops_ratio(self.model, s) >= self.settings.target
+        except ScheduleError:
+            return False
+
+    def refine(self) -> None:
+        """Stage 4, per-block refinement: move ``step`` merged tokens from block i to block j
+        (``settings.refine_steps`` random moves, seed 0), keeping a move only if it scores better."""
+        plan = list(self.best.plan(self.depth))
+        rng = np.random.default_rng(0)
+        merging = [i for i, b in enumerate(plan) if b.mode != "none"]
+        for _ in range(self.settings.refine_steps):
+            self.bar.update()
+            if len(merging) < 2:
+                break
+            i, j = rng.choice(merging, size=2, replace=False)
+            step = int(rng.integers(1, 5))
+            if plan[i].r < step:
+                continue
+            trial = list(plan)
+            trial[i] = BlockPlan(plan[i].mode, plan[i].r - step)
+            trial[j] = BlockPlan(plan[j].mode, plan[j].r + step)
+            s = dataclasses.replace(self.best, blocks=tuple(trial), prune=0)
+            if not self.reaches(s):
+                continue
+            m = scored(self.model, s, self.pixels, self.base)
+            self.evaluated.append(m)
+            if better(m, self.best_m):
+                self.best, self.best_m, plan = s, m, trial
+
+
+def search_schedules(model: nn.Module, pixels: torch.Tensor, settings: ScheduleSearchSettings,
+                     base: np.ndarray | None = None, bar=None) -> ScheduleSearchResult:
+    """Search for the schedule with the least divergence at ``settings.target``-fold fewer FLOPs:
+    ``ScheduleSearch(model, pixels, settings, base, bar).run()`` (:class:`ScheduleSearch`, see the
+    module doc).
 
     Returns:
         A :class:`ScheduleSearchResult`.
 
     Raises:
         DSMError: if no schedule reaches the target.
+        ValueError: ``base`` does not hold one output per scored view.
     """
-    depth = len(model.blocks)
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    prefix = int(model.num_prefix_tokens)
-    if mirror:
-        pixels = with_mirrors(pixels)
-    if base is None:
-        base = model_logits(model, pixels)
-    elif len(base) != len(pixels):
-        raise ValueError(f"base holds {len(base)} outputs for {len(pixels)} views")
-    cands = grid_candidates(model, target, slack)
-    if not cands:
-        raise DSMError(f"no schedule reaches {target:.2f}x fewer FLOPs on this model")
-    evaluated: list[Candidate] = []
-    best, best_m = None, None
-    n_stage = N_VARIANT_STAGE
-    variants = variants and keys is None
-    n_variants = 2 * n_stage + max_grid if variants else 0
-    own_bar = bar is None
-    if own_bar:
-        bar = tqdm(total=min(len(cands), max_grid) + n_variants + refine_steps, desc="tune", unit="schedule",
-                   disable=not progress, leave=False)
-    if keys is not None:  # variant keys chosen elsewhere: the grid with them, nearest first from `anchor`
-        def with_keys(s: Schedule) -> Schedule:
-            return reach_target(model, dataclasses.replace(s, **keys), target)
-
-        best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar,
-                                               decorate=with_keys, anchor=anchor)
-        if best is None:
-            raise DSMError(f"no schedule with {keys} reaches {target:.2f}x fewer FLOPs on this model")
-    else:
-        # Coarse to fine: an even spread over the grid (ToMe's constant r always in it), then the
-        # unevaluated candidates nearest the best so far (grid_distance), one at a time.
-        best, best_m, grid_best = _grid_search(model, pixels, base, cands, max_grid, evaluated, bar)
-
-    variant_rows: list[Candidate] = []
-    if variants:
-        variant_rows.append(dataclasses.replace(best_m, variant="plain"))
-
-        def attempt(s: Schedule, label: str, rows: list[Candidate] | None, tried: list):
-            """Evaluate variant ``s`` raised to the target; appends ``(raised, metrics, s)`` to
-            ``tried`` and the metrics to ``evaluated`` (and ``rows``). None if ``s`` is invalid."""
-            variant = s
-            try:
-                s = reach_target(model, s, target)
-                m = scored(model, s, pixels, base)
-            except ScheduleError:  # e.g. more prune blocks than global blocks
-                return None
-            m.variant = label
-            evaluated.append(m)
-            if rows is not None:
-                rows.append(m)
-            tried.append((s, m, variant))
-            return m
-
-        def variant_stage(grid_s: Schedule, rows: list[Candidate] | None):
-            """Each variant on ``grid_s``, then the groups' best singles combined; the best one
-            tried (schedule, metrics, variant before reach_target), or None."""
-            tried: list[tuple[Schedule, Candidate, Schedule]] = []
-            singles: dict[str, tuple[Schedule, Candidate]] = {}  # the best single variant of each group
-            for v in variant_candidates(grid_s):
-                m = attempt(v, variant_label(v), rows, tried)
-                bar.update()
-                g = variant_group(v.variant_keys())
-                if m is not None and (g not in singles or better(m, singles[g][1])):
-                    singles[g] = (v, m)
-            # Combine the groups' best singles, best group first
-            order = sorted(singles, key=lambda g: quality_key(singles[g][1]))
-            for k in range(2, len(order) + 1):
-                combo = _combine(grid_s, [singles[g][0] for g in order[:k]])
-                attempt(combo, variant_label(combo), rows, tried)
-                bar.update()
-            return min(tried, key=lambda t: quality_key(t[1]), default=None)
-
-        found = variant_stage(best, variant_rows)
-        if found is not None and better(found[1], best_m):
-            best, best_m, winner = found
-            # The grid again with the winning variant keys, nearest first from the plain winner;
-            # if another grid schedule wins, the variant stage once more on it. Every similarity
-            # metric is a candidate here: which one matches best depends on the grid schedule too (on DeiT-Tiny at 2x, metric=tokens loses on the plain winner's grid and
-            # wins with one more dense block).
-            keys = {k: getattr(winner, k) for k in ("protect", "prune", "merge")}
-            first = [dataclasses.replace(grid_best, metric=winner.metric)]
-            pairs = first + [dataclasses.replace(g, metric=m) for g in cands for m in METRICS
-                             if (g, m) != (grid_best, winner.metric)]
-
-            def with_variant(s: Schedule) -> Schedule:
-                return reach_target(model, dataclasses.replace(s, **keys), target)
-
-            best, best_m, regrid = _grid_search(model, pixels, base, pairs, max_grid, evaluated, bar,
-                                                decorate=with_variant, best=(best, best_m), anchor=first[0])
-            if regrid is not first[0]:
-                found = variant_stage(dataclasses.replace(regrid, metric="keys"), None)
-                if found is not None and better(found[1], best_m):
-                    best, best_m = found[0], found[1]
-
-    # Per-block refinement: move `step` merged tokens from block i to block j.
-    plan = list(best.plan(depth))
-    rng = np.random.default_rng(0)
-    merging = [i for i, b in enumerate(plan) if b.mode != "none"]
-    for _ in range(refine_steps):
-        bar.update()
-        if len(merging) < 2:
-            break
-        i, j = rng.choice(merging, size=2, replace=False)
-        step = int(rng.integers(1, 5))
-        if plan[i].r < step:
-            continue
-        trial = list(plan)
-        trial[i] = BlockPlan(plan[i].mode, plan[i].r - step)
-        trial[j] = BlockPlan(plan[j].mode, plan[j].r + step)
-        s = dataclasses.replace(best, blocks=tuple(trial), prune=0)
-        try:
-            resolve(s, depth, grid, prefix)
-            if flops_ratio(model, s) < target:
-                continue
-        except ScheduleError:
-            continue
-        m = scored(model, s, pixels, base)
-        evaluated.append(m)
-        if better(m, best_m):
-            best, best_m, plan = s, m, trial
-    if own_bar:
-        bar.close()
-    return ScheduleSearchResult(best, best_m, evaluated, pareto_front(evaluated, "flops_ratio"), variant_rows)
+    return ScheduleSearch(model, pixels, settings, base, bar).run()

@@ -42,7 +42,7 @@ from ..metrics import output_metrics
 from .candidates import Budget, Candidate, fastest_within, least, schedule_of
 from .engine_search import EngineSearchSettings, search_engines
 from .runtimes import RUNTIMES, make_runtime, precision_options
-from .schedule_search import search_schedules
+from .schedule_search import ScheduleSearchSettings, search_schedules
 from .speed_check import SPEED_PER_FLOP, speed_check
 
 
@@ -471,8 +471,9 @@ def _search_flops(opts: ResolvedTuneOptions, model, calib_pixels, work: str, out
     """``target_flops_ratio``: the PyTorch schedule search; with ``export`` the speed check
     (:func:`.speed_check.speed_check`) and the chosen schedule exported (and quantized). Fills
     ``out``; returns the engine's path (None without ``export``)."""
-    result = search_schedules(model, calib_pixels, opts.target_flops_ratio, max_grid=opts.max_grid,
-                              refine_steps=opts.refine_steps, progress=opts.progress, mirror=opts.mirror)
+    result = search_schedules(model, calib_pixels, ScheduleSearchSettings(
+        opts.target_flops_ratio, max_grid=opts.max_grid, refine_steps=opts.refine_steps, progress=opts.progress,
+        mirror=opts.mirror))
     out.pareto, out.evaluated = [r.to_json() for r in result.pareto], [r.to_json() for r in result.evaluated]
     out.calibration = result.best_metrics.to_json()
     if not opts.budget.admits(result.best_metrics):

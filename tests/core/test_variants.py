@@ -17,7 +17,7 @@ from dsm_export.core.merge import bipartite_soft_matching, token_mask, tome_dist
 from dsm_export.graph.onnx_graph import graph_problems
 from dsm_export.core.patch import apply
 from dsm_export.core.schedule import Schedule, resolve, tome_parse_r
-from dsm_export.search.schedule_search import search_schedules, variant_label
+from dsm_export.search.schedule_search import ScheduleSearchSettings, search_schedules, variant_label
 
 from conftest import DEIT
 from families import build
@@ -274,7 +274,7 @@ def test_sources_follow_every_variant(deit, pixels):
 
 
 def test_tune_tries_the_variants(deit, pixels):
-    result = search_schedules(deit, pixels[:8], 1.6, max_grid=3, refine_steps=0, progress=False)
+    result = search_schedules(deit, pixels[:8], ScheduleSearchSettings(1.6, max_grid=3, refine_steps=0, progress=False))
     labels = [r.variant for r in result.variants]
     assert labels[0] == "plain"
     assert {"protect=8", "prune=1", "metric=heads", "metric=tokens", "merge=mlerp",

@@ -16,7 +16,7 @@ from dsm_export.graph.export import export_model, read_metadata
 from dsm_export.core.models import create_model, is_embedding_model
 from dsm_export.core.patch import apply
 from dsm_export.core.schedule import Schedule
-from dsm_export.search.schedule_search import search_schedules
+from dsm_export.search.schedule_search import ScheduleSearchSettings, search_schedules
 from dsm_export.check.validate import cosine_similarity, embedding_metrics, knn_overlap, onnx_runner
 
 from conftest import DEIT
@@ -78,7 +78,7 @@ def test_dinov2_style_tune_and_merge_cost_use_cosine(dinov2):
     # sign is the rounding's: -2.8e-17 with torch 2.14.1 on 2 cores).
     assert len(cost["merge_cost"]) == 4 and all(c > 0 for c in cost["merge_cost"][:3])
     assert abs(cost["merge_cost"][3]) < 1e-9
-    result = search_schedules(dinov2, pixels, 1.3, max_grid=3, refine_steps=2, progress=False)
+    result = search_schedules(dinov2, pixels, ScheduleSearchSettings(1.3, max_grid=3, refine_steps=2, progress=False))
     assert result.best_metrics.divergence == min(r.divergence for r in result.evaluated)
     assert result.best_metrics.flops_ratio >= 1.3
 

@@ -15,7 +15,7 @@ from dsm_export.check.evaluate import flops_ratio, model_logits, schedule_metric
 from dsm_export.core.schedule import Schedule
 from dsm_export.search.candidates import Candidate, pareto_front
 from dsm_export.search import tuning
-from dsm_export.search.schedule_search import search_schedules
+from dsm_export.search.schedule_search import ScheduleSearchSettings, search_schedules
 from dsm_export.search.tuning import ResolvedTuneOptions, TuneOptions
 
 from conftest import DEIT
@@ -27,7 +27,7 @@ def test_tune_meets_target_and_beats_constant_r(deit, pixels):
     views = with_mirrors(pixels)  # the photos, then each one mirrored left to right
     assert views.shape == (2 * len(pixels), *pixels.shape[1:])
     assert torch.equal(views[:len(pixels)], pixels) and torch.equal(views[len(pixels):, :, :, 0], pixels[:, :, :, -1])
-    result = search_schedules(deit, pixels, 1.7, max_grid=10, refine_steps=4, progress=False)
+    result = search_schedules(deit, pixels, ScheduleSearchSettings(1.7, max_grid=10, refine_steps=4, progress=False))
     assert flops_ratio(deit, result.best) >= 1.7
     # Scored on both views of every photo; the mirror images change what merges, so the KL differs.
     base = model_logits(deit, views)
@@ -50,7 +50,8 @@ def test_tune_grid_goes_coarse_to_fine(deit, pixels):
     assert len(cands) > 8 and len(first) + len(rest) == len(cands)
     tome = [s for s in cands if s.spec() == f"r={s.r}"]
     assert tome and all(s in first for s in tome)
-    result = search_schedules(deit, pixels[:4], 1.7, max_grid=8, refine_steps=0, progress=False, variants=False)
+    result = search_schedules(deit, pixels[:4], ScheduleSearchSettings(1.7, max_grid=8, refine_steps=0, progress=False,
+                                                                  variants=False))
     specs = [m.spec for m in result.evaluated]
     assert len(specs) == 8 and specs[:len(first)] == [s.spec() for s in first]
     by_spec = {s.spec(): s for s in cands}
