@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from dsm_export.graph.export import export_model
     from dsm_export.core.models import create_model
     from dsm_export.core.schedule import Schedule
-    from dsm_export.search.speed_check import WARMUP, speed_check, speed_stats
+    from dsm_export.search.speed_check import WARMUP, SpeedCheckSettings, speed_check, speed_stats
     from dsm_export.search.schedule_search import ScheduleSearchSettings, search_schedules, variant_group, variant_label
 
     model = create_model(args.model, args.weights)
@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         tuned, timed = result.best, None
         if not args.no_bench:  # as tune --export does: the least-KL schedule that keeps up in speed
             with tempfile.TemporaryDirectory() as tmp:
-                check = speed_check(model, args.model, args.weights, result.evaluated, target, tmp,
-                                    repeats=args.repeats)
+                check = speed_check(model, result.evaluated, tmp, SpeedCheckSettings(
+                    target, args.model, weights=args.weights, repeats=args.repeats))
             if check.chosen is not None:
                 tuned = Schedule.parse(check.chosen.spec)
             timed = [{k: v for k, v in r.to_json().items() if k != "path"} for r in check.rows]

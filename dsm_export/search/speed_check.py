@@ -45,13 +45,13 @@ from torch import nn
 
 from ..core.schedule import Schedule
 from ..graph.export import export_model
-from .candidates import Candidate, admitted, confirmation_round, first_fast_enough, near_floor, quality_key
+from .candidates import Budget, Candidate, admitted, confirmation_round, first_fast_enough, near_floor, quality_key
 from .schedule_search import variant_label
 from .timing import cpu_name, ort_speedups
 
 SPEED_PER_FLOP = 0.9  # the least measured speed-up per unit of FLOP ratio tune --export accepts
 PER_VARIANT = 2  # candidates timed per variant label at most
-WARMUP = 3  # untimed runs of every graph before the timed pairs (see speed_check's warmup)
+WARMUP = 3  # untimed runs of every graph before the timed pairs (see SpeedCheckSettings.warmup)
 
 
 def speed_candidates(rows: list[Candidate], target: float, count: int = 6, budget=None) -> list[Candidate]:
@@ -116,21 +116,15 @@ class SpeedCheck:
     machine: dict = field(default_factory=dict)
 
 
-def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: list[Candidate], target: float,
-                workdir: str, min_quotient: float = SPEED_PER_FLOP, count: int = 6, batch: int = 32,
-                repeats: int = 5, threads: int | None = None, provider: str | None = "cpu",
-                pretrained: bool = False, num_classes: int | None = None, budget=None,
-                confirm_margin: float = 0.05, warmup: int = WARMUP) -> SpeedCheck:
-    """Time the least-KL candidates of a FLOP-target search and choose by ``min_quotient`` (see module doc).
+@dataclass(frozen=True)
+class SpeedCheckSettings:
+    """What a speed check (:func:`speed_check`) times and how it chooses.
 
-    Args:
-        model: unmerged timm ViT (eval mode), its weights loaded.
-        model_name, weights, pretrained, num_classes: recorded in the exports
-            (:func:`dsm_export.graph.export.export_model`).
-        rows: the search's evaluated candidates (``spec``, ``flops_ratio``, ``divergence``, ``agreement``;
-            :attr:`dsm_export.search.schedule_search.ScheduleSearchResult.evaluated`).
+    Attributes:
         target: the FLOP ratio the candidates must reach.
-        workdir: folder for the fp32 exports (``speed_<i>.onnx``, ``speed_baseline.onnx``).
+        model_name: timm name, recorded in the exports.
+        weights, pretrained, num_classes: recorded in the exports
+            (:func:`dsm_export.graph.export.export_model`).
         min_quotient: the least measured speed-up per unit of FLOP ratio.
         count: candidates timed at most (:func:`speed_candidates`).
         batch, repeats, threads, provider: the timing (:func:`dsm_export.search.timing.ort_speedups`).
@@ -139,6 +133,34 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
             time (:func:`~.candidates.near_floor`, :func:`~.candidates.confirmation_round`).
         warmup: untimed runs of every graph before the pairs. With one, a candidate's first pair
             was often its lowest (the ``speed_check`` timings in ``docs/merge_variants.json``).
+    """
+
+    target: float
+    model_name: str
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    min_quotient: float = SPEED_PER_FLOP
+    count: int = 6
+    batch: int = 32
+    repeats: int = 5
+    threads: int | None = None
+    provider: str | None = "cpu"
+    budget: Budget | None = None
+    confirm_margin: float = 0.05
+    warmup: int = WARMUP
+
+
+def speed_check(model: nn.Module, rows: list[Candidate], workdir: str, settings: SpeedCheckSettings) -> SpeedCheck:
+    """Time the least-KL candidates of a FLOP-target search and choose by ``settings.min_quotient``
+    (see module doc).
+
+    Args:
+        model: unmerged timm ViT (eval mode), its weights loaded.
+        rows: the search's evaluated candidates (``spec``, ``flops_ratio``, ``divergence``, ``agreement``;
+            :attr:`dsm_export.search.schedule_search.ScheduleSearchResult.evaluated`).
+        workdir: folder for the fp32 exports (``speed_<i>.onnx``, ``speed_baseline.onnx``).
+        settings: a :class:`SpeedCheckSettings`.
 
     Returns:
         A :class:`SpeedCheck`.
@@ -146,28 +168,29 @@ def speed_check(model: nn.Module, model_name: str, weights: str | None, rows: li
     Raises:
         DSMError: an unavailable execution provider.
     """
-    cands = [dataclasses.replace(r) for r in speed_candidates(rows, target, count, budget)]
-    machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": threads or os.cpu_count(),
-               "batch": batch, "repeats": repeats, "provider": provider}
+    s = settings
+    cands = [dataclasses.replace(r) for r in speed_candidates(rows, s.target, s.count, s.budget)]
+    machine = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": s.threads or os.cpu_count(),
+               "batch": s.batch, "repeats": s.repeats, "provider": s.provider}
     if not cands:
         return SpeedCheck(None, [], machine)
-    kw = dict(weights=weights, pretrained=pretrained, num_classes=num_classes)
+    kw = dict(weights=s.weights, pretrained=s.pretrained, num_classes=s.num_classes)
     base_path = os.path.join(workdir, "speed_baseline.onnx")
     # The baseline FLOP ratios are counted against: timm's model, every block on every token.
-    export_model(model, model_name, base_path, Schedule(), full_last_block=True, **kw)
+    export_model(model, s.model_name, base_path, Schedule(), full_last_block=True, **kw)
     for i, row in enumerate(cands):
         row.path = os.path.join(workdir, f"speed_{i}.onnx")
-        export_model(model, model_name, row.path, Schedule.parse(row.spec), **kw)
+        export_model(model, s.model_name, row.path, Schedule.parse(row.spec), **kw)
 
     def measure(group: list[Candidate]) -> list[list[float]]:
         pairs = ort_speedups({"baseline": base_path, **{str(i): r.path for i, r in enumerate(group)}},
-                             "baseline", batch=batch, repeats=repeats, threads=threads, provider=provider,
-                             warmup=warmup)
+                             "baseline", batch=s.batch, repeats=s.repeats, threads=s.threads, provider=s.provider,
+                             warmup=s.warmup)
         return [pairs[str(i)] for i in range(len(group))]
 
     for row, runs in zip(cands, measure(cands)):
         for name, value in speed_stats(runs, row.flops_ratio).items():
             setattr(row, name, value)
-    confirmation_round(near_floor(cands, min_quotient, confirm_margin), measure,
+    confirmation_round(near_floor(cands, s.min_quotient, s.confirm_margin), measure,
                        lambda row, runs: speed_stats(runs, row.flops_ratio))
-    return SpeedCheck(first_fast_enough(cands, min_quotient), cands, machine)
+    return SpeedCheck(first_fast_enough(cands, s.min_quotient), cands, machine)

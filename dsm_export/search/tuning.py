@@ -43,7 +43,7 @@ from .candidates import Budget, Candidate, fastest_within, least, schedule_of
 from .engine_search import EngineSearchSettings, search_engines
 from .runtimes import RUNTIMES, make_runtime, precision_options
 from .schedule_search import ScheduleSearchSettings, search_schedules
-from .speed_check import SPEED_PER_FLOP, speed_check
+from .speed_check import SPEED_PER_FLOP, SpeedCheckSettings, speed_check
 
 
 @dataclass(frozen=True)
@@ -500,9 +500,10 @@ def _speed_checked(opts: ResolvedTuneOptions, model, result, out: TuneReport, wo
     (``speed_check``, ``machine``; the choice replaces ``schedule`` and ``calibration``) and return
     the chosen schedule's fp32 export (None: nothing timed)."""
     floor = opts.speed_floor
-    check = speed_check(model, opts.model, opts.weights, result.evaluated, opts.target_flops_ratio, work,
-                        min_quotient=floor, count=opts.speed_candidates, repeats=opts.repeats, provider=opts.provider,
-                        pretrained=opts.pretrained, num_classes=opts.num_classes, budget=opts.budget)
+    check = speed_check(model, result.evaluated, work, SpeedCheckSettings(
+        opts.target_flops_ratio, opts.model, weights=opts.weights, pretrained=opts.pretrained,
+        num_classes=opts.num_classes, min_quotient=floor, count=opts.speed_candidates, repeats=opts.repeats,
+        provider=opts.provider, budget=opts.budget))
     if not check.rows:
         return None
     mach = check.machine

@@ -130,14 +130,15 @@ def test_speed_check_times_real_exports(deit, weights, pixels, tmp_path):
     """Two real candidates exported and timed against timm's unmerged model in ONNX Runtime."""
     from dsm_export.graph.export import read_metadata
     from dsm_export.search.candidates import first_fast_enough
-    from dsm_export.search.speed_check import speed_check
+    from dsm_export.search.speed_check import SpeedCheckSettings, speed_check
 
     import onnx
 
     base = model_logits(deit, pixels[:8])
     rows = [Candidate.from_json(schedule_metrics(deit, Schedule.parse(s), pixels[:8], base) | {"spec": s})
             for s in ("r=13", "r=34,r_end=0,delay=3,local=1,protect=16")]
-    check = speed_check(deit, DEIT, weights, rows, 1.7, str(tmp_path), min_quotient=0.5, count=2)
+    check = speed_check(deit, rows, str(tmp_path), SpeedCheckSettings(1.7, DEIT, weights=weights, min_quotient=0.5,
+                                                                      count=2))
     assert [r.spec for r in check.rows] == sorted((r.spec for r in rows),
                                                   key=lambda s: next(r.to_json()["kl"] for r in rows if r.spec == s))
     for r in check.rows:
