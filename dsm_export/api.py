@@ -32,7 +32,9 @@ def export(model_name: str, output: str, schedule="none", **kwargs) -> ExportInf
             ``"none"``).
         **kwargs: ``weights`` (a checkpoint file), ``pretrained``, ``batch`` (None: dynamic),
             ``opset``, ``image_size``, ``num_classes``, ``full_last_block``, ``external_data``
-            (weights in ``<output file name>.data`` beside it at any size; always over 2 GiB)
+            (weights in ``<output file name>.data`` beside it at any size; always over 2 GiB), or
+            the last four grouped as ``options=``
+            :class:`~dsm_export.graph.export.ExportOptions`
             (:func:`dsm_export.graph.export.export_onnx`).
 
     Returns:

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import onnx
 import onnx_ir as ir
@@ -84,6 +84,42 @@ class ExportInfo:
         return self.output == EMBEDDINGS_NAME
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """The rarely changed export settings, grouped (:func:`export_onnx` and :func:`export_model` also
+    take each as a keyword, e.g. ``opset=19``).
+
+    Attributes:
+        opset: ONNX opset, at least 17.
+        image_size: expected ``(H, W)``; must equal the model's (None: the model's; only
+            :func:`export_onnx` checks it).
+        full_last_block: run the last block on every token as timm does (the timm-equivalent
+            baseline), instead of on the prefix tokens alone where only they reach the head.
+        external_data: write the weights to ``<file name>.data`` beside the output (ONNX external
+            data, location recorded relative) at any size; models whose weights reach 2 GiB
+            (protobuf's limit) are always written so.
+    """
+
+    opset: int = DEFAULT_OPSET
+    image_size: tuple[int, int] | None = None
+    full_last_block: bool = False
+    external_data: bool = False
+
+    @classmethod
+    def merged(cls, options: ExportOptions | None, overrides: dict) -> ExportOptions:
+        """``options`` (default: the defaults) with the keyword ``overrides`` applied.
+
+        Raises:
+            TypeError: a keyword that is not an export option (as an unknown keyword argument would).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                            f"export options are {', '.join(sorted(known))}")
+        return replace(options or cls(), **overrides)
+
+
 def parse_input_size(text: str) -> tuple[int, int]:
     """Parse ``224`` or ``224x224`` to ``(height, width)``.
 
@@ -121,12 +157,10 @@ def export_onnx(
     schedule: Schedule | str = "none",
     weights: str | None = None,
     batch: int | None = None,
-    opset: int = DEFAULT_OPSET,
-    image_size: tuple[int, int] | None = None,
     pretrained: bool = False,
     num_classes: int | None = None,
-    full_last_block: bool = False,
-    external_data: bool = False,
+    options: ExportOptions | None = None,
+    **extra,
 ) -> ExportInfo:
     """Export ``model_name`` under ``schedule`` to a static-shape ONNX file.
 
@@ -137,15 +171,12 @@ def export_onnx(
         weights: local checkpoint (loaded by timm); None for timm's pretrained weights
             (``pretrained``) or random init (warns).
         batch: fix the batch axis to this size; None keeps it dynamic (named ``batch``).
-        opset: ONNX opset, at least 17.
-        image_size: expected ``(H, W)``; must equal the model's.
         pretrained: load timm's pretrained weights of ``model_name`` (Hugging Face hub cache).
         num_classes: timm's ``num_classes``; 0 exports pooled features as output ``embeddings``.
-        full_last_block: run the last block on every token as timm does (the timm-equivalent
-            baseline), instead of on the prefix tokens alone where only they reach the head.
-        external_data: write the weights to ``<file name>.data`` beside ``output`` (ONNX external
-            data, location recorded relative) at any size; models whose weights reach 2 GiB
-            (protobuf's limit) are always written so.
+        options: the rarely changed settings (:class:`ExportOptions`: ``opset``, ``image_size``,
+            ``full_last_block``, ``external_data``); None for the defaults.
+        **extra: any :class:`ExportOptions` field as a keyword (``opset=19``,
+            ``full_last_block=True``, ...), applied over ``options``.
 
     Returns:
         The :class:`ExportInfo` written into the file's metadata.
@@ -154,20 +185,20 @@ def export_onnx(
         DSMError: bad model name, weights, schedule, input size, opset or batch; or if the graph
             fails the checker, shape inference or the op check (a bug, reported clearly).
     """
+    opts = ExportOptions.merged(options, extra)
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
-    if opset < 17:
-        raise DSMError(f"opset {opset} is too old: dsm-export needs opset 17 or newer")
+    if opts.opset < 17:
+        raise DSMError(f"opset {opts.opset} is too old: dsm-export needs opset 17 or newer")
     if batch is not None and batch < 1:
         raise DSMError(f"batch must be at least 1, got {batch}")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise DSMError(f"output folder {folder!r} does not exist")
     model = create_model(model_name, weights, pretrained=pretrained, num_classes=num_classes)
-    check_input_size(model, model_name, image_size)
-    return export_model(model, model_name, output, schedule, weights=weights, batch=batch, opset=opset,
-                        pretrained=pretrained and not weights, num_classes=num_classes,
-                        full_last_block=full_last_block, external_data=external_data)
+    check_input_size(model, model_name, opts.image_size)
+    return export_model(model, model_name, output, schedule, weights=weights, batch=batch,
+                        pretrained=pretrained and not weights, num_classes=num_classes, options=opts)
 
 
 def export_model(
@@ -177,11 +208,10 @@ def export_model(
     schedule: Schedule | str = "none",
     weights: str | None = None,
     batch: int | None = None,
-    opset: int = DEFAULT_OPSET,
     pretrained: bool = False,
     num_classes: int | None = None,
-    full_last_block: bool = False,
-    external_data: bool = False,
+    options: ExportOptions | None = None,
+    **extra,
 ) -> ExportInfo:
     """Export an already built timm ViT (see :func:`export_onnx`, which builds it by name).
 
@@ -195,7 +225,8 @@ def export_model(
         pretrained: the weights are timm's pretrained weights of ``model_name``: the name is recorded
             with its resolved tag and the cached file's sha256.
         num_classes: the ``num_classes`` the model was created with (recorded; None: timm's default).
-        output, schedule, batch, opset, full_last_block, external_data: as for :func:`export_onnx`.
+        output, schedule, batch, options, **extra: as for :func:`export_onnx` (``image_size`` is not
+            checked here: the model is already built).
 
     With external data (asked, or weights of 2 GiB or more) the weights never pass through a
     protobuf: each initializer of :data:`EXTERNAL_MIN_BYTES` or more is cut out of the exporter's
@@ -207,9 +238,10 @@ def export_model(
     Raises:
         DSMError: unsupported model, impossible schedule, or a graph that fails its checks.
     """
+    opts = ExportOptions.merged(options, extra)
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
-    merged = apply(model, schedule, impl="export", name=model_name, full_last_block=full_last_block).eval()
+    merged = apply(model, schedule, impl="export", name=model_name, full_last_block=opts.full_last_block).eval()
     c, h, w = input_size(model)
     dummy = torch.randn(batch or 2, c, h, w)
     dynamic_shapes = None if batch else ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},)
@@ -234,12 +266,12 @@ def export_model(
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             merged, (dummy,), dynamo=True, optimize=False,
-            input_names=[INPUT_NAME], output_names=[output_name], opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[output_name], opset_version=opts.opset,
             dynamic_shapes=dynamic_shapes, verbose=False,
         )
     uneven = any(len(t.windows) > 1 for t in merged.tokens)
     ir_model = program.model
-    if not (external_data or _initializer_bytes(ir_model) >= MAX_PROTO):
+    if not (opts.external_data or _initializer_bytes(ir_model) >= MAX_PROTO):
         onnx_model = _finish(ir_model, info, schedule, len(model.blocks), uneven_windows=uneven)
         with atomic_path(output) as tmp:
             onnx.save(onnx_model, tmp)
