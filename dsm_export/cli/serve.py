@@ -45,17 +45,18 @@ def run(args) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    from ..serving.serve import serve
+    from ..serving.serve import ServeOptions, serve
 
     importing = False
     if stop.is_set():
         print("interrupted while starting: stopped", flush=True)
         code = 0
     else:
-        code = serve(args.onnx, stop=stop, names=args.name, host=args.host, http_port=args.http_port,
-                     grpc_port=args.grpc_port, metrics_port=args.metrics_port, max_batch=args.max_batch,
-                     top_k=args.top_k, threads=args.threads, image_instances=args.image_instances,
-                     allow_random_init=args.allow_random_init)
+        options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                               metrics_port=args.metrics_port, max_batch=args.max_batch, top_k=args.top_k,
+                               threads=args.threads, image_instances=args.image_instances,
+                               allow_random_init=args.allow_random_init)
+        code = serve(args.onnx, names=args.name, options=options, stop=stop)
     if getattr(args, "owns_process", False):
         exit_process(code)  # the work is done and cleaned up: no seconds of interpreter finalization
     return code

@@ -40,6 +40,7 @@ import os
 import secrets
 import sys
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,6 +57,36 @@ from .triton_repo import model_name_for, refuse_random_init
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image; larger requests are refused
 EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests when stopping
 START_ATTEMPTS = 3  # starts tried when a model fails to load (a PyTriton race under CPU load)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The server settings of :func:`serve` (the ``dsm-export serve`` options).
+
+    Attributes:
+        host: address Triton binds (HTTP, gRPC and metrics); loopback by default.
+        http_port, grpc_port, metrics_port: ports, bind-tested before Triton starts.
+        max_batch: largest batch of the raw model (and of the image micro-batcher).
+        top_k: classes returned by ``<name>_image``.
+        threads: ONNX Runtime intra-op threads per file (None: ONNX Runtime's default).
+        image_instances: concurrent decoders of ``<name>_image``.
+        allow_random_init: serve files exported without weights.
+    """
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 32
+    top_k: int = 5
+    threads: int | None = None
+    image_instances: int = 4
+    allow_random_init: bool = False
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """The ports by protocol (``HTTP``, ``gRPC``, ``metrics``), as the messages name them."""
+        return {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
 
 
 def class_names(model_name: str, classes: int) -> list[str] | None:
@@ -138,8 +169,7 @@ class _BadRequestLogFilter(logging.Filter):
         return True
 
 
-def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads: int | None,
-          image_instances: int, batchers: list) -> str:
+def _bind(triton, onnx_path: str, name: str, options: ServeOptions, batchers: list) -> str:
     """Bind ``<name>`` and ``<name>_image`` for one ONNX file; returns a one-line description."""
     import timm
     from pytriton.decorators import batch
@@ -147,7 +177,8 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
 
     from ..data import eval_transform
 
-    runner = open_runner(onnx_path, RunnerOptions(threads=threads))  # any backend's engine
+    max_batch, top_k = options.max_batch, options.top_k
+    runner = open_runner(onnx_path, RunnerOptions(threads=options.threads))  # any backend's engine
     engine = runner.engine_file
     info, in_name, out_name, dims = engine.info, engine.input_name, engine.output_name, engine.output_dims
     transform = eval_transform(timm.create_model(info.model, pretrained=False))
@@ -182,7 +213,7 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
         outputs = [Tensor(name=out_name, dtype=np.float32, shape=dims)]
     infer_image = make_image_infer(batcher, transform, out_name, top_k, names)
     triton.bind(
-        model_name=f"{name}_image", infer_func=[infer_image] * image_instances,
+        model_name=f"{name}_image", infer_func=[infer_image] * options.image_instances,
         inputs=[Tensor(name="image", dtype=bytes, shape=(1,))],
         outputs=outputs,
         config=ModelConfig(batching=False),
@@ -193,15 +224,15 @@ def _bind(triton, onnx_path: str, name: str, max_batch: int, top_k: int, threads
     return f"{name} ({info.model}, schedule {info.schedule.spec()}, sha256 {params['dsm.sha256'][:12]})"
 
 
-def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, ports: dict[str, int],
-                     max_batch: int, top_k: int, image_instances: int, allow_random_init: bool) -> list[str]:
+def check_serve_args(onnx_paths: list[str], names: list[str] | None, options: ServeOptions) -> list[str]:
     """Everything ``serve`` can check before Triton starts; returns the model names.
 
     Raises:
         DSMError: missing or foreign files, bad names, a random-init export (unless allowed), a port
             in use or out of range, bad sizes, PyTriton missing.
     """
-    if max_batch < 1 or top_k < 1 or image_instances < 1:
+    top_k = options.top_k
+    if options.max_batch < 1 or top_k < 1 or options.image_instances < 1:
         raise DSMError("--max-batch, --top-k and --image-instances must be at least 1")
     for path in onnx_paths:
         checks.input_file(path, "engine")
@@ -213,12 +244,12 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
         engine = read_engine(path)
         if engine.output_name == "logits" and top_k > engine.output_dims[-1]:
             raise DSMError(f"--top-k {top_k} is more than the {engine.output_dims[-1]} classes of {path!r}")
-    if not allow_random_init:
+    if not options.allow_random_init:
         refuse_random_init(onnx_paths, "serve")
     names = names or [model_name_for(p) for p in onnx_paths]
     if len(names) != len(onnx_paths) or len(set(names)) != len(names):
         raise DSMError(f"need one distinct model name per file, got {names}")
-    checks.ports_free(host, ports)
+    checks.ports_free(options.host, options.ports)
     try:
         import pytriton.triton  # noqa: F401
     except ImportError:
@@ -226,9 +257,7 @@ def check_serve_args(onnx_paths: list[str], names: list[str] | None, host: str, 
     return names
 
 
-def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "127.0.0.1", http_port: int = 8000,
-          grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = 32, top_k: int = 5,
-          threads: int | None = None, image_instances: int = 4, allow_random_init: bool = False,
+def serve(onnx_paths: list[str], names: list[str] | None = None, options: ServeOptions | None = None,
           stop: threading.Event | None = None) -> int:
     """Start Triton on ``host`` serving each ONNX file, until SIGINT/SIGTERM; stop cleanly.
 
@@ -239,13 +268,8 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     Args:
         onnx_paths: ONNX files written by dsm-export (e.g. a DSM export and the ``none`` baseline).
         names: model names (default: from the file names).
-        host: address Triton binds (HTTP, gRPC and metrics); loopback by default.
-        http_port, grpc_port, metrics_port: ports, bind-tested before Triton starts.
-        max_batch: largest batch of the raw model (and of the image micro-batcher).
-        top_k: classes returned by ``<name>_image``.
-        threads: ONNX Runtime intra-op threads per file.
-        image_instances: concurrent decoders of ``<name>_image``.
-        allow_random_init: serve files exported without weights.
+        options: the server settings (:class:`ServeOptions`: host, ports, batch, top-k, threads,
+            image instances, random init); None for the defaults (loopback, ports 8000-8002).
         stop: an event that stops the server when set (the signal handlers set it too); the CLI
             passes one it watched while importing.
 
@@ -255,6 +279,8 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     Raises:
         DSMError: everything :func:`check_serve_args` raises, or Triton failing to start.
     """
+    options = options or ServeOptions()
+    host, http_port, grpc_port, metrics_port = options.host, options.http_port, options.grpc_port, options.metrics_port
     stop = stop or threading.Event()
     triton, workspace, ready = None, None, False
     batchers: list[MicroBatcher] = []
@@ -262,9 +288,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
     with stop_on_signals(stop) as signals:
         try:
             with signals.interruptible():
-                names = check_serve_args(onnx_paths, names, host, {"HTTP": http_port, "gRPC": grpc_port,
-                                         "metrics": metrics_port}, max_batch, top_k, image_instances,
-                                         allow_random_init)
+                names = check_serve_args(onnx_paths, names, options)
                 from pytriton.constants import PYTRITON_HOME
                 from pytriton.triton import Triton, TritonConfig
 
@@ -279,8 +303,7 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
                 workspace = os.path.join(PYTRITON_HOME, f"dsm-serve-{os.getpid()}-{secrets.token_hex(4)}")
                 with signals.interruptible():  # seconds of work, and nothing runs yet
                     triton = Triton(config=config, workspace=workspace)
-                    served = [_bind(triton, p, n, max_batch, top_k, threads, image_instances, batchers)
-                              for p, n in zip(onnx_paths, names)]
+                    served = [_bind(triton, p, n, options, batchers) for p, n in zip(onnx_paths, names)]
                 if _start(triton, stop, (http_port, grpc_port, metrics_port), host, attempt < START_ATTEMPTS - 1):
                     break
                 _teardown(triton, batchers, workspace)
@@ -304,12 +327,17 @@ def serve(onnx_paths: list[str], names: list[str] | None = None, host: str = "12
                 _teardown(triton, batchers, workspace, GRACE_S if ready else 0.0)
             finally:
                 guard.cancel()
-    if batchers and any(b.runs for b in batchers):
-        runs, items = sum(b.runs for b in batchers), sum(b.items for b in batchers)
-        print(f"image models: {items} images in {runs} network runs ({items / runs:.2f} per run)", flush=True)
+    _report(batchers)
     print("stopped", flush=True)
     sys.stdout.flush()
     return 0
+
+
+def _report(batchers: list) -> None:
+    """Print how the image models' micro-batchers grouped their images (nothing when none ran)."""
+    if batchers and any(b.runs for b in batchers):
+        runs, items = sum(b.runs for b in batchers), sum(b.items for b in batchers)
+        print(f"image models: {items} images in {runs} network runs ({items / runs:.2f} per run)", flush=True)
 
 
 def _teardown(triton, batchers: list, workspace: str | None, grace_s: float = 0.0) -> None:
