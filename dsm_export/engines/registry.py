@@ -32,7 +32,7 @@ from ..graph.export import ExportInfo
 
 # The modules that register a backend, in the order commands list them. The first is the default of
 # a file whose suffix no other backend claims.
-BACKEND_MODULES = ("onnxruntime", "openvino", "tensorrt")
+BACKEND_MODULES = ("onnxruntime", "openvino", "tensorrt", "executorch")
 # The precisions an engine can run at, across backends (a backend declares its own subset).
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
