@@ -272,8 +272,15 @@ class MergedViT(nn.Module):
             probs = logits.softmax(dim=-1)
             outs.append(probs @ v)
             keys.append(k)
-            if importance:
-                rows.append(probs[:, 0] if self.has_class_token else probs.mean(dim=1))
+            if importance and self.has_class_token:
+                # The class token's row recomputed on its own, as the reference does: a second
+                # reader of ``probs`` stops OpenVINO fusing this head's MatMul-Softmax-MatMul into
+                # its MHA kernel (the merged blocks' attention then ran unfused, in f32 between
+                # layout Reorders: a quarter of an INT8 engine's time).
+                row = (q[:, :1] * attn.scale) @ k.transpose(-2, -1)
+                rows.append((row if bias is None else row + bias).softmax(dim=-1)[:, 0])
+            elif importance:
+                rows.append(probs.mean(dim=1))
         out = attn.proj(attn.norm(torch.cat(outs, dim=-1)))
         # Means over heads as Add chains: stack + ReduceMean over a leading axis costs ONNX Runtime
         # a copy and a slow reduction (ReduceMean + Concat ~4 % of a merged fp32 DeiT-Tiny).

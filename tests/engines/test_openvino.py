@@ -10,6 +10,8 @@ import pytest
 
 from dsm_export.cli import main
 
+from conftest import DEIT
+
 pytestmark = pytest.mark.openvino
 
 
@@ -106,6 +108,26 @@ def test_int8_keeps_the_matching_path_out_of_quantization(ov, int8_ir, dsm_onnx)
     _, meta = read_ir_metadata(int8_ir)
     assert meta["precision"] == "int8" and meta["calibration_count"] == "16" and len(meta["calibration_sha256"]) == 64
     assert meta["smooth_alpha"] == "0.0" and meta["fp32_matching_nodes"] == str(len(matching))
+
+
+def test_merged_blocks_keep_openvinos_fused_attention(ov, weights, tmp_path):
+    """Issue 46: in a compiled IR of a merging schedule with proportional attention and protected
+    tokens, every head's MatMul-Softmax-MatMul runs inside OpenVINO's fused attention ("Subgraph"):
+    no Softmax of the compiled model feeds a MatMul (the class token's importance rows are separate
+    Softmaxes that feed the protection TopK only)."""
+    from dsm_export.graph.export import export_onnx
+
+    onnx_path = str(tmp_path / "protect.onnx")
+    export_onnx(DEIT, onnx_path, "r=16,r_end=8,delay=3,protect=16,merge=mlerp", weights)
+    core = ov.Core()
+    compiled = core.compile_model(ov.convert_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ops = compiled.get_runtime_model().get_ordered_ops()
+    kind = {op.get_friendly_name(): op.get_rt_info()["layerType"].astype(str) for op in ops}
+    fed = [(op.get_friendly_name(), t.get_node().get_friendly_name())
+           for op in ops if kind[op.get_friendly_name()] == "Softmax"
+           for out in op.outputs() for t in out.get_target_inputs()]
+    assert fed and not [(s, d) for s, d in fed if kind.get(d) == "MatMul"]
+    assert sum(k == "Subgraph" for k in kind.values()) >= 12 * 3  # every head of every block
 
 
 def test_int8_validates_by_the_int8_criterion(ov, int8_ir, images_dir, tmp_path):
