@@ -229,6 +229,12 @@ def merge_overhead_block(ctx: Context) -> str:
                    "--repeats", "21").strip()
 
 
+@figure("engine-quotient", "each schedule against the same runtime's unmerged engine, OpenVINO and ONNX Runtime (research/engine_quotient.py; ~15 min)")
+def engine_quotient_block(ctx: Context) -> str:
+    return ctx.run("python", "research/engine_quotient.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
+                   "--images", IMAGES).strip()
+
+
 @figure("scale", "ToMe and DSM speed-ups across five model sizes, random-init weights (research/scale.py --budget-minutes 4; ~75 min)")
 def scale_block(ctx: Context) -> str:
     ctx.run("python", "research/scale.py", "--budget-minutes", "4", "--output", "docs", timeout=6 * 3600)

@@ -112,16 +112,20 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
         node_max = node_max.masked_fill(pa, float("-inf"))  # never merged away: rank last
     if use_topk is None:
         use_topk = torch.compiler.is_exporting()
-    if use_topk:
-        edge_idx = torch.topk(node_max, node_max.shape[-1], dim=-1, largest=True, sorted=True).indices
-    else:
-        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [..., na]
     # Unmerged A tokens keep their original order, as ToMe's timm patch does with a class token.
     # The next block's alternating split then stays spatially even, and the token order no longer
     # depends on the ranking of near-equal scores, which float noise between frameworks can swap:
     # only the boundary between the r merged tokens and the rest does.
-    unm_idx = _ascending(edge_idx[..., r:], use_topk) if sort_unmerged else edge_idx[..., r:]
-    src_idx = edge_idx[..., :r]
+    if use_topk and sort_unmerged and r:
+        src_idx = torch.topk(node_max, r, dim=-1, largest=True, sorted=True).indices
+        unm_idx = ascending_subset(src_idx, node_max.shape[-1], complement=True)
+    else:
+        if use_topk:
+            edge_idx = torch.topk(node_max, node_max.shape[-1], dim=-1, largest=True, sorted=True).indices
+        else:
+            edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [..., na]
+        unm_idx = torch.sort(edge_idx[..., r:], dim=-1).values if sort_unmerged else edge_idx[..., r:]
+        src_idx = edge_idx[..., :r]
     dst_idx = torch.gather(node_idx, -1, src_idx)
     return Matching(unm_idx, src_idx, dst_idx)
 
@@ -152,7 +156,7 @@ def top_tokens(importance: torch.Tensor, k: int, use_topk: bool | None = None,
         idx = torch.topk(importance, k, dim=-1, largest=True, sorted=True).indices
     else:
         idx = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :k]
-    return _ascending(idx, use_topk) if ascending else idx
+    return _ascending(idx, use_topk, importance.shape[-1]) if ascending else idx
 
 
 def token_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -189,11 +193,43 @@ def tome_distill_order(x: torch.Tensor, n_unm: int) -> torch.Tensor:
     return torch.cat([x[:, :1], x[:, n_unm:n_unm + 1], x[:, 1:n_unm], x[:, n_unm + 1:]], dim=1)
 
 
-def _ascending(idx: torch.Tensor, use_topk: bool) -> torch.Tensor:
-    """Sort distinct int64 indices ascending (through float32 ``TopK`` when exporting; exact)."""
-    if use_topk:
-        return torch.topk(idx.to(torch.float32), idx.shape[-1], dim=-1, largest=False).values.to(torch.int64)
-    return torch.sort(idx, dim=-1).values
+def _ascending(idx: torch.Tensor, use_topk: bool, n: int) -> torch.Tensor:
+    """Sort distinct int64 indices of ``0..n-1`` ascending (:func:`ascending_subset` when exporting)."""
+    return ascending_subset(idx, n) if use_topk else torch.sort(idx, dim=-1).values
+
+
+def ascending_subset(idx: torch.Tensor, n: int, complement: bool = False) -> torch.Tensor:
+    """The indices ``idx`` (``[..., k]``, distinct, in ``0..n-1``), or with ``complement`` the
+    ``n - k`` others, in ascending order, from ONNX-exportable ops.
+
+    A ``TopK`` of the ``k`` (or ``n - k``) smallest keys whose *indices* output is the answer: index
+    ``i`` keys :func:`rank_keys` ``[i]`` where wanted, a larger constant where not (the membership
+    mask by one-hot ``Equal`` and ``ReduceMax``, then ``Where``). Exact whatever float precision a
+    runtime runs the keys in: every key is distinct and exactly representable in bf16 and fp16, so
+    no rounding or tie-breaking order matters. (The indices' own values sorted by a float ``TopK``,
+    as before, came back rounded in OpenVINO's bf16: odd indices above 256 came back even; keys
+    ``i`` tied after rounding, and OpenVINO's ``TopK`` does not break ties by index.)
+
+    Returns:
+        ``[..., k]`` int64, or ``[..., n - k]`` with ``complement``.
+    """
+    positions = torch.arange(n, device=idx.device)
+    if idx.shape[-1] == 0:
+        return positions.expand(*idx.shape[:-1], n) if complement else idx
+    hit = (idx.unsqueeze(-1) == positions).to(torch.float32).amax(dim=-2).to(torch.bool)  # [..., n]: in idx
+    keys = rank_keys(n, idx.device)
+    big = keys.new_tensor(math.ldexp(1.0, n // 128 + 1))  # above every key
+    keys = torch.where(hit, big, keys) if complement else torch.where(hit, keys, big)
+    count = n - idx.shape[-1] if complement else idx.shape[-1]
+    return torch.topk(keys, count, dim=-1, largest=False, sorted=True).indices
+
+
+def rank_keys(n: int, device=None) -> torch.Tensor:
+    """``[n]`` float32 constants, strictly increasing, each exactly representable in bf16 (8
+    significant bits) and in fp16 up to ``n = 1920``: ``2^(i // 128) * (1 + (i % 128) / 128)``,
+    128 steps per octave, all below ``2^(n // 128 + 1)``."""
+    return torch.tensor([math.ldexp(1.0 + (i % 128) / 128.0, i // 128) for i in range(n)],
+                        dtype=torch.float32, device=device)
 
 
 def _assignment(dst_idx: torch.Tensor, nb: int, dtype: torch.dtype) -> torch.Tensor:

@@ -130,6 +130,30 @@ def test_merged_blocks_keep_openvinos_fused_attention(ov, weights, tmp_path):
     assert sum(k == "Subgraph" for k in kind.values()) >= 12 * 3  # every head of every block
 
 
+def test_ascending_indices_stay_exact_in_bf16(ov, tmp_path):
+    """The export's order-keeping index selection (:func:`ascending_subset`) returns exact indices
+    when OpenVINO runs its keys in bf16, above 256 tokens too: the indices select rows (bits of the
+    row number) that a MatMul reads, so OpenVINO's bf16 reaches the TopK as in a model."""
+    import torch
+
+    from dsm_export.core.merge import ascending_subset
+
+    n = 600
+    bits = ((torch.arange(n).unsqueeze(-1) >> torch.arange(10)) & 1).to(torch.float32)  # row i: i in binary
+
+    class Select(torch.nn.Module):
+        def forward(self, idx, w):
+            return torch.nn.functional.embedding(ascending_subset(idx, n, complement=True), bits) @ w
+
+    idx = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[:150] for s in range(4)])
+    path = str(tmp_path / "select.onnx")
+    torch.onnx.export(Select(), (idx, torch.eye(10)), path, dynamo=True, opset_version=18)
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    got = (compiled([idx.numpy(), np.eye(10, dtype=np.float32)])[0].round().astype(np.int64) << np.arange(10)).sum(-1)
+    want = np.stack([sorted(set(range(n)) - set(row.tolist())) for row in idx])
+    assert np.array_equal(got, want)
+
+
 def test_int8_validates_by_the_int8_criterion(ov, int8_ir, images_dir, tmp_path):
     code, report = _validate(int8_ir, images_dir, tmp_path)
     assert report["precision"] == "int8" and report["criterion"].startswith("int8:")
