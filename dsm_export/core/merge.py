@@ -107,6 +107,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
     if protected is not None:
         pa, pb = protected[..., 0::2], protected[..., 1::2]
         scores = scores.masked_fill(pb.unsqueeze(-2), float("-inf"))  # never a destination
+    # ReduceMax and ArgMax. (A first-index ArgMax from ReduceMax, Equal, Where and an int ReduceMax,
+    # faster in OpenVINO than its TopK-of-1 ArgMax, returned wrong partners there in an f32 engine of
+    # a windowed schedule, though exact on its own and in ONNX Runtime: not used.)
     node_max, node_idx = scores.max(dim=-1)  # first index on ties
     if protected is not None:
         node_max = node_max.masked_fill(pa, float("-inf"))  # never merged away: rank last
@@ -233,9 +236,15 @@ def rank_keys(n: int, device=None) -> torch.Tensor:
 
 
 def _assignment(dst_idx: torch.Tensor, nb: int, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot assignment ``[..., r, nb]`` of each merged token to its destination (Equal + Cast)."""
+    """One-hot assignment ``[..., r, nb]`` of each merged token to its destination (Equal + Where).
+
+    ``Where`` of the constants 1 and 0, not a ``Cast`` of the Equal's booleans: with a Cast from
+    bool feeding the assignment MatMul, OpenVINO's CPU plugin ran the whole residual stream (every
+    block's Add, from the first) in f32 under a bf16 or INT8 engine, with a Reorder on each side.
+    """
     positions = torch.arange(nb, device=dst_idx.device, dtype=dst_idx.dtype)
-    return (dst_idx.unsqueeze(-1) == positions).to(dtype)
+    one = torch.ones((), dtype=dtype, device=dst_idx.device)
+    return torch.where(dst_idx.unsqueeze(-1) == positions, one, torch.zeros_like(one))
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

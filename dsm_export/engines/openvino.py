@@ -320,6 +320,55 @@ def read_ir(xml_path: str, core=None):
     return model, read_metadata(proto, xml_path), meta
 
 
+class StaticBatchCompiler:
+    """An OpenVINO model compiled once per batch size, its batch made static first.
+
+    A dynamic-batch IR compiled as it is leaves OpenVINO's CPU plugin to allocate memory as shapes
+    arrive, and a merged graph (hundreds of small ops between the blocks) paid for it: with
+    ``PERF_COUNT``, the first fully connected layer after each merge ran 40-60 % slower than in
+    a graph of the same token counts without the merges, and the bf16 DeiT-Tiny
+    ``r=16,r_end=4,delay=3`` IR ran 0.90x its unmerged IR dynamic but 1.04x reshaped to batch 32
+    (``dsm-export profile``, Intel Xeon with AMX, 2 threads). Each new batch size is compiled on
+    first use (seconds) and the last ``keep`` are kept; a static-batch IR is compiled once.
+
+    Args:
+        core: an ``openvino.Core``.
+        model: an ``openvino.Model`` with one input ``[B, ...]``.
+        config: the ``compile_model`` properties.
+        keep: compiled batch sizes kept (each holds its own copy of the weights).
+    """
+
+    def __init__(self, core, model, config: dict, keep: int = 2):
+        self.core, self.model, self.config, self.keep = core, model, dict(config), keep
+        self.static = model.inputs[0].get_partial_shape().is_static
+        self._compiled: dict[int | None, tuple] = {}
+
+    def compiled(self, batch: int | None):
+        """The compiled model for ``batch`` images (any batch for a static IR)."""
+        return self._entry(batch)[0]
+
+    def request(self, batch: int | None):
+        """The infer request of :meth:`compiled` ``(batch)`` (one per batch size, reused)."""
+        return self._entry(batch)[1]
+
+    def _entry(self, batch: int | None):
+        key = None if self.static else batch
+        if key not in self._compiled:
+            model = self.model
+            if key is not None:
+                model = self.model.clone()
+                rest = list(model.inputs[0].get_partial_shape())[1:]
+                model.reshape([key, *[d.get_length() for d in rest]])
+            while len(self._compiled) >= self.keep:
+                self._compiled.pop(next(iter(self._compiled)))
+            compiled = self.core.compile_model(model, "CPU", self.config)
+            self._compiled[key] = (compiled, compiled.create_infer_request())
+        return self._compiled[key]
+
+    def close(self) -> None:
+        self._compiled.clear()
+
+
 class OpenVINORunner:
     """Run an OpenVINO IR built by :func:`build_openvino` on the CPU, as a
     :class:`~dsm_export.engines.registry.Runner`.
@@ -350,31 +399,37 @@ class OpenVINORunner:
             config["INFERENCE_PRECISION_HINT"] = hint
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = self.core.compile_model(xml_path, "CPU", config)
-        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.compiler = StaticBatchCompiler(self.core, model, config)
+        self.inference_precision = _runs_at(self.core, hint)
         built = self.meta.get("precision", "fp32")
         self.judged_as = "int8" if built == "int8" else "bf16" if self.inference_precision == "bf16" else "fp32"
         self.label = f"OpenVINO {ov.__version__.split('-')[0]} CPU, running {self.inference_precision}"
-        self.request = self.compiled.create_infer_request()
         self.static_batch = self.engine_file.static_batch
         self._lock = threading.Lock()
         self.input_name = self.engine_file.input_name
         self.output_name = self.engine_file.output_name
         self.output_dims = self.engine_file.output_dims
 
+    def request(self, batch: int):
+        """The infer request that runs ``batch`` images (compiled for that batch on first use)."""
+        with self._lock:
+            return self.compiler.request(batch)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self._lock:
-            return pad_batches(x, self.static_batch, lambda c: self.request.infer({0: c})[0].copy())
+            return pad_batches(x, self.static_batch, lambda c: self.compiler.request(len(c)).infer({0: c})[0].copy())
 
     def close(self) -> None:
-        """Free the compiled model."""
-        self.request = self.compiled = None
+        """Free the compiled models."""
+        with self._lock:
+            self.compiler.close()
 
 
 class DefaultCompileRunner:
     """OpenVINO's default CPU compile of an unmerged fp32 ONNX export (``convert_model``, no precision
     hint: bf16 on a CPU with AVX-512 BF16 or AMX, else f32): the runtime's fastest unmerged engine that
-    needs no calibration, the baseline ``bench`` times OpenVINO engines against.
+    needs no calibration, the baseline ``bench`` times OpenVINO engines against. Compiled per batch
+    size as :class:`OpenVINORunner` is (:class:`StaticBatchCompiler`).
 
     Raises:
         DSMError: OpenVINO missing, a file that is not a dsm-export ONNX file.
@@ -386,20 +441,29 @@ class DefaultCompileRunner:
         model = ov.convert_model(onnx_path)
         proto = load_onnx(onnx_path, weights=False)
         info = read_metadata(proto, onnx_path)
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads)} if threads else {})
-        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.compiler = StaticBatchCompiler(core, model, {"INFERENCE_NUM_THREADS": int(threads)} if threads else {})
+        self.inference_precision = _runs_at(core, None)
         self.engine_file = replace(_engine_file(onnx_path, model, info, {"precision": "fp32"}), files=(onnx_path,))
         self.judged_as = "bf16" if self.inference_precision == "bf16" else "fp32"
         self.label = (f"OpenVINO's default compile (OpenVINO {ov.__version__.split('-')[0]} CPU, running "
                       f"{self.inference_precision})")
-        self.request = self.compiled.create_infer_request()
+
+    def request(self, batch: int):
+        """The infer request that runs ``batch`` images."""
+        return self.compiler.request(batch)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return pad_batches(x, self.engine_file.static_batch, lambda c: self.request.infer({0: c})[0].copy())
+        return pad_batches(x, self.engine_file.static_batch, lambda c: self.compiler.request(len(c)).infer({0: c})[0].copy())
 
     def close(self) -> None:
-        """Free the compiled model."""
-        self.request = self.compiled = None
+        self.compiler.close()
+
+
+def _runs_at(core, hint: str | None) -> str:
+    """What the CPU plugin runs at (``f32``/``bf16``) under ``INFERENCE_PRECISION_HINT`` ``hint``
+    (None: its default), known without compiling: bf16 needs a CPU with it."""
+    text = hint or core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    return "bf16" if text == "bf16" and cpu_has_bf16(core) else "f32" if text in ("bf16", "f32") else text
 
 
 def _engine_file(xml_path: str, model, info, meta: dict) -> EngineFile:
@@ -510,7 +574,8 @@ def profile_openvino(path: str, options: RunnerOptions, batch: int, runs: int = 
                                      if meta.get("inference_precision") else {})}
     if options.threads:
         config["INFERENCE_NUM_THREADS"] = int(options.threads)
-    compiled = core.compile_model(path, "CPU", config)
+    compiler = StaticBatchCompiler(core, model, config, keep=1)
+    compiled = compiler.compiled(batch)
     originals = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         rt = op.get_rt_info()

@@ -167,6 +167,7 @@ class OpenVINOEngines:
         self.smooth_alpha: float | None = None
         self.notes: list[str] = []
         self._runners: dict[str, object] = {}
+        self._baselines: dict[str, object] = {}  # baseline ONNX file -> its DefaultCompileRunner
         self._full_speed: dict[str, float] = {}  # baseline file -> its full speed (images/s), for QUIET
         self.timings: list[dict] = []  # each throughput run's quiet-pair statistics
 
@@ -196,14 +197,20 @@ class OpenVINOEngines:
             self._runners[path] = OpenVINORunner(path, self.threads)
         return self._runners[path]
 
+    def _baseline(self, onnx_path: str):
+        from ..engines.openvino import DefaultCompileRunner
+
+        if onnx_path not in self._baselines:
+            self._baselines[onnx_path] = DefaultCompileRunner(onnx_path, self.threads)
+        return self._baselines[onnx_path]
+
     def throughput(self, engines: dict[str, str], baseline_onnx: str) -> dict[str, float]:
         """images/s of ``engines`` (IR files), of ``"baseline"`` (OpenVINO's default compile of
         ``baseline_onnx``, timed before each engine) and of ``"onnxruntime"`` (ONNX Runtime fp32 on
         ``baseline_onnx``), in one alternating run."""
         from .timing import alternating_throughput, make_session
 
-        config = {"INFERENCE_NUM_THREADS": int(self.threads)} if self.threads else {}
-        base = self.core.compile_model(self.ov.convert_model(baseline_onnx), "CPU", config).create_infer_request()
+        base = self._baseline(baseline_onnx).request(self.batch)
         # ONNX Runtime's threads spin after a run by default: on 2 cores the OpenVINO baseline timed
         # right after it ran 10 % slower (121 against 135 images/s), and every pair it began was dropped
         session = make_session(baseline_onnx, self.threads, spinning=False)
@@ -212,7 +219,7 @@ class OpenVINOEngines:
         feed = {session.get_inputs()[0].name: x}
         runs = {"baseline": lambda: base.infer({0: x}), "onnxruntime": lambda: session.run(None, feed)}
         for label, path in engines.items():
-            request = self._runner(path).request
+            request = self._runner(path).request(self.batch)
             runs[label] = lambda r=request: r.infer({0: x})
         stats: dict = {}
         rates = alternating_throughput(runs, self.batch, self.repeats, reference="baseline", quiet=QUIET,
