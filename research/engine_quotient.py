@@ -19,6 +19,8 @@ Never time while another CPU job runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -64,8 +66,9 @@ def build(kind: str, source: str, tmp: str, images: str, count: int) -> str:
     if (backend, precision) == ("onnxruntime", "fp32"):
         return source
     out = os.path.join(tmp, f"{os.path.basename(source)[:-5]}-{kind}{suffix}")
-    build_engine(BuildRequest(source, out, precision, images if precision == "int8" else None, count),
-                 backend, log=lambda line: None)
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars
+        build_engine(BuildRequest(source, out, precision, images if precision == "int8" else None, count),
+                     backend, log=lambda line: None)
     return out
 
 

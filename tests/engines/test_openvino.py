@@ -154,6 +154,27 @@ def test_ascending_indices_stay_exact_in_bf16(ov, tmp_path):
     assert np.array_equal(got, want)
 
 
+def test_runner_compiles_each_batch_size_static(ov, dsm_onnx, tmp_path):
+    """A dynamic-batch IR runs reshaped to each call's batch (compiled on first use, two kept): the
+    same logits for an image whatever batch it came in, in f32."""
+    from dsm_export.engines.openvino import OpenVINORunner
+
+    out = str(tmp_path / "f32.xml")
+    assert main(["build", dsm_onnx, "--backend", "openvino", "--precision", "fp32", "--output", out]) == 0
+    runner = OpenVINORunner(out, threads=2)
+    x = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    together = runner(x)
+    alone = np.concatenate([runner(x[i:i + 1]) for i in range(4)])
+    three = runner(x[:3])
+    np.testing.assert_allclose(alone, together, atol=1e-4)
+    np.testing.assert_allclose(three, together[:3], atol=1e-4)
+    compiled = runner.compiler._compiled
+    assert list(compiled) == [1, 3]  # batch 4 compiled first, then dropped: two kept
+    assert runner.request(3) is compiled[3][1]
+    runner.close()
+    assert not compiled
+
+
 def test_int8_validates_by_the_int8_criterion(ov, int8_ir, images_dir, tmp_path):
     code, report = _validate(int8_ir, images_dir, tmp_path)
     assert report["precision"] == "int8" and report["criterion"].startswith("int8:")
