@@ -328,14 +328,15 @@ class StaticBatchCompiler:
     ``PERF_COUNT``, the first fully connected layer after each merge ran 40-60 % slower than in
     a graph of the same token counts without the merges, and the bf16 DeiT-Tiny
     ``r=16,r_end=4,delay=3`` IR ran 0.90x its unmerged IR dynamic but 1.04x reshaped to batch 32
-    (``dsm-export profile``, Intel Xeon with AMX, 2 threads). Each new batch size is compiled on
-    first use (seconds) and the last ``keep`` are kept; a static-batch IR is compiled once.
+    (``dsm-export profile``, Intel Xeon with AMX, 2 threads). The first ``keep`` batch sizes are each
+    compiled on first use (seconds); any other batch runs on the model as written (dynamic), compiled
+    once, so a server whose batches vary never recompiles. A static-batch IR is compiled once.
 
     Args:
         core: an ``openvino.Core``.
         model: an ``openvino.Model`` with one input ``[B, ...]``.
         config: the ``compile_model`` properties.
-        keep: compiled batch sizes kept (each holds its own copy of the weights).
+        keep: batch sizes compiled static (each holds its own copy of the weights).
     """
 
     def __init__(self, core, model, config: dict, keep: int = 2):
@@ -353,14 +354,14 @@ class StaticBatchCompiler:
 
     def _entry(self, batch: int | None):
         key = None if self.static else batch
+        if key not in self._compiled and sum(k is not None for k in self._compiled) >= self.keep:
+            key = None  # more batch sizes than kept (a server's batcher): the model as written, no recompiles
         if key not in self._compiled:
             model = self.model
             if key is not None:
                 model = self.model.clone()
                 rest = list(model.inputs[0].get_partial_shape())[1:]
                 model.reshape([key, *[d.get_length() for d in rest]])
-            while len(self._compiled) >= self.keep:
-                self._compiled.pop(next(iter(self._compiled)))
             compiled = self.core.compile_model(model, "CPU", self.config)
             self._compiled[key] = (compiled, compiled.create_infer_request())
         return self._compiled[key]
