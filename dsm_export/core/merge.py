@@ -225,7 +225,7 @@ def ascending_subset(idx: torch.Tensor, n: int, complement: bool = False) -> tor
     positions = torch.arange(n, device=idx.device)
     if idx.shape[-1] == 0:
         return positions.expand(*idx.shape[:-1], n) if complement else idx
-    hit = (idx.unsqueeze(-1) == positions).to(torch.float32).amax(dim=-2).to(torch.bool)  # [..., n]: in idx
+    hit = token_mask(idx, n)  # [..., n]: in idx
     keys = rank_keys(n, idx.device)
     big = keys.new_tensor(math.ldexp(1.0, n // 128 + 1))  # above every key
     keys = torch.where(hit, big, keys) if complement else torch.where(hit, keys, big)

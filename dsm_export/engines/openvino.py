@@ -582,7 +582,7 @@ def profile_openvino(path: str, options: RunnerOptions, batch: int, runs: int = 
         rt = op.get_rt_info()
         names = str(rt["originalLayersNames"].astype(str)) if "originalLayersNames" in rt else ""
         originals[op.get_friendly_name()] = set(names.split(","))
-    request = compiled.create_infer_request()
+    request = compiler.request(batch)
     x = np.random.default_rng(0).standard_normal([batch, *info.input_size], dtype=np.float32)
     totals: dict[tuple[str, str], float] = {}
     walls = []
