@@ -264,6 +264,16 @@ def validate_runner(runner: Callable[[np.ndarray], np.ndarray], info: ExportInfo
     ref = reference_models(info, options)
     logits = collect_logits(runner, ref.model, ref.merged, images, eval_transform(ref.model), options.batch_size,
                             options.progress)
+    return logits_report(logits, ref, info, images, options, precision)
+
+
+def logits_report(logits: Logits, ref: Reference, info: ExportInfo, images: ImageSet, options: ValidateOptions,
+                  precision: str) -> dict:
+    """The report of :func:`validate_runner` from the collected outputs (wherever they were run).
+
+    Raises:
+        DSMError: the graph's output size differs from the PyTorch model's.
+    """
     if logits.graph.shape != logits.merged.shape:
         raise DSMError(f"the graph outputs {logits.graph.shape[1:]} per image but {ref.name} gives "
                        f"{logits.merged.shape[1:]}")

@@ -17,8 +17,8 @@ from ..errors import DSMError
 from .validate import format_report  # noqa: F401  (public: the validation report as text)
 
 # Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("export", "validate", "inspect", "build", "bench", "profile", "triton_repo", "serve", "analyze",
-               "tune", "visualize")
+SUBCOMMANDS = ("export", "validate", "inspect", "build", "bench", "profile", "triton_repo", "serve", "predict",
+               "analyze", "tune", "visualize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.models import create_model
+from ..engines.cluster import RayOptions, require_ray
 from ..errors import DSMError
 
 # engines.tensorrt.flavours.FLAVOURS, written out so that parsing the command line does not import the engines package
@@ -42,3 +43,30 @@ def check_weights_args(args, require_weights: bool = False) -> None:
         raise DSMError("give either --weights FILE or --pretrained, not both")
     if require_weights and not (args.weights or args.pretrained):
         raise DSMError("give --weights FILE or --pretrained (the search needs trained weights)")
+
+
+def add_ray_args(p) -> None:
+    """``--ray [ADDRESS]``, ``--ray-actors N`` and ``--ray-cpus-per-actor N``."""
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray (a Ray Data pipeline of engine actors): the cluster at ADDRESS, else RAY_ADDRESS, "
+                        "else a local Ray instance on this machine's CPUs (the ray extra); every node must see the "
+                        "engine and the images at the same path")
+    p.add_argument("--ray-actors", type=int, help="engine actors (default: one per CPU, or per GPU for GPU engines)")
+    p.add_argument("--ray-cpus-per-actor", type=int, default=1, help="CPUs (and engine threads) per actor (default 1)")
+
+
+def ray_options(args) -> RayOptions | None:
+    """The :class:`~dsm_export.engines.cluster.RayOptions` of :func:`add_ray_args`' options, or None
+    without ``--ray``; Ray must be importable.
+
+    Raises:
+        DSMError: Ray is not installed, a count below 1, or --ray-actors without --ray.
+    """
+    if args.ray is None:
+        if args.ray_actors is not None:
+            raise DSMError("--ray-actors needs --ray")
+        return None
+    options = RayOptions(address=args.ray or None, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor)
+    options.check()
+    require_ray()
+    return options

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from .. import checks
-from ..check.validate import validate_runner
+from ..check.distributed import validate_ray
+from ..check.validate import ValidateOptions, validate_runner
 from ..data import list_images
+from ..engines.cluster import runner_on_gpu
 from ..engines.registry import RunnerOptions, backend_for, open_runner
 from ..errors import DSMError
 from ..fileio import write_json
-from ._common import TENSORRT_FLAVOURS
+from ._common import TENSORRT_FLAVOURS, add_ray_args, ray_options
 
 
 def add(sub):
@@ -40,6 +42,7 @@ def add(sub):
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out images that cannot be decoded (counted in the report) instead of stopping")
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
@@ -57,15 +60,22 @@ def run(args) -> int:
     checks.input_file(args.weights, "weights file")
     checks.output_file(args.json_path, "--json")
     checks.output_file(args.runtime_cache, "--runtime-cache")
+    ray = ray_options(args)
     options = RunnerOptions(threads=args.threads, provider=args.provider, flavour=args.tensorrt,
                             runtime_cache=args.runtime_cache)
     runner = open_runner(path, options)  # the runtime, a GPU where it needs one, before any image is read
     try:
         images, skipped = checks.readable_images(list_images(args.images, args.limit), args.skip_unreadable)
-        report = validate_runner(runner, runner.engine_file.info, images, weights=args.weights,
-                                 model_name=args.model, schedule=args.schedule, atol=args.atol,
-                                 batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
-                                 pretrained=args.pretrained, source_path=runner.engine_file.source_path)
+        settings = ValidateOptions(weights=args.weights, model_name=args.model, schedule=args.schedule,
+                                   atol=args.atol, batch_size=args.batch_size, limit=args.limit,
+                                   progress=not args.no_progress, pretrained=args.pretrained,
+                                   source_path=runner.engine_file.source_path)
+        if ray is None:
+            report = validate_runner(runner, runner.engine_file.info, images, settings)
+        else:
+            runner.close()  # each actor opens its own
+            report = validate_ray(path, runner.engine_file.info, images, settings, runner.judged_as, options, ray,
+                                  on_gpu=runner_on_gpu(runner.engine_file, options))
     finally:
         runner.close()
     report.update(engine=runner.engine_file.backend, runtime=runner.label, skipped_unreadable=skipped)
@@ -111,6 +121,8 @@ def format_report(report: dict) -> str:
         f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "
         f"{report['flops_ratio']:.2f}x fewer)",
         f"  criterion:                {report['criterion']} (median {report['median_abs_diff']:.2e})",
+        *([f"  ran on:                   {report['ray']}, {report['ray_actors']} engine actors"]
+          if report.get("ray") else []),
         *([f"  skipped:                  {len(report['skipped_unreadable'])} unreadable images "
            f"({', '.join(report['skipped_unreadable'][:3])}{', ...' if len(report['skipped_unreadable']) > 3 else ''})"]
           if report.get("skipped_unreadable") else []),
