@@ -77,13 +77,29 @@ def tensorrt():
     return trt
 
 
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with 2 CPUs for the session (dsm-export's Ray pipelines use it and leave it
+    open), shut down after. Missing, the ``ray`` extra fails the test in CI and skips elsewhere."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("the ray extra is not installed: pip install -e '.[ray]'")
+        pytest.skip("the ray extra is not installed: pip install -e '.[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
 # ------------------------------------------------------------------ test tiers
 # Fixtures (requested directly or through other fixtures) that mean a test needs the shared data, an
 # engine toolkit or a server. A test with none of them and no explicit tier marker is ``fast``:
 # ``pytest -m fast`` runs the pure logic (schedules, merge maths, FLOPs, choice rules, TensorRT
 # settings) without data, in well under two minutes on 2 cores.
 DATA_FIXTURES = {"weights", "images_dir", "dsm_onnx", "deit", "pixels"}
-TIER_MARKERS = {"data", "server", "tensorrt", "openvino", "heavy"}
+TIER_MARKERS = {"data", "server", "tensorrt", "openvino", "heavy", "ray"}
 SERVER_MODULES = {"test_serving", "test_faults"}
 
 
@@ -96,5 +112,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.server)
         if "tensorrt" in names:
             item.add_marker(pytest.mark.tensorrt)
+        if "ray_local" in names:
+            item.add_marker(pytest.mark.ray)
         if not {m.name for m in item.iter_markers()} & TIER_MARKERS:
             item.add_marker(pytest.mark.fast)
