@@ -9,6 +9,8 @@ The Python API, one call per step of the main job (:mod:`dsm_export.api`):
 * :func:`dsm_export.validate` -- an engine against PyTorch: parity, KL and agreement.
 * :func:`dsm_export.quantize` -- INT8 with the matching path kept in fp32.
 * :func:`dsm_export.build` -- an engine: ONNX Runtime, OpenVINO or TensorRT.
+* :func:`dsm_export.predict` -- an engine over a data set of images, rows to Parquet (resumable;
+  ``ray=RayOptions()`` on a Ray cluster).
 * :func:`dsm_export.tune` -- the schedule (and precision) with the least KL at a target; a
   :class:`TuneReport`.
 * :class:`dsm_export.Schedule`, :func:`dsm_export.apply` -- schedules, and a timm ViT running one
@@ -24,12 +26,13 @@ from .core.patch import MergedViT, apply
 from .core.schedule import BlockPlan, Schedule, resolve
 from .errors import DSMError, ScheduleError, UnsupportedModelError
 
-_API = ("build", "export", "quantize", "tune", "validate", "TuneOptions", "TuneReport", "QuantizeOptions")
+_API = ("build", "export", "predict", "quantize", "tune", "validate", "PredictOptions", "RayOptions", "TuneOptions",
+        "TuneReport", "QuantizeOptions")
 
 __all__ = [
-    "BlockPlan", "DSMError", "MergedViT", "QuantizeOptions", "Schedule", "ScheduleError", "TuneOptions",
-    "TuneReport", "UnsupportedModelError", "__version__", "apply", "build", "export", "quantize", "resolve",
-    "tune", "validate",
+    "BlockPlan", "DSMError", "MergedViT", "PredictOptions", "QuantizeOptions", "RayOptions", "Schedule",
+    "ScheduleError", "TuneOptions", "TuneReport", "UnsupportedModelError", "__version__", "apply", "build", "export",
+    "predict", "quantize", "resolve", "tune", "validate",
 ]
 
 

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from .check.distributed import validate_ray
+from .check.validate import ValidateOptions
 from .check.validate import validate as _validate
+from .data import ImageSet, list_images
+from .engines.cluster import RayOptions, runner_on_gpu
 from .engines.int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
-from .engines.registry import BuildRecord, BuildRequest, RunnerOptions, build_engine
+from .engines.registry import BuildRecord, BuildRequest, RunnerOptions, build_engine, open_runner
 from .graph.export import ExportInfo, export_onnx, load_onnx, read_metadata
 from .search.tuning import TuneOptions, TuneReport, tune
+from .serving.predict import PredictOptions, PredictSummary
+from .serving.predict import predict as _predict
 
-__all__ = ["ExportInfo", "QuantizeOptions", "TuneOptions", "TuneReport", "build", "export", "quantize", "tune",
-           "validate"]
+__all__ = ["ExportInfo", "PredictOptions", "PredictSummary", "QuantizeOptions", "RayOptions", "TuneOptions",
+           "TuneReport", "build", "export", "predict", "quantize", "tune", "validate"]
 
 
 def export(model_name: str, output: str, schedule="none", **kwargs) -> ExportInfo:
@@ -48,7 +54,8 @@ def export(model_name: str, output: str, schedule="none", **kwargs) -> ExportInf
 
 
 def validate(engine: str, images, threads: int | None = None, provider: str | None = "cpu",
-             flavour: str = "auto", runtime_cache: str | None = None, **kwargs) -> dict:
+             flavour: str = "auto", runtime_cache: str | None = None, ray: RayOptions | None = None,
+             **kwargs) -> dict:
     """Validate an engine of any registered backend against PyTorch on ``images`` (``dsm-export
     validate``): ONNX Runtime for ``.onnx``, OpenVINO for ``.xml``, TensorRT for ``.plan``, ExecuTorch
     for ``.pte`` (:mod:`dsm_export.engines.registry`).
@@ -57,6 +64,8 @@ def validate(engine: str, images, threads: int | None = None, provider: str | No
         engine: the engine file (its metadata names the model, schedule and weights).
         images: an image folder or an :class:`~dsm_export.data.ImageSet`.
         threads, provider, flavour, runtime_cache: how it runs (:class:`~dsm_export.engines.RunnerOptions`).
+        ray: run the images on Ray actors (:class:`~dsm_export.engines.cluster.RayOptions`; ``RayOptions()``:
+            ``RAY_ADDRESS`` or a local instance); the report is the local one's, plus ``ray`` and ``ray_actors``.
         **kwargs: ``limit`` (images), ``weights``, ``batch_size``, ``precision`` (the criterion), ...
             (:class:`dsm_export.check.validate.ValidateOptions`).
 
@@ -69,7 +78,41 @@ def validate(engine: str, images, threads: int | None = None, provider: str | No
         DSMError: a foreign or corrupt file, missing weights, an unavailable runtime.
     """
     options = RunnerOptions(threads=threads, provider=provider, flavour=flavour, runtime_cache=runtime_cache)
-    return _validate(engine, images, options, **kwargs)
+    if ray is None:
+        return _validate(engine, images, options, **kwargs)
+    runner = open_runner(engine, options)  # the file and the runtime, checked here before Ray starts
+    runner.close()
+    settings = ValidateOptions(**{"source_path": runner.engine_file.source_path, **kwargs})
+    image_set = images if isinstance(images, ImageSet) else list_images(images, settings.limit)
+    report = validate_ray(engine, runner.engine_file.info, image_set, settings, runner.judged_as, options, ray,
+                          on_gpu=runner_on_gpu(runner.engine_file, options))
+    report.update(engine=runner.engine_file.backend, runtime=runner.label)
+    return report
+
+
+def predict(engine: str, images: str, output: str, threads: int | None = None, provider: str | None = "cpu",
+            ray: RayOptions | None = None, **kwargs) -> PredictSummary:
+    """Run an engine of any backend over an image folder (recursive) or a Parquet list of paths and
+    write one Parquet row per image to the folder ``output`` (``dsm-export predict``): ``path``, then
+    ``top_k_classes``/``top_k_probs`` (and ``logits`` if asked) or ``embedding``; resumes an earlier
+    run into ``output`` (:mod:`dsm_export.serving.predict`).
+
+    Args:
+        engine: the engine file; images: folder or ``.parquet`` with a ``path`` column; output: the
+            Parquet folder.
+        threads, provider: how a local run runs (:class:`~dsm_export.engines.RunnerOptions`).
+        ray: run as a Ray Data pipeline (:class:`~dsm_export.engines.cluster.RayOptions`).
+        **kwargs: ``top_k``, ``logits``, ``batch_size``, ``rows_per_file``, ``limit``, ``progress``
+            (:class:`~dsm_export.serving.predict.PredictOptions`).
+
+    Returns:
+        :class:`~dsm_export.serving.predict.PredictSummary` (rows written, images/s, ...).
+
+    Raises:
+        DSMError: a bad engine, source, output folder or option; pyarrow or Ray not installed.
+    """
+    return _predict(engine, images, output, RunnerOptions(threads=threads, provider=provider),
+                    PredictOptions(**kwargs), ray)
 
 
 def quantize(onnx_path: str, output: str, calibration: str | np.ndarray | None = None,

@@ -46,10 +46,10 @@ def run_measured(cmd: list[str], *, cwd: str | None = None, stdout=None, stderr=
     os.close(fd)
     try:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, rss_file, *cmd], cwd=cwd, stdout=stdout,
-                                stderr=stderr, text=True)
-        output = proc.stdout.read() if stdout == subprocess.PIPE else None
-        returncode = proc.wait()
+        with subprocess.Popen([sys.executable, "-c", LAUNCHER, rss_file, *cmd], cwd=cwd, stdout=stdout,
+                              stderr=stderr, text=True) as proc:
+            output = proc.stdout.read() if stdout == subprocess.PIPE else None
+            returncode = proc.wait()
         seconds = time.perf_counter() - start
         with open(rss_file, encoding="utf-8") as fh:
             text = fh.read().strip()

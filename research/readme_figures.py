@@ -235,6 +235,11 @@ def engine_quotient_block(ctx: Context) -> str:
                    "--images", IMAGES).strip()
 
 
+@figure("predict-throughput", "dsm-export predict images/s, plain loop against local Ray with 2 actors (research/predict_throughput.py; ~6 min)")
+def predict_throughput_block(ctx: Context) -> str:
+    return on_deit(ctx, "predict_throughput.py").strip()
+
+
 @figure("scale", "ToMe and DSM speed-ups across five model sizes, random-init weights (research/scale.py --budget-minutes 4; ~75 min)")
 def scale_block(ctx: Context) -> str:
     ctx.run("python", "research/scale.py", "--budget-minutes", "4", "--output", "docs", timeout=6 * 3600)

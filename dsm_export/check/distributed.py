@@ -20,12 +20,10 @@ import numpy as np
 import torch
 
 from ..data import ImageSet, eval_transform, load_batch
-from ..engines.cluster import RayOptions, pool_arguments, ray_session, require_ray
+from ..engines.cluster import RayOptions, block_count, pool_arguments, ray_session, require_ray
 from ..engines.registry import RunnerOptions, open_runner
 from ..graph.export import ExportInfo
 from .validate import Logits, ValidateOptions, logits_report, reference_models
-
-MAX_BLOCKS = 1000  # Ray Data blocks the image list is cut into (about a batch each, up to this many)
 
 
 class _ValidateActor:
@@ -61,7 +59,7 @@ def collect_logits_ray(engine: str, runner_options: RunnerOptions, info: ExportI
 
     ray = require_ray()
     items = [{"index": i, "file": images.path(i)} for i in range(len(images))]
-    ds = ray.data.from_items(items, override_num_blocks=min(1 + len(items) // options.batch_size, MAX_BLOCKS))
+    ds = ray.data.from_items(items, override_num_blocks=block_count(len(items), options.batch_size, pool))
     ds = ds.map_batches(_ValidateActor, fn_constructor_args=(engine, runner_options, info, options),
                         batch_size=options.batch_size, batch_format="numpy", **pool)
     parts: dict[str, list[np.ndarray]] = {"index": [], "graph": [], "merged": [], "unmerged": []}

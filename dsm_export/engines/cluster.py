@@ -24,6 +24,7 @@ from ..errors import DSMError
 from .registry import EngineFile, RunnerOptions, import_optional
 
 GPU_PROVIDERS = ("cuda", "tensorrt", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+MAX_BLOCKS = 1000  # Ray Data blocks a list of images is cut into (about a batch each, up to this many)
 # Ray's own object store, for a local instance: the pipeline holds a few batches of images at a
 # time, so a small store is enough and keeps Ray from reserving 30 % of the machine's memory.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
@@ -153,3 +154,10 @@ def runner_on_gpu(engine: EngineFile, options: RunnerOptions) -> bool:
     """Whether ``engine`` run with ``options`` needs a GPU (a TensorRT plan, or ONNX Runtime's CUDA or
     TensorRT execution provider): its actors then take a GPU each."""
     return engine.backend == "tensorrt" or (options.provider or "cpu") in GPU_PROVIDERS
+
+
+def block_count(items: int, batch_size: int, pool: dict) -> int:
+    """Ray Data blocks for a list of ``items`` images: about one batch each, at least one per actor of
+    ``pool`` (each actor then has work from the start), at most :data:`MAX_BLOCKS` and ``items``."""
+    actors = pool["compute"].min_size
+    return max(1, min(max(actors, -(-items // batch_size)), items, MAX_BLOCKS))

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from ..data import IMAGE_EXTENSIONS, eval_transform, load_image
-from ..engines.cluster import Cluster, RayOptions, pool_arguments, ray_session, require_ray, runner_on_gpu
+from ..engines.cluster import (
+    Cluster, RayOptions, block_count, pool_arguments, ray_session, require_ray, runner_on_gpu)
 from ..engines.registry import Runner, RunnerOptions, import_optional, open_runner, read_engine
 from ..errors import DSMError
 from ..fileio import atomic_path, write_json
@@ -50,7 +51,6 @@ SETTINGS_FILE = "_predict.json"
 UNREADABLE_FILE = "_unreadable.tsv"
 SUCCESS_FILE = "_SUCCESS.json"
 PART_PREFIX = "part-"
-MAX_BLOCKS = 1000  # Ray Data blocks the list of paths is cut into (about a batch each, up to this many)
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,11 @@ class PredictSummary:
         already_done: images found written (or listed unreadable) by an earlier run, skipped.
         written: rows this run wrote.
         unreadable: images this run could not decode (listed in ``_unreadable.tsv``).
-        seconds: wall time of the run's inference loop.
-        images_per_s: images done this run per second of that loop.
+        seconds: wall time from loading the engine (on Ray: from starting the session) to the last row.
+        images_per_s: images done this run per second of that time.
         runner: the engine's runtime label; ``ray``: the cluster, or None for a local run.
+        startup_s: seconds from the start of the loop to the first rows (the engine loaded, and on Ray
+            the session and the actors started); None when no row was written.
     """
 
     output: str
@@ -105,6 +107,7 @@ class PredictSummary:
     images_per_s: float
     runner: str
     ray: str | None = None
+    startup_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class PartWriter:
         self.output, self.rows_per_file = output, rows_per_file
         self.buffer: list[dict[str, np.ndarray]] = []
         self.buffered = self.written = self.unreadable = 0
+        self.first_rows_at: float | None = None  # time.perf_counter() of the first rows added
         self._check_folder(settings)
         self.next_part = 1 + max((int(f[len(PART_PREFIX):-8]) for f in self._parts()), default=-1)
 
@@ -241,6 +245,7 @@ class PartWriter:
     def add(self, keys, columns: dict[str, np.ndarray]) -> None:
         """Buffer rows (``keys`` and their output columns); write a part each ``rows_per_file`` rows."""
         if len(keys):
+            self.first_rows_at = self.first_rows_at or time.perf_counter()
             self.buffer.append({"path": np.asarray(keys, dtype=object), **columns})
             self.buffered += len(keys)
         if self.buffered >= self.rows_per_file:
@@ -303,12 +308,12 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
     options.check()
     runner_options = runner_options or RunnerOptions()
     inputs = list_inputs(images, options.limit)
+    start = time.perf_counter()
     runner = open_runner(engine, runner_options)  # the runtime and the file, before any image is read
     try:
         writer = PartWriter(output, _settings(engine, runner, options), options.rows_per_file)
         done = writer.done()
         todo = [i for i, key in enumerate(inputs.keys) if key not in done]
-        start = time.perf_counter()
         try:
             if ray is None:
                 _predict_local(runner, inputs, todo, writer, options)
@@ -322,7 +327,8 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
     seconds = time.perf_counter() - start
     summary = PredictSummary(output, len(inputs), len(inputs) - len(todo), writer.written, writer.unreadable,
                              seconds, len(todo) / seconds if seconds > 0 else 0.0, runner.label,
-                             None if ray is None else cluster.describe())
+                             None if ray is None else cluster.describe(),
+                             None if writer.first_rows_at is None else writer.first_rows_at - start)
     write_json(os.path.join(output, SUCCESS_FILE), asdict(summary))
     return summary
 
@@ -386,7 +392,7 @@ def _predict_ray(engine: str, runner_options: RunnerOptions, inputs: ImageList, 
         items = [{"key": inputs.keys[i], "file": inputs.files[i]} for i in todo]
         if not items:
             return cluster
-        blocks = min(1 + len(items) // options.batch_size, MAX_BLOCKS)
+        blocks = block_count(len(items), options.batch_size, pool)
         ds = require_ray().data.from_items(items, override_num_blocks=blocks).map_batches(
             _PredictActor, fn_constructor_args=(engine, actor_options, options), batch_size=options.batch_size,
             batch_format="numpy", **pool)

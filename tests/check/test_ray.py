@@ -63,3 +63,16 @@ def test_predict_on_ray_writes_the_local_rows(ray_local, dsm_onnx, images_dir, t
     assert on_ray.column("top_k_classes").to_pylist() == local.column("top_k_classes").to_pylist()
     a, b = (np.stack(t.column("logits").to_numpy(zero_copy_only=False)) for t in (local, on_ray))
     assert np.abs(a - b).max() <= 1e-4
+
+
+def test_the_python_api_runs_on_ray(ray_local, dsm_onnx, images_dir, tmp_path):
+    import dsm_export
+
+    report = dsm_export.validate(dsm_onnx, images_dir, limit=16, batch_size=8, progress=False,
+                                 ray=dsm_export.RayOptions(actors=2))
+    assert report["passed"] and report["images"] == 16 and report["ray_actors"] == 2
+    assert report["engine"] == "onnxruntime"
+    summary = dsm_export.predict(dsm_onnx, images_dir, str(tmp_path / "p.parquet"), limit=16, top_k=2,
+                                 progress=False, ray=dsm_export.RayOptions())
+    assert summary.written == 16 and summary.ray.startswith("Ray local")
+    assert pq.read_table(str(tmp_path / "p.parquet")).column("top_k_classes").type.list_size == 2
