@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..data import ImageSet, eval_transform, load_batch
 from ..engines.cluster import RayOptions, block_count, pool_arguments, ray_session, require_ray
@@ -55,8 +56,6 @@ def collect_logits_ray(engine: str, runner_options: RunnerOptions, info: ExportI
     Returns:
         :class:`~dsm_export.check.validate.Logits`, ``[images, D]`` each.
     """
-    from tqdm import tqdm
-
     ray = require_ray()
     items = [{"index": i, "file": images.path(i)} for i in range(len(images))]
     ds = ray.data.from_items(items, override_num_blocks=block_count(len(items), options.batch_size, pool))

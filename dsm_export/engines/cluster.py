@@ -106,13 +106,15 @@ def ray_session(options: RayOptions):
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if started:
         kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
-                      logging_level=logging.WARNING)
+                      logging_level=logging.ERROR)
         if address is None:
             kwargs.update(num_cpus=options.local_cpus or os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise DSMError(f"cannot connect to Ray at {address!r}: {str(exc).splitlines()[0]}") from None
+    for name in ("ray", "ray.data"):  # Ray Data's per-run INFO and WARNING lines: the command prints its own
+        logging.getLogger(name).setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

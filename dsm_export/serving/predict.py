@@ -11,8 +11,8 @@ Data and pyarrow write and read (``pyarrow.parquet.read_table(OUT)``, ``pandas.r
 * an embedding model: ``embedding`` ``float32[dim]``.
 
 Each part is written to a temporary file and renamed, so a part is either whole or absent. Beside the
-parts (files starting with ``_``, which Parquet readers skip): ``_predict.json`` (the engine and the
-output's settings, written first; a run into an existing folder must match it), ``_unreadable.tsv``
+parts (files starting with ``_``, which Parquet readers skip): ``_predict.json`` (the engine's
+sha256 and the output's settings, written first; a run into an existing folder must match it), ``_unreadable.tsv``
 (path and reason of every image that could not be decoded, appended as found) and
 ``_SUCCESS.json`` (the summary, written when every image is done).
 
@@ -38,8 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import timm
 import torch
+from tqdm import tqdm
 
+from ..core.models import sha256_file
+from ..core.models import sha256_file
 from ..data import IMAGE_EXTENSIONS, eval_transform, load_image
 from ..engines.cluster import (
     Cluster, RayOptions, block_count, pool_arguments, ray_session, require_ray, runner_on_gpu)
@@ -152,8 +156,6 @@ def list_inputs(source: str, limit: int | None = None) -> ImageList:
 def model_transform(info):
     """The model's timm eval transform (PIL image -> ``[3, H, W]`` float32), from its name in the
     engine's metadata; no weights are loaded."""
-    import timm
-
     return eval_transform(timm.create_model(info.model, pretrained=False, num_classes=info.num_classes))
 
 
@@ -277,9 +279,10 @@ class PartWriter:
         self.buffer, self.buffered = [], 0
 
 
-def _settings(path: str, runner: Runner, options: PredictOptions) -> dict:
+def _settings(runner: Runner, options: PredictOptions) -> dict:
+    """What makes rows of two runs the same kind: the engine's bytes and the output's settings."""
     info = runner.engine_file.info
-    return {"engine": os.path.abspath(path), "model": info.model, "schedule": info.schedule.spec(),
+    return {"engine_sha256": sha256_file(runner.engine_file.path), "model": info.model, "schedule": info.schedule.spec(),
             "output": info.output, "top_k": None if info.embeddings else options.top_k,
             "logits": bool(options.logits and not info.embeddings)}
 
@@ -311,7 +314,7 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
     start = time.perf_counter()
     runner = open_runner(engine, runner_options)  # the runtime and the file, before any image is read
     try:
-        writer = PartWriter(output, _settings(engine, runner, options), options.rows_per_file)
+        writer = PartWriter(output, _settings(runner, options), options.rows_per_file)
         done = writer.done()
         todo = [i for i, key in enumerate(inputs.keys) if key not in done]
         try:
@@ -334,8 +337,6 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="predict", unit="img", disable=not enabled, smoothing=0.1)
 
 

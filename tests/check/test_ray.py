@@ -44,7 +44,9 @@ def test_validate_on_ray_reports_the_local_figures(ray_local, dsm_onnx, fp32_ir,
             assert on_ray[key] == value, key
 
 
-def test_predict_on_ray_writes_the_local_rows(ray_local, dsm_onnx, images_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_predict_on_ray_writes_the_local_rows(ray_local, dsm_onnx, fp32_ir, images_dir, tmp_path, engine):
+    path = dsm_onnx if engine == "onnx" else fp32_ir
     folder = tmp_path / "photos"
     folder.mkdir()
     for f in sorted(f for f in os.listdir(images_dir) if f.endswith(".JPEG"))[:int(LIMIT)]:
@@ -53,7 +55,7 @@ def test_predict_on_ray_writes_the_local_rows(ray_local, dsm_onnx, images_dir, t
     tables = {}
     for run, extra in (("local", []), ("ray", ["--ray", "--ray-actors", "2"])):
         out = str(tmp_path / f"{run}.parquet")
-        assert main(["predict", dsm_onnx, "--images", str(folder), "--output", out, "--logits", "--batch-size", "16",
+        assert main(["predict", path, "--images", str(folder), "--output", out, "--logits", "--batch-size", "16",
                      "--no-progress", *extra]) == 0
         tables[run] = pq.read_table(out).sort_by("path")
         with open(os.path.join(out, "_unreadable.tsv")) as fh:

@@ -14,6 +14,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import timm
 import torch
 
 from dsm_export.cli import main
@@ -147,10 +148,11 @@ def test_mistakes_exit_2_with_one_line_and_write_nothing(dsm_onnx, images_dir, t
     _one_line_exit_2([*base, "--images", images_dir, "--output", out, "--top-k", "3"], capsys, "other settings (top_k)")
 
 
-def test_ray_missing_is_one_line_naming_the_extra(dsm_onnx, images_dir, tmp_path):
+@pytest.mark.parametrize("command", ["predict", "validate"])
+def test_ray_missing_is_one_line_naming_the_extra(dsm_onnx, images_dir, tmp_path, command):
+    output = ["--output", str(tmp_path / "p.parquet")] if command == "predict" else ["--json", str(tmp_path / "r.json")]
     code = ("import sys; sys.modules['ray'] = None; from dsm_export.cli import main; "
-            f"sys.exit(main(['predict', {dsm_onnx!r}, '--images', {images_dir!r}, '--output', "
-            f"{str(tmp_path / 'p.parquet')!r}, '--ray']))")
+            f"sys.exit(main([{command!r}, {dsm_onnx!r}, '--images', {images_dir!r}, *{output!r}, '--ray']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "pip install 'dsm-export[ray]'" in proc.stderr and os.listdir(tmp_path) == []
@@ -188,3 +190,18 @@ def test_peak_memory_does_not_grow_with_the_data_set(dsm_onnx, images_dir, tmp_p
                                         "--no-progress")))
     assert len(pq.read_table(str(tmp_path / "ten.parquet")).column("path")) == 10 * len(files)
     assert peaks[1] <= 1.2 * peaks[0], f"peak RSS {peaks[1] / 2**20:.0f} MiB over 10x the images, {peaks[0] / 2**20:.0f} MiB over 1x"
+
+
+@pytest.mark.heavy  # a random-init export: predict needs no weights
+def test_an_embedding_export_writes_its_embedding(images_dir, tmp_path):
+    onnx_path = str(tmp_path / "emb.onnx")
+    assert main(["export", "deit_tiny_patch16_224", "--num-classes", "0", "--schedule", "r=8", "-o", onnx_path]) == 0
+    out = str(tmp_path / "emb.parquet")
+    assert main(["predict", onnx_path, "--images", images_dir, "--output", out, "--limit", "8", "--no-progress"]) == 0
+    table = pq.read_table(out)
+    assert table.column_names == ["path", "embedding"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 192)
+    images = list_images(images_dir, limit=8)
+    expected = _ort_logits(onnx_path, timm.create_model("deit_tiny_patch16_224", num_classes=0), images)
+    got = np.stack(table.sort_by("path").column("embedding").to_numpy(zero_copy_only=False))
+    assert np.abs(got - expected[np.argsort(images.files)]).max() <= 1e-5
