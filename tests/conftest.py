@@ -77,10 +77,10 @@ def tensorrt():
     return trt
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray instance with 2 CPUs for the session (dsm-export's Ray pipelines use it and leave it
-    open), shut down after. Missing, the ``ray`` extra fails the test in CI and skips elsewhere."""
+    """A local Ray instance with 2 CPUs for a test module (dsm-export's Ray pipelines use it and leave
+    it open), shut down after it: no idle Ray process stays beside the timing tests that follow. Missing, the ``ray`` extra fails the test in CI and skips elsewhere."""
     try:
         import ray
         import ray.data  # noqa: F401
