@@ -31,6 +31,7 @@ writer keeps resuming and the single-row guarantee the same as the local run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -237,7 +238,8 @@ class PartWriter:
         """The paths earlier runs wrote or listed as unreadable."""
         keys: set[str] = set()
         for part in self._parts():
-            keys.update(self.pq.read_table(os.path.join(self.output, part), columns=["path"]).column("path").to_pylist())
+            table = self.pq.read_table(os.path.join(self.output, part), columns=["path"])
+            keys.update(table.column("path").to_pylist())
         unreadable = os.path.join(self.output, UNREADABLE_FILE)
         if os.path.isfile(unreadable):
             with open(unreadable, encoding="utf-8") as fh:
@@ -282,8 +284,9 @@ class PartWriter:
 def _settings(runner: Runner, options: PredictOptions) -> dict:
     """What makes rows of two runs the same kind: the engine's bytes and the output's settings."""
     info = runner.engine_file.info
-    return {"engine_sha256": sha256_file(runner.engine_file.path), "model": info.model, "schedule": info.schedule.spec(),
-            "output": info.output, "top_k": None if info.embeddings else options.top_k,
+    return {"engine_sha256": sha256_file(runner.engine_file.path), "model": info.model,
+            "schedule": info.schedule.spec(), "output": info.output,
+            "top_k": None if info.embeddings else options.top_k,
             "logits": bool(options.logits and not info.embeddings)}
 
 
@@ -315,6 +318,8 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
     runner = open_runner(engine, runner_options)  # the runtime and the file, before any image is read
     try:
         writer = PartWriter(output, _settings(runner, options), options.rows_per_file)
+        with contextlib.suppress(FileNotFoundError):  # an earlier run's summary: this run is not done yet
+            os.remove(os.path.join(output, SUCCESS_FILE))
         done = writer.done()
         todo = [i for i, key in enumerate(inputs.keys) if key not in done]
         try:
