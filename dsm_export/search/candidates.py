@@ -183,7 +183,9 @@ def pareto_front(rows: list[Candidate], speed: str = "speedup") -> list[Candidat
 class Budget:
     """An accuracy budget on the calibration images: the least top-1 ``agreement`` (a fraction, 0-1;
     retrieval overlap for embedding models) and the most ``divergence`` (KL; 1 - cosine for
-    embedding models) an engine may have to be chosen. None leaves a side open.
+    embedding models) an engine may have to be chosen. None leaves a side open. ``guard``: the
+    bound is tune's default for a measured target (:data:`~dsm_export.search.tuning.SPEEDUP_MAX_KL`),
+    which reports name as such.
 
     Raises:
         DSMError: a bound outside its range (agreement 0-1, divergence >= 0).
@@ -191,6 +193,7 @@ class Budget:
 
     min_agreement: float | None = None
     max_divergence: float | None = None
+    guard: bool = False  # the default guard of a --target-speedup run, not bounds the user gave
 
     def __post_init__(self):
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
@@ -211,7 +214,8 @@ class Budget:
             parts.append(f"{agreement} >= {100 * self.min_agreement:.1f} %")
         if self.max_divergence is not None:
             parts.append(f"{divergence} <= {self.max_divergence:g}")
-        return ", ".join(parts)
+        guard = " (the default guard of a measured target; --max-kl inf lifts it)" if self.guard else ""
+        return ", ".join(parts) + (guard if parts else "")
 
 
 def admitted(rows, budget: Budget | None) -> list[Candidate]:

@@ -333,7 +333,8 @@ def test_tune_searches_openvino_engines_and_exports_an_ir(ov, weights, images_di
                  "--target-speedup", "1.1", "--calibration-count", "8", "--holdout", "8", "--rungs", "2",
                  "--max-grid", "2", "--refine-steps", "0", "--no-progress", "--export", out, "--report", report])
     captured = capsys.readouterr()
-    data = json.loads(open(report).read())
+    with open(report) as fh:
+        data = json.load(fh)
     first = "bf16" if data["machine"]["cpu_bf16"] else "fp32"  # auto: bf16, or f32 on a CPU without BF16
     assert "SmoothQuant alpha" in captured.out  # chosen once by KL, then reused
     assert data["machine"]["runtime"] == "openvino" and {r["precision"] for r in data["evaluated"]} == {first, "int8"}

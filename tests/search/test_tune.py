@@ -13,10 +13,10 @@ import torch
 from dsm_export.cli import main
 from dsm_export.check.evaluate import flops_ratio, model_logits, schedule_metrics
 from dsm_export.core.schedule import Schedule
-from dsm_export.search.candidates import Candidate, pareto_front
+from dsm_export.search.candidates import Budget, Candidate, pareto_front
 from dsm_export.search import tuning
 from dsm_export.search.schedule_search import ScheduleSearchSettings, search_schedules
-from dsm_export.search.tuning import ResolvedTuneOptions, TuneOptions
+from dsm_export.search.tuning import SPEEDUP_MAX_KL, ResolvedTuneOptions, TuneOptions, TuneReport
 
 from conftest import DEIT
 
@@ -393,3 +393,36 @@ def test_a_tuned_engine_is_copied_with_every_file_of_it_the_engine_last(tmp_path
     tuning.copy_engine(str(files[0]), str(tmp_path / "tuned.xml"))
     assert written == ["tuned.bin", "shared.cache", "tuned.xml"]
     assert [(tmp_path / n).read_text() for n in written] == ["ov_int8_r1.bin", "shared.cache", "ov_int8_r1.xml"]
+
+
+def test_a_measured_target_keeps_within_the_default_guard_unless_lifted():
+    """--target-speedup without --max-kl or --min-agreement keeps within KL <= SPEEDUP_MAX_KL, said as
+    the default guard; --max-kl inf lifts it; a bound the user gives replaces it; FLOP targets have none."""
+    def budget(**kw):
+        return TuneOptions(model=DEIT, images="i", pretrained=True, **kw).check().budget
+
+    guard = budget(target_speedup=1.6)
+    assert guard.max_divergence == SPEEDUP_MAX_KL and guard.min_agreement is None and guard.guard
+    assert guard.describe() == f"KL <= {SPEEDUP_MAX_KL:g} (the default guard of a measured target; --max-kl inf lifts it)"
+    assert budget(target_speedup=1.6, max_kl=float("inf")) == Budget()
+    assert budget(target_speedup=1.6, max_kl=0.1) == Budget(None, 0.1)
+    assert budget(target_speedup=1.6, min_agreement=90) == Budget(0.9, None)
+    assert budget(target_flops_ratio=1.6) == Budget()
+    assert not Budget(None, 0.05).admits({"agreement": 1.0, "divergence": 0.41})
+
+
+def test_a_miss_names_the_engine_that_reached_the_target_only_past_the_budget(capsys):
+    """No engine reached the target within the budget, but one did outside it: the one line says so."""
+    from dsm_export.cli.tune import _missed
+
+    opts = TuneOptions(model=DEIT, images="i", pretrained=True, target_speedup=1.6).check()
+    within = {"speedup": 1.31, "divergence": 0.021, "agreement": 0.96, "precision": "int8", "spec": "r=16"}
+    past = {"speedup": 1.65, "divergence": 0.412, "agreement": 0.76, "precision": "bf16", "spec": "r=40"}
+    rep = TuneReport(schedule=None, precision=None, divergence="KL", agreement_name="agreement",
+                     budget=opts.budget.describe(), target="a 1.60x measured speed-up", measured=True, depth=12,
+                     calibration_files=["a"] * 8, fastest_within_budget=within, fastest_past_budget=past)
+    assert _missed(rep, opts) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "within KL <= 0.05 (the default guard" in err
+    assert "the fastest within it: 1.31x, KL 0.0210" in err
+    assert "reached only past the budget: 1.65x, KL 0.4120, agreement 76.0 % (bf16, r=40)" in err
