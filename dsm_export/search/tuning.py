@@ -60,7 +60,8 @@ class TuneOptions:
     ``max_kl``, ``--no-mirror`` is ``no_mirror``); ``None`` means the flag's default. Exactly one of
     ``target_flops_ratio`` (FLOPs reduction, e.g. 1.7) and ``target_speedup`` (measured speed-up over
     the fastest unmerged engine of ``backend``) is set. ``min_agreement`` is a percentage; ``max_kl``
-    is in nats (1 - cosine for embedding models). ``export``, ``output`` (schedule JSON) and
+    is in nats (1 - cosine for embedding models); with ``target_speedup`` and neither bound the budget is
+    the guard ``KL <= SPEEDUP_MAX_KL`` (``max_kl=float("inf")`` lifts it). ``export``, ``output`` (schedule JSON) and
     ``report`` (report JSON) are paths written at the end, each through a temporary file.
     ``calibration`` is the old name of ``calibration_count``.
 
