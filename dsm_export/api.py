@@ -16,7 +16,7 @@ from .check.distributed import validate_ray
 from .check.validate import ValidateOptions
 from .check.validate import validate as _validate
 from .data import ImageSet, list_images
-from .engines.cluster import RayOptions, runner_on_gpu
+from .engines.cluster import RayOptions
 from .engines.int8.quantize import QuantizeOptions, calibration_pixels, quantize_int8
 from .engines.registry import BuildRecord, BuildRequest, RunnerOptions, build_engine, open_runner
 from .graph.export import ExportInfo, export_onnx, load_onnx, read_metadata
@@ -84,8 +84,7 @@ def validate(engine: str, images, threads: int | None = None, provider: str | No
     runner.close()
     settings = ValidateOptions(**{"source_path": runner.engine_file.source_path, **kwargs})
     image_set = images if isinstance(images, ImageSet) else list_images(images, settings.limit)
-    report = validate_ray(engine, runner.engine_file.info, image_set, settings, runner.judged_as, options, ray,
-                          on_gpu=runner_on_gpu(runner.engine_file, options))
+    report = validate_ray(runner.engine_file, image_set, settings, runner.judged_as, options, ray)
     report.update(engine=runner.engine_file.backend, runtime=runner.label)
     return report
 

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from ..data import ImageSet, eval_transform, load_batch
-from ..engines.cluster import RayOptions, block_count, pool_arguments, ray_session, require_ray
-from ..engines.registry import RunnerOptions, open_runner
+from ..engines.cluster import RayOptions, block_count, pool_arguments, ray_session, require_ray, runner_on_gpu
+from ..engines.registry import EngineFile, RunnerOptions, open_runner
 from ..graph.export import ExportInfo
 from .validate import Logits, ValidateOptions, logits_report, reference_models
 
@@ -72,18 +72,17 @@ def collect_logits_ray(engine: str, runner_options: RunnerOptions, info: ExportI
     return Logits(graph, merged, unmerged)
 
 
-def validate_ray(engine: str, info: ExportInfo, images: ImageSet, options: ValidateOptions, precision: str,
-                 runner_options: RunnerOptions | None = None, ray: RayOptions | None = None,
-                 on_gpu: bool = False) -> dict:
+def validate_ray(engine: EngineFile, images: ImageSet, options: ValidateOptions, precision: str,
+                 runner_options: RunnerOptions | None = None, ray: RayOptions | None = None) -> dict:
     """:func:`~dsm_export.check.validate.validate_runner`'s report, the images run on Ray actors.
 
     Args:
-        engine: the engine file (every node must see it, and the images and weights, at the same path).
-        info: its metadata; images: the (checked) image set; options: :class:`ValidateOptions`.
+        engine: what the engine file says of itself (every node must see the file, and the images and
+            weights, at the same path); an engine that runs on a GPU gets one actor per GPU.
+        images: the (checked) image set; options: :class:`ValidateOptions`.
         precision: the criterion (the engine's ``judged_as`` unless the user named one).
         runner_options: the engine's options on each actor (``threads`` is set to ``cpus_per_actor``).
         ray: where and how wide (:class:`~dsm_export.engines.cluster.RayOptions`).
-        on_gpu: the engine runs on a GPU (one actor per GPU).
 
     Returns:
         The report of a local validation, plus ``ray`` (the cluster, one line) and ``ray_actors``.
@@ -91,13 +90,13 @@ def validate_ray(engine: str, info: ExportInfo, images: ImageSet, options: Valid
     Raises:
         DSMError: Ray not installed or unreachable, and everything ``validate_runner`` raises.
     """
-    ray = ray or RayOptions()
+    ray, runner_options = ray or RayOptions(), runner_options or RunnerOptions()
     options.check()
-    ref = reference_models(info, options)  # weights and model checked here before the cluster starts
+    ref = reference_models(engine.info, options)  # weights and model checked here before the cluster starts
     with ray_session(ray) as cluster:
-        pool = pool_arguments(cluster, ray, on_gpu)
-        actor_options = replace(runner_options or RunnerOptions(), threads=ray.cpus_per_actor)
-        logits = collect_logits_ray(engine, actor_options, info, images, options, pool)
-    report = logits_report(logits, ref, info, images, options, options.precision or precision)
+        pool = pool_arguments(cluster, ray, runner_on_gpu(engine, runner_options))
+        actor_options = replace(runner_options, threads=ray.cpus_per_actor)
+        logits = collect_logits_ray(engine.path, actor_options, engine.info, images, options, pool)
+    report = logits_report(logits, ref, engine.info, images, options, options.precision or precision)
     report.update(ray=cluster.describe(), ray_actors=pool["compute"].min_size)
     return report

@@ -6,7 +6,6 @@ from .. import checks
 from ..check.distributed import validate_ray
 from ..check.validate import ValidateOptions, validate_runner
 from ..data import list_images
-from ..engines.cluster import runner_on_gpu
 from ..engines.registry import RunnerOptions, backend_for, open_runner
 from ..errors import DSMError
 from ..fileio import write_json
@@ -74,8 +73,7 @@ def run(args) -> int:
             report = validate_runner(runner, runner.engine_file.info, images, settings)
         else:
             runner.close()  # each actor opens its own
-            report = validate_ray(path, runner.engine_file.info, images, settings, runner.judged_as, options, ray,
-                                  on_gpu=runner_on_gpu(runner.engine_file, options))
+            report = validate_ray(runner.engine_file, images, settings, runner.judged_as, options, ray)
     finally:
         runner.close()
     report.update(engine=runner.engine_file.backend, runtime=runner.label, skipped_unreadable=skipped)

@@ -48,7 +48,7 @@ from ..core.models import sha256_file
 from ..data import IMAGE_EXTENSIONS, eval_transform, load_image
 from ..engines.cluster import (
     Cluster, RayOptions, block_count, pool_arguments, ray_session, require_ray, runner_on_gpu)
-from ..engines.registry import Runner, RunnerOptions, import_optional, open_runner, read_engine
+from ..engines.registry import EngineFile, Runner, RunnerOptions, import_optional, open_runner
 from ..errors import DSMError
 from ..fileio import atomic_path, write_json
 
@@ -327,7 +327,7 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
                 _predict_local(runner, inputs, todo, writer, options)
             else:
                 runner.close()
-                cluster = _predict_ray(engine, runner_options, inputs, todo, writer, options, ray)
+                cluster = _predict_ray(runner.engine_file, runner_options, inputs, todo, writer, options, ray)
         finally:
             writer.flush()
     finally:
@@ -388,19 +388,18 @@ class _PredictActor:
         return {"key": batch["key"], "error": errors, **columns}
 
 
-def _predict_ray(engine: str, runner_options: RunnerOptions, inputs: ImageList, todo: list[int],
+def _predict_ray(engine: EngineFile, runner_options: RunnerOptions, inputs: ImageList, todo: list[int],
                  writer: PartWriter, options: PredictOptions, ray_options: RayOptions) -> Cluster:
     """The Ray Data pipeline: paths -> ``map_batches`` on engine actors -> rows back to ``writer``."""
     with ray_session(ray_options) as cluster:
-        on_gpu = runner_on_gpu(read_engine(engine), runner_options)
-        pool = pool_arguments(cluster, ray_options, on_gpu)
+        pool = pool_arguments(cluster, ray_options, runner_on_gpu(engine, runner_options))
         actor_options = replace(runner_options, threads=ray_options.cpus_per_actor)
         items = [{"key": inputs.keys[i], "file": inputs.files[i]} for i in todo]
         if not items:
             return cluster
         blocks = block_count(len(items), options.batch_size, pool)
         ds = require_ray().data.from_items(items, override_num_blocks=blocks).map_batches(
-            _PredictActor, fn_constructor_args=(engine, actor_options, options), batch_size=options.batch_size,
+            _PredictActor, fn_constructor_args=(engine.path, actor_options, options), batch_size=options.batch_size,
             batch_format="numpy", **pool)
         with _progress(len(items), options.progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
