@@ -85,7 +85,11 @@ def list_images(root: str, limit: int | None = None) -> ImageSet:
 
 
 def eval_transform(model: nn.Module):
-    """timm's eval transform for ``model`` (``resolve_data_config`` + ``create_transform``)."""
+    """The eval transform for ``model``: a Hugging Face model's own image processor where it has one
+    (``model.hf_transform``), else timm's (``resolve_data_config`` + ``create_transform``)."""
+    hf = getattr(model, "hf_transform", None)
+    if hf is not None:
+        return hf
     return create_transform(**resolve_data_config(model=model), is_training=False)
 
 

@@ -21,7 +21,9 @@ from timm.models import get_pretrained_cfg, parse_model_name, split_model_name_t
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 
+from ..data import eval_transform
 from ..errors import DSMError
+from .hf import ProcessorTransform, image_processor, is_hf_name, load_hf, processor_size, to_timm
 from .patch import check_supported
 
 try:
@@ -158,7 +160,12 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
             (missing/unexpected keys or shape mismatches), pretrained weights neither cached nor
             reachable, ``num_classes`` below 0.
         UnsupportedModelError: if DSM cannot be applied to this architecture.
+
+    A Hugging Face Transformers name (a ``save_pretrained`` folder or a hub id, see
+    :func:`dsm_export.core.hf.is_hf_name`) is loaded by :func:`create_hf_model` instead.
     """
+    if is_hf_name(name):
+        return create_hf_model(name, weights, pretrained=pretrained, num_classes=num_classes, warn_random=warn_random)
     check_model_name(name)
     if num_classes is not None and num_classes < 0:
         raise DSMError(f"num_classes must be 0 (pooled features) or more, got {num_classes}")
@@ -220,6 +227,65 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
     return model.float().eval()
 
 
+def create_hf_model(name: str, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
+                    warn_random: bool = True, attn_implementation: str = "eager") -> nn.Module:
+    """A Hugging Face Transformers vision model (folder or cached hub id) rebuilt as the timm ViT it
+    computes (:func:`dsm_export.core.hf.to_timm`), at its image processor's size, with the processor as
+    its eval transform (``model.hf_transform``, used by :func:`dsm_export.data.eval_transform`).
+
+    Raises:
+        DSMError: ``weights`` or ``num_classes`` given (a Hugging Face model's class and folder decide
+            both), transformers missing, the model neither a folder nor cached, unreadable weights.
+        UnsupportedModelError: a class outside :data:`dsm_export.core.hf.SUPPORTED`.
+    """
+    if weights:
+        raise DSMError(f"--weights is for timm models: {name!r} loads its own weights (a save_pretrained folder, "
+                       "or the Hugging Face cache with --pretrained)")
+    if num_classes is not None:
+        raise DSMError(f"--num-classes is for timm models: the class of {name!r} decides its output "
+                       "(a ...Model class gives pooled features)")
+    if warn_random:
+        hf_model, spec = load_hf(name, pretrained=pretrained, attn_implementation=attn_implementation)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_model, spec = load_hf(name, pretrained=pretrained, attn_implementation=attn_implementation)
+    processor = image_processor(name)
+    model = to_timm(hf_model, spec, processor_size(processor))
+    mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
+    std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
+    h, w = (int(v) for v in model.patch_embed.img_size)
+    model.pretrained_cfg = dict(input_size=(3, h, w), mean=mean, std=std, crop_pct=1.0, interpolation="bicubic",
+                                hf_hub_id=name if not os.path.isdir(name) else None, architecture=spec.architecture)
+    model.hf_transform = ProcessorTransform(processor) if processor is not None else None
+    model.hf_config = hf_model.config
+    check_supported(model, name)
+    return model.float().eval()
+
+
+def model_transform(name: str, num_classes: int | None = None):
+    """The eval transform of the model called ``name`` without loading timm weights: timm's data
+    config, or a Hugging Face model's own image processor.
+
+    Raises:
+        DSMError: as :func:`create_model`.
+    """
+    if is_hf_name(name):
+        return eval_transform(create_hf_model(name, warn_random=False, pretrained=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return eval_transform(timm.create_model(name, pretrained=False, num_classes=num_classes))
+
+
+def output_name(model: nn.Module) -> str:
+    """The exported output's name: a Hugging Face model's (Optimum's: ``logits``, ``pooler_output``,
+    ``image_embeds``), else ``embeddings`` for an identity head (timm ``num_classes=0``), else ``logits``."""
+    spec = getattr(model, "hf_spec", None)
+    if spec is not None:
+        return spec.output
+    return "embeddings" if int(getattr(model, "num_classes", 1)) == 0 else "logits"
+
+
 def pretrained_file(model: nn.Module) -> str | None:
     """The local file timm loaded ``model``'s pretrained weights from, or None if unknown.
 
@@ -228,6 +294,9 @@ def pretrained_file(model: nn.Module) -> str | None:
     ``pytorch_model.bin``, or the config's ``hf_hub_filename``), else torch hub's checkpoint folder
     for a ``url``.
     """
+    spec = getattr(model, "hf_spec", None)
+    if spec is not None:
+        return spec.weights_file or None
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("file") and os.path.isfile(cfg["file"]):
         return cfg["file"]
@@ -259,5 +328,6 @@ def pretrained_name(name: str, model: nn.Module) -> str:
 
 
 def is_embedding_model(model: nn.Module) -> bool:
-    """Whether the model outputs pooled features (identity head, timm ``num_classes=0``)."""
-    return int(getattr(model, "num_classes", 1)) == 0
+    """Whether the model outputs features (identity head, timm ``num_classes=0``; a Hugging Face
+    model's ``pooler_output`` or ``image_embeds``), not class logits."""
+    return output_name(model) != "logits"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -74,12 +74,16 @@ def check_supported(model: nn.Module, name: str | None = None) -> None:
                 f"model {label!r} is not supported: block {i} uses {type(blk.attn).__name__}"
                 f"{' (gated)' if getattr(blk.attn, 'gate', None) is not None else ''}, "
                 "not plain global multi-head attention")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError(f"model {label!r} is not supported: attention pooling ('map')")
-    if model.global_pool not in ("token", "avg"):
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (type(pool) is not AttentionPoolLatent or pool.latent_len != 1 or pool.pool != "token"
+                             or pool.pos_embed is not None or model.pool_include_prefix):
+        raise UnsupportedModelError(
+            f"model {label!r} is not supported: attention pooling other than one latent query over the "
+            "patch tokens (SigLIP's 'map' head)")
+    if model.global_pool not in ("token", "avg", "map"):
         raise UnsupportedModelError(
             f"model {label!r} is not supported: global_pool={model.global_pool!r} "
-            "(supported: 'token', 'avg')")
+            "(supported: 'token', 'avg', 'map')")
     if model.global_pool == "avg" and getattr(model, "pool_include_prefix", False):
         raise UnsupportedModelError(f"model {label!r} is not supported: pooling includes prefix tokens")
     if getattr(model, "dynamic_img_size", False):
@@ -384,6 +388,15 @@ class MergedViT(nn.Module):
 
     def _head(self, x, size):
         m = self.model
+        if m.attn_pool is not None:  # SigLIP's MAP head: merged tokens weigh by their size
+            p = self.num_prefix
+            xt = x[:, p:]
+            bias = None if size is None else size[:, p:].log().transpose(1, 2)  # [B, 1, N]
+            if self.impl == "reference":
+                pooled = m.attn_pool(xt, attn_mask=None if bias is None else bias[:, None])
+            else:
+                pooled = _attention_pool(m.attn_pool, xt, bias)
+            return m.head(m.head_drop(m.fc_norm(pooled)))
         if m.global_pool == "avg":
             p = self.num_prefix
             xt = x[:, p:]
@@ -413,6 +426,26 @@ def last_block_form(model: nn.Module, schedule: Schedule) -> str:
     """How an export of ``schedule`` runs ``model``'s last block by default: ``"prefix"`` (for the
     prefix tokens alone, :func:`prefix_only_last_block`) or ``"full"``."""
     return "prefix" if prefix_only_last_block(model, schedule.mode == "tome") else "full"
+
+
+def _attention_pool(pool: AttentionPoolLatent, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent`` (one latent query, no position embedding) as explicit per-head
+    MatMul-Softmax-MatMul with ``bias`` ``[B, 1, N]`` (``log(size)``) added to the logits, the export form
+    of its SDPA call: ``x`` ``[B, N, C]`` -> ``[B, C]``."""
+    heads, d = pool.num_heads, pool.head_dim
+    q = pool.q(pool.latent).split(d, dim=-1)  # [1, 1, d] per head
+    kv = pool.kv(x).split(d, dim=-1)  # k of head 0..H-1, then v: timm's reshape order
+    outs = []
+    for h in range(heads):
+        k, v = pool.k_norm(kv[h]), kv[heads + h]
+        logits = (pool.q_norm(q[h]) * pool.scale) @ k.transpose(-2, -1)  # [B, 1, N]
+        if bias is not None:
+            logits = logits + bias
+        outs.append(logits.softmax(dim=-1) @ v)
+    out = pool.proj_drop(pool.proj(torch.cat(outs, dim=-1)))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    return out[:, 0]
 
 
 def _mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,8 @@ from ..errors import DSMError
 from ..fileio import atomic_path
 from .metadata import META_PREFIX, dsm_props, prefixed, write_props  # noqa: F401  (META_PREFIX: callers import it from here)
 from .onnx_file import MAX_PROTO, data_file_name, has_external_data, publish, read_graph
-from ..core.models import create_model, is_embedding_model, pretrained_file, pretrained_name, sha256_file
+from ..core.models import create_model, pretrained_file, pretrained_name, sha256_file
+from ..core.models import output_name as model_output_name
 from .onnx_graph import graph_problems, unknown_shapes
 from ..core.patch import apply, input_size
 from ..core.schedule import Schedule
@@ -59,7 +60,8 @@ class ExportInfo:
         tokens: tokens leaving each block (prefix tokens included).
         pretrained: the weights were timm's pretrained weights of ``model`` (``--pretrained``).
         num_classes: the ``num_classes`` the model was created with (None: timm's default).
-        output: the graph output, ``logits`` or ``embeddings`` (identity head).
+        output: the graph output, ``logits`` or ``embeddings`` (identity head); for a Hugging Face model
+            Optimum's name (``logits``, ``pooler_output``, ``image_embeds``).
         last_block: ``"prefix"`` if the last block runs for the prefix tokens alone (see
             :meth:`dsm_export.core.patch.MergedViT._last_block_prefix`), ``"full"`` if for every token
             (as timm's model; files without ``dsm.last_block`` metadata are ``"full"``).
@@ -81,7 +83,7 @@ class ExportInfo:
     @property
     def embeddings(self) -> bool:
         """Whether the graph outputs pooled features (``embeddings``) rather than logits."""
-        return self.output == EMBEDDINGS_NAME
+        return self.output != OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,10 @@ def export_model(
     dummy = torch.randn(batch or 2, c, h, w)
     dynamic_shapes = None if batch else ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},)
 
+    hf = getattr(model, "hf_spec", None)
+    pretrained = pretrained or bool(hf and hf.pretrained)  # a Hugging Face folder or cache entry
     source_file = weights or (pretrained_file(model) if pretrained else None)
-    output_name = EMBEDDINGS_NAME if is_embedding_model(model) else OUTPUT_NAME
+    output_name = model_output_name(model)
     info = ExportInfo(
         model=pretrained_name(model_name, model) if pretrained else model_name,
         schedule=Schedule.from_dict(schedule.to_dict(len(model.blocks))),
