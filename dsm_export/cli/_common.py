@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core.hf import is_hf_folder
 from ..core.models import create_model
 from ..engines.cluster import RayOptions, require_ray
 from ..errors import DSMError
@@ -41,7 +42,7 @@ def check_weights_args(args, require_weights: bool = False) -> None:
     """Refuse --weights together with --pretrained, and (``require_weights``) neither."""
     if args.weights and args.pretrained:
         raise DSMError("give either --weights FILE or --pretrained, not both")
-    if require_weights and not (args.weights or args.pretrained):
+    if require_weights and not (args.weights or args.pretrained or is_hf_folder(args.model)):
         raise DSMError("give --weights FILE or --pretrained (the search needs trained weights)")
 
 

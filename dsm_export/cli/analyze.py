@@ -15,7 +15,7 @@ from ._common import add_weights_args, model_from_args
 
 def add(sub):
     p = sub.add_parser("analyze", help="per-block attention, key-similarity, outlier and merge-cost statistics")
-    p.add_argument("model", help="timm model name")
+    p.add_argument("model", help="timm model name, or a Hugging Face Transformers model (a save_pretrained folder, or a hub id in the local cache)")
     add_weights_args(p)
     p.add_argument("--images", required=True, help="calibration image folder")
     p.add_argument("--limit", type=int, default=64, help="calibration images (default 64)")

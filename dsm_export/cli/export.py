@@ -9,9 +9,11 @@ from ._common import add_weights_args, check_weights_args
 
 
 def add(sub):
-    p = sub.add_parser("export", help="export a timm ViT with a merge schedule to static-shape ONNX")
+    p = sub.add_parser("export", help="export a timm or Hugging Face ViT with a merge schedule to static-shape ONNX")
     p.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224, deit_tiny_patch16_224.fb_in1k "
-                                 "or hf-hub:timm/deit_tiny_patch16_224.fb_in1k")
+                                 "or hf-hub:timm/deit_tiny_patch16_224.fb_in1k; or a Hugging Face Transformers vision model: a "
+                                 "save_pretrained folder, or a hub id in the local cache (with --pretrained), e.g. "
+                                 "facebook/dinov2-small")
     add_weights_args(p)
     p.add_argument("--schedule", default="none",
                    help="schedule spec (r=13,delay=2,local=4,windows=2x2), 'none', or a JSON file")

@@ -15,7 +15,7 @@ from ._common import add_weights_args
 def add(sub):
     """Add the ``tune`` subcommand to ``sub`` (argparse subparsers)."""
     p = sub.add_parser("tune", help="search the schedule (x precision) with the least KL at a FLOP or speed-up target")
-    p.add_argument("model", help="timm model name")
+    p.add_argument("model", help="timm model name, or a Hugging Face Transformers model (a save_pretrained folder, or a hub id in the local cache)")
     add_weights_args(p)
     p.add_argument("--images", required=True, help="image folder; calibration and held-apart images")
     target = p.add_mutually_exclusive_group(required=True)

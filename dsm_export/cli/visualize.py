@@ -14,7 +14,7 @@ from ._common import add_weights_args, model_from_args
 
 def add(sub):
     p = sub.add_parser("visualize", help="draw the merged-token groups at chosen blocks over an image")
-    p.add_argument("model", help="timm model name")
+    p.add_argument("model", help="timm model name, or a Hugging Face Transformers model (a save_pretrained folder, or a hub id in the local cache)")
     add_weights_args(p, num_classes=False)
     p.add_argument("--image", required=True)
     p.add_argument("--schedule", required=True)

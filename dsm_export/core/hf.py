@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -87,6 +89,11 @@ def is_hf_name(name: str) -> bool:
     return os.path.isdir(name) or "/" in name
 
 
+def is_hf_folder(name: str) -> bool:
+    """Whether ``name`` is a Hugging Face ``save_pretrained`` folder (it holds its own weights)."""
+    return is_hf_name(name) and os.path.isdir(name)
+
+
 def _transformers():
     try:
         return importlib.import_module("transformers")
@@ -134,7 +141,6 @@ def _weights_file(name: str) -> str:
         if os.path.isdir(name):
             path = os.path.join(name, filename)
         else:
-            from huggingface_hub import try_to_load_from_cache
             path = try_to_load_from_cache(name, filename)
         if isinstance(path, str) and os.path.isfile(path):
             return path
@@ -155,6 +161,7 @@ def load_hf(name: str, pretrained: bool = False, attn_implementation: str = "eag
         UnsupportedModelError: a class outside :data:`SUPPORTED`.
     """
     tf = _transformers()
+    tf.utils.logging.disable_progress_bar()
     arch = architecture_of(name)
     cls = getattr(tf, arch)
     folder = os.path.isdir(name)
@@ -177,6 +184,16 @@ def load_hf(name: str, pretrained: bool = False, attn_implementation: str = "eag
         warnings.warn(f"no weights loaded: {name} ({arch}) is randomly initialised", stacklevel=2)
     spec = HFSpec(label, arch, SUPPORTED[arch][1], _weights_file(name) if load else "")
     return model.float().eval(), spec
+
+
+def class_names(name: str) -> list[str] | None:
+    """The class names a classifier's config gives (``id2label``), in class order; None if it has none."""
+    try:
+        labels = getattr(_config(name), "id2label", None) or {}
+    except DSMError:
+        return None
+    names = [labels.get(i, labels.get(str(i))) for i in range(len(labels))]
+    return names if names and all(isinstance(n, str) for n in names) else None
 
 
 def image_processor(name: str):
@@ -391,11 +408,7 @@ def to_timm(model: nn.Module, spec: HFSpec, image_size: tuple[int, int] | None =
     config = model.config
     img = image_size or (_square(config.image_size),) * 2
     distilled = family == "deit"
-    if distilled:  # HF DeiT always carries the distillation token
-        from timm.models.deit import VisionTransformerDistilled
-        builder = VisionTransformerDistilled
-    else:
-        builder = VisionTransformer
+    builder = VisionTransformerDistilled if distilled else VisionTransformer  # HF DeiT: distillation token
     vit = builder(**_vit_kwargs(config, family, spec.architecture, img))
     _, emb, layers, final_norm, pre_norm = _parts(model, family)
     with torch.no_grad():

@@ -263,7 +263,7 @@ def create_hf_model(name: str, weights: str | None = None, pretrained: bool = Fa
     return model.float().eval()
 
 
-def model_transform(name: str, num_classes: int | None = None):
+def transform_for(name: str, num_classes: int | None = None):
     """The eval transform of the model called ``name`` without loading timm weights: timm's data
     config, or a Hugging Face model's own image processor.
 
@@ -271,7 +271,7 @@ def model_transform(name: str, num_classes: int | None = None):
         DSMError: as :func:`create_model`.
     """
     if is_hf_name(name):
-        return eval_transform(create_hf_model(name, warn_random=False, pretrained=True))
+        return eval_transform(create_hf_model(name, warn_random=False, pretrained=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return eval_transform(timm.create_model(name, pretrained=False, num_classes=num_classes))
@@ -319,7 +319,10 @@ def pretrained_file(model: nn.Module) -> str | None:
 
 def pretrained_name(name: str, model: nn.Module) -> str:
     """``name`` with the pretrained tag timm resolved (``deit_tiny_patch16_224`` ->
-    ``deit_tiny_patch16_224.fb_in1k``); ``hf-hub:`` names and tagged names unchanged."""
+    ``deit_tiny_patch16_224.fb_in1k``); ``hf-hub:`` names and tagged names unchanged; a Hugging Face
+    model's hub id or absolute folder."""
+    if getattr(model, "hf_spec", None) is not None:
+        return model.hf_spec.name
     source, rest = parse_model_name(name)
     if source == "hf-hub" or split_model_name_tag(rest)[1]:
         return name

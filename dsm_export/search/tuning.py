@@ -30,6 +30,7 @@ from typing import Callable
 
 from .. import checks
 from ..check.evaluate import divergence_name, load_pixels, model_logits, schedule_metrics
+from ..core.hf import is_hf_folder
 from ..core.models import create_model, is_embedding_model
 from ..core.schedule import Schedule
 from ..data import list_images, split_calibration
@@ -129,7 +130,7 @@ class TuneOptions:
         _check_numbers(self)
         if self.weights and self.pretrained:
             raise DSMError("give either --weights FILE or --pretrained, not both")
-        if not (self.weights or self.pretrained):
+        if not (self.weights or self.pretrained or is_hf_folder(self.model)):
             raise DSMError("give --weights FILE or --pretrained (the search needs trained weights)")
         budget = _budget(self, measured)
         for path in (self.output, self.report, self.export):

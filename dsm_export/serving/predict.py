@@ -39,13 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import timm
 import torch
 from tqdm import tqdm
 
-from ..core.models import sha256_file
-from ..core.models import sha256_file
-from ..data import IMAGE_EXTENSIONS, eval_transform, load_image
+from ..core.models import sha256_file, transform_for
+from ..data import IMAGE_EXTENSIONS, load_image
 from ..engines.cluster import (
     Cluster, RayOptions, block_count, pool_arguments, ray_session, require_ray, runner_on_gpu)
 from ..engines.registry import EngineFile, Runner, RunnerOptions, import_optional, open_runner
@@ -155,9 +153,9 @@ def list_inputs(source: str, limit: int | None = None) -> ImageList:
 
 
 def model_transform(info):
-    """The model's timm eval transform (PIL image -> ``[3, H, W]`` float32), from its name in the
-    engine's metadata; no weights are loaded."""
-    return eval_transform(timm.create_model(info.model, pretrained=False, num_classes=info.num_classes))
+    """The model's eval transform (PIL image -> ``[3, H, W]`` float32), from its name in the engine's
+    metadata: timm's (no weights are loaded), or a Hugging Face model's own image processor."""
+    return transform_for(info.model, info.num_classes)
 
 
 def decode(files, transform) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:

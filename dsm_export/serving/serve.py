@@ -46,7 +46,9 @@ import numpy as np
 
 from .. import checks
 from ..errors import DSMError
-from ..core.models import sha256_file
+from ..core.hf import class_names as hf_class_names
+from ..core.hf import is_hf_name
+from ..core.models import sha256_file, transform_for
 from ..engines.registry import RunnerOptions, backend_for, open_runner, read_engine
 from .batcher import MicroBatcher  # noqa: F401  (the name callers import from here)
 from .lifecycle import (  # noqa: F401  (ShutdownGuard, descendants: the names callers import from here)
@@ -95,6 +97,9 @@ def class_names(model_name: str, classes: int) -> list[str] | None:
     import timm
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
+    if is_hf_name(model_name):
+        names = hf_class_names(model_name)
+        return names if names and len(names) == classes else None
     try:
         subset = infer_imagenet_subset(timm.create_model(model_name, pretrained=False, num_classes=classes))
         if not subset:
@@ -171,17 +176,14 @@ class _BadRequestLogFilter(logging.Filter):
 
 def _bind(triton, onnx_path: str, name: str, options: ServeOptions, batchers: list) -> str:
     """Bind ``<name>`` and ``<name>_image`` for one ONNX file; returns a one-line description."""
-    import timm
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
-    from ..data import eval_transform
 
     max_batch, top_k = options.max_batch, options.top_k
     runner = open_runner(onnx_path, RunnerOptions(threads=options.threads))  # any backend's engine
     engine = runner.engine_file
     info, in_name, out_name, dims = engine.info, engine.input_name, engine.output_name, engine.output_dims
-    transform = eval_transform(timm.create_model(info.model, pretrained=False))
+    transform = transform_for(info.model, info.num_classes)
     c, h, w = info.input_size
     limit = info.batch or max_batch
     params = {"dsm.file": os.path.abspath(onnx_path), "dsm.sha256": sha256_file(onnx_path), "dsm.model": info.model,
