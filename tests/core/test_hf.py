@@ -1,0 +1,212 @@
+"""Hugging Face Transformers vision models (issue 47): each covered class rebuilt as the timm ViT it
+computes equals the Hugging Face forward (eager and sdpa attention), merges and exports like a timm
+model; the shared DeiT-Tiny weights in the layout of Hugging Face's DeiT-Tiny checkpoint
+(``ViTForImageClassification``) validate at 1e-4 and give the timm export's logits; unsupported
+classes and uncached hub ids exit 2 with one line."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dsm_export.check.validate import onnx_runner
+from dsm_export.cli import main
+from dsm_export.core.hf import SUPPORTED, is_hf_name
+from dsm_export.core.models import create_model, is_embedding_model
+from dsm_export.core.patch import apply
+from dsm_export.graph.export import export_onnx, read_metadata
+
+from conftest import DEIT
+from trt_checks import build_and_check
+
+if os.environ.get("CI"):  # CI installs the transformers extra: a missing module is a failure there
+    import transformers
+else:
+    transformers = pytest.importorskip("transformers")
+
+DSM = "r=34,r_end=0,delay=3,local=1"
+SMALL = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3)
+
+
+def _configs():
+    """Class name -> (config, schedule): small random-init models of every covered class."""
+    tf = transformers
+    mlp = dict(SMALL, intermediate_size=384)
+    return {
+        "ViTForImageClassification": (tf.ViTConfig(**mlp, num_labels=10), "r=16,delay=1,local=1"),
+        "ViTModel": (tf.ViTConfig(**mlp), "r=16,delay=1"),
+        "DeiTForImageClassification": (tf.DeiTConfig(**mlp, num_labels=10), "r=16,delay=1,protect=4"),
+        "DeiTForImageClassificationWithTeacher": (tf.DeiTConfig(**mlp, num_labels=10), "r=16,delay=1"),
+        "DeiTModel": (tf.DeiTConfig(**mlp), "r=16,delay=1,merge=mlerp"),
+        "Dinov2Model": (tf.Dinov2Config(**SMALL, image_size=224, patch_size=14), "r=20,mode=tome"),
+        # registers, LayerScale and position embeddings interpolated by the model's own code to 518 px
+        "Dinov2WithRegistersModel": (tf.Dinov2WithRegistersConfig(**SMALL, image_size=224, patch_size=14,
+                                                                   num_register_tokens=4, layerscale_value=0.5),
+                                     "r=48,delay=1,local=1,windows=2x2"),
+        # ViT-B/32's 7x7 grid (narrow): windows of 2x2 are uneven (4 and 3 rows)
+        "CLIPVisionModel": (tf.CLIPVisionConfig(**mlp, image_size=224, patch_size=32), "r=4,delay=1"),
+        "CLIPVisionModelWithProjection": (tf.CLIPVisionConfig(**mlp, image_size=224, patch_size=32,
+                                                              projection_dim=64), "r=3,delay=1,local=1,windows=2x2"),
+        # no class token: the attention-pooling head reads merged tokens with their sizes
+        "SiglipVisionModel": (tf.SiglipVisionConfig(**mlp, image_size=224, patch_size=16), "r=16,delay=1,local=1"),
+    }
+
+
+def hf_folder(tmp, arch, config, processor=None, seed=0):
+    """A random-init ``arch`` saved with ``save_pretrained`` (and ``processor``) into ``tmp/arch``."""
+    torch.manual_seed(seed)
+    config.architectures = [arch]
+    model = getattr(transformers, arch)(config).eval()
+    folder = os.path.join(str(tmp), arch)
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    return folder
+
+
+def test_supported_covers_the_issue_classes():
+    assert set(_configs()) == set(SUPPORTED)
+    assert is_hf_name("facebook/dinov2-small") and not is_hf_name("deit_tiny_patch16_224")
+    assert not is_hf_name("hf-hub:timm/deit_tiny_patch16_224.fb_in1k")
+
+
+@pytest.mark.parametrize("arch", sorted(SUPPORTED))
+def test_rebuild_equals_the_hugging_face_forward(tmp_path, arch):
+    """Unmerged: the rebuilt timm ViT gives the HF model's own output (eager and sdpa attention);
+    merged: the export form equals the reference at 1e-4."""
+    config, schedule = _configs()[arch]
+    folder = hf_folder(tmp_path, arch, config)
+    model = create_model(folder)
+    spec = model.hf_spec
+    assert spec.architecture == arch and spec.output == SUPPORTED[arch][1] and spec.pretrained
+    assert is_embedding_model(model) == (spec.output != "logits")
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.inference_mode():
+        ours = model(x)
+        for impl in ("eager", "sdpa"):
+            hf = getattr(transformers, arch).from_pretrained(folder, attn_implementation=impl).eval()
+            theirs = getattr(hf(pixel_values=x), spec.output)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
+        ref = apply(model, schedule, impl="reference")(x)
+        exp = apply(model, schedule, impl="export")(x)
+    torch.testing.assert_close(exp, ref, rtol=0, atol=1e-4)
+    assert not torch.allclose(ref, ours, atol=1e-6)  # the schedule did merge
+
+
+def test_dinov2_position_embeddings_interpolated_to_518(tmp_path):
+    """A 224-px DINOv2 config at 518 px: the model's own interpolation, once, at load."""
+    config, _ = _configs()["Dinov2WithRegistersModel"]
+    processor = transformers.BitImageProcessor(size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518})
+    folder = hf_folder(tmp_path, "Dinov2WithRegistersModel", config, processor)
+    model = create_model(folder)
+    assert tuple(model.patch_embed.img_size) == (518, 518) and model.patch_embed.grid_size == (37, 37)
+    assert model.num_prefix_tokens == 5
+    hf = transformers.Dinov2WithRegistersModel.from_pretrained(folder).eval()
+    x = torch.randn(1, 3, 518, 518)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), hf(pixel_values=x).pooler_output, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("folder_of", ["swin", "text", "missing", "uncached"])
+def test_unsupported_or_missing_models_exit_2(tmp_path, capsys, monkeypatch, folder_of):
+    tf = transformers
+    if folder_of == "swin":
+        name = hf_folder(tmp_path, "SwinForImageClassification", tf.SwinConfig(embed_dim=24, depths=[1, 1],
+                                                                                num_heads=[1, 2], num_labels=3))
+        expected = "SwinForImageClassification"
+    elif folder_of == "text":
+        name = hf_folder(tmp_path, "CLIPTextModel", tf.CLIPTextConfig(**SMALL, intermediate_size=384))
+        expected = "CLIPTextModel"
+    elif folder_of == "missing":
+        name, expected = str(tmp_path / "nowhere" / "model"), "does not exist"
+    else:
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        name, expected = "nobody/no-such-vit", "not in the local cache"
+    out = tmp_path / "m.onnx"
+    assert main(["export", name, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err
+    assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.endswith(".onnx")]
+
+
+def test_weights_and_num_classes_are_timm_only(tmp_path, capsys):
+    config, _ = _configs()["ViTModel"]
+    folder = hf_folder(tmp_path, "ViTModel", config)
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    assert main(["export", folder, "--weights", str(weights), "-o", str(tmp_path / "a.onnx")]) == 2
+    assert "--weights is for timm models" in capsys.readouterr().err
+    assert main(["export", folder, "--num-classes", "0", "-o", str(tmp_path / "a.onnx")]) == 2
+    assert "--num-classes is for timm models" in capsys.readouterr().err
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("arch", ["Dinov2WithRegistersModel", "CLIPVisionModelWithProjection", "SiglipVisionModel"])
+def test_towers_export_with_parity_static_shapes_and_tensorrt(tmp_path, arch):
+    """Random-init DINOv2 with registers at 518 px, CLIP ViT-B/32's grid with 2x2 (uneven) windows and
+    SigLIP: fp32 parity at 1e-4, every shape static, Optimum's names, and a TensorRT fp16 build."""
+    config, schedule = _configs()[arch]
+    processor = None
+    if arch.startswith("Dinov2"):
+        processor = transformers.BitImageProcessor(size={"shortest_edge": 518},
+                                                   crop_size={"height": 518, "width": 518})
+    folder = hf_folder(tmp_path, arch, config, processor)
+    path = str(tmp_path / "m.onnx")
+    info = export_onnx(folder, path, schedule, batch=2)  # the op check for TensorRT runs inside
+    model = onnx.load(path)
+    output = SUPPORTED[arch][1]
+    assert [i.name for i in model.graph.input] == ["pixel_values"]
+    assert [o.name for o in model.graph.output] == [output] and info.output == output
+    meta = read_metadata(model)
+    assert meta.model == os.path.abspath(folder) and meta.weights_sha256 and meta.tokens[-1] < meta.tokens[0]
+    shapes = onnx.shape_inference.infer_shapes(model).graph
+    for v in list(shapes.value_info) + list(shapes.output) + list(shapes.input):
+        dims = v.type.tensor_type.shape.dim
+        assert all(d.HasField("dim_value") for d in dims), f"{v.name} has a dynamic axis"
+    ref_model = create_model(folder)
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, *ref_model.patch_embed.img_size)
+    with torch.inference_mode():
+        ref = apply(ref_model, schedule, impl="reference")(x).numpy()
+    np.testing.assert_allclose(onnx_runner(path)(x.numpy()), ref, rtol=0, atol=1e-4)
+    build_and_check(path, tmp_path, "fp16")
+
+
+# ------------------------------------------------------------------ the shared DeiT-Tiny weights
+@pytest.fixture(scope="module")
+def hf_deit(weights, tmp_path_factory):
+    """The shared DeiT-Tiny weights as a ``ViTForImageClassification`` folder, with the image processor
+    of Hugging Face's ``facebook/deit-tiny-patch16-224`` (256x256 bicubic resize, 224 crop, ImageNet
+    mean and std)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from dsm_export.core.hf import save_as_hf_vit
+
+    folder = str(tmp_path_factory.mktemp("hf") / "deit-tiny-patch16-224")
+    processor = transformers.DeiTImageProcessor(
+        size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+        image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD))
+    save_as_hf_vit(create_model(DEIT, weights), folder, processor)
+    return folder
+
+
+@pytest.mark.parametrize("schedule", ["none", DSM])
+def test_hf_deit_export_equals_timm_export(hf_deit, weights, pixels, tmp_path, schedule):
+    """On the same pixel tensors the Hugging Face path's export gives the timm export's logits."""
+    hf_path, timm_path = str(tmp_path / "hf.onnx"), str(tmp_path / "timm.onnx")
+    export_onnx(hf_deit, hf_path, schedule)
+    export_onnx(DEIT, timm_path, schedule, weights)
+    x = pixels.numpy()
+    np.testing.assert_allclose(onnx_runner(hf_path)(x), onnx_runner(timm_path)(x), rtol=0, atol=1e-4)
+
+
+def test_hf_deit_validates_against_hugging_face_pytorch(hf_deit, images_dir, tmp_path, capsys):
+    path = str(tmp_path / "hf.onnx")
+    assert main(["export", hf_deit, "--schedule", DSM, "-o", path]) == 0
+    assert main(["validate", path, "--images", images_dir, "--limit", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "(atol 1e-04)" in out and os.path.abspath(hf_deit) in out
