@@ -235,6 +235,11 @@ def engine_quotient_block(ctx: Context) -> str:
                    "--images", IMAGES).strip()
 
 
+@figure("hf-deit", "the shared DeiT-Tiny as Hugging Face ViTForImageClassification beside the timm path (research/hf_deit.py; ~4 min)")
+def hf_deit_block(ctx: Context) -> str:
+    return on_deit(ctx, "hf_deit.py").strip()
+
+
 @figure("predict-throughput", "dsm-export predict images/s, plain loop against local Ray with 2 actors (research/predict_throughput.py; ~6 min)")
 def predict_throughput_block(ctx: Context) -> str:
     return on_deit(ctx, "predict_throughput.py").strip()

@@ -210,3 +210,55 @@ def test_hf_deit_validates_against_hugging_face_pytorch(hf_deit, images_dir, tmp
     assert main(["validate", path, "--images", images_dir, "--limit", "32"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "(atol 1e-04)" in out and os.path.abspath(hf_deit) in out
+
+
+@pytest.mark.server
+def test_served_clip_image_embeds_equal_local_onnxruntime(tmp_path, images_dir):
+    """A merged ``CLIPVisionModelWithProjection`` behind ``serve``: ``image_embeds`` from pixels and from
+    JPEG bytes (preprocessed by the checkpoint's CLIPImageProcessor) equal local ONNX Runtime."""
+    import tritonclient.http as httpclient
+
+    from dsm_export.core.models import transform_for
+    from dsm_export.data import list_images, load_batch
+    from servers import start_ready
+
+    config, schedule = _configs()["CLIPVisionModelWithProjection"]
+    folder = hf_folder(tmp_path, "CLIPVisionModelWithProjection", config, transformers.CLIPImageProcessor())
+    path = str(tmp_path / "clip.onnx")
+    export_onnx(folder, path, schedule)
+    images = list_images(images_dir, limit=3)
+    x = load_batch(images, range(3), transform_for(folder)).numpy()
+    local = onnx_runner(path)(x)
+    srv = start_ready([path], ["clip"], str(tmp_path / "serve.log"), ["--threads", "1"])
+    try:
+        client = httpclient.InferenceServerClient(srv.url)
+        inp = httpclient.InferInput("pixel_values", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("clip", [inp]).as_numpy("image_embeds"), local, rtol=0, atol=1e-4)
+        with open(images.path(1), "rb") as fh:
+            data = fh.read()
+        img = httpclient.InferInput("image", [1], "BYTES")
+        img.set_data_from_numpy(np.array([data], dtype=object))
+        served = client.infer("clip_image", [img]).as_numpy("image_embeds")
+        np.testing.assert_allclose(served.reshape(-1), local[1], rtol=0, atol=1e-4)
+        client.close()
+    finally:
+        srv.close()
+
+
+def test_optimum_loads_the_merged_file(hf_deit, pixels, tmp_path):
+    """Where optimum-onnx is installed, its ``ORTModelForImageClassification`` runs the merged export
+    from a folder with the checkpoint's config and gets the same logits. (optimum-onnx 0.1.0 requires
+    transformers < 4.58, so beside the transformers extra it is not installed and this skips.)"""
+    optimum_ort = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
+    import shutil
+
+    folder = tmp_path / "optimum"
+    folder.mkdir()
+    path = str(folder / "model.onnx")
+    export_onnx(hf_deit, path, DSM)
+    shutil.copy(os.path.join(hf_deit, "config.json"), folder / "config.json")
+    model = optimum_ort.ORTModelForImageClassification.from_pretrained(str(folder))
+    ours = onnx_runner(path)(pixels.numpy())
+    theirs = model(pixel_values=pixels).logits
+    np.testing.assert_allclose(np.asarray(theirs), ours, rtol=0, atol=1e-5)

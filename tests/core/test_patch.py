@@ -135,10 +135,26 @@ def test_prefix_tokens_are_never_merged(deit, pixels):
     ("vit_relpos_small_patch16_224", {"depth": 1}, "not supported"),
     ("vit_pwee_patch16_reg1_gap_256", {"depth": 1}, "ParallelScalingBlock"),
     ("vit_dwee_patch16_reg1_gap_256", {"depth": 1}, "not plain global multi-head attention"),
-    ("vit_base_patch16_siglip_224", {"depth": 1}, "attention pooling"),
 ])
 def test_unsupported_architectures_are_refused(name, kwargs, reason):
     model = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(UnsupportedModelError, match=reason) as info:
         apply(model, "r=4", name=name)
     assert name in str(info.value)
+
+
+def test_siglip_attention_pooling_takes_merged_tokens_by_size():
+    """timm's SigLIP (no class token, ``AttentionPoolLatent`` head): unmerged it is timm's forward; merged,
+    the export form's explicit pooling attention with log(size) equals the reference's SDPA with it."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=3, embed_dim=96,
+                              num_heads=3).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(apply(model, "none", impl="export")(x), model(x), rtol=0, atol=1e-5)
+        ref = apply(model, "r=40,delay=1,local=1", impl="reference")(x)
+        torch.testing.assert_close(apply(model, "r=40,delay=1,local=1", impl="export")(x), ref, rtol=0, atol=1e-4)
+    pool = model.attn_pool
+    pool.pool = "avg"  # anything but one latent query read as a token is refused
+    with pytest.raises(UnsupportedModelError, match="attention pooling"):
+        apply(model, "r=4")
