@@ -43,7 +43,7 @@ class _ValidateActor:
         pixels = load_batch(images, range(len(files)), self.transform)
         with torch.inference_mode():
             merged = self.ref.merged(pixels).float().numpy()
-            unmerged = self.ref.model(pixels).float().numpy()
+            unmerged = self.ref.unmerged(pixels).float().numpy()
         graph = np.asarray(self.runner(pixels.numpy()), dtype=np.float32)
         return {"index": batch["index"], "graph": graph, "merged": merged, "unmerged": unmerged}
 

@@ -28,8 +28,10 @@ from ..data import ImageSet, eval_transform, iter_batches, list_images
 from ..errors import DSMError
 from ..graph.export import ExportInfo, load_onnx, read_metadata, weights_path
 from ..core.flops import schedule_flops
-from ..core.models import create_model, is_embedding_model, pretrained_file, sha256_file
-from ..core.patch import apply, input_size
+from ..core.hf import ATTN_IMPLEMENTATIONS, is_hf_name
+from ..core.hf_reference import merged_reference
+from ..core.models import create_hf_model, create_model, is_embedding_model, pretrained_file, sha256_file
+from ..core.patch import input_size
 from ..core.schedule import Schedule
 from ..engines.registry import Runner, RunnerOptions, open_runner
 from ..metrics import (  # noqa: F401  (the metrics, here since before metrics.py)
@@ -175,6 +177,8 @@ class ValidateOptions:
             (:data:`INT8_MIN_TOP1_MATCH`, :data:`INT8_MAX_KL`); None: the runner's ``judged_as``.
         pretrained: rebuild the PyTorch model from timm's pretrained weights of the model name.
         source_path: the engine's file; a relative weights path in the metadata is taken from its folder.
+        attn_implementation: a Hugging Face model's attention implementation in the reference
+            (``eager`` or ``sdpa``; None: transformers' default); ignored for timm models.
     """
 
     weights: str | None = None
@@ -187,6 +191,7 @@ class ValidateOptions:
     precision: str | None = None
     pretrained: bool = False
     source_path: str | None = None
+    attn_implementation: str | None = None
 
     def check(self) -> None:
         """Raises DSMError on a batch size below 1, a non-positive atol or an unknown precision."""
@@ -196,16 +201,27 @@ class ValidateOptions:
             raise DSMError(f"atol must be positive, got {self.atol}")
         if self.precision not in (None, *CRITERIA):
             raise DSMError(f"precision {self.precision!r}: choose one of {', '.join(CRITERIA)}")
+        if self.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise DSMError(f"attention implementation {self.attn_implementation!r}: choose one of "
+                           f"{', '.join(ATTN_IMPLEMENTATIONS)}")
 
 
 @dataclass
 class Reference:
-    """The PyTorch side of a validation: the unmerged model and the same schedule's reference form."""
+    """The PyTorch side of a validation: the model (timm, or rebuilt from Hugging Face), the same
+    schedule's reference form, and the unmerged forward compared against (for a Hugging Face model
+    both run its own modules: :class:`~dsm_export.core.hf_reference.HFMergedReference`)."""
 
     name: str
     schedule: Schedule
     model: torch.nn.Module
     merged: torch.nn.Module
+    unmerged: torch.nn.Module | None = None
+    kind: str = ""  # for a Hugging Face model: its class and attention implementation
+
+    def __post_init__(self):
+        if self.unmerged is None:
+            self.unmerged = self.model
 
 
 def reference_models(info: ExportInfo, options: ValidateOptions) -> Reference:
@@ -220,7 +236,11 @@ def reference_models(info: ExportInfo, options: ValidateOptions) -> Reference:
         schedule = Schedule.parse(schedule)
     schedule = schedule or info.schedule
     path, use_pretrained = resolve_weights(info, options.weights, options.pretrained, options.source_path)
-    model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
+    if is_hf_name(name):
+        model = create_hf_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes,
+                                attn_implementation=options.attn_implementation)
+    else:
+        model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
     check_weights(info, model, use_pretrained and not options.model_name)
     if tuple(input_size(model)) != tuple(info.input_size):
         c, h, w = info.input_size
@@ -229,8 +249,12 @@ def reference_models(info: ExportInfo, options: ValidateOptions) -> Reference:
     if is_embedding_model(model) != info.embeddings:
         raise DSMError(f"the graph outputs {info.output} but {name} (num_classes "
                        f"{model.num_classes}) does not: pass the export's --num-classes")
-    merged = apply(model, schedule, impl="reference", name=name).eval()
-    return Reference(name, schedule, model, merged)
+    merged = merged_reference(model, schedule, name)
+    if not is_hf_name(name):
+        return Reference(name, schedule, model, merged)
+    impl = getattr(model.hf_model.config, "_attn_implementation", None) or "eager"
+    kind = f"Hugging Face {model.hf_spec.architecture}, its own modules, {impl} attention"
+    return Reference(name, schedule, model, merged, merged_reference(model, "none", name), kind)
 
 
 def validate_runner(runner: Callable[[np.ndarray], np.ndarray], info: ExportInfo, images_dir: str | ImageSet,
@@ -262,7 +286,7 @@ def validate_runner(runner: Callable[[np.ndarray], np.ndarray], info: ExportInfo
     precision = options.precision or getattr(runner, "judged_as", "fp32")
     images = images_dir if isinstance(images_dir, ImageSet) else list_images(images_dir, options.limit)
     ref = reference_models(info, options)
-    logits = collect_logits(runner, ref.model, ref.merged, images, eval_transform(ref.model), options.batch_size,
+    logits = collect_logits(runner, ref.unmerged, ref.merged, images, eval_transform(ref.model), options.batch_size,
                             options.progress)
     return logits_report(logits, ref, info, images, options, precision)
 
@@ -288,6 +312,8 @@ def logits_report(logits: Logits, ref: Reference, info: ExportInfo, images: Imag
         "precision": precision, "gflops": flops / 1e9, "baseline_gflops": base_flops / 1e9,
         "flops_ratio": base_flops / flops,
     }
+    if ref.kind:
+        report["reference"] = ref.kind
     if info.embeddings:
         report.update(_embedding_report(logits, precision in ("fp16", "bf16")))
         return report

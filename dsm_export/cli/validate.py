@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import checks
 from ..check.distributed import validate_ray
 from ..check.validate import ValidateOptions, validate_runner
+from ..core.hf import ATTN_IMPLEMENTATIONS
 from ..data import list_images
 from ..engines.registry import RunnerOptions, backend_for, open_runner
 from ..errors import DSMError
@@ -28,7 +29,11 @@ def add(sub):
     p.add_argument("--pretrained", action="store_true",
                    help="PyTorch side from timm's pretrained weights of the model name (Hugging Face cache); "
                         "the default for files exported with --pretrained")
-    p.add_argument("--model", help="timm model name (default: from the file's metadata)")
+    p.add_argument("--model", help="timm model name or Hugging Face folder or hub id (default: from the file's "
+                                   "metadata)")
+    p.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS,
+                   help="a Hugging Face model's attention implementation in the PyTorch reference (default: "
+                        "transformers' default, sdpa)")
     p.add_argument("--schedule", help="schedule (default: from the file's metadata)")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| (default 1e-4)")
@@ -68,7 +73,8 @@ def run(args) -> int:
         settings = ValidateOptions(weights=args.weights, model_name=args.model, schedule=args.schedule,
                                    atol=args.atol, batch_size=args.batch_size, limit=args.limit,
                                    progress=not args.no_progress, pretrained=args.pretrained,
-                                   source_path=runner.engine_file.source_path)
+                                   source_path=runner.engine_file.source_path,
+                                   attn_implementation=args.attn_implementation)
         if ray is None:
             report = validate_runner(runner, runner.engine_file.info, images, settings)
         else:
@@ -91,11 +97,12 @@ def format_report(report: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
-    if report.get("output") == "embeddings":
+    if report.get("output", "logits") != "logits":  # embeddings, pooler_output, image_embeds
         cos = report["cosine"]
         k = cos["knn_k"]
         lines = [
-            f"model {report['model']}, schedule {report['schedule']}, {report['images']} images, output embeddings",
+            f"model {report['model']}, schedule {report['schedule']}, {report['images']} images, output {report['output']}"
+            + (f"\n  PyTorch reference:        {report['reference']}" if report.get("reference") else ""),
             f"  vs PyTorch with schedule: cosine min {cos['pytorch']['min']:.6f} mean {cos['pytorch']['mean']:.6f}, "
             f"retrieval overlap@{k} {pct(cos['knn_overlap_pytorch'])}, max |d| {report['max_abs_diff']:.2e}",
             f"  vs unmerged PyTorch:      cosine min {cos['unmerged']['min']:.4f} mean {cos['unmerged']['mean']:.4f}, "
@@ -109,7 +116,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"model {report['model']}, schedule {report['schedule']}, {report.get('precision', 'fp32')}, "
         f"{report['images']} images"
-        + (f", {report['runtime']}" if report.get("inference_precision") else ""),
+        + (f", {report['runtime']}" if report.get("inference_precision") else "")
+        + (f"\n  PyTorch reference:        {report['reference']}" if report.get("reference") else ""),
         f"  vs PyTorch with schedule: max |dlogit| {report['max_abs_diff']:.2e} (atol {report['atol']:.0e}), "
         f"top-1 match {pct(report['top1_match_pytorch'])} ({report['top1_mismatches']} mismatches)"
         + (f", KL {report['kl_to_pytorch']:.4f}" if report.get("precision", "fp32") != "fp32"

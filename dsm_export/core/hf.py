@@ -57,6 +57,7 @@ TOWERS = {"CLIPModel": "CLIPVisionModelWithProjection", "SiglipModel": "SiglipVi
 ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")  # the attention implementations the reference runs
 INSTALL_HINT = "pip install 'dsm-export[transformers]'"
 
 
@@ -147,8 +148,9 @@ def _weights_file(name: str) -> str:
     return ""
 
 
-def load_hf(name: str, pretrained: bool = False, attn_implementation: str = "eager") -> tuple[nn.Module, HFSpec]:
-    """Load a ``transformers`` vision model as Hugging Face users do, offline.
+def load_hf(name: str, pretrained: bool = False, attn_implementation: str | None = None) -> tuple[nn.Module, HFSpec]:
+    """Load a ``transformers`` vision model as Hugging Face users do, offline, with
+    ``attn_implementation`` (``eager``, ``sdpa``; None: transformers' default, sdpa where available).
 
     A folder always loads its weights; a hub id loads them from the cache with ``pretrained``, else
     its cached config is randomly initialised (with a warning).
@@ -170,12 +172,11 @@ def load_hf(name: str, pretrained: bool = False, attn_implementation: str = "eag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            impl = {"attn_implementation": attn_implementation} if attn_implementation else {}
             if load:
-                model = cls.from_pretrained(name, local_files_only=True, attn_implementation=attn_implementation,
-                                            dtype=torch.float32)
+                model = cls.from_pretrained(name, local_files_only=True, dtype=torch.float32, **impl)
             else:
-                config = cls.config_class.from_pretrained(name, local_files_only=True)
-                config._attn_implementation = attn_implementation
+                config = cls.config_class.from_pretrained(name, local_files_only=True, **impl)
                 model = cls(config)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -242,7 +243,7 @@ def _square(v) -> int:
     return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
 
 
-def _parts(model: nn.Module, family: str):
+def parts(model: nn.Module, family: str):
     """The HF modules behind each part: ``(embeddings, layers, final norm, pre-norm or None)``."""
     if family in ("vit", "deit"):
         base = getattr(model, family, model)
@@ -255,7 +256,7 @@ def _parts(model: nn.Module, family: str):
     return base, base.embeddings, base.encoder.layers, base.post_layernorm, None
 
 
-def _layer_modules(layer: nn.Module, family: str):
+def layer_modules(layer: nn.Module, family: str):
     """``(norm1, q, k, v, out, norm2, fc1, fc2, ls1, ls2)`` of one HF encoder layer."""
     if family in ("vit", "deit"):
         a = layer.attention
@@ -301,7 +302,7 @@ def _mlp_ratio(config) -> float:
 
 def _copy_layers(vit: VisionTransformer, layers, family: str) -> None:
     for blk, layer in zip(vit.blocks, layers):
-        n1, q, k, v, o, n2, fc1, fc2, ls1, ls2 = _layer_modules(layer, family)
+        n1, q, k, v, o, n2, fc1, fc2, ls1, ls2 = layer_modules(layer, family)
         blk.norm1.load_state_dict(n1.state_dict())
         blk.norm2.load_state_dict(n2.state_dict())
         blk.attn.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
@@ -410,7 +411,7 @@ def to_timm(model: nn.Module, spec: HFSpec, image_size: tuple[int, int] | None =
     distilled = family == "deit"
     builder = VisionTransformerDistilled if distilled else VisionTransformer  # HF DeiT: distillation token
     vit = builder(**_vit_kwargs(config, family, spec.architecture, img))
-    _, emb, layers, final_norm, pre_norm = _parts(model, family)
+    _, emb, layers, final_norm, pre_norm = parts(model, family)
     with torch.no_grad():
         _copy_embeddings(vit, emb, family, img)
         if distilled:

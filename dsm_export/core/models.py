@@ -228,7 +228,7 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
 
 
 def create_hf_model(name: str, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
-                    warn_random: bool = True, attn_implementation: str = "eager") -> nn.Module:
+                    warn_random: bool = True, attn_implementation: str | None = None) -> nn.Module:
     """A Hugging Face Transformers vision model (folder or cached hub id) rebuilt as the timm ViT it
     computes (:func:`dsm_export.core.hf.to_timm`), at its image processor's size, with the processor as
     its eval transform (``model.hf_transform``, used by :func:`dsm_export.data.eval_transform`).
@@ -259,6 +259,7 @@ def create_hf_model(name: str, weights: str | None = None, pretrained: bool = Fa
                                 hf_hub_id=name if not os.path.isdir(name) else None, architecture=spec.architecture)
     model.hf_transform = ProcessorTransform(processor) if processor is not None else None
     model.hf_config = hf_model.config
+    object.__setattr__(model, "hf_model", hf_model)  # for the reference (hf_reference); not a submodule
     check_supported(model, name)
     return model.float().eval()
 

@@ -13,8 +13,9 @@ import torch
 
 from dsm_export.check.validate import onnx_runner
 from dsm_export.cli import main
-from dsm_export.core.hf import SUPPORTED, is_hf_name
-from dsm_export.core.models import create_model, is_embedding_model
+from dsm_export.core.hf import ATTN_IMPLEMENTATIONS, SUPPORTED, is_hf_name
+from dsm_export.core.hf_reference import merged_reference
+from dsm_export.core.models import create_hf_model, create_model, is_embedding_model
 from dsm_export.core.patch import apply
 from dsm_export.graph.export import export_onnx, read_metadata
 
@@ -92,6 +93,13 @@ def test_rebuild_equals_the_hugging_face_forward(tmp_path, arch):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
         ref = apply(model, schedule, impl="reference")(x)
         exp = apply(model, schedule, impl="export")(x)
+        # the schedule through the HF model's own modules and attention implementation
+        for impl in ATTN_IMPLEMENTATIONS:
+            own = create_hf_model(folder, attn_implementation=impl)
+            assert own.hf_model.config._attn_implementation == impl
+            torch.testing.assert_close(merged_reference(own, schedule)(x), exp, rtol=0, atol=1e-4)
+            unmerged = merged_reference(own, "none")(x)
+            torch.testing.assert_close(unmerged, getattr(own.hf_model(pixel_values=x), spec.output), rtol=0, atol=1e-6)
     torch.testing.assert_close(exp, ref, rtol=0, atol=1e-4)
     assert not torch.allclose(ref, ours, atol=1e-6)  # the schedule did merge
 
@@ -146,7 +154,7 @@ def test_weights_and_num_classes_are_timm_only(tmp_path, capsys):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("arch", ["Dinov2WithRegistersModel", "CLIPVisionModelWithProjection", "SiglipVisionModel"])
-def test_towers_export_with_parity_static_shapes_and_tensorrt(tmp_path, arch):
+def test_towers_export_with_parity_static_shapes_and_tensorrt(tmp_path, images_dir, arch):
     """Random-init DINOv2 with registers at 518 px, CLIP ViT-B/32's grid with 2x2 (uneven) windows and
     SigLIP: fp32 parity at 1e-4, every shape static, Optimum's names, and a TensorRT fp16 build."""
     config, schedule = _configs()[arch]
@@ -174,6 +182,12 @@ def test_towers_export_with_parity_static_shapes_and_tensorrt(tmp_path, arch):
         ref = apply(ref_model, schedule, impl="reference")(x).numpy()
     np.testing.assert_allclose(onnx_runner(path)(x.numpy()), ref, rtol=0, atol=1e-4)
     build_and_check(path, tmp_path, "fp16")
+    # validate: the embeddings report against the HF model's own modules under the schedule
+    report = str(tmp_path / "report.json")
+    assert main(["validate", path, "--images", images_dir, "--limit", "4", "--json", report, "--no-progress"]) == 0
+    with open(report, encoding="utf-8") as fh:
+        text = fh.read()
+    assert f'"output": "{output}"' in text and "its own modules" in text
 
 
 # ------------------------------------------------------------------ the shared DeiT-Tiny weights
@@ -210,6 +224,7 @@ def test_hf_deit_validates_against_hugging_face_pytorch(hf_deit, images_dir, tmp
     assert main(["validate", path, "--images", images_dir, "--limit", "32"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "(atol 1e-04)" in out and os.path.abspath(hf_deit) in out
+    assert "Hugging Face ViTForImageClassification, its own modules" in out
 
 
 @pytest.mark.server
