@@ -26,6 +26,7 @@ download). Preprocessing is the checkpoint's own ``AutoImageProcessor`` (:class:
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ def is_hf_folder(name: str) -> bool:
 
 
 def _transformers():
+    # torchao (which transformers imports where it is installed, e.g. beside executorch) registers Enum
+    # pytree constants, and torch logs a deprecation notice for each on every run: not the user's concern.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         return importlib.import_module("transformers")
     except ImportError:

@@ -277,3 +277,40 @@ def test_optimum_loads_the_merged_file(hf_deit, pixels, tmp_path):
     ours = onnx_runner(path)(pixels.numpy())
     theirs = model(pixel_values=pixels).logits
     np.testing.assert_allclose(np.asarray(theirs), ours, rtol=0, atol=1e-5)
+
+
+def hub_cache(cache, repo, folder, revision="0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face hub cache (``$HF_HUB_CACHE`` layout: ``models--ORG--NAME/refs/main`` and
+    ``snapshots/<revision>/``) holding ``folder``'s files as ``repo``, as a download would leave it."""
+    import shutil
+
+    root = os.path.join(str(cache), "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(root, "refs"))
+    with open(os.path.join(root, "refs", "main"), "w", encoding="utf-8") as fh:
+        fh.write(revision)
+    shutil.copytree(folder, os.path.join(root, "snapshots", revision))
+    return str(cache)
+
+
+def test_hub_id_from_the_local_cache(hf_deit, images_dir, tmp_path):
+    """``facebook/deit-tiny-patch16-224 --pretrained`` offline from a hub cache, as users name it: the
+    export records the hub id and the cached weights' sha256; validate finds them again."""
+    import subprocess
+    import sys
+
+    repo = "facebook/deit-tiny-patch16-224"
+    env = dict(os.environ, HF_HUB_CACHE=hub_cache(tmp_path / "hub", repo, hf_deit), HF_HUB_OFFLINE="1")
+    path = str(tmp_path / "hub.onnx")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dsm_export", *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    proc = cli("export", repo, "--pretrained", "--schedule", DSM, "-o", path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = read_metadata(onnx.load(path))
+    assert info.model == repo and info.pretrained and info.weights_sha256
+    proc = cli("validate", path, "--images", images_dir, "--limit", "8", "--no-progress")
+    assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = cli("export", "facebook/deit-small-patch16-224", "--pretrained", "-o", str(tmp_path / "no.onnx"))
+    assert proc.returncode == 2 and "not in the local cache" in proc.stderr and not (tmp_path / "no.onnx").exists()
