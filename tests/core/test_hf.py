@@ -314,3 +314,38 @@ def test_hub_id_from_the_local_cache(hf_deit, images_dir, tmp_path):
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     proc = cli("export", "facebook/deit-small-patch16-224", "--pretrained", "-o", str(tmp_path / "no.onnx"))
     assert proc.returncode == 2 and "not in the local cache" in proc.stderr and not (tmp_path / "no.onnx").exists()
+
+
+@pytest.mark.openvino
+def test_every_command_takes_a_hugging_face_model(tmp_path, images_dir, capsys):
+    """A merged CLIP vision tower with projection (``image_embeds``) from a folder through inspect,
+    bench, analyze, ONNX Runtime and OpenVINO INT8 builds (calibrated through its CLIPImageProcessor),
+    an OpenVINO fp32 build and its validation, profile, triton-repo and predict. (Random weights: an
+    INT8 engine of them is not held to the INT8 criterion here.)"""
+    import pyarrow.parquet as pq
+
+    config, schedule = _configs()["CLIPVisionModelWithProjection"]
+    folder = hf_folder(tmp_path, "CLIPVisionModelWithProjection", config, transformers.CLIPImageProcessor())
+    onnx_path, ort8, ov8, ov32 = (str(tmp_path / f) for f in ("clip.onnx", "clip_int8.onnx", "clip_int8.xml",
+                                                               "clip_fp32.xml"))
+    calib = ["--calibration", images_dir, "--calibration-count", "8"]
+    steps = [
+        ["export", folder, "--schedule", schedule, "-o", onnx_path],
+        ["inspect", folder, "--schedule", schedule],
+        ["inspect", onnx_path],
+        ["bench", onnx_path, "--batch", "4", "--repeats", "5"],
+        ["analyze", folder, "--images", images_dir, "--limit", "8", "--r", "2", "--output", str(tmp_path / "an")],
+        ["build", onnx_path, "--backend", "onnxruntime", "--precision", "int8", *calib, "-o", ort8],
+        ["build", onnx_path, "--backend", "openvino", "--precision", "int8", *calib, "-o", ov8],
+        ["build", onnx_path, "--backend", "openvino", "--precision", "fp32", "-o", ov32],
+        ["validate", ov32, "--images", images_dir, "--limit", "8", "--no-progress"],
+        ["profile", ov8, "--batch", "4"],
+        ["triton-repo", onnx_path, "-o", str(tmp_path / "repo")],
+        ["predict", ort8, "--images", images_dir, "--limit", "6", "--output", str(tmp_path / "p.parquet")],
+    ]
+    for args in steps:
+        assert main(args) == 0, (args, capsys.readouterr().err[-2000:])
+    out = capsys.readouterr().out
+    assert "image_embeds" in out and "PASS" in out
+    table = pq.read_table(str(tmp_path / "p.parquet"))
+    assert table.num_rows == 6 and len(table.column("embedding")[0]) == config.projection_dim
