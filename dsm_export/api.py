@@ -32,7 +32,8 @@ def export(model_name: str, output: str, schedule="none", **kwargs) -> ExportInf
     """Export a timm ViT under a merge schedule to a static-shape ONNX file (``dsm-export export``).
 
     Args:
-        model_name: a timm name (``deit_tiny_patch16_224``, with a pretrained tag, or ``hf-hub:``).
+        model_name: a timm name (``deit_tiny_patch16_224``, with a pretrained tag, or ``hf-hub:``), or a
+            Hugging Face Transformers vision model (a ``save_pretrained`` folder, or a cached hub id).
         output: the ``.onnx`` path, written through a temporary file.
         schedule: a :class:`~dsm_export.Schedule` or its spec (``"r=16,delay=3,windows=2x2,local=2"``,
             ``"none"``).

@@ -167,7 +167,10 @@ def export_onnx(
     """Export ``model_name`` under ``schedule`` to a static-shape ONNX file.
 
     Args:
-        model_name: timm model name, optionally with a pretrained tag or as ``hf-hub:ORG/REPO``.
+        model_name: timm model name, optionally with a pretrained tag or as ``hf-hub:ORG/REPO``; or a
+            Hugging Face Transformers vision model: a ``save_pretrained`` folder (its weights are loaded)
+            or a hub id in the local cache (weights with ``pretrained``), see :mod:`dsm_export.core.hf`;
+            its output is named as Optimum names it (``logits``, ``pooler_output``, ``image_embeds``).
         output: ``.onnx`` path; written atomically (no partial file on failure).
         schedule: merge schedule or its text form; ``"none"`` exports the unmerged baseline.
         weights: local checkpoint (loaded by timm); None for timm's pretrained weights
