@@ -28,7 +28,7 @@ from ..data import ImageSet, eval_transform, iter_batches, list_images
 from ..errors import DSMError
 from ..graph.export import ExportInfo, load_onnx, read_metadata, weights_path
 from ..core.flops import schedule_flops
-from ..core.hf import ATTN_IMPLEMENTATIONS, is_hf_name
+from ..core.hf import ATTN_IMPLEMENTATIONS, HIDDEN_STATE, is_hf_name
 from ..core.hf_reference import merged_reference
 from ..core.models import create_hf_model, create_model, is_embedding_model, pretrained_file, sha256_file
 from ..core.patch import input_size
@@ -238,7 +238,8 @@ def reference_models(info: ExportInfo, options: ValidateOptions) -> Reference:
     path, use_pretrained = resolve_weights(info, options.weights, options.pretrained, options.source_path)
     if is_hf_name(name):
         model = create_hf_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes,
-                                attn_implementation=options.attn_implementation)
+                                attn_implementation=options.attn_implementation,
+                                output=HIDDEN_STATE if info.output == HIDDEN_STATE else None)
     else:
         model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
     check_weights(info, model, use_pretrained and not options.model_name)
@@ -302,7 +303,7 @@ def logits_report(logits: Logits, ref: Reference, info: ExportInfo, images: Imag
         raise DSMError(f"the graph outputs {logits.graph.shape[1:]} per image but {ref.name} gives "
                        f"{logits.merged.shape[1:]}")
     flops, base_flops, _ = schedule_flops(ref.model, ref.schedule, info.last_block)
-    per_image = np.abs(logits.graph - logits.merged).max(-1)
+    per_image = np.abs(logits.graph - logits.merged).reshape(len(logits.graph), -1).max(-1)
     report = {
         "model": ref.name, "schedule": ref.schedule.spec(), "images": len(images), "output": info.output,
         "max_abs_diff": float(per_image.max()), "median_abs_diff": float(np.median(per_image)),
@@ -315,7 +316,10 @@ def logits_report(logits: Logits, ref: Reference, info: ExportInfo, images: Imag
     if ref.kind:
         report["reference"] = ref.kind
     if info.embeddings:
-        report.update(_embedding_report(logits, precision in ("fp16", "bf16")))
+        base = None
+        if logits.graph.ndim == 3:  # last_hidden_state: parity on every token, the summary against unmerged
+            logits, base, report["unmerged_compared_on"] = hidden_state_view(logits, ref.model)
+        report.update(_embedding_report(logits, precision in ("fp16", "bf16"), base))
         return report
     match = logits.graph.argmax(-1) == logits.merged.argmax(-1)
     report.update({
@@ -360,13 +364,33 @@ def _int8_criterion(report: dict, all_match: bool) -> tuple[str, bool]:
 CRITERIA = {"fp32": _fp32_criterion, "fp16": _fp16_criterion, "bf16": _bf16_criterion, "int8": _int8_criterion}
 
 
-def _embedding_report(logits: Logits, fp16: bool) -> dict:
-    """The cosine / retrieval part of an embedding model's report (see :func:`validate_runner`)."""
+def hidden_state_view(logits: Logits, model: torch.nn.Module) -> tuple[Logits, tuple, str]:
+    """``last_hidden_state`` outputs (``[images, tokens, dim]``) as the embedding report reads them:
+    graph and reference flattened to ``[images, tokens * dim]`` (the tokens come in the same order from
+    both: the merges are the same), and, against the unmerged model (more tokens), one summary row
+    each: the class token, or without one the mean token (sizes are not an output: approximate).
+
+    Returns:
+        ``(flattened Logits, (graph summary, unmerged summary), what the summary is)``.
+    """
+    n = len(logits.graph)
+    if getattr(model, "cls_token", None) is not None:
+        pair, what = (logits.graph[:, 0], logits.unmerged[:, 0]), "the class token"
+    else:
+        pair, what = (logits.graph.mean(axis=1), logits.unmerged.mean(axis=1)), "the mean token (unweighted)"
+    flat = Logits(logits.graph.reshape(n, -1), logits.merged.reshape(n, -1), logits.unmerged[:, 0])
+    return flat, pair, what
+
+
+def _embedding_report(logits: Logits, fp16: bool, base: tuple | None = None) -> dict:
+    """The cosine / retrieval part of an embedding model's report (see :func:`validate_runner`);
+    ``base``: ``(graph, unmerged)`` rows to compare with the unmerged model, if not the outputs."""
+    graph_row, unmerged_row = base if base is not None else (logits.graph, logits.unmerged)
     to_ref = cosine_similarity(logits.graph, logits.merged)
-    to_base = cosine_similarity(logits.graph, logits.unmerged)
+    to_base = cosine_similarity(graph_row, unmerged_row)
     k = min(KNN_K, len(to_ref) - 1)
     overlap_ref = knn_overlap(logits.graph, logits.merged, KNN_K)
-    overlap_base = knn_overlap(logits.graph, logits.unmerged, KNN_K)
+    overlap_base = knn_overlap(graph_row, unmerged_row, KNN_K)
     if fp16:
         criterion = (f"fp16: median 1 - cosine to PyTorch with schedule <= {FP16_COSINE_ATOL:g}, "
                      f"retrieval overlap@{k} >= {FP16_MIN_KNN_OVERLAP:.0%}")

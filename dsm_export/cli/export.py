@@ -27,6 +27,10 @@ def add(sub):
     p.add_argument("--external-data", action="store_true",
                    help="write the weights to OUTPUT.data beside the model (ONNX external data); models of "
                         "2 GB or more are always written so")
+    p.add_argument("--last-hidden-state", action="store_true",
+                   help="a Hugging Face model without a classifier (ViTModel, Dinov2Model, CLIP or SigLIP vision "
+                        "model): output last_hidden_state [batch, tokens, dim], every token left after the last "
+                        "block, instead of the pooled output")
     p.set_defaults(func=run)
 
 
@@ -38,7 +42,7 @@ def run(args) -> int:
     info = export_onnx(args.model, args.output, args.schedule, args.weights, batch=args.batch,
                        opset=args.opset, image_size=hw, pretrained=args.pretrained,
                        num_classes=args.num_classes, full_last_block=args.full_last_block,
-                       external_data=args.external_data)
+                       external_data=args.external_data, last_hidden_state=args.last_hidden_state)
     tokens = " ".join(str(t) for t in info.tokens)
     print(f"wrote {args.output}: {info.model}, schedule {args.schedule}, output {info.output}, "
           f"batch {info.batch or 'dynamic'}, tokens per block {tokens}"

@@ -97,7 +97,7 @@ def format_report(report: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
-    if report.get("output", "logits") != "logits":  # embeddings, pooler_output, image_embeds
+    if report.get("output", "logits") != "logits":  # embeddings, pooler_output, image_embeds, last_hidden_state
         cos = report["cosine"]
         k = cos["knn_k"]
         lines = [
@@ -106,7 +106,8 @@ def format_report(report: dict) -> str:
             f"  vs PyTorch with schedule: cosine min {cos['pytorch']['min']:.6f} mean {cos['pytorch']['mean']:.6f}, "
             f"retrieval overlap@{k} {pct(cos['knn_overlap_pytorch'])}, max |d| {report['max_abs_diff']:.2e}",
             f"  vs unmerged PyTorch:      cosine min {cos['unmerged']['min']:.4f} mean {cos['unmerged']['mean']:.4f}, "
-            f"retrieval overlap@{k} {pct(cos['knn_overlap_unmerged'])}",
+            f"retrieval overlap@{k} {pct(cos['knn_overlap_unmerged'])}"
+            + (f" (on {report['unmerged_compared_on']})" if report.get("unmerged_compared_on") else ""),
             f"  FLOPs:                    {report['gflops']:.3f} G (unmerged {report['baseline_gflops']:.3f} G, "
             f"{report['flops_ratio']:.2f}x fewer)",
             f"  criterion:                {report['criterion']}",

@@ -53,6 +53,7 @@ SUPPORTED = {
     "CLIPVisionModelWithProjection": ("clip", "image_embeds"),
     "SiglipVisionModel": ("siglip", "pooler_output"),
 }
+HIDDEN_STATE = "last_hidden_state"  # every token after the last block: the classes without a classifier
 # Checkpoints of two-tower models: their vision tower.
 TOWERS = {"CLIPModel": "CLIPVisionModelWithProjection", "SiglipModel": "SiglipVisionModel"}
 ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -69,7 +70,8 @@ class HFSpec:
     Attributes:
         name: the hub id or the ``save_pretrained`` folder (absolute path) it was loaded from.
         architecture: the ``transformers`` class it was loaded as (``CLIPVisionModelWithProjection``).
-        output: the exported output's name, Optimum's (``logits``, ``pooler_output``, ``image_embeds``).
+        output: the exported output's name, Optimum's (``logits``, ``pooler_output``, ``image_embeds``,
+            or ``last_hidden_state``: ``[B, tokens, dim]``, the tokens the last block leaves).
         weights_file: the file the weights were read from, or "" for random initialisation.
     """
 
@@ -81,6 +83,12 @@ class HFSpec:
     @property
     def pretrained(self) -> bool:
         return bool(self.weights_file)
+
+
+def hidden_state_output(model: nn.Module) -> bool:
+    """Whether ``model`` (rebuilt by :func:`to_timm`) outputs every token: ``last_hidden_state``."""
+    spec = getattr(model, "hf_spec", None)
+    return spec is not None and spec.output == HIDDEN_STATE
 
 
 def is_hf_name(name: str) -> bool:
@@ -152,23 +160,31 @@ def _weights_file(name: str) -> str:
     return ""
 
 
-def load_hf(name: str, pretrained: bool = False, attn_implementation: str | None = None) -> tuple[nn.Module, HFSpec]:
+def load_hf(name: str, pretrained: bool = False, attn_implementation: str | None = None,
+            output: str | None = None) -> tuple[nn.Module, HFSpec]:
     """Load a ``transformers`` vision model as Hugging Face users do, offline, with
     ``attn_implementation`` (``eager``, ``sdpa``; None: transformers' default, sdpa where available).
 
     A folder always loads its weights; a hub id loads them from the cache with ``pretrained``, else
     its cached config is randomly initialised (with a warning).
 
+    ``output``: None for the class's pooled output (:data:`SUPPORTED`), or ``last_hidden_state`` (every
+    token after the last block) for a class without a classifier.
+
     Returns:
         ``(hf_model in eval mode, float32; HFSpec)``.
 
     Raises:
-        DSMError: transformers missing, folder or cache entry missing, unreadable weights;
-        UnsupportedModelError: a class outside :data:`SUPPORTED`.
+        DSMError: transformers missing, folder or cache entry missing, unreadable weights, an output the
+        class does not give; UnsupportedModelError: a class outside :data:`SUPPORTED`.
     """
     tf = _transformers()
     tf.utils.logging.disable_progress_bar()
     arch = architecture_of(name)
+    pooled = SUPPORTED[arch][1]
+    if output not in (None, pooled) and (output != HIDDEN_STATE or pooled == "logits"):
+        choices = pooled if pooled == "logits" else f"{pooled} or {HIDDEN_STATE}"
+        raise DSMError(f"{arch} gives {choices}, not {output}")
     cls = getattr(tf, arch)
     folder = os.path.isdir(name)
     label = os.path.abspath(name) if folder else name
@@ -187,7 +203,7 @@ def load_hf(name: str, pretrained: bool = False, attn_implementation: str | None
         raise DSMError(f"Hugging Face model {name!r} could not be loaded as {arch}: {text[:300]}") from None
     if not load:
         warnings.warn(f"no weights loaded: {name} ({arch}) is randomly initialised", stacklevel=2)
-    spec = HFSpec(label, arch, SUPPORTED[arch][1], _weights_file(name) if load else "")
+    spec = HFSpec(label, arch, output or pooled, _weights_file(name) if load else "")
     return model.float().eval(), spec
 
 
@@ -429,8 +445,10 @@ def to_timm(model: nn.Module, spec: HFSpec, image_size: tuple[int, int] | None =
             if head is None:
                 raise UnsupportedModelError("SiglipVisionModel without its pooling head (vision_use_head=False)")
             _copy_siglip_head(vit, head)
-    head = _head(model, spec.architecture, vit.embed_dim)
+    head = nn.Identity() if spec.output == HIDDEN_STATE else _head(model, spec.architecture, vit.embed_dim)
     vit = _with_head(vit, head, distilled, spec)
+    # HF's last_hidden_state: after the final LayerNorm, except CLIP's (post_layernorm is for the pooled token)
+    vit.hidden_state_norm = family != "clip"
     vit.hf_spec = spec
     return vit.eval()
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DSMError
-from .hf import SUPPORTED, layer_modules, parts
+from .hf import HIDDEN_STATE, SUPPORTED, layer_modules, parts
 from .merge import heads_metric
 from .patch import MergedViT, apply
 from .schedule import Schedule
@@ -139,6 +139,8 @@ class HFMergedReference(nn.Module):
     def _head(self, base, x, size):
         """The model's own head on the merged tokens."""
         hf, arch, fam = self.hf, self.spec.architecture, self.family
+        if self.spec.output == HIDDEN_STATE:  # as the models return it
+            return x if fam == "clip" else (base.post_layernorm(x) if fam == "siglip" else base.layernorm(x))
         if fam == "clip":
             pooled = base.post_layernorm(x[:, 0])
             return hf.visual_projection(pooled) if arch == "CLIPVisionModelWithProjection" else pooled

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import eval_transform
 from ..errors import DSMError
-from .hf import ProcessorTransform, image_processor, is_hf_name, load_hf, processor_size, to_timm
+from .hf import HIDDEN_STATE, ProcessorTransform, image_processor, is_hf_name, load_hf, processor_size, to_timm
 from .patch import check_supported
 
 try:
@@ -133,7 +133,7 @@ def _hub_errors() -> tuple[type, ...]:
 
 
 def create_model(name: str, weights: str | None = None, warn_random: bool = True, pretrained: bool = False,
-                 num_classes: int | None = None) -> nn.Module:
+                 num_classes: int | None = None, output: str | None = None) -> nn.Module:
     """Create a timm model by name with timm's own weight loading, and put it in eval mode.
 
     Weights come from, in this order: ``weights`` (a local file, loaded by timm through
@@ -162,10 +162,13 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
         UnsupportedModelError: if DSM cannot be applied to this architecture.
 
     A Hugging Face Transformers name (a ``save_pretrained`` folder or a hub id, see
-    :func:`dsm_export.core.hf.is_hf_name`) is loaded by :func:`create_hf_model` instead.
+    :func:`dsm_export.core.hf.is_hf_name`) is loaded by :func:`create_hf_model` instead; ``output``
+    (an export's recorded output name) ``last_hidden_state`` asks it for every token.
     """
     if is_hf_name(name):
-        return create_hf_model(name, weights, pretrained=pretrained, num_classes=num_classes, warn_random=warn_random)
+        hidden = output == HIDDEN_STATE
+        return create_hf_model(name, weights, pretrained=pretrained, num_classes=num_classes, warn_random=warn_random,
+                               output=HIDDEN_STATE if hidden else None)
     check_model_name(name)
     if num_classes is not None and num_classes < 0:
         raise DSMError(f"num_classes must be 0 (pooled features) or more, got {num_classes}")
@@ -228,10 +231,13 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
 
 
 def create_hf_model(name: str, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
-                    warn_random: bool = True, attn_implementation: str | None = None) -> nn.Module:
+                    warn_random: bool = True, attn_implementation: str | None = None,
+                    output: str | None = None) -> nn.Module:
     """A Hugging Face Transformers vision model (folder or cached hub id) rebuilt as the timm ViT it
     computes (:func:`dsm_export.core.hf.to_timm`), at its image processor's size, with the processor as
     its eval transform (``model.hf_transform``, used by :func:`dsm_export.data.eval_transform`).
+    ``output``: ``last_hidden_state`` for every token instead of the class's pooled output
+    (:func:`dsm_export.core.hf.load_hf`).
 
     Raises:
         DSMError: ``weights`` or ``num_classes`` given (a Hugging Face model's class and folder decide
@@ -245,11 +251,11 @@ def create_hf_model(name: str, weights: str | None = None, pretrained: bool = Fa
         raise DSMError(f"--num-classes is for timm models: the class of {name!r} decides its output "
                        "(a ...Model class gives pooled features)")
     if warn_random:
-        hf_model, spec = load_hf(name, pretrained=pretrained, attn_implementation=attn_implementation)
+        hf_model, spec = load_hf(name, pretrained, attn_implementation, output)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf_model, spec = load_hf(name, pretrained=pretrained, attn_implementation=attn_implementation)
+            hf_model, spec = load_hf(name, pretrained, attn_implementation, output)
     processor = image_processor(name)
     model = to_timm(hf_model, spec, processor_size(processor))
     mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))

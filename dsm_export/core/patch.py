@@ -43,6 +43,7 @@ from .merge import (
     top_tokens,
     window_permutation,
 )
+from .hf import hidden_state_output
 from .schedule import BlockTokens, Schedule, resolve
 
 IMPLS = ("reference", "export")
@@ -147,6 +148,7 @@ class MergedViT(nn.Module):
         self.register_buffer("window_perm", perm, persistent=False)
         self.track_source = False  # reference only: record which patches each token stands for
         self.sources: list[torch.Tensor] = []
+        self.hidden_states = hidden_state_output(model)
         self.prefix_only_last = (impl == "export" and not full_last_block
                                  and prefix_only_last_block(model, self.tome))
 
@@ -185,6 +187,8 @@ class MergedViT(nn.Module):
             x, size = self._block(blk, x, size, t)
             if self.track_source:
                 self.sources.append(self._patch_sources())
+        if self.hidden_states:  # Hugging Face last_hidden_state: the tokens themselves
+            return m.norm(x) if m.hidden_state_norm else x
         x = m.norm(x)
         return self._head(x, size)
 
@@ -417,6 +421,8 @@ def prefix_only_last_block(model: nn.Module, tome: bool = False) -> bool:
     ToMe reorders tokens and the distillation token's row moves.
     """
     if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
+        return False
+    if hidden_state_output(model):  # every token is an output
         return False
     has_dist = getattr(model, "dist_token", None) is not None
     return getattr(model, "cls_token", None) is not None and not (tome and has_dist)

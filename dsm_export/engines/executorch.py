@@ -125,7 +125,7 @@ def rebuild_module(info: ExportInfo, onnx_path: str) -> torch.nn.Module:
             counts differ from the file's.
     """
     if info.pretrained:
-        model = create_model(info.model, None, pretrained=True, num_classes=info.num_classes)
+        model = create_model(info.model, None, pretrained=True, num_classes=info.num_classes, output=info.output)
         cached = pretrained_file(model)
         if info.weights_sha256 and cached and os.path.isfile(cached) and sha256_file(cached) != info.weights_sha256:
             raise DSMError(f"timm's pretrained weights for {info.model} ({cached}) are not the ones "
@@ -138,7 +138,7 @@ def rebuild_module(info: ExportInfo, onnx_path: str) -> torch.nn.Module:
         if info.weights_sha256 and sha256_file(path) != info.weights_sha256:
             raise DSMError(f"weights {path!r} are not the ones {onnx_path!r} was exported from "
                            f"(sha256 {info.weights_sha256[:12]}...)")
-        model = create_model(info.model, path, num_classes=info.num_classes)
+        model = create_model(info.model, path, num_classes=info.num_classes, output=info.output)
     else:
         raise DSMError(f"{onnx_path!r} was exported from randomly initialised weights: an ExecuTorch program "
                        "is made from PyTorch, which cannot rebuild them (export with --weights or --pretrained)")

@@ -31,7 +31,8 @@ from ..errors import DSMError
 from ..fileio import atomic_path
 from .metadata import META_PREFIX, dsm_props, prefixed, write_props  # noqa: F401  (META_PREFIX: callers import it from here)
 from .onnx_file import MAX_PROTO, data_file_name, has_external_data, publish, read_graph
-from ..core.models import create_model, pretrained_file, pretrained_name, sha256_file
+from ..core.hf import HIDDEN_STATE, is_hf_name
+from ..core.models import create_hf_model, create_model, pretrained_file, pretrained_name, sha256_file
 from ..core.models import output_name as model_output_name
 from .onnx_graph import graph_problems, unknown_shapes
 from ..core.patch import apply, input_size
@@ -100,12 +101,16 @@ class ExportOptions:
         external_data: write the weights to ``<file name>.data`` beside the output (ONNX external
             data, location recorded relative) at any size; models whose weights reach 2 GiB
             (protobuf's limit) are always written so.
+        last_hidden_state: a Hugging Face model without a classifier outputs ``last_hidden_state``
+            ``[batch, tokens, dim]``, every token the last block leaves (``tokens``: the last entry
+            of :attr:`ExportInfo.tokens`), instead of its pooled output (:func:`export_onnx` only).
     """
 
     opset: int = DEFAULT_OPSET
     image_size: tuple[int, int] | None = None
     full_last_block: bool = False
     external_data: bool = False
+    last_hidden_state: bool = False
 
     @classmethod
     def merged(cls, options: ExportOptions | None, overrides: dict) -> ExportOptions:
@@ -200,7 +205,14 @@ def export_onnx(
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise DSMError(f"output folder {folder!r} does not exist")
-    model = create_model(model_name, weights, pretrained=pretrained, num_classes=num_classes)
+    if opts.last_hidden_state:
+        if not is_hf_name(model_name):
+            raise DSMError("last_hidden_state is for Hugging Face models (ViTModel, Dinov2Model, CLIP and SigLIP "
+                           f"vision models); {model_name!r} is a timm name")
+        model = create_hf_model(model_name, weights, pretrained=pretrained, num_classes=num_classes,
+                                output=HIDDEN_STATE)
+    else:
+        model = create_model(model_name, weights, pretrained=pretrained, num_classes=num_classes)
     check_input_size(model, model_name, opts.image_size)
     return export_model(model, model_name, output, schedule, weights=weights, batch=batch,
                         pretrained=pretrained and not weights, num_classes=num_classes, options=opts)

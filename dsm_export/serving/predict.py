@@ -314,6 +314,10 @@ def predict(engine: str, images: str, output: str, runner_options: RunnerOptions
     inputs = list_inputs(images, options.limit)
     start = time.perf_counter()
     runner = open_runner(engine, runner_options)  # the runtime and the file, before any image is read
+    if len(runner.engine_file.output_dims) != 1:
+        runner.close()
+        raise DSMError(f"{engine!r} outputs {runner.engine_file.output_name} {list(runner.engine_file.output_dims)} "
+                       "per image: predict writes one vector per image (export the pooled output)")
     try:
         writer = PartWriter(output, _settings(runner, options), options.rows_per_file)
         with contextlib.suppress(FileNotFoundError):  # an earlier run's summary: this run is not done yet

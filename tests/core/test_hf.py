@@ -349,3 +349,51 @@ def test_every_command_takes_a_hugging_face_model(tmp_path, images_dir, capsys):
     assert "image_embeds" in out and "PASS" in out
     table = pq.read_table(str(tmp_path / "p.parquet"))
     assert table.num_rows == 6 and len(table.column("embedding")[0]) == config.projection_dim
+
+
+HIDDEN_CLASSES = sorted(a for a, (_, out) in SUPPORTED.items() if out != "logits")
+
+
+@pytest.mark.parametrize("arch", HIDDEN_CLASSES)
+def test_last_hidden_state_equals_the_hugging_face_tokens(tmp_path, arch):
+    """``last_hidden_state``: unmerged, every token as the HF model returns it (after CLIP's encoder, before
+    its post_layernorm); merged, the export form equals the schedule through the HF modules."""
+    config, schedule = _configs()[arch]
+    folder = hf_folder(tmp_path, arch, config)
+    torch.manual_seed(3)
+    for impl in ATTN_IMPLEMENTATIONS:
+        model = create_hf_model(folder, attn_implementation=impl, output="last_hidden_state")
+        x = torch.randn(2, 3, *model.patch_embed.img_size)
+        with torch.inference_mode():
+            theirs = model.hf_model(pixel_values=x).last_hidden_state
+            torch.testing.assert_close(apply(model, "none", impl="export")(x), theirs, rtol=0, atol=2e-5)
+            torch.testing.assert_close(merged_reference(model, "none")(x), theirs, rtol=0, atol=1e-6)
+            exp = apply(model, schedule, impl="export")(x)
+            torch.testing.assert_close(merged_reference(model, schedule)(x), exp, rtol=0, atol=1e-4)
+        merged = apply(model, schedule, impl="export")
+        assert exp.shape == (2, merged.tokens[-1].tokens_out, config.hidden_size) and exp.shape[1] < theirs.shape[1]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("arch", ["CLIPVisionModel", "SiglipVisionModel"])
+def test_last_hidden_state_export_validates(tmp_path, images_dir, capsys, arch):
+    config, schedule = _configs()[arch]
+    processor = transformers.CLIPImageProcessor() if arch.startswith("CLIP") else transformers.SiglipImageProcessor()
+    folder = hf_folder(tmp_path, arch, config, processor)
+    path = str(tmp_path / "hidden.onnx")
+    assert main(["export", folder, "--schedule", schedule, "--last-hidden-state", "--batch", "2", "-o", path]) == 0
+    graph = onnx.load(path)
+    dims = [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    info = read_metadata(graph)
+    assert graph.graph.output[0].name == "last_hidden_state" and info.output == "last_hidden_state"
+    assert dims == [2, info.tokens[-1], config.hidden_size] and info.last_block == "full"
+    assert main(["validate", path, "--images", images_dir, "--limit", "6", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and ("the class token" if arch.startswith("CLIP") else "the mean token") in out
+    # a file of tokens per image is not a predict output; a classifier has no last_hidden_state
+    assert main(["predict", path, "--images", images_dir, "--output", str(tmp_path / "p.parquet")]) == 2
+    assert not (tmp_path / "p.parquet").exists()
+    cls_config, _ = _configs()["ViTForImageClassification"]
+    vit = hf_folder(tmp_path, "ViTForImageClassification", cls_config)
+    assert main(["export", vit, "--last-hidden-state", "-o", str(tmp_path / "v.onnx")]) == 2
+    assert "gives logits, not last_hidden_state" in capsys.readouterr().err
