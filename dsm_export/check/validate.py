@@ -28,7 +28,7 @@ from ..data import ImageSet, eval_transform, iter_batches, list_images
 from ..errors import DSMError
 from ..graph.export import ExportInfo, load_onnx, read_metadata, weights_path
 from ..core.flops import schedule_flops
-from ..core.hf import ATTN_IMPLEMENTATIONS, HIDDEN_STATE, is_hf_name
+from ..core.hf import ATTN_IMPLEMENTATIONS, is_hf_name
 from ..core.hf_reference import merged_reference
 from ..core.models import create_hf_model, create_model, is_embedding_model, pretrained_file, sha256_file
 from ..core.patch import input_size
@@ -239,7 +239,7 @@ def reference_models(info: ExportInfo, options: ValidateOptions) -> Reference:
     if is_hf_name(name):
         model = create_hf_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes,
                                 attn_implementation=options.attn_implementation,
-                                output=HIDDEN_STATE if info.output == HIDDEN_STATE else None)
+                                output=info.output)
     else:
         model = create_model(name, path, pretrained=use_pretrained, num_classes=info.num_classes)
     check_weights(info, model, use_pretrained and not options.model_name)

@@ -80,6 +80,9 @@ class HFMergedReference(nn.Module):
         self.spec = model.hf_spec
         self.family = SUPPORTED[self.spec.architecture][0]
         self.schedule = schedule
+        layers = parts(self.hf, self.family)[2]
+        attn = layers[0].attention if hasattr(layers[0], "attention") else layers[0].self_attn
+        self.attention_function = _attention_function(attn, self.hf.config)  # looked up once, not per layer
 
     @property
     def tokens(self):
@@ -113,7 +116,7 @@ class HFMergedReference(nn.Module):
         d = c // heads
         q, k, v = (proj(h).view(b, n, heads, d).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
         bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
-        out, _ = _attention_function(attn, self.hf.config)(attn, q, k, v, bias, scaling=d ** -0.5, dropout=0.0)
+        out, _ = self.attention_function(attn, q, k, v, bias, scaling=d ** -0.5, dropout=0.0)
         out = o_proj(out.reshape(b, n, c))
         x = x + (out * ls1 if ls1 is not None else out)
         if t.removed:

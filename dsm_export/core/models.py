@@ -250,12 +250,10 @@ def create_hf_model(name: str, weights: str | None = None, pretrained: bool = Fa
     if num_classes is not None:
         raise DSMError(f"--num-classes is for timm models: the class of {name!r} decides its output "
                        "(a ...Model class gives pooled features)")
-    if warn_random:
-        hf_model, spec = load_hf(name, pretrained, attn_implementation, output)
-    else:
-        with warnings.catch_warnings():
+    with contextlib.nullcontext() if warn_random else warnings.catch_warnings():
+        if not warn_random:
             warnings.simplefilter("ignore")
-            hf_model, spec = load_hf(name, pretrained, attn_implementation, output)
+        hf_model, spec = load_hf(name, pretrained, attn_implementation, output)
     processor = image_processor(name)
     model = to_timm(hf_model, spec, processor_size(processor))
     mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
@@ -277,7 +275,10 @@ def transform_for(name: str, num_classes: int | None = None):
     Raises:
         DSMError: as :func:`create_model`.
     """
-    if is_hf_name(name):
+    if is_hf_name(name):  # its image processor alone; the model only where it has none (timm's fallback)
+        processor = image_processor(name)
+        if processor is not None:
+            return ProcessorTransform(processor)
         return eval_transform(create_hf_model(name, warn_random=False, pretrained=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
