@@ -51,6 +51,9 @@ def add(sub):
     p.add_argument("--iters", type=int, default=2, help="runs per repetition")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, help="intra-op (inference) threads (default: all cores)")
+    p.add_argument("--streams", type=int,
+                   help="OpenVINO: streams a batch is split over, run in parallel (default: one per thread, "
+                        "at most one per image; 1: one request on every thread)")
     p.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per engine (>= 50; 0 skips)")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime execution provider: cpu, cuda, tensorrt, openvino or a full name")
@@ -70,7 +73,7 @@ class Timed:
 def run(args) -> int:
     backend = _check(args)
     options = RunnerOptions(threads=args.threads, provider=args.provider, flavour=args.tensorrt,
-                            spinning=False if backend.timed_against_runtime else None)
+                            spinning=False if backend.timed_against_runtime else None, streams=args.streams)
     merged = open_runner(args.merged, options)  # the runtime (a GPU where it needs one) before any export
     engine = merged.engine_file
     if engine.static_batch and args.batch != engine.static_batch:
@@ -106,6 +109,8 @@ def _check(args) -> Backend:
                        f"({' or '.join(backend.suffixes)}), or, given none, the unmerged model")
     if backend.baseline is None and not args.baseline:
         raise DSMError(f"a {backend.label} engine is timed against another: give the merged and the unmerged engine")
+    if args.streams is not None and (args.streams < 1 or backend.streams is None):
+        raise DSMError("--streams is a count of at least 1, for OpenVINO engines (.xml)")
     if args.provider != "cpu" and not backend.providers:
         raise DSMError(f"--provider is for ONNX files: a {backend.label} engine runs in {backend.label}")
     return backend
@@ -168,7 +173,8 @@ def _print(args, backend: Backend, timed: Timed, rates: dict[str, float], latenc
     threads = args.threads or os.cpu_count()
     labels = sorted({r.label for r in timed.runners.values()})
     print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | {'; '.join(labels)} | "
-          f"intra-op threads {threads}")
+          f"intra-op threads {threads}" + (f" | {backend.label} streams {backend.streams(args.streams, args.threads, args.batch)}"
+                                           if backend.streams else ""))
     print(f"model {info.model}, schedule {info.schedule.spec()}, {merged.engine_file.precision} (judged as "
           f"{merged.judged_as}), batch {args.batch}, median of {args.repeats} repetitions x {args.iters} runs, "
           "engines alternating")

@@ -73,6 +73,9 @@ class RunnerOptions:
         runtime_cache: TensorRT-RTX runtime-cache file (read, then updated).
         spinning: ONNX Runtime: False makes the intra-op threads block after a run (timing against
             another runtime on the same cores); None: the runtime's default.
+        streams: OpenVINO: the parallel streams (infer requests, each on its share of the threads)
+            a call's batch is split over; None: one per thread, at most one per image
+            (:func:`dsm_export.engines.openvino.stream_count`); 1: the whole batch in one request.
     """
 
     threads: int | None = None
@@ -80,6 +83,7 @@ class RunnerOptions:
     flavour: str = "auto"
     runtime_cache: str | None = None
     spinning: bool | None = None
+    streams: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,8 @@ class Backend:
         needs_gpu: True when a runner needs an NVIDIA GPU (commands say so before any work).
         timed_against_runtime: True when ``bench`` also times ONNX Runtime's unmerged fp32 model
             beside the engine's own unmerged baseline.
+        streams: ``streams(asked, threads, batch) -> int``: how many parallel streams a runner splits a
+            call of ``batch`` images over (:attr:`RunnerOptions.streams`); None: the backend has none.
     """
 
     name: str
@@ -331,6 +337,7 @@ class Backend:
     profile: Callable[..., Profile] | None = None
     needs_gpu: bool = False
     timed_against_runtime: bool = False
+    streams: Callable[[int | None, int | None, int], int] | None = None
 
     def claims(self, path: str) -> bool:
         """Whether ``path``'s suffix is one of this backend's."""

@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from ..engines.openvino import stream_count
 from ..engines.registry import open_runner
 from ..errors import DSMError
 
@@ -210,17 +211,16 @@ class OpenVINOEngines:
         ``baseline_onnx``), in one alternating run."""
         from .timing import alternating_throughput, make_session
 
-        base = self._baseline(baseline_onnx).request(self.batch)
+        base = self._baseline(baseline_onnx)  # each call splits the batch over streams, as a runner does
         # ONNX Runtime's threads spin after a run by default: on 2 cores the OpenVINO baseline timed
         # right after it ran 10 % slower (121 against 135 images/s), and every pair it began was dropped
         session = make_session(baseline_onnx, self.threads, spinning=False)
         shape = [self.batch] + list(session.get_inputs()[0].shape[1:])
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         feed = {session.get_inputs()[0].name: x}
-        runs = {"baseline": lambda: base.infer({0: x}), "onnxruntime": lambda: session.run(None, feed)}
+        runs = {"baseline": lambda: base(x), "onnxruntime": lambda: session.run(None, feed)}
         for label, path in engines.items():
-            request = self._runner(path).request(self.batch)
-            runs[label] = lambda r=request: r.infer({0: x})
+            runs[label] = lambda r=self._runner(path): r(x)
         stats: dict = {}
         rates = alternating_throughput(runs, self.batch, self.repeats, reference="baseline", quiet=QUIET,
                                        full_speed=self._full_speed.get(baseline_onnx),
@@ -253,7 +253,7 @@ class OpenVINOEngines:
                 "onnxruntime": ort.__version__, "cpu_bf16": self.bf16,
                 "baseline_precision": "bf16" if self.bf16 else "f32",
                 "threads": self.threads or os.cpu_count(), "batch": self.batch, "repeats": self.repeats,
-                "quiet": QUIET, "timing_runs": len(self.timings), "pairs_kept": pairs,
+                "openvino_streams": stream_count(None, self.threads, self.batch), "quiet": QUIET, "timing_runs": len(self.timings), "pairs_kept": pairs,
                 "repetitions": sum(t.get("repetitions", 0) for t in self.timings),
                 "fallbacks": sum(bool(t.get("fallback")) for t in self.timings)}
 

@@ -162,7 +162,7 @@ def test_runner_compiles_each_batch_size_static(ov, dsm_onnx, tmp_path):
 
     out = str(tmp_path / "f32.xml")
     assert main(["build", dsm_onnx, "--backend", "openvino", "--precision", "fp32", "--output", out]) == 0
-    runner = OpenVINORunner(out, threads=2)
+    runner = OpenVINORunner(out, threads=2, streams=1)
     x = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
     together = runner(x)
     alone = np.concatenate([runner(x[i:i + 1]) for i in range(4)])
@@ -170,9 +170,18 @@ def test_runner_compiles_each_batch_size_static(ov, dsm_onnx, tmp_path):
     np.testing.assert_allclose(alone, together, atol=1e-4)
     np.testing.assert_allclose(three, together[:3], atol=1e-4)
     compiled = runner.compiler._compiled
-    assert list(compiled) == [4, 1, None]  # batch 3: a third size, run dynamic
-    assert runner.request(3) is compiled[None][1] and runner.request(4) is compiled[4][1]
+    assert list(compiled) == [(4, 1), (1, 1), (None, 1)]  # batch 3: a third size, run dynamic
+    assert runner.request(3) is compiled[(None, 1)][1][0] and runner.request(4) is compiled[(4, 1)][1][0]
+    # streams: a batch split in near-equal parts run in parallel, each part its own static compile
+    split = OpenVINORunner(out, threads=2, streams=2)
+    np.testing.assert_allclose(split(x), together, atol=1e-4)  # 2 + 2
+    np.testing.assert_allclose(split(x[:3]), together[:3], atol=1e-4)  # 2 + 1
+    np.testing.assert_allclose(split(x[:1]), together[:1], atol=1e-4)  # one image: one stream
+    assert list(split.compiler._compiled) == [(2, 2), (1, 2), (1, 1)]
+    assert [len(r) for _, r in split.compiler._compiled.values()] == [2, 2, 1]
+    assert split.compiler.compiled(2, 2).get_property("NUM_STREAMS") == 2
     runner.close()
+    split.close()
     assert not compiled
 
 
@@ -210,6 +219,8 @@ def test_bench_times_the_ir_against_both_unmerged_baselines(ov, int8_ir, capsys)
             rates[label.strip()] = float(value.split()[0])
     assert set(rates) == {"ort fp32", "openvino", "merged"} and all(v > 0 for v in rates.values())
     assert "x against OpenVINO's baseline" in out and "x against ONNX Runtime fp32" in out
+    assert "| OpenVINO streams 2" in out  # a batch of 4 over 2 threads: two streams of 2 images
+    _one_line_exit_2(["bench", int8_ir, "--streams", "0"], capsys, "--streams is a count of at least 1")
 
 
 def _one_line_exit_2(args, capsys, needle):
