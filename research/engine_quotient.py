@@ -10,6 +10,13 @@ schedule's (both with the last block for the prefix tokens alone, as exported); 
 speed-up / FLOP ratio: 1 where merging pays in full, below 1 where the merge path costs more than
 it saves. Issue 46 asks for >= 0.9 on INT8 and >= 0.93 on bf16/fp32.
 
+Each schedule's *token-count twin* (``research/merge_overhead.py``: every merge replaced by keeping
+the first tokens, so the blocks run on the merged graph's token counts with no matching, gathers or
+proportional attention; not a model, timed only) is built and timed in the same run: its speed-up is
+what the token counts alone reach on that engine, and ``1 - speed-up / twin's speed-up`` is the share
+of the merged engine's time that its merge path costs. OpenVINO engines split each batch over
+streams as the runners do (``dsm_export.engines.openvino.stream_count``).
+
     python research/engine_quotient.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth --images ../shared/data/imagenet-sample
 
@@ -34,10 +41,14 @@ import numpy as np
 from dsm_export.core.flops import schedule_flops
 from dsm_export.core.models import create_model
 from dsm_export.core.schedule import Schedule
+from dsm_export.engines.openvino import stream_count
 from dsm_export.engines.registry import BuildRequest, RunnerOptions, build_engine, open_runner
 from dsm_export.errors import DSMError
 from dsm_export.graph.export import export_model
 from dsm_export.search.timing import cpu_name
+from merge_overhead import export_twin  # research/, beside this script
+
+TWIN = "twin:"  # key prefix of a schedule's token-count twin
 
 SCHEDULES = ["r=16,r_end=4,delay=3", "r=16,r_end=8,delay=3,protect=16,merge=mlerp",
              "r=24,r_end=8,delay=3,protect=16,merge=mlerp"]
@@ -48,12 +59,19 @@ QUOTIENT_FLOOR = {"int8": 0.9, "bf16": 0.93, "fp32": 0.93}
 
 @dataclass(frozen=True)
 class Row:
-    """One schedule on one engine kind: ``speedup`` over the unmerged engine, ``flops`` its FLOP ratio."""
+    """One schedule on one engine kind: ``speedup`` over the unmerged engine, ``flops`` its FLOP ratio,
+    ``twin`` its token-count twin's speed-up."""
 
     engine: str
     schedule: str
     flops: float
     speedup: float
+    twin: float
+
+    @property
+    def merge_share(self) -> float:
+        """The share of the merged engine's time its merge path costs: 1 - twin time / merged time."""
+        return 1 - self.speedup / self.twin
 
     @property
     def quotient(self) -> float:
@@ -119,10 +137,13 @@ def main(argv=None) -> int:
         for i, s in enumerate(schedules):
             exports[s.spec()] = os.path.join(tmp, f"m{i}.onnx")
             export_model(model, args.model, exports[s.spec()], s, weights=args.weights)
+            exports[TWIN + s.spec()] = os.path.join(tmp, f"t{i}.onnx")
+            export_twin(model, args.model, exports[TWIN + s.spec()], s, weights=args.weights)
         for kind in args.engines:
             paths = {k: build(kind, p, tmp, args.images, args.calibration_count) for k, p in exports.items()}
             speedups = paired_speedups(paths, args.batch, args.repeats, args.threads)
-            rows += [Row(kind, s, flops[s], v) for s, v in speedups.items()]
+            rows += [Row(kind, s, flops[s], v, speedups[TWIN + s]) for s, v in speedups.items()
+                     if not s.startswith(TWIN)]
     print_table(rows, args)
     return 0
 
@@ -134,14 +155,17 @@ def print_table(rows: list[Row], args) -> None:
     print(f"{args.model}; {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads, batch {args.batch}, "
           f"median of {args.repeats} paired ratios (the same runtime's unmerged engine timed right before each); "
           f"ONNX Runtime {onnxruntime.__version__} CPU, OpenVINO {openvino.get_version().split('-')[0]} CPU; "
+          f"OpenVINO batches split over {stream_count(None, args.threads, args.batch)} streams; "
           f"INT8 calibrated on {args.calibration_count} photos; {platform.system()} {platform.release()}.")
     print()
-    print("| engine | schedule | FLOPs reduction | speed-up over its unmerged engine | quotient | issue 46 floor |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | schedule | FLOPs reduction | speed-up over its unmerged engine | quotient | issue 46 floor "
+          "| token-count twin: speed-up | merge path's share of the merged engine's time |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = QUOTIENT_FLOOR[ENGINES[r.engine][1]]
         mark = "" if r.quotient >= floor else " (below)"
-        print(f"| {r.engine} | `{r.schedule}` | {r.flops:.2f}x | {r.speedup:.2f}x | {r.quotient:.2f}{mark} | {floor} |")
+        print(f"| {r.engine} | `{r.schedule}` | {r.flops:.2f}x | {r.speedup:.2f}x | {r.quotient:.2f}{mark} | {floor} "
+              f"| {r.twin:.2f}x | {100 * r.merge_share:.0f} % |")
 
 
 if __name__ == "__main__":
