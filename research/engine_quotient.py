@@ -90,8 +90,9 @@ def build(kind: str, source: str, tmp: str, images: str, count: int) -> str:
     return out
 
 
-def paired_speedups(paths: dict[str, str], batch: int, repeats: int, threads: int) -> dict[str, float]:
-    """Median of the paired ratios (unmerged time / merged time), ``paths["none"]`` timed before each."""
+def paired_speedups(paths: dict[str, str], batch: int, repeats: int, threads: int, calls: int = 2) -> dict[str, float]:
+    """Median of the paired ratios (unmerged time / merged time), ``paths["none"]`` timed before each;
+    each time is the mean of ``calls`` consecutive calls."""
     runners = {k: open_runner(p, RunnerOptions(threads=threads)) for k, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     for r in runners.values():  # warm up
@@ -102,7 +103,8 @@ def paired_speedups(paths: dict[str, str], batch: int, repeats: int, threads: in
             took = {}
             for label in ("none", k):
                 start = time.perf_counter()
-                runners[label](x)
+                for _ in range(calls):
+                    runners[label](x)
                 took[label] = time.perf_counter() - start
             ratios[k].append(took["none"] / took[k])
     for r in runners.values():
@@ -119,7 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=2, help="consecutive calls per timing")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     try:
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
             export_twin(model, args.model, exports[TWIN + s.spec()], s, weights=args.weights)
         for kind in args.engines:
             paths = {k: build(kind, p, tmp, args.images, args.calibration_count) for k, p in exports.items()}
-            speedups = paired_speedups(paths, args.batch, args.repeats, args.threads)
+            speedups = paired_speedups(paths, args.batch, args.repeats, args.threads, args.calls)
             rows += [Row(kind, s, flops[s], v, speedups[TWIN + s]) for s, v in speedups.items()
                      if not s.startswith(TWIN)]
     print_table(rows, args)
@@ -153,7 +156,8 @@ def print_table(rows: list[Row], args) -> None:
     import openvino
 
     print(f"{args.model}; {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads, batch {args.batch}, "
-          f"median of {args.repeats} paired ratios (the same runtime's unmerged engine timed right before each); "
+          f"median of {args.repeats} paired ratios (the same runtime's unmerged engine timed right before each, "
+          f"{args.calls} calls a timing); "
           f"ONNX Runtime {onnxruntime.__version__} CPU, OpenVINO {openvino.get_version().split('-')[0]} CPU; "
           f"OpenVINO batches split over {stream_count(None, args.threads, args.batch)} streams; "
           f"INT8 calibrated on {args.calibration_count} photos; {platform.system()} {platform.release()}.")
