@@ -229,7 +229,7 @@ def merge_overhead_block(ctx: Context) -> str:
                    "--repeats", "21").strip()
 
 
-@figure("engine-quotient", "each schedule against the same runtime's unmerged engine, OpenVINO and ONNX Runtime, with token-count twins (research/engine_quotient.py; ~25 min)")
+@figure("engine-quotient", "each schedule against the same runtime's unmerged engine, OpenVINO and ONNX Runtime, with token-count twins (research/engine_quotient.py; ~30 min)")
 def engine_quotient_block(ctx: Context) -> str:
     return ctx.run("python", "research/engine_quotient.py", "deit_tiny_patch16_224", "--weights", WEIGHTS,
                    "--images", IMAGES).strip()
