@@ -172,9 +172,10 @@ def _print(args, backend: Backend, timed: Timed, rates: dict[str, float], latenc
     info = merged.engine_file.info
     threads = args.threads or os.cpu_count()
     labels = sorted({r.label for r in timed.runners.values()})
+    streams = f" | {backend.label} streams {backend.streams(args.streams, args.threads, args.batch)}" \
+        if backend.streams else ""
     print(f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | {'; '.join(labels)} | "
-          f"intra-op threads {threads}" + (f" | {backend.label} streams {backend.streams(args.streams, args.threads, args.batch)}"
-                                           if backend.streams else ""))
+          f"intra-op threads {threads}{streams}")
     print(f"model {info.model}, schedule {info.schedule.spec()}, {merged.engine_file.precision} (judged as "
           f"{merged.judged_as}), batch {args.batch}, median of {args.repeats} repetitions x {args.iters} runs, "
           "engines alternating")

@@ -615,8 +615,9 @@ def profile_openvino(path: str, options: RunnerOptions, batch: int, runs: int = 
     """OpenVINO's own time per executed node (``PERF_COUNT``, ``InferRequest.get_profiling_info``) over
     ``runs`` runs of one random batch after ``warmup`` runs, compiled as :class:`OpenVINORunner` compiles
     it, in one stream (one infer request on every thread, so the op times add up to the wall time;
-    the runner splits a batch over streams, :func:`stream_count`). An executed node is in the merge part where one of the layers it runs
-    (``originalLayersNames`` of the runtime model) is a node of the matching path the IR records.
+    the runner splits a batch over streams, :func:`stream_count`). An executed node is in the merge
+    part where one of the layers it runs (``originalLayersNames`` of the runtime model) is a node of
+    the matching path the IR records.
 
     Raises:
         DSMError: OpenVINO missing, a foreign IR, a static-batch IR and another ``batch``.

@@ -253,7 +253,8 @@ class OpenVINOEngines:
                 "onnxruntime": ort.__version__, "cpu_bf16": self.bf16,
                 "baseline_precision": "bf16" if self.bf16 else "f32",
                 "threads": self.threads or os.cpu_count(), "batch": self.batch, "repeats": self.repeats,
-                "openvino_streams": stream_count(None, self.threads, self.batch), "quiet": QUIET, "timing_runs": len(self.timings), "pairs_kept": pairs,
+                "openvino_streams": stream_count(None, self.threads, self.batch), "quiet": QUIET,
+                "timing_runs": len(self.timings), "pairs_kept": pairs,
                 "repetitions": sum(t.get("repetitions", 0) for t in self.timings),
                 "fallbacks": sum(bool(t.get("fallback")) for t in self.timings)}
 
