@@ -100,9 +100,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, use_topk: bool | None 
     n = metric.shape[-2] - prefix
     if not 0 <= r <= n // 2:
         raise ValueError(f"r={r} out of range for {n} tokens (0..{n // 2})")
+    if not unit:  # every row at once, before the split (as ToMe does): one norm, one division
+        metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = split_ab(metric, prefix)
-    if not unit:  # after the split: the prefix rows are not normalised
-        a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
     if use_topk is None:
         use_topk = torch.compiler.is_exporting()
     pb = None if protected is None else protected[..., 1::2]
