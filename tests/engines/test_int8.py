@@ -61,15 +61,19 @@ def test_int8_file_is_standard_static_symmetric_qdq(int8_file, fp32_file):
     assert any(n.op_type == "TopK" for n in matching) and any(n.op_type == "ArgMax" for n in matching)
 
 
-def test_a_block_of_width_plus_one_tokens_is_still_quantized(deit, weights, tmp_path):
+@pytest.mark.parametrize("schedule", ["r=4", "r=8,delay=2,protect=4,merge=mlerp"])
+def test_a_block_of_width_plus_one_tokens_is_still_quantized(deit, weights, tmp_path, schedule):
     """``r=4`` leaves 193 = 192 + 1 tokens in block 1, so its attention logits ``[B, 193, 193]``
     have the shape of features with their sizes appended; they are not sizes, and the block's
-    qkv layer must not be kept fp32 as if it fed only the matching path."""
+    qkv layer must not be kept fp32 as if it fed only the matching path. With MLERP and protect,
+    the merged tokens' arithmetic involves sizes throughout: the fp32 closure must still stop
+    before the residual stream (a merge whose last reader of the tokens was a product with a size
+    listed every node of the model)."""
     from dsm_export.graph.export import export_model
     from dsm_export.engines.int8.quantize import layer_labels, matching_nodes
 
     path = str(tmp_path / "r4.onnx")
-    export_model(deit, DEIT, path, "r=4", weights=weights)
+    export_model(deit, DEIT, path, schedule, weights=weights)
     model = onnx.load(path)
     labels, fp32 = layer_labels(model), set(matching_nodes(model))
     assert [labels[n] for n in fp32 if n in labels] == []
