@@ -72,7 +72,7 @@ def test_a_block_of_width_plus_one_tokens_is_still_quantized(deit, weights, tmp_
     from dsm_export.graph.export import export_model
     from dsm_export.engines.int8.quantize import layer_labels, matching_nodes
 
-    path = str(tmp_path / "r4.onnx")
+    path = str(tmp_path / "dsm.onnx")
     export_model(deit, DEIT, path, schedule, weights=weights)
     model = onnx.load(path)
     labels, fp32 = layer_labels(model), set(matching_nodes(model))
