@@ -20,6 +20,13 @@ streams as the runners do (``dsm_export.engines.openvino.stream_count``).
     python research/engine_quotient.py deit_tiny_patch16_224 \\
         --weights ../shared/models/deit_tiny_patch16_224.pth --images ../shared/data/imagenet-sample
 
+A wider model's merge path costs a smaller share of its time (the model's work grows with the
+width squared, the matching's with the width), so the same schedules on DeiT-Small (no weights
+are shared for it: ``--weights`` left out, random weights, which time the same)::
+
+    python research/engine_quotient.py deit_small_patch16_224 --engines openvino-int8 openvino-bf16 \\
+        --images ../shared/data/imagenet-sample
+
 Never time while another CPU job runs.
 """
 
@@ -115,7 +122,8 @@ def paired_speedups(paths: dict[str, str], batch: int, repeats: int, threads: in
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", help="weights file; without it the model's random initialisation, which times "
+                        "the same (the table holds times only; INT8 then calibrates on the random model)")
     parser.add_argument("--images", required=True, help="calibration photos (the first --calibration-count)")
     parser.add_argument("--calibration-count", type=int, default=64)
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
@@ -127,7 +135,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         schedules = [Schedule.parse(s) for s in args.schedules]
-        model = create_model(args.model, args.weights)
+        model = create_model(args.model, args.weights, warn_random=False)
         base = schedule_flops(model, Schedule())[0]
         flops = {s.spec(): base / schedule_flops(model, s)[0] for s in schedules}
     except DSMError as exc:
@@ -155,7 +163,8 @@ def print_table(rows: list[Row], args) -> None:
     import onnxruntime
     import openvino
 
-    print(f"{args.model}; {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads, batch {args.batch}, "
+    weights = "" if args.weights else " (random weights: times only)"
+    print(f"{args.model}{weights}; {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads, batch {args.batch}, "
           f"median of {args.repeats} paired ratios (the same runtime's unmerged engine timed right before each, "
           f"{args.calls} calls a timing); "
           f"ONNX Runtime {onnxruntime.__version__} CPU, OpenVINO {openvino.get_version().split('-')[0]} CPU; "
