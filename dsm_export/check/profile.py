@@ -6,6 +6,9 @@ and size path (the node list every INT8 and fp16 build keeps in fp32,
 :func:`dsm_export.engines.fp16.fp32_island_nodes`: key mean, normalisation, similarity MatMul,
 ArgMax/TopK, the one-hot assignment, sizes and ``log(size)``), layout work where the runtime only
 converts layout or precision (:data:`dsm_export.engines.registry.LAYOUT_OPS`), model work otherwise.
+Ops outside that list that only move tokens (the unmerged rows' gathers, the merged sequence's
+Concat) and nodes a runtime names itself count as model work, so the merge share is a lower bound
+on what merging costs; a token-count twin (``research/merge_overhead.py``) measures the whole.
 The runtimes measure: ONNX Runtime's profiler (``SessionOptions.enable_profiling``) and OpenVINO's
 ``PERF_COUNT``.
 """
