@@ -21,7 +21,7 @@ streams as the runners do (``dsm_export.engines.openvino.stream_count``).
         --weights ../shared/models/deit_tiny_patch16_224.pth --images ../shared/data/imagenet-sample
 
 A wider model's merge path costs a smaller share of its time (the model's work grows with the
-width squared, the matching's with the width), so the same schedules on DeiT-Small (no weights
+width squared, the merge path's with the width at most), so the same schedules on DeiT-Small (no weights
 are shared for it: ``--weights`` left out, random weights, which time the same)::
 
     python research/engine_quotient.py deit_small_patch16_224 --engines openvino-int8 openvino-bf16 \\

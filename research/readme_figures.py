@@ -235,7 +235,7 @@ def engine_quotient_block(ctx: Context) -> str:
                    "--images", IMAGES).strip()
 
 
-@figure("engine-quotient-small", "the engine-quotient schedules on DeiT-Small (random weights: times only), OpenVINO INT8 and bf16 (research/engine_quotient.py; ~30 min)")
+@figure("engine-quotient-small", "the engine-quotient schedules on DeiT-Small (random weights: times only), OpenVINO INT8 and bf16 (research/engine_quotient.py; ~13 min)")
 def engine_quotient_small_block(ctx: Context) -> str:
     return ctx.run("python", "research/engine_quotient.py", "deit_small_patch16_224", "--engines", "openvino-int8",
                    "openvino-bf16", "--images", IMAGES).strip()
