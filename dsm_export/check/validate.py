@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..data import ImageSet, eval_transform, iter_batches, list_images
 from ..errors import DSMError
@@ -146,8 +147,6 @@ def check_weights(info: ExportInfo, model: torch.nn.Module, pretrained: bool) ->
 
 def collect_logits(runner, model, merged, images, transform, batch_size: int, progress: bool) -> Logits:
     """Run the graph, the merged reference and the unmerged model over all images."""
-    from tqdm import tqdm
-
     graph, ref, base = [], [], []
     batches = iter_batches(images, transform, batch_size)
     bar = tqdm(batches, total=-(-len(images) // batch_size), desc="validate", unit="batch",

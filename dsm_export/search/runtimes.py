@@ -24,10 +24,15 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnxruntime as ort
 
-from ..engines.openvino import stream_count
+from ..engines.int8.quantize import QuantizeOptions, quantize_int8
+from ..engines.openvino import (OPENVINO_INSTALL_HINT, PRECISIONS as OPENVINO_PRECISIONS, DefaultCompileRunner,
+                                OpenVINOOptions, OpenVINORunner, build_openvino, cpu_has_bf16, import_openvino,
+                                stream_count)
 from ..engines.registry import open_runner
 from ..errors import DSMError
+from .timing import alternating_throughput, cpu_name, make_session, ort_throughput
 
 # int8: static QDQ (TensorRT-compatible); int8-dynamic: ONNX Runtime dynamic quantization, the first
 # block kept fp32 (the dynamic default); int8-dynamic-all: dynamic, every weight MatMul quantized.
@@ -81,8 +86,6 @@ class OnnxRuntimeEngines:
         (:func:`dsm_export.engines.int8.quantize.quantize_int8`) beside it."""
         if precision == "fp32":
             return fp32_path
-        from ..engines.int8.quantize import quantize_int8
-
         folder, stem = os.path.split(fp32_path)
         path = os.path.join(folder, precision.replace("-", "_") + stem[len("fp32"):])
         quantize_int8(fp32_path, path, calib, precision_options(precision, self.quant_options))
@@ -94,8 +97,6 @@ class OnnxRuntimeEngines:
 
     def throughput(self, engines: dict[str, str], baseline_onnx: str) -> dict[str, float]:
         """images/s of ``engines`` and ``"baseline"`` (``baseline_onnx``, timed before each engine)."""
-        from .timing import ort_throughput
-
         return ort_throughput({"baseline": baseline_onnx, **engines}, batch=self.batch, repeats=self.repeats,
                               threads=self.threads, provider=self.provider, reference="baseline")
 
@@ -112,10 +113,6 @@ class OnnxRuntimeEngines:
         return precision == "fp32"
 
     def machine(self) -> dict:
-        import onnxruntime as ort
-
-        from .timing import cpu_name
-
         return {"cpu": cpu_name(), "runtime": self.name, "onnxruntime": ort.__version__,
                 "threads": self.threads or os.cpu_count(), "batch": self.batch, "repeats": self.repeats}
 
@@ -150,17 +147,13 @@ class OpenVINOEngines:
     takes_provider = False
 
     def __init__(self, threads: int | None = None, batch: int = 32, repeats: int = 5):
-        from ..engines.openvino import PRECISIONS, cpu_has_bf16, import_openvino
-
         self.ov = import_openvino()
         try:
             import nncf  # noqa: F401
         except ImportError as exc:
-            from ..engines.openvino import OPENVINO_INSTALL_HINT
-
             raise DSMError(OPENVINO_INSTALL_HINT) from exc
         self.core = self.ov.Core()
-        self.precisions = PRECISIONS
+        self.precisions = OPENVINO_PRECISIONS
         self.threads, self.batch, self.repeats = threads, batch, repeats
         self.bf16 = cpu_has_bf16(self.core)
         # without BF16 in the CPU, a bf16 engine compiles to f32: searching both would time one engine twice
@@ -174,8 +167,6 @@ class OpenVINOEngines:
 
     def build(self, fp32_path: str, precision: str, calib: np.ndarray) -> str:
         """The ``precision`` IR of ``fp32_path``, beside it (``<precision>_<tag>.xml``)."""
-        from ..engines.openvino import OpenVINOOptions, build_openvino
-
         folder, stem = os.path.split(fp32_path)
         path = os.path.join(folder, f"ov_{precision}{stem[len('fp32'):-len('.onnx')]}.xml")
         lines: list[str] = []
@@ -192,15 +183,11 @@ class OpenVINOEngines:
         return False  # the baseline is OpenVINO's default compile of timm's model: every engine is timed
 
     def _runner(self, path: str):
-        from ..engines.openvino import OpenVINORunner
-
         if path not in self._runners:
             self._runners[path] = OpenVINORunner(path, self.threads)
         return self._runners[path]
 
     def _baseline(self, onnx_path: str):
-        from ..engines.openvino import DefaultCompileRunner
-
         if onnx_path not in self._baselines:
             self._baselines[onnx_path] = DefaultCompileRunner(onnx_path, self.threads)
         return self._baselines[onnx_path]
@@ -209,8 +196,6 @@ class OpenVINOEngines:
         """images/s of ``engines`` (IR files), of ``"baseline"`` (OpenVINO's default compile of
         ``baseline_onnx``, timed before each engine) and of ``"onnxruntime"`` (ONNX Runtime fp32 on
         ``baseline_onnx``), in one alternating run."""
-        from .timing import alternating_throughput, make_session
-
         base = self._baseline(baseline_onnx)  # each call splits the batch over streams, as a runner does
         # ONNX Runtime's threads spin after a run by default: on 2 cores the OpenVINO baseline timed
         # right after it ran 10 % slower (121 against 135 images/s), and every pair it began was dropped
@@ -244,10 +229,6 @@ class OpenVINOEngines:
         return precision == "fp32"
 
     def machine(self) -> dict:
-        import onnxruntime as ort
-
-        from .timing import cpu_name
-
         pairs = sum(n for t in self.timings for n in t.get("kept", {}).values())
         return {"cpu": cpu_name(), "runtime": self.name, "openvino": self.ov.__version__.split("-")[0],
                 "onnxruntime": ort.__version__, "cpu_bf16": self.bf16,
@@ -296,8 +277,6 @@ def precision_options(precision: str, static_options=None):
     Raises:
         DSMError: ``precision`` is not an INT8 precision of :data:`PRECISIONS`.
     """
-    from ..engines.int8.quantize import QuantizeOptions
-
     if precision == "int8":
         return static_options or QuantizeOptions(smooth_alpha=SMOOTH_ALPHA)
     if precision == "int8-dynamic":

@@ -252,40 +252,13 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     log = build_log(trt)
     log.reset()
     builder = module.Builder(log)
-    flags = 0
-    if settings.strongly_typed:
-        flags |= 1 << int(module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     if settings.fp16_graph:
         model, _ = convert_fp16(load_onnx(onnx_path) if has_external_data(original) else model)
-    network = builder.create_network(flags)
-    parser = module.OnnxParser(network, log)
-    with tempfile.TemporaryDirectory(prefix="dsm-trt-") as work:
-        if model is original and has_external_data(original):
-            parsed = parser.parse_from_file(os.path.abspath(onnx_path))  # finds the data file beside it
-        else:
-            source = session_source(model, work)  # bytes, or a copy with external data over 2 GiB
-            parsed = parser.parse(source) if isinstance(source, bytes) else parser.parse_from_file(source)
-    if not parsed:
-        errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
-        raise DSMError(f"{trt.name}'s ONNX parser rejected {onnx_path!r}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    for name in settings.set_flags:
-        config.set_flag(getattr(module.BuilderFlag, name))
-    for name in settings.clear_flags:
-        config.clear_flag(getattr(module.BuilderFlag, name))
-    if settings.timing_cache:
-        load_timing_cache(config, options.timing_cache)
-    if options.compute_capabilities:
-        _set_targets(trt, config, options.compute_capabilities)
-    profile = None
-    c, h, w = info.input_size
-    if info.batch is None:
-        profile = {"min": [options.min_batch, c, h, w], "opt": [options.opt_batch, c, h, w],
-                   "max": [options.max_batch, c, h, w]}
-        p = builder.create_optimization_profile()
-        p.set_shape(network.get_input(0).name, *(tuple(v) for v in profile.values()))
-        config.add_optimization_profile(p)
+    # the parser owns the weights the network points to: it lives until the build is done
+    network, _parser = _parse_network(trt, builder, log, model, onnx_path,
+                                      from_file=model is original and has_external_data(original),
+                                      strongly_typed=settings.strongly_typed)
+    config, profile = _builder_config(trt, builder, network, settings, options, info)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
@@ -300,13 +273,71 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     if settings.timing_cache and options.timing_cache:
         cache = config.get_timing_cache()
         save_timing_cache(options.timing_cache, cache.serialize() if cache is not None else None)
+    sidecar = _sidecar(trt, settings, options, header, original, onnx_path,
+                       {"profile": profile, "batch": info.batch, "build_seconds": round(seconds, 2),
+                        "plan_bytes": len(data), "layers": network.num_layers}, log)
+    write_json(output + ".json", sidecar)
+    if log.warnings:
+        print(f"{trt.name} logged {len(log.warnings)} warnings (in {output}.json); first: {log.warnings[0]}",
+              file=sys.stderr)
+    return sidecar
+
+
+def _parse_network(trt, builder, log, model, onnx_path: str, from_file: bool, strongly_typed: bool):
+    """``(network, parser)``: ``model`` parsed into a new network (``from_file``: read from
+    ``onnx_path``, which finds its external data beside it). Raises DSMError with the parser's errors."""
+    module = trt.module
+    flags = 1 << int(module.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = module.OnnxParser(network, log)
+    with tempfile.TemporaryDirectory(prefix="dsm-trt-") as work:
+        if from_file:
+            parsed = parser.parse_from_file(os.path.abspath(onnx_path))
+        else:
+            source = session_source(model, work)  # bytes, or a copy with external data over 2 GiB
+            parsed = parser.parse(source) if isinstance(source, bytes) else parser.parse_from_file(source)
+    if not parsed:
+        errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
+        raise DSMError(f"{trt.name}'s ONNX parser rejected {onnx_path!r}: {errors}")
+    return network, parser
+
+
+def _builder_config(trt, builder, network, settings, options: TensorRTOptions, info):
+    """``(config, profile)``: the builder config (workspace, flags, timing cache, targets) and, for a
+    graph with a dynamic batch, the optimization profile added to it (``{"min", "opt", "max"}``
+    input shapes; None for a static batch)."""
+    module = trt.module
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    for name in settings.set_flags:
+        config.set_flag(getattr(module.BuilderFlag, name))
+    for name in settings.clear_flags:
+        config.clear_flag(getattr(module.BuilderFlag, name))
+    if settings.timing_cache:
+        load_timing_cache(config, options.timing_cache)
+    if options.compute_capabilities:
+        _set_targets(trt, config, options.compute_capabilities)
+    if info.batch is not None:
+        return config, None
+    c, h, w = info.input_size
+    profile = {"min": [options.min_batch, c, h, w], "opt": [options.opt_batch, c, h, w],
+               "max": [options.max_batch, c, h, w]}
+    p = builder.create_optimization_profile()
+    p.set_shape(network.get_input(0).name, *(tuple(v) for v in profile.values()))
+    config.add_optimization_profile(p)
+    return config, profile
+
+
+def _sidecar(trt, settings, options: TensorRTOptions, header, original, onnx_path: str, built: dict, log) -> dict:
+    """The ``.plan.json`` sidecar of :func:`build_tensorrt` (``built``: profile, batch, build_seconds,
+    plan_bytes, layers)."""
     gpu = gpu_info()
     targets = list(options.compute_capabilities)
     out = original.graph.output[0]
-    sidecar = {
+    return {
         "flavour": trt.flavour,
         "tensorrt_version": trt.version,
-        "tensorrt_module": module.__name__,
+        "tensorrt_module": trt.module.__name__,
         **gpu,
         "compute_capabilities": targets,
         "engine_targets": header["targets"] if header else None,
@@ -315,12 +346,12 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
         "precision": options.precision,
         "strongly_typed": settings.strongly_typed,
         "tf32": options.tf32,
-        "profile": profile,
-        "batch": info.batch,
+        "profile": built["profile"],
+        "batch": built["batch"],
         "workspace_mib": options.workspace_mib,
-        "build_seconds": round(seconds, 2),
-        "plan_bytes": len(data),
-        "layers": network.num_layers,
+        "build_seconds": built["build_seconds"],
+        "plan_bytes": built["plan_bytes"],
+        "layers": built["layers"],
         "log": {"errors": log.errors[:MAX_LOG_LINES], "warnings": log.warnings[:MAX_LOG_LINES],
                 "error_count": len(log.errors), "warning_count": len(log.warnings)},
         "source_onnx": os.path.abspath(onnx_path),
@@ -328,8 +359,3 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
         "num_classes": int(out.type.tensor_type.shape.dim[-1].dim_value),
         "onnx_metadata": read_props(original),
     }
-    write_json(output + ".json", sidecar)
-    if log.warnings:
-        print(f"{trt.name} logged {len(log.warnings)} warnings (in {output}.json); first: {log.warnings[0]}",
-              file=sys.stderr)
-    return sidecar
