@@ -187,10 +187,21 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
     elif pretrained:
         source = f"the pretrained weights of {name}"
     load = bool(weights or pretrained)
+    model, load_log = _timm_create(name, load, kwargs, weights, source)
+    check_supported(model, name)
+    _check_load_log(model, load_log, name, source)
+    if not load and warn_random:
+        warnings.warn(f"no weights given: {name} is randomly initialised", stacklevel=2)
+    return model.float().eval()
+
+
+def _timm_create(name: str, load: bool, kwargs: dict, weights: str | None, source: str | None):
+    """``(model, load_log)``: ``timm.create_model`` with timm's load messages captured, each failure
+    turned into one DSMError line (unreadable file, not in the hub cache, weights of another model)."""
     try:
         with _capture_timm_load_log() as load_log, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = timm.create_model(name, pretrained=load, **kwargs)
+            return timm.create_model(name, pretrained=load, **kwargs), load_log
     except DSMError:
         raise
     except _hub_errors() as exc:
@@ -213,21 +224,22 @@ def create_model(name: str, weights: str | None = None, warn_random: bool = True
         what = source or repr(name)
         raise DSMError(f"{what} could not be loaded into {name}: {type(exc).__name__}: {_first_line(exc)}") \
             from None
-    check_supported(model, name)
-    if load_log:
-        # A non-strict load (another num_classes): only the classifier may be missing.
-        classifier = model.pretrained_cfg.get("classifier") or "head"
-        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        missing = [k for msg in load_log if msg.startswith("Missing")
-                   for k in msg.split("(", 1)[1].split(")", 1)[0].split(", ")]
-        foreign = [k for k in missing if not k.startswith(heads)]
-        unexpected = [msg for msg in load_log if msg.startswith("Unexpected")]
-        if foreign or unexpected:
-            example = foreign[0] if foreign else unexpected[0].split("(", 1)[1].split(",")[0].rstrip(")")
-            raise DSMError(f"{source} do not fit {name}: {'missing' if foreign else 'unexpected'} key {example}")
-    if not load and warn_random:
-        warnings.warn(f"no weights given: {name} is randomly initialised", stacklevel=2)
-    return model.float().eval()
+
+
+def _check_load_log(model: nn.Module, load_log: list[str], name: str, source: str | None) -> None:
+    """A non-strict load (another ``num_classes``) may miss only the classifier: any other missing or
+    unexpected key raises DSMError (weights of another model)."""
+    if not load_log:
+        return
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    missing = [k for msg in load_log if msg.startswith("Missing")
+               for k in msg.split("(", 1)[1].split(")", 1)[0].split(", ")]
+    foreign = [k for k in missing if not k.startswith(heads)]
+    unexpected = [msg for msg in load_log if msg.startswith("Unexpected")]
+    if foreign or unexpected:
+        example = foreign[0] if foreign else unexpected[0].split("(", 1)[1].split(",")[0].rstrip(")")
+        raise DSMError(f"{source} do not fit {name}: {'missing' if foreign else 'unexpected'} key {example}")
 
 
 def create_hf_model(name: str, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,

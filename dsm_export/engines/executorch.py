@@ -310,28 +310,7 @@ def build(request: BuildRequest, log=print) -> BuildRecord:
     module = rebuild_module(info, request.source)
     c, h, w = info.input_size
     example = torch.zeros(batch, c, h, w)
-    try:
-        if request.precision == "int8":
-            pixels, files = calibration_pixels(info.model, request.calibration, request.calibration_count)
-            log(f"quantizing {info.model} ({info.schedule.spec()}) to INT8 with PT2E (XNNPACK quantizer), "
-                f"calibrated on {len(pixels)} images")
-            program, counts = quantize_module(module, example, pixels)
-            quantization = {
-                "method": "pt2e static", "quantizer": "XNNPACKQuantizer", "ops": list(QUANTIZED_OPS),
-                "quantized": counts, "weights": "int8 symmetric per output channel",
-                "activations": "int8 per tensor (histogram observer), linear outputs included",
-                "calibration_count": len(pixels), "calibration_sha256": images_sha256(files),
-                "fp32": "matching and size path, attention matmuls, layer norms, softmax, GELU",
-            }
-        else:
-            log(f"exporting {info.model} ({info.schedule.spec()}) with torch.export at batch {batch}")
-            with torch.no_grad():
-                program = torch.export.export(module, (example,))
-            quantization = None
-    except DSMError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch.export and PT2E raise many types; a failure here is a bug
-        raise DSMError(f"torch.export or PT2E quantization failed on {info.model} (a bug): {_first_line(exc)}") from None
+    program, quantization = _export_program(module, example, request, info, log)
     export_seconds = time.perf_counter() - start
     log("lowering to ExecuTorch with the XNNPACK partitioner")
     t0 = time.perf_counter()
@@ -372,6 +351,35 @@ def build(request: BuildRequest, log=print) -> BuildRecord:
             fh.write(data)
     return BuildRecord("executorch", request.precision, request.output,
                        [request.output, sidecar_path(request.output)], _summary(request.output, sidecar), sidecar)
+
+
+def _export_program(module: torch.nn.Module, example: torch.Tensor, request: BuildRequest, info, log):
+    """``(program, quantization)``: ``torch.export`` of the rebuilt module at ``example``'s shape
+    ``[batch, 3, H, W]``, PT2E-quantized for XNNPACK when ``request.precision`` is int8 (the
+    quantization record for the sidecar, None for fp32). Raises DSMError on any failure (a bug)."""
+    try:
+        if request.precision == "int8":
+            pixels, files = calibration_pixels(info.model, request.calibration, request.calibration_count)
+            log(f"quantizing {info.model} ({info.schedule.spec()}) to INT8 with PT2E (XNNPACK quantizer), "
+                f"calibrated on {len(pixels)} images")
+            program, counts = quantize_module(module, example, pixels)
+            quantization = {
+                "method": "pt2e static", "quantizer": "XNNPACKQuantizer", "ops": list(QUANTIZED_OPS),
+                "quantized": counts, "weights": "int8 symmetric per output channel",
+                "activations": "int8 per tensor (histogram observer), linear outputs included",
+                "calibration_count": len(pixels), "calibration_sha256": images_sha256(files),
+                "fp32": "matching and size path, attention matmuls, layer norms, softmax, GELU",
+            }
+        else:
+            log(f"exporting {info.model} ({info.schedule.spec()}) with torch.export at batch {example.shape[0]}")
+            with torch.no_grad():
+                program = torch.export.export(module, (example,))
+            quantization = None
+    except DSMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.export and PT2E raise many types; a failure here is a bug
+        raise DSMError(f"torch.export or PT2E quantization failed on {info.model} (a bug): {_first_line(exc)}") from None
+    return program, quantization
 
 
 def _summary(output: str, rec: dict) -> list[str]:
