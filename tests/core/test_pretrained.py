@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -86,7 +87,7 @@ def test_pretrained_export_validates_offline_like_weights(hf_home, weights, imag
     report_b = str(tmp_path / "b.json")
     assert main(["validate", b, "--images", images_dir, "--limit", "100", "--no-progress",
                  "--json", report_b]) == 0
-    ra, rb = json.load(open(report_a)), json.load(open(report_b))
+    ra, rb = json.loads(Path(report_a).read_text()), json.loads(Path(report_b).read_text())
     assert ra["images"] == rb["images"] == 100
     assert ra["top1_accuracy"] == rb["top1_accuracy"] and ra["top1_agreement"] == rb["top1_agreement"]
     assert abs(ra["kl"] - rb["kl"]) < 1e-6

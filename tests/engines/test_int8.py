@@ -4,6 +4,7 @@ search by measured speed-up, on the real DeiT-Tiny and photos."""
 import json
 import re
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -86,7 +87,7 @@ def test_inspect_reports_the_quantization(int8_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("precision int8 (static; percentile calibration on 16 images; activations int8 symmetric "
             "(zero point 0); quantized 1 Conv, 48 MatMul, 1 Gemm)") in out
-    report = json.load(open(tmp_path / "i.json"))
+    report = json.loads(Path(tmp_path / "i.json").read_text())
     assert report["precision"] == "int8" and report["quantization"]["smooth_alpha"] is None
 
 
@@ -95,7 +96,7 @@ def test_validate_int8_uses_the_int8_tolerance(int8_file, images_dir, tmp_path, 
     code = main(["validate", int8_file, "--images", images_dir, "--limit", "48", "--json", report_path,
                  "--no-progress"])
     out = capsys.readouterr().out
-    report = json.load(open(report_path))
+    report = json.loads(Path(report_path).read_text())
     assert code == 0 and "PASS" in out and ", int8, 48 images" in out
     assert report["precision"] == "int8" and report["criterion"].startswith("int8:")
     assert report["top1_match_pytorch"] >= 0.9 and report["kl_to_pytorch"] <= 0.05
@@ -158,7 +159,7 @@ def test_tensorrt_int8_build(int8_file, tmp_path, tensorrt):
     """TensorRT (TensorRT-RTX: on this machine, no GPU) builds the QDQ file (see test_tensorrt_build)."""
     plan = str(tmp_path / "int8.plan")
     assert main(["build", int8_file, "--backend", "tensorrt", "--precision", "int8", "--output", plan]) == 0
-    assert json.load(open(plan + ".json"))["precision"] == "int8"
+    assert json.loads(Path(plan + ".json").read_text())["precision"] == "int8"
 
 
 def test_layer_labels_follow_timm(fp32_file):

@@ -11,6 +11,7 @@ these tests fail there rather than skip without TensorRT; only running an engine
 
 import json
 import os
+from pathlib import Path
 
 import onnx
 import pytest
@@ -169,4 +170,4 @@ def test_triton_repo_refuses_a_tensorrt_rtx_plan(tensorrt, small_export, tmp_pat
     repo = tmp_path / "repo"
     err = _one_line_refusal(capsys, ["triton-repo", plan, "-o", str(repo), "--allow-random-init"], repo)
     assert "TensorRT-RTX engine" in err and "full-TensorRT plans only" in err
-    assert json.load(open(plan + ".json"))["flavour"] == "rtx"
+    assert json.loads(Path(plan + ".json").read_text())["flavour"] == "rtx"

@@ -3,6 +3,7 @@ retrieval metrics, and tune/analyze ranking by 1 - cosine. Random-init DINOv2-st
 (registers, LayerScale, patch 14) for parity; the real DeiT-Tiny with ``num_classes=0`` for the rest."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -93,7 +94,7 @@ def test_real_deit_num_classes_0_validate_tune_analyze(weights, images_dir, tmp_
                  "--json", report_path]) == 0
     out = capsys.readouterr().out
     assert "cosine min" in out and "retrieval overlap@5" in out and "PASS" in out
-    report = json.load(open(report_path))
+    report = json.loads(Path(report_path).read_text())
     assert report["cosine"]["pytorch"]["min"] >= 1 - 1e-5
     # Merging 1.7x fewer FLOPs keeps trained DeiT-Tiny features close to the unmerged ones.
     assert report["cosine"]["unmerged"]["mean"] > 0.9
@@ -103,10 +104,10 @@ def test_real_deit_num_classes_0_validate_tune_analyze(weights, images_dir, tmp_
                  "--report", str(tmp_path / "tune.json")]) == 0
     out = capsys.readouterr().out
     assert "1 - cosine" in out and "KL" not in out
-    assert json.load(open(tmp_path / "tune.json"))["divergence"] == "1 - cosine"
+    assert json.loads(Path(tmp_path / "tune.json").read_text())["divergence"] == "1 - cosine"
     assert main(["analyze", DEIT, "--weights", weights, "--num-classes", "0", "--images", images_dir,
                  "--limit", "6", "-o", str(tmp_path / "an")]) == 0
-    an = json.load(open(tmp_path / "an" / "analysis.json"))
+    an = json.loads(Path(tmp_path / "an" / "analysis.json").read_text())
     assert an["merge_cost_metric"] == "1 - cosine" and "merge_kl" not in an
     assert an["merge_cost"][0] > an["merge_cost"][-1]
 
