@@ -48,7 +48,7 @@ import numpy as np
 from dsm_export.core.flops import schedule_flops
 from dsm_export.core.models import create_model
 from dsm_export.core.schedule import Schedule
-from dsm_export.engines.openvino import stream_count
+from dsm_export.engines.openvino import cpu_has_bf16, stream_count
 from dsm_export.engines.registry import BuildRequest, RunnerOptions, build_engine, open_runner
 from dsm_export.errors import DSMError
 from dsm_export.graph.export import export_model
@@ -174,10 +174,12 @@ def print_table(rows: list[Row], args) -> None:
     print("| engine | schedule | FLOPs reduction | speed-up over its unmerged engine | quotient | issue 46 floor "
           "| token-count twin: speed-up | merge path's share of the merged engine's time |")
     print("|---|---|---|---|---|---|---|---|")
+    f32_here = not cpu_has_bf16(openvino.Core())  # OpenVINO then runs a bf16 build in f32
     for r in rows:
         floor = QUOTIENT_FLOOR[ENGINES[r.engine][1]]
         mark = "" if r.quotient >= floor else " (below)"
-        print(f"| {r.engine} | `{r.schedule}` | {r.flops:.2f}x | {r.speedup:.2f}x | {r.quotient:.2f}{mark} | {floor} "
+        engine = f"{r.engine} (f32: this CPU has no BF16)" if r.engine == "openvino-bf16" and f32_here else r.engine
+        print(f"| {engine} | `{r.schedule}` | {r.flops:.2f}x | {r.speedup:.2f}x | {r.quotient:.2f}{mark} | {floor} "
               f"| {r.twin:.2f}x | {100 * r.merge_share:.0f} % |")
 
 

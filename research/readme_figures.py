@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from dsm_export.search.timing import cpu_name
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("DSM_SHARED", "../shared")
 WEIGHTS = f"{SHARED}/models/deit_tiny_patch16_224.pth"
@@ -106,15 +108,8 @@ class Context:
 
 
 def machine() -> str:
-    """One line naming this machine: CPU model, cores, OS, Python."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    """One line naming this machine: CPU model and its vector extensions, cores, OS, Python."""
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def code_block(text: str, lang: str = "") -> str:
@@ -239,6 +234,15 @@ def engine_quotient_block(ctx: Context) -> str:
 def engine_quotient_small_block(ctx: Context) -> str:
     return ctx.run("python", "research/engine_quotient.py", "deit_small_patch16_224", "--engines", "openvino-int8",
                    "openvino-bf16", "--images", IMAGES).strip()
+
+
+@figure("engine-quotient-avx2", "the engine-quotient table on a CPU without AVX-512 (no VNNI, no BF16: OpenVINO runs bf16 builds in f32); refuses elsewhere (research/engine_quotient.py; ~45 min)")
+def engine_quotient_avx2_block(ctx: Context) -> str:
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        if "avx512f" in fh.read():
+            raise RuntimeError("engine-quotient-avx2 is the table of a CPU without AVX-512; this one has it "
+                               "(its table is the engine-quotient block)")
+    return engine_quotient_block(ctx)
 
 
 @figure("hf-deit", "the shared DeiT-Tiny as Hugging Face ViTForImageClassification beside the timm path (research/hf_deit.py; ~4 min)")

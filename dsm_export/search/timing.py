@@ -12,16 +12,32 @@ import numpy as np
 from ..engines.providers import create_session
 
 
+# /proc/cpuinfo flags that decide which kernels OpenVINO, ONNX Runtime and oneDNN run, in the words printed
+ISA_FLAGS = (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_bf16", "AMX"))
+
+
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's best guess)."""
+    """The CPU model from /proc/cpuinfo (or the platform's best guess) and the vector extensions that
+    decide the runtimes' kernels, e.g. ``AMD EPYC (AVX2, no AVX-512)`` or ``Intel(R) Xeon(R)
+    Processor (AVX-512, VNNI, BF16, AMX)``: the same machine name can stand for CPUs with and without
+    AVX-512 BF16 and VNNI, whose INT8 and bf16 speeds differ."""
+    name, flags = platform.processor() or "unknown CPU", None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and flags is None:
+                    flags = set(line.split(":", 1)[1].split())
+                if flags is not None and not name.startswith("unknown"):
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    if not flags:
+        return name
+    have = [word for flag, word in ISA_FLAGS if flag in flags]
+    isa = ", ".join(have) if have else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    return f"{name} ({isa})"
 
 
 def make_session(path: str, threads: int | None = None, provider: str | None = "cpu", spinning: bool | None = None):
