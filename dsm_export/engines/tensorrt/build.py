@@ -252,11 +252,12 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     log = build_log(trt)
     log.reset()
     builder = module.Builder(log)
+    external = has_external_data(original)
     if settings.fp16_graph:
-        model, _ = convert_fp16(load_onnx(onnx_path) if has_external_data(original) else model)
+        model, _ = convert_fp16(load_onnx(onnx_path) if external else model)
     # the parser owns the weights the network points to: it lives until the build is done
     network, _parser = _parse_network(trt, builder, log, model, onnx_path,
-                                      from_file=model is original and has_external_data(original),
+                                      from_file=model is original and external,
                                       strongly_typed=settings.strongly_typed)
     config, profile = _builder_config(trt, builder, network, settings, options, info)
     start = time.perf_counter()
@@ -273,9 +274,8 @@ def build_tensorrt(onnx_path: str, output: str, options: TensorRTOptions) -> dic
     if settings.timing_cache and options.timing_cache:
         cache = config.get_timing_cache()
         save_timing_cache(options.timing_cache, cache.serialize() if cache is not None else None)
-    sidecar = _sidecar(trt, settings, options, header, original, onnx_path,
-                       {"profile": profile, "batch": info.batch, "build_seconds": round(seconds, 2),
-                        "plan_bytes": len(data), "layers": network.num_layers}, log)
+    built = BuiltPlan(profile, info.batch, round(seconds, 2), len(data), network.num_layers)
+    sidecar = _sidecar(trt, settings, options, header, original, onnx_path, built, log)
     write_json(output + ".json", sidecar)
     if log.warnings:
         print(f"{trt.name} logged {len(log.warnings)} warnings (in {output}.json); first: {log.warnings[0]}",
@@ -328,9 +328,22 @@ def _builder_config(trt, builder, network, settings, options: TensorRTOptions, i
     return config, profile
 
 
-def _sidecar(trt, settings, options: TensorRTOptions, header, original, onnx_path: str, built: dict, log) -> dict:
-    """The ``.plan.json`` sidecar of :func:`build_tensorrt` (``built``: profile, batch, build_seconds,
-    plan_bytes, layers)."""
+@dataclass(frozen=True)
+class BuiltPlan:
+    """What one build produced, for the sidecar: the optimization ``profile`` (``{"min", "opt", "max"}``
+    input shapes, None for a static batch), the static ``batch`` (None: dynamic), the build time in
+    seconds, the plan's size in bytes and the network's layer count."""
+
+    profile: dict | None
+    batch: int | None
+    build_seconds: float
+    plan_bytes: int
+    layers: int
+
+
+def _sidecar(trt, settings, options: TensorRTOptions, header, original, onnx_path: str, built: BuiltPlan,
+             log) -> dict:
+    """The ``.plan.json`` sidecar of :func:`build_tensorrt`."""
     gpu = gpu_info()
     targets = list(options.compute_capabilities)
     out = original.graph.output[0]
@@ -346,12 +359,12 @@ def _sidecar(trt, settings, options: TensorRTOptions, header, original, onnx_pat
         "precision": options.precision,
         "strongly_typed": settings.strongly_typed,
         "tf32": options.tf32,
-        "profile": built["profile"],
-        "batch": built["batch"],
+        "profile": built.profile,
+        "batch": built.batch,
         "workspace_mib": options.workspace_mib,
-        "build_seconds": built["build_seconds"],
-        "plan_bytes": built["plan_bytes"],
-        "layers": built["layers"],
+        "build_seconds": built.build_seconds,
+        "plan_bytes": built.plan_bytes,
+        "layers": built.layers,
         "log": {"errors": log.errors[:MAX_LOG_LINES], "warnings": log.warnings[:MAX_LOG_LINES],
                 "error_count": len(log.errors), "warning_count": len(log.warnings)},
         "source_onnx": os.path.abspath(onnx_path),
