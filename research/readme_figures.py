@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dsm_export.search.timing import cpu_name
+from dsm_export.search.timing import cpu_flags, cpu_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("DSM_SHARED", "../shared")
@@ -236,12 +236,11 @@ def engine_quotient_small_block(ctx: Context) -> str:
                    "openvino-bf16", "--images", IMAGES).strip()
 
 
-@figure("engine-quotient-avx2", "the engine-quotient table on a CPU without AVX-512 (no VNNI, no BF16: OpenVINO runs bf16 builds in f32); refuses elsewhere (research/engine_quotient.py; ~45 min)")
+@figure("engine-quotient-avx2", "the engine-quotient table on a CPU without AVX-512 (no VNNI, no BF16: OpenVINO runs bf16 builds in f32); refuses elsewhere (research/engine_quotient.py; ~30 min)")
 def engine_quotient_avx2_block(ctx: Context) -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as fh:
-        if "avx512f" in fh.read():
-            raise RuntimeError("engine-quotient-avx2 is the table of a CPU without AVX-512; this one has it "
-                               "(its table is the engine-quotient block)")
+    if "avx512f" in cpu_flags():
+        raise RuntimeError("engine-quotient-avx2 is the table of a CPU without AVX-512; this one has it "
+                           "(its table is the engine-quotient block)")
     return engine_quotient_block(ctx)
 
 

@@ -16,28 +16,35 @@ from ..engines.providers import create_session
 ISA_FLAGS = (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_bf16", "AMX"))
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's best guess) and the vector extensions that
-    decide the runtimes' kernels, e.g. ``AMD EPYC (AVX2, no AVX-512)`` or ``Intel(R) Xeon(R)
-    Processor (AVX-512, VNNI, BF16, AMX)``: the same machine name can stand for CPUs with and without
-    AVX-512 BF16 and VNNI, whose INT8 and bf16 speeds differ."""
-    name, flags = platform.processor() or "unknown CPU", None
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (``avx2``, ``avx512f``, ``amx_bf16``...);
+    empty where there is no such file."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and flags is None:
-                    flags = set(line.split(":", 1)[1].split())
-                if flags is not None and not name.startswith("unknown"):
-                    break
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def isa_words(flags: set[str]) -> str:
+    """The vector extensions among ``flags`` that decide the runtimes' kernels, as printed:
+    ``AVX-512, VNNI, BF16, AMX``, ``AVX2, no AVX-512`` or ``no AVX2``."""
+    have = [word for flag, word in ISA_FLAGS if flag in flags]
+    return ", ".join(have) if have else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform's best guess) and its vector extensions
+    (:func:`isa_words`), e.g. ``AMD EPYC (AVX2, no AVX-512)``: the same model name can stand for
+    CPUs with and without AVX-512 BF16 and VNNI, whose INT8 and bf16 speeds differ."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), name)
     except OSError:
         pass
-    if not flags:
-        return name
-    have = [word for flag, word in ISA_FLAGS if flag in flags]
-    isa = ", ".join(have) if have else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
-    return f"{name} ({isa})"
+    flags = cpu_flags()
+    return f"{name} ({isa_words(flags)})" if flags else name
 
 
 def make_session(path: str, threads: int | None = None, provider: str | None = "cpu", spinning: bool | None = None):
